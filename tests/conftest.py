@@ -1,0 +1,22 @@
+"""Shared fixtures: offline mode, one torch thread, and the paper's reference data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "diffserve-artifact"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The paper artifact's data in ../shared (never copied into the repo)."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
