@@ -1,0 +1,215 @@
+"""``diffserve bench``: trace-driven evaluation of a server (``run``) and of every policy (``compare``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffserve.cli._common import cli_errors, console, err_console
+
+bench_app = typer.Typer(
+    help="Replay a trace open-loop against a server and measure SLO violations, goodput and quality.",
+    no_args_is_help=True,
+)
+
+TraceOpt = Annotated[Optional[Path], typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line.")]
+PoissonOpt = Annotated[Optional[float], typer.Option("--poisson", min=0.001, help="Poisson arrivals at this rate (q/s).")]
+ShapeOpt = Annotated[Optional[Path], typer.Option("--shape", help="Shape file (e.g. hourly invocations), rescaled to --qps-range.")]
+QpsRangeOpt = Annotated[str, typer.Option("--qps-range", help="LOW:HIGH q/s that the shape is rescaled onto.")]
+PerPointOpt = Annotated[float, typer.Option("--seconds-per-point", min=0.001, help="Model seconds each shape point lasts (time compression).")]
+BurstyOpt = Annotated[Optional[str], typer.Option("--bursty", help="On/off process ON_QPS:OFF_QPS (use with --on-off).")]
+OnOffOpt = Annotated[str, typer.Option("--on-off", help="ON_S:OFF_S seconds of each bursty phase.")]
+DurationOpt = Annotated[Optional[str], typer.Option("--duration", help="Send only arrivals in the first DURATION of model time (e.g. 60s); required for --poisson/--bursty.")]
+MaxReqOpt = Annotated[Optional[int], typer.Option("--max-requests", min=1, help="Send at most this many requests.")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file, one per line; trace indices point into it (default: a small built-in set).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of generated arrivals and of the servers.")]
+ProfileOpt = Annotated[str, typer.Option("--profile", help="profile.yaml or 'reference' (the paper's A100 figures).")]
+CascadeOpt = Annotated[str, typer.Option("--cascade", help="cascade.yaml or 'reference'.")]
+SloOpt = Annotated[str, typer.Option("--slo", help="Latency SLO in model time, e.g. 5s.")]
+SpeedupOpt = Annotated[float, typer.Option("--speedup", min=0.001, help="How much faster than the modelled cluster the emulated server runs.")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for results.json, the request logs, tables and plots.")]
+
+
+def _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, n_prompts):
+    import numpy as np
+
+    from diffserve.errors import UserError
+    from diffserve.evaluation import sources
+    from diffserve.units import parse_duration_ms, parse_range
+
+    chosen = [name for name, value in (("--trace", trace), ("--poisson", poisson), ("--shape", shape), ("--bursty", bursty)) if value is not None]
+    if len(chosen) != 1:
+        raise UserError(f"give exactly one arrival source (--trace, --poisson, --shape or --bursty), got {chosen or 'none'}")
+    duration_s = parse_duration_ms(duration, name="--duration") / 1000.0 if duration is not None else None
+    rng = np.random.default_rng(seed)
+    if trace is not None:
+        arrivals, label = sources.read_trace(trace), Path(trace).name
+    elif shape is not None:
+        arrivals = sources.shape_arrivals(sources.read_shape(shape), parse_range(qps_range, name="--qps-range"), seconds_per_point, rng, n_prompts=n_prompts)
+        label = f"{Path(shape).name} at {qps_range} q/s"
+    else:
+        if duration_s is None:
+            raise UserError(f"{chosen[0]} needs --duration (for example --duration 60s)")
+        if poisson is not None:
+            arrivals, label = sources.poisson_arrivals(poisson, duration_s, rng, n_prompts=n_prompts), f"Poisson {poisson:g} q/s"
+        else:
+            on_qps, off_qps = _pair(bursty, "--bursty")
+            on_s, off_s = _pair(on_off, "--on-off")
+            arrivals = sources.bursty_arrivals(on_qps, off_qps, on_s, off_s, duration_s, rng, n_prompts=n_prompts)
+            label = f"bursty {bursty} q/s, {on_off} s"
+    arrivals = sources.bound(arrivals, duration_s=duration_s, max_requests=max_requests)
+    if not arrivals:
+        raise UserError("no arrivals left to send after --duration/--max-requests")
+    return arrivals, label
+
+
+def _pair(text: str, name: str) -> tuple[float, float]:
+    from diffserve.errors import UserError
+
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"{name} must look like A:B (two numbers), got {text!r}") from None
+    return a, b
+
+
+def _pair_of(cascade):
+    return cascade.recommended()
+
+
+@cli_errors
+def run_cmd(
+    url: Annotated[str, typer.Option("--url", help="Base URL of a running server (loopback only).")] = "http://127.0.0.1:8000",
+    trace: TraceOpt = None,
+    poisson: PoissonOpt = None,
+    shape: ShapeOpt = None,
+    qps_range: QpsRangeOpt = "4:32",
+    seconds_per_point: PerPointOpt = 1.0,
+    bursty: BurstyOpt = None,
+    on_off: OnOffOpt = "10:20",
+    duration: DurationOpt = None,
+    max_requests: MaxReqOpt = None,
+    prompts: PromptsOpt = None,
+    seed: SeedOpt = 0,
+    profile: ProfileOpt = "reference",
+    cascade: CascadeOpt = "reference",
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Workers of the server, for the oracle bound (default: read from GET /v1/plan).")] = None,
+    slo: Annotated[Optional[str], typer.Option("--slo", help="SLO in model time (default: the server's, from GET /v1/plan).")] = None,
+    speedup: SpeedupOpt = 1.0,
+    label: Annotated[str, typer.Option("--label", help="Name of this run in the outputs.")] = "run",
+    output: OutputOpt = Path("bench-run"),
+) -> None:
+    """Replay arrivals open-loop against a running server and write results, logs and plots."""
+    import httpx
+    from rich.progress import Progress
+
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.errors import UserError
+    from diffserve.evaluation import report
+    from diffserve.evaluation.loadgen import LoadConfig, check_loopback
+    from diffserve.evaluation.prompts import load_prompts
+    from diffserve.evaluation.runner import RunSpec, execute
+    from diffserve.units import parse_duration_ms
+
+    base = check_loopback(url)
+    prompt_list = load_prompts(prompts)
+    arrivals, source_label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, len(prompt_list))
+    prof, pair = load_profile(profile), _pair_of(load_cascade(cascade))
+    plan: dict = {}
+    try:
+        answer = httpx.get(f"{base}/v1/plan", timeout=5.0)
+        if answer.status_code == 200:
+            plan = answer.json().get("plan") or {}
+    except (httpx.HTTPError, ValueError):
+        pass
+    slo_ms = parse_duration_ms(slo, name="--slo") if slo else plan.get("slo_ms")
+    n_workers = workers or plan.get("workers_available")
+    if slo_ms is None or n_workers is None:
+        raise UserError(f"could not read the SLO and workers from {base}/v1/plan; pass --slo and --workers")
+    spec = RunSpec(label=label, load=LoadConfig(url=base, speedup=speedup, slo_ms=float(slo_ms)), arrivals=arrivals,
+                   prompts=prompt_list, profile=prof, pair=pair, workers=int(n_workers))
+    console.print(f"sending {len(arrivals)} requests ({source_label}) to {base}, speedup {speedup:g}, open loop")
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("requests", total=len(arrivals))
+        row, _ = execute(spec, output, on_done=lambda _r: progress.advance(task))
+    row["source"] = source_label
+    report.write_json(output / "results.json", row)
+    report.atomic_write_text(output / "results.md", report.markdown_table([row]) + f"\nQuality: {row['quality_method']}.\n")
+    console.print(report.rich_table([row], f"{label}: {source_label}"))
+    console.print(f"wrote {output}/results.json, results.md, requests.jsonl, timeline.json, timeline.png")
+
+
+@cli_errors
+def compare_cmd(
+    trace: TraceOpt = None,
+    poisson: PoissonOpt = None,
+    shape: ShapeOpt = None,
+    qps_range: QpsRangeOpt = "4:32",
+    seconds_per_point: PerPointOpt = 1.0,
+    bursty: BurstyOpt = None,
+    on_off: OnOffOpt = "10:20",
+    duration: DurationOpt = None,
+    max_requests: MaxReqOpt = None,
+    prompts: PromptsOpt = None,
+    seed: SeedOpt = 0,
+    profile: ProfileOpt = "reference",
+    cascade: CascadeOpt = "reference",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Workers of every emulated server.")] = 16,
+    slo: SloOpt = "5s",
+    speedup: SpeedupOpt = 10.0,
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all six, ours last).")] = "",
+    replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
+    output: OutputOpt = Path("bench-compare"),
+) -> None:
+    """Run the same arrivals against each policy on a fresh emulated server and compare them."""
+    import time
+
+    from rich.progress import Progress
+
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.errors import UserError
+    from diffserve.evaluation import report
+    from diffserve.evaluation.compare import POLICIES, CompareSpec, pareto_verdict, run_compare
+    from diffserve.evaluation.prompts import load_prompts
+    from diffserve.units import parse_duration_ms
+
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or POLICIES
+    for p in chosen:
+        if p not in POLICIES:
+            raise UserError(f"--policies: unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+    prompt_list = load_prompts(prompts)
+    arrivals, source_label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, len(prompt_list))
+    prof, casc = load_profile(profile), load_cascade(cascade)
+    spec = CompareSpec(
+        arrivals=arrivals, prompts=prompt_list, profile_spec=profile, cascade_spec=cascade, profile=prof,
+        pair=_pair_of(casc), workers=workers, slo_ms=parse_duration_ms(slo, name="--slo"), speedup=speedup,
+        output=output, seed=seed, replan_interval_ms=parse_duration_ms(replan_interval, name="--replan-interval"),
+        policies=chosen, trace_label=source_label,
+    )
+    span_s = arrivals[-1].time_ms / 1000.0
+    console.print(
+        f"{len(arrivals)} requests over {span_s:.0f} model s ({source_label}); {len(chosen)} policies x "
+        f"~{span_s / speedup:.0f} s wall each; {workers} workers, SLO {slo}, speedup {speedup:g}"
+    )
+    started = time.monotonic()
+    with Progress(console=err_console, transient=True) as progress:
+        tasks: dict[str, object] = {}
+
+        def begin(policy: str, total: int) -> None:
+            tasks[policy] = progress.add_task(policy, total=total)
+
+        rows = run_compare(spec, on_policy_start=begin, on_request_done=lambda p: progress.advance(tasks[p]),
+                           log=lambda line: progress.console.print(line))
+    console.print(report.rich_table(rows, f"{source_label}: {workers} workers, SLO {slo}, speedup {speedup:g}"))
+    for line in pareto_verdict(rows):
+        console.print(line)
+    console.print(f"wrote {output}/results.json, results.md, compare.png and one folder per policy "
+                  f"({time.monotonic() - started:.0f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    bench_app.command("run")(run_cmd)
+    bench_app.command("compare")(compare_cmd)
+    app.add_typer(bench_app, name="bench")

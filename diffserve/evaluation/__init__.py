@@ -1,0 +1,13 @@
+"""Trace-driven evaluation of a running diffserve server.
+
+The pieces, each in its own module:
+
+- :mod:`.sources`   arrival processes (trace file, Poisson, shape file, bursty on/off) in model time;
+- :mod:`.prompts`   the prompt set that trace prompt indices point into;
+- :mod:`.loadgen`   the open-loop HTTP load generator (asyncio + httpx, loopback only);
+- :mod:`.records`   the per-request log written as JSONL, nothing dropped;
+- :mod:`.metrics`   violations, goodput, latency percentiles, per-second quality and timelines;
+- :mod:`.oracle`    the clairvoyant per-second quality bound;
+- :mod:`.report`    JSON, Markdown and PNG outputs;
+- :mod:`.compare`   one fresh emulated server per policy, the same trace against each.
+"""

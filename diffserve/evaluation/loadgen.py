@@ -1,0 +1,214 @@
+"""Open-loop load generation: every request leaves at its scheduled time, answered or not.
+
+A closed-loop client (send, wait, send) slows down exactly when the server does and so hides
+queueing; the paper's traces are arrival processes, so the generator replays them as such. Each
+arrival is sent at ``time_ms / speedup`` wall milliseconds after the start, on its own task; the
+run is bounded by the arrival list, a per-request timeout and an overall deadline, and only
+loopback targets are accepted. Every request ends as exactly one :class:`RequestRecord`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from diffserve.errors import UserError
+from diffserve.evaluation.prompts import prompt_for
+from diffserve.evaluation.records import RequestRecord
+from diffserve.evaluation.sources import Arrival
+
+GENERATIONS_PATH = "/v1/images/generations"
+PLAN_PATH = "/v1/plan"
+
+
+def check_loopback(url: str) -> str:
+    """Return the base URL without a trailing slash; refuse anything but a loopback host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"target must look like http://127.0.0.1:PORT, got {url!r}")
+    host = parts.hostname
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise UserError(f"the load generator only targets loopback addresses (127.0.0.1, ::1, localhost), got {host!r}")
+    return url.rstrip("/")
+
+
+@dataclass
+class LoadConfig:
+    """How to send: the target, the time scale and the bounds."""
+
+    url: str
+    speedup: float = 1.0
+    slo_ms: float = 5000.0
+    timeout_factor: float = 3.0
+    min_timeout_s: float = 2.0
+    size: str = "512x512"
+    response_format: str = "b64_json"
+    send_slo: bool = False
+    max_connections: int = 2048
+    plan_poll_model_s: float = 5.0
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.url = check_loopback(self.url)
+        if self.speedup <= 0:
+            raise UserError(f"speedup must be positive, got {self.speedup}")
+        if self.slo_ms <= 0:
+            raise UserError(f"SLO must be positive, got {self.slo_ms} ms")
+
+    @property
+    def timeout_s(self) -> float:
+        """Client timeout in wall seconds: a multiple of the SLO, so nothing hangs."""
+        return max(self.min_timeout_s, self.timeout_factor * self.slo_ms / 1000.0 / self.speedup)
+
+
+@dataclass
+class PlanObservation:
+    """One poll of ``GET /v1/plan``: when it was read (model ms) and what it said."""
+
+    at_ms: float
+    body: dict[str, Any]
+
+
+@dataclass
+class LoadResult:
+    records: list[RequestRecord]
+    plans: list[PlanObservation]
+    wall_s: float
+    max_send_lag_ms: float  # model ms: how far behind schedule the worst send left
+
+
+def _parse_success(record: RequestRecord, payload: Any) -> None:
+    try:
+        info = payload["data"][0].get("diffserve") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        record.error = "200 without data[0]"
+        return
+    record.model = info.get("model")
+    record.degraded = bool(info.get("degraded", False))
+    for name in ("confidence", "latency_ms", "queue_ms", "compute_ms"):
+        value = info.get(name)
+        if isinstance(value, (int, float)):
+            setattr(record, name, float(value))
+
+
+def _parse_error(record: RequestRecord, response: httpx.Response) -> None:
+    try:
+        record.error = str(response.json()["error"]["message"])[:300]
+    except Exception:  # noqa: BLE001 - any non-OpenAI error body: keep its start
+        record.error = response.text[:300] or f"HTTP {response.status_code}"
+    retry = response.headers.get("retry-after")
+    if retry is not None and retry.strip().isdigit():
+        record.retry_after = int(retry)
+
+
+async def run_open_loop(
+    config: LoadConfig,
+    arrivals: list[Arrival],
+    prompts: list[str],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_done: Callable[[RequestRecord], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> LoadResult:
+    """Send ``arrivals`` open-loop and return one record per arrival, in arrival order.
+
+    ``clock``/``sleep`` are injectable so tests can drive the schedule; ``transport`` lets them
+    answer without a socket. The plan endpoint is polled in the background every few
+    model seconds so the report can show the controller's decisions over time.
+    """
+    speedup = config.speedup
+    to_model_ms = lambda wall_s: wall_s * 1000.0 * speedup  # noqa: E731
+    records = [RequestRecord(index=i, prompt_index=a.prompt_index, scheduled_ms=a.time_ms) for i, a in enumerate(arrivals)]
+    plans: list[PlanObservation] = []
+    limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
+    timeout = httpx.Timeout(config.timeout_s)
+    lag = 0.0
+    start = clock()
+
+    async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout, transport=transport) as client:
+
+        async def send(record: RequestRecord, prompt: str) -> None:
+            body: dict[str, Any] = {
+                "prompt": prompt,
+                "n": 1,
+                "size": config.size,
+                "response_format": config.response_format,
+                "seed": record.index,
+                **config.extra_body,
+            }
+            if config.send_slo:
+                body["slo_ms"] = config.slo_ms
+            record.sent_ms = to_model_ms(clock() - start)
+            try:
+                response = await client.post(GENERATIONS_PATH, json=body)
+                record.status = response.status_code
+                if response.status_code == 200:
+                    _parse_success(record, response.json())
+                else:
+                    _parse_error(record, response)
+            except httpx.TimeoutException:
+                record.error = f"client timeout after {config.timeout_s:.2f} s wall"
+            except (httpx.HTTPError, ValueError) as exc:
+                record.error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+            finally:
+                record.done_ms = to_model_ms(clock() - start)
+                if on_done is not None:
+                    on_done(record)
+
+        stop_polling = asyncio.Event()
+
+        async def poll_plan() -> None:
+            interval = max(0.05, config.plan_poll_model_s / speedup)
+            while not stop_polling.is_set():
+                await _observe_plan(client, plans, to_model_ms(clock() - start))
+                try:
+                    await asyncio.wait_for(stop_polling.wait(), timeout=interval)
+                except asyncio.TimeoutError:
+                    pass
+
+        poller = asyncio.create_task(poll_plan()) if config.plan_poll_model_s > 0 else None
+        tasks = []
+        for record, arrival in zip(records, arrivals):
+            due = start + arrival.time_ms / 1000.0 / speedup
+            delay = due - clock()
+            if delay > 0:
+                await sleep(delay)
+            lag = max(lag, to_model_ms(max(0.0, clock() - due)))
+            tasks.append(asyncio.create_task(send(record, prompt_for(prompts, arrival.prompt_index))))
+        # Every request carries its own timeout; the outer bound only guards against a bug.
+        if tasks:
+            await asyncio.wait(tasks, timeout=config.timeout_s * 2 + 5.0)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stop_polling.set()
+        if poller is not None:
+            await poller
+            await _observe_plan(client, plans, to_model_ms(clock() - start))
+    for record in records:
+        if record.status is None and record.error is None:
+            record.error = "cancelled: no answer within the run's bound"
+            record.done_ms = record.done_ms if record.done_ms is not None else to_model_ms(clock() - start)
+    return LoadResult(records=records, plans=plans, wall_s=clock() - start, max_send_lag_ms=lag)
+
+
+async def _observe_plan(client: httpx.AsyncClient, plans: list[PlanObservation], at_ms: float) -> None:
+    try:
+        response = await client.get(PLAN_PATH, timeout=2.0)
+        if response.status_code == 200:
+            plans.append(PlanObservation(at_ms=at_ms, body=response.json()))
+    except (httpx.HTTPError, ValueError):
+        pass  # the plan log is a diagnostic; requests are what the run measures

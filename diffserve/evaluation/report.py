@@ -1,0 +1,146 @@
+"""The outputs of a run: JSON, a Markdown table, PNG plots (matplotlib, Agg) and a Rich table.
+
+Every file goes through an atomic write so an interrupted run never leaves a half-written result
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from diffserve.fileio import atomic_write_bytes, atomic_write_text
+
+#: Columns of the comparison table: (key in a result row, header, format).
+TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("policy", "policy", "{}"),
+    ("slo_violation_ratio", "SLO violations", "{:.4f}"),
+    ("degraded_ratio", "degraded", "{:.4f}"),
+    ("fid", "FID (per-second)", "{:.2f}"),
+    ("aggregate_fid", "FID (aggregate)", "{:.2f}"),
+    ("goodput", "goodput (q/s)", "{:.2f}"),
+    ("light_fraction", "light fraction", "{:.3f}"),
+    ("latency_p99_ms", "p99 latency (ms)", "{:.0f}"),
+    ("oracle_fraction", "quality vs oracle", "{:.3f}"),
+)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns=TABLE_COLUMNS) -> str:
+    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(_cell(row.get(k), f) for k, _, f in columns) + " |" for row in rows]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def rich_table(rows: Sequence[dict[str, Any]], title: str, columns=TABLE_COLUMNS):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key, header, _ in columns:
+        table.add_column(header, justify="left" if key == "policy" else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(k), f) for k, _, f in columns))
+    return table
+
+
+def rolling(values: Sequence[float | None], weights: Sequence[float], window: int) -> np.ndarray:
+    """Weighted moving mean over ``window`` seconds; NaN where the window holds no weight."""
+    v = np.array([np.nan if x is None else x for x in values], dtype=float)
+    w = np.asarray(weights, dtype=float)
+    w = np.where(np.isnan(v), 0.0, w)
+    v = np.nan_to_num(v)
+    kernel = np.ones(window)
+    num = np.convolve(v * w, kernel, mode="same")
+    den = np.convolve(w, kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def timeline_png(path: str | Path, tl: dict[str, Any], title: str, metric: str = "FID") -> Path:
+    """Four panels: demand and capacity, threshold and quality, workers per pool, violations."""
+    plt = _pyplot()
+    secs = np.array(tl["second"])
+    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    ax = axes[0]
+    ax.plot(secs, tl["demand"], label="demand (arrivals/s)", lw=0.8)
+    ax.plot(secs, [np.nan if c is None else c for c in tl["capacity_qps"]], label="planned capacity (q/s)", lw=1.2)
+    ax.plot(secs, tl["goodput"], label="goodput (q/s)", lw=0.8, alpha=0.7)
+    ax.set_ylabel("queries/s")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    ax = axes[1]
+    weights = [a + b for a, b in zip(tl["light"], tl["heavy"])]
+    ax.plot(secs, rolling(tl["quality"], weights, 5), color="tab:purple", label=f"{metric} (5 s mean)")
+    ax.set_ylabel(metric)
+    ax.legend(loc="upper left", fontsize=8)
+    twin = ax.twinx()
+    twin.step(secs, [np.nan if t is None else t for t in tl["threshold"]], where="post", color="tab:gray", label="threshold t")
+    twin.set_ylabel("threshold")
+    twin.set_ylim(0, 1)
+    ax = axes[2]
+    for model, counts in tl["workers"].items():
+        ax.step(secs, [np.nan if c is None else c for c in counts], where="post", label=f"workers {model}")
+    ax.set_ylabel("workers")
+    ax.legend(loc="upper left", fontsize=8)
+    ax = axes[3]
+    ax.bar(secs, tl["violations"], width=1.0, color="tab:red", label="violations")
+    ax.bar(secs, tl["degraded"], width=1.0, bottom=tl["violations"], color="tab:orange", label="degraded")
+    ax.set_ylabel("requests")
+    ax.set_xlabel("model time (s)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def compare_png(path: str | Path, timelines: dict[str, dict[str, Any]], title: str, metric: str = "FID", window: int = 10) -> Path:
+    """Two panels: quality over time and violation ratio over time, one line per policy."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for policy, tl in timelines.items():
+        secs = np.array(tl["second"])
+        weights = [a + b for a, b in zip(tl["light"], tl["heavy"])]
+        top.plot(secs, rolling(tl["quality"], weights, window), label=policy, lw=1.1)
+        demand = np.asarray(tl["demand"], dtype=float)
+        ratio = [v / d if d else None for v, d in zip(tl["violations"], demand)]
+        bottom.plot(secs, rolling(ratio, demand, window), label=policy, lw=1.1)
+    top.set_ylabel(f"{metric} ({window} s request-weighted mean)")
+    top.set_title(title)
+    top.legend(fontsize=8, ncol=3)
+    bottom.set_ylabel(f"SLO violation ratio ({window} s mean)")
+    bottom.set_xlabel("model time (s)")
+    bottom.legend(fontsize=8, ncol=3)
+    return _save(fig, path)

@@ -1,0 +1,88 @@
+"""One benchmark run against a running server: send the load, measure, write every output.
+
+``bench run`` calls this once against a server the user started; ``bench compare`` calls it once
+per policy against a fresh emulated server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from diffserve.evaluation import report
+from diffserve.evaluation.loadgen import LoadConfig, LoadResult, run_open_loop
+from diffserve.evaluation.metrics import summarize, timeline
+from diffserve.evaluation.oracle import fraction_of_bound, improvement_captured, oracle_bound
+from diffserve.evaluation.quality import QualityMode, quality_function, quality_source
+from diffserve.evaluation.records import RequestRecord, write_jsonl
+from diffserve.evaluation.sources import Arrival, demand_per_second
+from diffserve.schemas import CascadePair, ProfileFile
+
+
+@dataclass
+class RunSpec:
+    label: str
+    load: LoadConfig
+    arrivals: list[Arrival]
+    prompts: list[str]
+    profile: ProfileFile
+    pair: CascadePair
+    workers: int
+    quality_mode: QualityMode | None = None  # None: read the routing from the server's plan
+
+
+def _routing_mode(result: LoadResult) -> QualityMode:
+    for obs in result.plans:
+        plan = obs.body.get("plan") if isinstance(obs.body, dict) else None
+        if isinstance(plan, dict) and plan.get("routing") == "random-split":
+            return "random-split"
+    return "cascade"
+
+
+def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result row and the per-second timeline of a finished run."""
+    pair = spec.pair
+    quality = quality_function(pair, mode)
+    method = f"per-second {pair.metric.upper()}, request-weighted, from {quality_source(mode)}"
+    summary = summarize(
+        result.records, slo_ms=spec.load.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality,
+        metric=pair.metric, quality_method=method,
+    )
+    tl = timeline(result.records, result.plans, slo_ms=spec.load.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality)
+    demand = demand_per_second(spec.arrivals, len(tl["second"]))
+    bound = oracle_bound(demand, spec.profile, pair, spec.workers, spec.load.slo_ms, quality_function(pair, "cascade"))
+    tl["oracle_quality"] = bound.quality
+    q_light = quality(0.0)
+    row: dict[str, Any] = {
+        "policy": spec.label,
+        **summary.model_dump(),
+        "oracle_fid": bound.fid,
+        "oracle_min_violation_ratio": bound.min_violation_ratio,
+        "oracle_fraction": fraction_of_bound(summary.fid, bound.fid, pair.lower_is_better),
+        "oracle_improvement_captured": improvement_captured(summary.fid, bound.fid, q_light),
+        "oracle_notes": bound.notes,
+        "quality_mode": mode,
+        "workers": spec.workers,
+        "slo_ms": spec.load.slo_ms,
+        "speedup": spec.load.speedup,
+        "wall_s": round(result.wall_s, 2),
+        "max_send_lag_ms": round(result.max_send_lag_ms, 1),
+    }
+    return row, tl
+
+
+def execute(
+    spec: RunSpec, output_dir: Path, *, on_done: Callable[[RequestRecord], None] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the load, then write ``requests.jsonl``, ``plan_log.json``, ``timeline.json`` and ``timeline.png``."""
+    result = asyncio.run(run_open_loop(spec.load, spec.arrivals, spec.prompts, on_done=on_done))
+    mode = spec.quality_mode or _routing_mode(result)
+    row, tl = analyse(spec, result, mode)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(output_dir / "requests.jsonl", result.records)
+    report.write_json(output_dir / "plan_log.json", [{"at_ms": o.at_ms, **o.body} for o in result.plans[-1:]])
+    report.write_json(output_dir / "timeline.json", tl)
+    report.timeline_png(output_dir / "timeline.png", tl, f"{spec.label}: {spec.workers} workers", spec.pair.metric.upper())
+    return row, tl
