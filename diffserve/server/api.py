@@ -1,0 +1,274 @@
+"""The HTTP face of the runtime: OpenAI-compatible image generation, health, metrics and plan.
+
+One error boundary: a :class:`ServeError` becomes its status with an OpenAI-style error body
+(and ``Retry-After`` for 429/503); anything else is logged with its traceback and answered with
+a generic 500 that leaks nothing. Bodies are read and parsed here (not by FastAPI) so that size,
+content type and JSON syntax each get their own clear answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffserve.fileio import format_validation_error
+from diffserve.schemas import PlanFile
+from diffserve.server.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    NotFound,
+    ServeError,
+    Unauthorized,
+    Unavailable,
+    UnprocessableRequest,
+)
+from diffserve.server.imagestore import ImageStore
+from diffserve.server.runtime import Runtime
+from diffserve.server.schemas_api import ImageGenerationRequest, check_limits, parse_size
+
+log = logging.getLogger("diffserve.server.api")
+
+CASCADE_MODEL = "diffserve"
+
+
+@dataclass
+class ApiSettings:
+    max_body_bytes: int = 64 * 1024
+    max_prompt_chars: int = 2000
+    max_n: int = 8
+    admin_token: str | None = None
+    image_ttl_s: float = 600.0
+
+
+def error_response(exc: ServeError) -> JSONResponse:
+    headers = {}
+    if exc.status in (429, 503):
+        headers["Retry-After"] = str(int(exc.retry_after_s or 1))
+    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+        except ValueError:
+            raise InvalidRequest("Content-Length is not a number") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        msg = str(exc) if "not valid JSON" in str(exc) else "the body is not valid JSON"
+        raise InvalidRequest(msg) from None
+
+
+def _validation_error(exc: ValidationError) -> UnprocessableRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return UnprocessableRequest(format_validation_error(exc), param=param)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_lifecycle: bool = True) -> FastAPI:
+    """Build the app. With ``manage_lifecycle`` the app starts the runtime and stops it on shutdown."""
+    cfg = settings or ApiSettings()
+    store = ImageStore(ttl_s=cfg.image_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_lifecycle:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await runtime.drain()
+                await runtime.stop()
+
+    app = FastAPI(title="diffserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime
+    app.state.store = store
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(UnprocessableRequest("invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = InvalidRequest(str(exc.detail))
+        err.status = exc.status_code
+        err.code = "not_found" if exc.status_code == 404 else None
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(ServeError("internal server error; the details are in the server log"))
+
+    def _check_admin(request: Request) -> None:
+        if cfg.admin_token is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {cfg.admin_token}":
+            raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <token>")
+
+    def _models() -> list[str]:
+        return [CASCADE_MODEL, *runtime.backend.models]
+
+    @app.post("/v1/images/generations")
+    async def generate(request: Request) -> Response:
+        body = await _read_body(request, cfg.max_body_bytes)
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise InvalidRequest(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        data = _parse_json(body)
+        if not isinstance(data, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        try:
+            req = ImageGenerationRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        check_limits(req, max_prompt_chars=cfg.max_prompt_chars, max_n=cfg.max_n)
+        size = parse_size(req.size, runtime.backend.supported_sizes())
+        quality = req.effective_quality()
+        if req.model not in (None, CASCADE_MODEL):
+            if req.model == runtime.router.plan.light:
+                quality = "fast"
+            elif req.model == runtime.router.plan.heavy:
+                quality = "best"
+            else:
+                raise InvalidRequest(f"unknown model {req.model!r}; use one of {', '.join(_models())}", param="model")
+        seed = req.seed if req.seed is not None else int(time.time_ns() % 2**31)
+
+        gen = asyncio.create_task(
+            runtime.generate(req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms)  # type: ignore[arg-type]
+        )
+        disconnect = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await asyncio.wait({gen, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not gen.done():
+                gen.cancel()
+            disconnect.cancel()
+        if not gen.done() or gen.cancelled():
+            await asyncio.gather(gen, return_exceptions=True)
+            return Response(status_code=499)
+        answers = gen.result()
+        fmt = req.response_format or "b64_json"
+        data_out = []
+        for a in answers:
+            item: dict[str, Any] = {}
+            if fmt == "url":
+                key = store.put(a.png)
+                item["url"] = str(request.base_url).rstrip("/") + f"/v1/images/{key}.png"
+            else:
+                item["b64_json"] = base64.b64encode(a.png).decode("ascii")
+            item["revised_prompt"] = None
+            item["diffserve"] = {
+                "model": a.model,
+                "confidence": None if a.confidence is None else round(float(a.confidence), 6),
+                "degraded": a.degraded,
+                "queue_ms": round(a.queue_ms, 3),
+                "compute_ms": round(a.compute_ms, 3),
+                "latency_ms": round(a.latency_ms, 3),
+                "random_weights": a.random_weights,
+            }
+            data_out.append(item)
+        return JSONResponse({"created": int(time.time()), "data": data_out})
+
+    @app.get("/v1/images/{key}.png")
+    async def image(key: str) -> Response:
+        png = store.get(key)
+        if png is None:
+            raise NotFound("this image does not exist or has expired")
+        return Response(png, media_type="image/png")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "diffserve"} for m in _models()],
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        ok = runtime.backend.healthy()
+        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if runtime.ready:
+            return JSONResponse({"status": "ready", "plan": runtime.plan.policy})
+        why = "draining" if runtime.draining else "not ready"
+        return error_response(Unavailable(f"the server is {why}", retry_after_s=1))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        for model, pool in runtime.pools.items():
+            runtime.metrics.queue_changed(model, len(pool))
+        return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/plan")
+    async def get_plan(request: Request) -> dict[str, Any]:
+        _check_admin(request)
+        return {
+            "plan": runtime.plan.model_dump(mode="json"),
+            "decisions": list(runtime.controller.decisions),
+            "pinned": runtime.controller.pinned,
+            "ledger": vars(runtime.ledger),
+        }
+
+    @app.put("/v1/plan")
+    async def put_plan(request: Request) -> dict[str, Any]:
+        _check_admin(request)
+        data = _parse_json(await _read_body(request, cfg.max_body_bytes * 4))
+        if isinstance(data, dict) and "plan" in data and "kind" not in data:
+            data = data["plan"]
+        try:
+            plan = PlanFile.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        runtime.pin_plan(plan)
+        return {"plan": plan.model_dump(mode="json"), "pinned": True}
+
+    return app
+
+

@@ -1,0 +1,113 @@
+"""Assemble a runtime from the CLI's options: files, the initial plan, the backend, the clock."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from diffserve.artifacts import load_cascade, load_plan, load_profile
+from diffserve.errors import UserError
+from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
+from diffserve.server.clock import Clock
+from diffserve.server.controller import ControllerSettings, Solver, default_solver
+from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.stage import Backend
+
+log = logging.getLogger("diffserve.server")
+
+#: The planner's policies; kept here too so that ``diffserve serve --help`` needs no planner import.
+KNOWN_POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
+BACKENDS = ("emulated", "diffusers")
+
+
+@dataclass
+class ServeOptions:
+    backend: str = "emulated"
+    profile: str = "reference"
+    cascade: str = "reference"
+    plan: str | None = None
+    workers: int = 16
+    slo_ms: float = 5000.0
+    speedup: float = 1.0
+    policy: str = "diffserve"
+    demand_qps: float = 1.0
+    replan_interval_ms: float = 5000.0
+    seed: int = 0
+    degrade: bool = True
+    max_queue: int = 256
+    queue_full_status: int = 429
+    max_batch_wait_ms: float | None = None
+    hold_all: bool = True
+    threads_per_worker: int = 1
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.policy not in KNOWN_POLICIES:
+            raise UserError(f"--policy must be one of {', '.join(KNOWN_POLICIES)}, got {self.policy!r}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.demand_qps <= 0:
+            raise UserError(f"--demand must be positive, got {self.demand_qps}")
+        if self.backend == "diffusers" and self.speedup != 1.0:
+            raise UserError("--speedup only applies to the emulated backend (real models run in real time)")
+
+
+def initial_plan(
+    opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile, solver: Solver | None
+) -> tuple[PlanFile, str]:
+    if opts.plan:
+        plan = load_plan(opts.plan)
+        return plan, f"plan file {opts.plan}"
+    solve = solver or default_solver()
+    try:
+        plan = solve(profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"could not solve an initial plan for {opts.demand_qps} QPS with {opts.workers} workers: {exc}") from None
+    return plan, f"solved for {opts.demand_qps:g} QPS ({opts.policy})"
+
+
+def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile, plan: PlanFile, clock: Clock, cascade_path: str | None) -> Backend:
+    pair = cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended()
+    if opts.backend == "emulated":
+        from diffserve.server.emulated import EmulatedBackend
+
+        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all)
+    from diffserve.server.procbackend import DiffusersBackend
+
+    return DiffusersBackend(profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker)
+
+
+def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Clock | None = None) -> tuple[Runtime, str]:
+    """Load the files, plan, and build the runtime (not started). Returns it and where the plan came from."""
+    opts.validate()
+    profile = load_profile(opts.profile)
+    cascade = load_cascade(opts.cascade)
+    clock = clock or Clock(opts.speedup)
+    plan, origin = initial_plan(opts, profile, cascade, solver)
+    if plan.workers_used > opts.workers:
+        raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {opts.workers}")
+    try:
+        backend = make_backend(opts, profile, cascade, plan, clock, None if opts.cascade == "reference" else opts.cascade)
+    except KeyError as exc:
+        raise UserError(str(exc).strip('"')) from None
+    settings = RuntimeSettings(
+        slo_ms=opts.slo_ms,
+        degrade=opts.degrade,
+        max_queue=opts.max_queue,
+        queue_full_status=opts.queue_full_status,
+        max_batch_wait_ms=opts.max_batch_wait_ms,
+        controller=ControllerSettings(
+            interval_ms=opts.replan_interval_ms,
+            ewma_alpha=opts.controller.ewma_alpha,
+            safety=opts.controller.safety,
+            min_demand_qps=opts.controller.min_demand_qps,
+        ),
+    )
+    runtime = Runtime(
+        backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy, settings=settings, solver=solver
+    )
+    return runtime, origin

@@ -1,0 +1,46 @@
+"""One clock that converts model time to wall time, so that ``--speedup`` is applied in one place.
+
+Every duration the server reasons about (SLOs, deadlines, batch latencies, the re-plan interval)
+is *model time*: what the modelled GPUs would take. The emulated cluster runs ``speedup`` times
+faster than that, so one model-time millisecond lasts ``1 / speedup`` wall milliseconds. Keeping
+the conversion here means the router, batcher and controller never see wall time, and tests can
+inject a faster clock instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable
+
+from diffserve.errors import UserError
+
+
+class Clock:
+    """Model-time clock: ``now_ms()`` counts model milliseconds since the clock was made."""
+
+    def __init__(
+        self,
+        speedup: float = 1.0,
+        *,
+        wall: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not speedup > 0:
+            raise UserError(f"speedup must be positive, got {speedup!r}")
+        self.speedup = float(speedup)
+        self._wall = wall
+        self._sleep = sleep
+        self._t0 = wall()
+
+    def now_ms(self) -> float:
+        return (self._wall() - self._t0) * 1000.0 * self.speedup
+
+    def to_wall_s(self, model_ms: float) -> float:
+        return max(0.0, model_ms) / 1000.0 / self.speedup
+
+    def to_model_ms(self, wall_s: float) -> float:
+        return wall_s * 1000.0 * self.speedup
+
+    async def sleep_ms(self, model_ms: float) -> None:
+        await self._sleep(self.to_wall_s(model_ms))

@@ -1,0 +1,211 @@
+"""The live controller: estimate demand, re-solve the plan, apply it without dropping work.
+
+Every ``interval_ms`` of model time it measures the offered rate (every image asked for,
+admitted or not), smooths it with an EWMA, takes the larger of the smoothed and the latest rate
+(so a rising load is followed at once and a falling one decays), multiplies by a safety factor,
+and adds the backlog that must drain within one SLO (queued images / SLO). That demand goes to
+the planner (``solve_plan``) in a thread so a slow solve never stalls the event loop. A failed
+solve keeps the last good plan and counts it. Every decision is logged with its inputs.
+
+Defaults (documented in docs/serving.md, not tuned to any trace): interval 5 s, EWMA alpha 0.5,
+safety factor 1.2, demand floor 0.5 QPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
+from diffserve.server.clock import Clock
+from diffserve.server.metrics import Metrics
+
+log = logging.getLogger("diffserve.server.controller")
+
+Solver = Callable[..., PlanFile]
+
+
+@dataclass
+class ControllerSettings:
+    interval_ms: float = 5000.0
+    ewma_alpha: float = 0.5
+    safety: float = 1.2
+    min_demand_qps: float = 0.5
+    max_decisions: int = 200
+
+    def __post_init__(self) -> None:
+        if self.interval_ms <= 0:
+            raise ValueError(f"replan interval must be positive, got {self.interval_ms!r} ms")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ValueError(f"ewma alpha must be in (0, 1], got {self.ewma_alpha!r}")
+        if self.safety < 1:
+            raise ValueError(f"safety factor must be >= 1, got {self.safety!r}")
+
+
+class Target(Protocol):
+    """What the controller observes and changes (implemented by :class:`Runtime`)."""
+
+    offered: int
+
+    def queued(self) -> dict[str, int]: ...
+    def queue_delay_ms(self) -> dict[str, float]: ...
+    def apply_plan(self, plan: PlanFile) -> None: ...
+
+
+def default_solver() -> Solver:
+    from diffserve.planner import solve_plan
+
+    return solve_plan
+
+
+class Controller:
+    def __init__(
+        self,
+        target: Target,
+        *,
+        profile: ProfileFile,
+        cascade: CascadeFile,
+        policy: str,
+        slo_ms: float,
+        workers: int,
+        clock: Clock,
+        initial_demand_qps: float,
+        settings: ControllerSettings | None = None,
+        solver: Solver | None = None,
+        metrics: Metrics | None = None,
+        solver_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.target = target
+        self.profile = profile
+        self.cascade = cascade
+        self.policy = policy
+        self.slo_ms = slo_ms
+        self.workers = workers
+        self.clock = clock
+        self.settings = settings or ControllerSettings()
+        self._solver = solver
+        self.metrics = metrics
+        self.solver_options = solver_options or {}
+        self.ewma = initial_demand_qps
+        self.demand_qps = initial_demand_qps
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.settings.max_decisions)
+        self.pinned = False
+        self._last_t = clock.now_ms()
+        self._last_offered = 0
+        self._task: asyncio.Task | None = None
+
+    @property
+    def solver(self) -> Solver:
+        if self._solver is None:
+            self._solver = default_solver()
+        return self._solver
+
+    @property
+    def static(self) -> bool:
+        return self.policy == "static"
+
+    def solve(self, demand_qps: float) -> PlanFile:
+        return self.solver(
+            self.profile,
+            self.cascade,
+            demand_qps=demand_qps,
+            slo_ms=self.slo_ms,
+            workers=self.workers,
+            policy=self.policy,
+            **self.solver_options,
+        )
+
+    def estimate(self) -> tuple[float, dict[str, Any]]:
+        """Demand for the next interval, with the inputs that produced it."""
+        now = self.clock.now_ms()
+        elapsed_s = max((now - self._last_t) / 1000.0, 1e-9)
+        offered = self.target.offered
+        rate = (offered - self._last_offered) / elapsed_s
+        self._last_t, self._last_offered = now, offered
+        a = self.settings.ewma_alpha
+        self.ewma = a * rate + (1 - a) * self.ewma
+        queued = self.target.queued()
+        backlog_qps = sum(queued.values()) / (self.slo_ms / 1000.0)
+        demand = max(self.settings.min_demand_qps, max(self.ewma, rate) * self.settings.safety + backlog_qps)
+        inputs = {
+            "observed_qps": round(rate, 3),
+            "ewma_qps": round(self.ewma, 3),
+            "backlog_qps": round(backlog_qps, 3),
+            "queued": queued,
+            "queue_delay_ms": {k: round(v, 1) for k, v in self.target.queue_delay_ms().items()},
+        }
+        return demand, inputs
+
+    async def step(self) -> dict[str, Any]:
+        """One control round; never raises (a failed solve keeps the last plan and is recorded)."""
+        demand, inputs = self.estimate()
+        self.demand_qps = demand
+        if self.metrics:
+            self.metrics.demand.set(demand)
+        if self.pinned:
+            return self._record(demand, None, 0.0, applied=False, reason="plan pinned by PUT /v1/plan", inputs=inputs)
+        t0 = time.perf_counter()
+        try:
+            plan = await asyncio.to_thread(self.solve, demand)
+        except Exception as exc:  # noqa: BLE001 - keep serving on the last good plan
+            solve_ms = (time.perf_counter() - t0) * 1000
+            log.warning("re-plan failed (%s); keeping the last plan", exc)
+            if self.metrics:
+                self.metrics.replans.labels("failed").inc()
+            return self._record(demand, None, solve_ms, applied=False, reason=f"solver failed: {exc}", inputs=inputs)
+        solve_ms = (time.perf_counter() - t0) * 1000
+        try:
+            self.target.apply_plan(plan)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("could not apply the new plan")
+            if self.metrics:
+                self.metrics.replans.labels("failed").inc()
+            return self._record(demand, plan, solve_ms, applied=False, reason=f"apply failed: {exc}", inputs=inputs)
+        if self.metrics:
+            self.metrics.replans.labels("applied").inc()
+        return self._record(demand, plan, solve_ms, applied=True, reason="periodic re-plan", inputs=inputs)
+
+    def _record(
+        self, demand: float, plan: PlanFile | None, solve_ms: float, *, applied: bool, reason: str, inputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        decision: dict[str, Any] = {
+            "time_ms": round(self.clock.now_ms(), 1),
+            "demand_qps": round(demand, 3),
+            "policy": self.policy,
+            "threshold": plan.threshold if plan else None,
+            "workers": {p.model: p.workers for p in plan.pools} if plan else {},
+            "batch_size": {p.model: p.batch_size for p in plan.pools} if plan else {},
+            "degraded": plan.degraded if plan else False,
+            "solve_ms": round(solve_ms, 2),
+            "applied": applied,
+            "reason": reason,
+            "inputs": inputs,
+        }
+        self.decisions.append(decision)
+        log.info("controller decision %s", decision)
+        return decision
+
+    def record_initial(self, plan: PlanFile, reason: str) -> None:
+        self._record(plan.demand_qps, plan, plan.solve_time_ms, applied=True, reason=reason, inputs={})
+
+    def start(self) -> None:
+        if self.static or self._task is not None:
+            return
+        self._last_t = self.clock.now_ms()
+        self._last_offered = self.target.offered
+        self._task = asyncio.create_task(self._loop(), name="controller")
+
+    async def _loop(self) -> None:
+        while True:
+            await self.clock.sleep_ms(self.settings.interval_ms)
+            await self.step()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

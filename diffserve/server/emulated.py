@@ -1,0 +1,85 @@
+"""The emulated backend: a batch "runs" by sleeping its profiled latency on the model-time clock.
+
+With it the paper's 16 x A100 testbed runs on a laptop: the event loop only sleeps, so in-process
+asyncio workers are enough. Confidences come from :class:`ScoreSampler`, images are a tiny valid
+PNG (solid colour per model) so that clients can decode what they get.
+"""
+
+from __future__ import annotations
+
+import io
+
+from diffserve.errors import UserError
+from diffserve.schemas import CascadePair, ProfileFile
+from diffserve.server.clock import Clock
+from diffserve.server.latency import LatencyTable
+from diffserve.server.scores import ScoreSampler, unit_hash
+from diffserve.server.stage import Backend, Job, StageOutput
+
+DEFAULT_LOAD_TIME_S = 10.0
+
+
+def solid_png(seed_text: str, size: tuple[int, int] = (8, 8)) -> bytes:
+    """A small PNG whose colour depends on ``seed_text``; a real decodable image, not a stub."""
+    from PIL import Image
+
+    h = unit_hash(seed_text)
+    colour = (int(h * 255), int((h * 7 % 1) * 255), int((h * 13 % 1) * 255))
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class EmulatedBackend(Backend):
+    name = "emulated"
+
+    def __init__(
+        self,
+        profile: ProfileFile,
+        pair: CascadePair,
+        n_workers: int,
+        clock: Clock,
+        *,
+        hold_all: bool = True,
+        sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__([pair.light, pair.heavy], n_workers)
+        for model in self.models:
+            if model not in profile.models:
+                raise UserError(f"model {model!r} of the cascade is not in the profile (it has: {', '.join(profile.models)})")
+        self.clock = clock
+        self.tables = {m: LatencyTable(profile.model(m)) for m in self.models}
+        self.light = pair.light
+        self.scores = ScoreSampler(pair)
+        self.discriminator_ms = pair.discriminator.latency_ms
+        self.hold_all = hold_all
+        self._held: dict[int, str | None] = {w: None for w in range(n_workers)}
+        self._sizes = sizes or [(512, 512), (256, 256)]
+        self._png = {m: solid_png(m) for m in self.models}
+        self.calls = 0
+
+    async def setup(self) -> None:
+        return None
+
+    def batch_latency_ms(self, model: str, batch_size: int) -> float:
+        extra = self.discriminator_ms * batch_size if model == self.light else 0.0
+        return self.tables[model](batch_size) + extra
+
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        return list(self._sizes)
+
+    async def ensure_loaded(self, worker: int, model: str) -> float:
+        if self.hold_all or self._held.get(worker) == model:
+            return 0.0
+        load_ms = (self.tables[model].load_time_s or DEFAULT_LOAD_TIME_S) * 1000.0
+        await self.clock.sleep_ms(load_ms)
+        self._held[worker] = model
+        return load_ms
+
+    async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
+        self.calls += 1
+        await self.clock.sleep_ms(self.batch_latency_ms(model, len(jobs)))
+        png = self._png[model]
+        return [
+            StageOutput(png=png, confidence=self.scores.confidence(j.prompt, j.seed) if j.score else None) for j in jobs
+        ]

@@ -1,0 +1,78 @@
+"""Errors the serving path raises, each knowing its HTTP status and OpenAI-style error type.
+
+One boundary in :mod:`diffserve.server.api` turns a :class:`ServeError` into its status code and
+an ``{"error": {...}}`` body; anything else is our bug and becomes a sanitised 500.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(ServeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class UnprocessableRequest(InvalidRequest):
+    status = 422
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "body_too_large"
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(InvalidRequest):
+    status = 401
+    code = "unauthorized"
+
+
+class QueueFull(ServeError):
+    """Admission control: the pool's bounded queue is full. 429 by default (configurable 503)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class Unavailable(ServeError):
+    """Not ready, draining, or the request cannot be served at all: answered at once."""
+
+    status = 503
+    type = "server_unavailable"
+    code = "unavailable"
+
+
+class DeadlineExceeded(ServeError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class WouldMissDeadline(Exception):
+    """Internal: a queued heavy job can no longer finish in time; the router degrades it."""
+
+
+class WorkerCrashed(Exception):
+    """Internal: the worker process died while running a batch; the batch may be retried once."""
+
+
+class WorkerHung(Exception):
+    """Internal: the worker exceeded its watchdog; it is restarted and the batch answered 504."""

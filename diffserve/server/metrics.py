@@ -1,0 +1,66 @@
+"""Prometheus metrics, one registry per app so that tests and several servers never collide.
+
+The serving loops call these hooks; they never touch prometheus objects directly.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS_MS = (25, 50, 100, 200, 400, 800, 1600, 2500, 3500, 5000, 7500, 10000, 20000, 60000)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.queue_length = Gauge("diffserve_queue_length", "jobs waiting per pool", ["model"], registry=r)
+        self.workers = Gauge("diffserve_workers", "workers assigned per pool", ["model"], registry=r)
+        self.batch_size_target = Gauge("diffserve_batch_size_target", "plan batch size per pool", ["model"], registry=r)
+        self.batch_size = Histogram("diffserve_batch_size", "executed batch sizes", ["model"], buckets=_BATCH_BUCKETS, registry=r)
+        self.stage_latency = Histogram(
+            "diffserve_stage_latency_ms", "model-time latency per stage", ["model", "part"], buckets=_LATENCY_BUCKETS_MS, registry=r
+        )
+        self.request_latency = Histogram(
+            "diffserve_request_latency_ms", "model-time end-to-end latency of answered images", buckets=_LATENCY_BUCKETS_MS, registry=r
+        )
+        self.requests = Counter("diffserve_requests", "images by outcome", ["outcome"], registry=r)
+        self.answered_by = Counter("diffserve_answered_by", "images by the model that answered", ["model"], registry=r)
+        self.deferred = Counter("diffserve_deferred", "images the discriminator sent to the heavy model", registry=r)
+        self.scored = Counter("diffserve_scored", "light images scored by the discriminator", registry=r)
+        self.degraded = Counter("diffserve_degraded", "light images returned because the heavy model could not make the deadline", registry=r)
+        self.slo_violations = Counter("diffserve_slo_violations", "images answered late, failed or expired after admission", registry=r)
+        self.dropped = Counter("diffserve_dropped", "jobs removed from a queue", ["model", "reason"], registry=r)
+        self.worker_crashes = Counter("diffserve_worker_crashes", "worker processes that died or hung", ["model"], registry=r)
+        self.threshold = Gauge("diffserve_threshold", "current discriminator threshold (-1 when none)", registry=r)
+        self.deferral_rate = Gauge("diffserve_deferral_rate", "deferred / scored since start", registry=r)
+        self.demand = Gauge("diffserve_demand_qps", "the controller's demand estimate (model-time QPS)", registry=r)
+        self.replans = Counter("diffserve_replans", "controller decisions by result", ["result"], registry=r)
+        self.inflight = Gauge("diffserve_inflight_images", "admitted images not yet answered", registry=r)
+
+    # hooks used by pools and workers
+    def queue_changed(self, model: str, length: int) -> None:
+        self.queue_length.labels(model).set(length)
+
+    def dropped_job(self, model: str, reason: str) -> None:
+        self.dropped.labels(model, reason).inc()
+
+    def update_deferral_rate(self) -> None:
+        scored = self.scored._value.get()
+        self.deferral_rate.set(self.deferred._value.get() / scored if scored else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class PoolMetricsHooks:
+    """Adapter from the pool's hook protocol to :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def queue_changed(self, model: str, length: int) -> None:
+        self.m.queue_changed(model, length)
+
+    def dropped(self, model: str, reason: str) -> None:
+        self.m.dropped_job(model, reason)

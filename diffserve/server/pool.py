@@ -1,0 +1,213 @@
+"""One model's pool: a bounded FIFO queue and the adaptive batcher that feeds its workers.
+
+Invariants (each has a test in tests/test_server_batcher.py):
+- a job's future is resolved exactly once: by the worker, by expiry, or by cancellation;
+- cancelled jobs and jobs past their deadline are dropped before the model runs;
+- an idle worker takes up to ``batch_size`` jobs at once and waits for a fuller batch only while
+  the oldest job's SLO slack allows, and never longer than ``max_batch_wait_ms``;
+- the batch size, queue bound and wait are setters, so the controller changes them live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Callable, Protocol
+
+from diffserve.server.clock import Clock
+from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadline
+from diffserve.server.stage import Job
+
+
+class PoolHooks(Protocol):
+    def queue_changed(self, model: str, length: int) -> None: ...
+    def dropped(self, model: str, reason: str) -> None: ...
+
+
+class _NoHooks:
+    def queue_changed(self, model: str, length: int) -> None:
+        pass
+
+    def dropped(self, model: str, reason: str) -> None:
+        pass
+
+
+class Notifier:
+    """Wake every waiter at once (new job, worker moved); cheaper than a Condition for sync callers."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future] = set()
+
+    def notify_all(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(fut)
+
+
+class Pool:
+    def __init__(
+        self,
+        model: str,
+        *,
+        clock: Clock,
+        latency_ms: Callable[[int], float],
+        batch_size: int = 1,
+        max_queue: int = 256,
+        drop_unmeetable: bool = False,
+        max_batch_wait_ms: float | None = None,
+        queue_full_error: type[Exception] = QueueFull,
+        hooks: PoolHooks | None = None,
+    ) -> None:
+        self.model = model
+        self.clock = clock
+        self.latency_ms = latency_ms
+        self._queue: collections.deque[Job] = collections.deque()
+        self._notifier = Notifier()
+        self.hooks = hooks or _NoHooks()
+        self.queue_full_error = queue_full_error
+        self.drop_unmeetable = drop_unmeetable
+        self.reserve_ms = 0.0  # time kept for later stages when deciding to wait for a fuller batch
+        self.workers = 0
+        self.busy = 0
+        self.set_batch_size(batch_size)
+        self.set_max_queue(max_queue)
+        self.set_max_batch_wait_ms(max_batch_wait_ms)
+
+    # ---------------------------------------------------------------- settings (controller setters)
+    def set_batch_size(self, n: int) -> None:
+        if int(n) < 1:
+            raise ValueError(f"batch size must be >= 1, got {n!r}")
+        self.batch_size = int(n)
+        self._notifier.notify_all()
+
+    def set_max_queue(self, n: int) -> None:
+        if int(n) < 1:
+            raise ValueError(f"max queue must be >= 1, got {n!r}")
+        self.max_queue = int(n)
+
+    def set_max_batch_wait_ms(self, ms: float | None) -> None:
+        """``None`` = automatic: a quarter of the batch's own latency (0 when the batch size is 1)."""
+        if ms is not None and ms < 0:
+            raise ValueError(f"max batch wait must be >= 0 ms, got {ms!r}")
+        self._max_wait = ms
+
+    @property
+    def max_batch_wait_ms(self) -> float:
+        if self._max_wait is not None:
+            return self._max_wait
+        return 0.0 if self.batch_size <= 1 else 0.25 * self.latency_ms(self.batch_size)
+
+    # ---------------------------------------------------------------- queue
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.max_queue - len(self._queue))
+
+    def submit(self, job: Job) -> None:
+        if len(self._queue) >= self.max_queue:
+            raise self.queue_full_error(
+                f"the {self.model} queue is full ({self.max_queue} waiting)", retry_after_s=self.retry_after_s()
+            )
+        job.enqueued_ms = self.clock.now_ms()
+        self._queue.append(job)
+        self.hooks.queue_changed(self.model, len(self._queue))
+        self._notifier.notify_all()
+
+    def requeue_front(self, job: Job) -> None:
+        """Put a job back at the head (retry after a worker crash); bypasses the bound on purpose."""
+        self._queue.appendleft(job)
+        self.hooks.queue_changed(self.model, len(self._queue))
+        self._notifier.notify_all()
+
+    def wake(self) -> None:
+        self._notifier.notify_all()
+
+    def estimate_wait_ms(self, extra: int = 1) -> float:
+        """Model time until ``extra`` more jobs would finish here: queue drained in rounds of batches."""
+        workers = max(self.workers, 1)
+        bs = self.batch_size
+        jobs_ahead = len(self._queue) + extra
+        rounds = -(-jobs_ahead // (bs * workers))
+        busy_penalty = self.latency_ms(bs) if self.busy >= workers else 0.0
+        return busy_penalty + rounds * self.latency_ms(min(bs, max(1, jobs_ahead)))
+
+    def retry_after_s(self) -> int:
+        return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))
+
+    def _prune(self) -> None:
+        """Drop cancelled jobs, expire late ones; O(queue) and only when a worker looks for work."""
+        if not self._queue:
+            return
+        now = self.clock.now_ms()
+        one = self.latency_ms(1)
+        kept: collections.deque[Job] = collections.deque()
+        changed = False
+        for job in self._queue:
+            if job.future.done():
+                changed = True
+                self.hooks.dropped(self.model, "cancelled")
+            elif now >= job.deadline_ms:
+                changed = True
+                job.future.set_exception(DeadlineExceeded(f"deadline passed while queued for {self.model}"))
+                self.hooks.dropped(self.model, "expired")
+            elif self.drop_unmeetable and now + one > job.deadline_ms:
+                changed = True
+                job.future.set_exception(WouldMissDeadline(self.model))
+                self.hooks.dropped(self.model, "unmeetable")
+            else:
+                kept.append(job)
+        if changed:
+            self._queue = kept
+            self.hooks.queue_changed(self.model, len(kept))
+
+    def _fill_wait_ms(self) -> float:
+        """How long waiting for a fuller batch is still worth it: bounded by the cap and the slack."""
+        cap = self.max_batch_wait_ms
+        if cap <= 0 or len(self._queue) >= self.batch_size:
+            return 0.0
+        oldest = self._queue[0]
+        now = self.clock.now_ms()
+        until = min(oldest.enqueued_ms + cap, oldest.deadline_ms - self.latency_ms(self.batch_size) - self.reserve_ms)
+        return until - now
+
+    async def take_batch(self, still_mine: Callable[[], bool] = lambda: True) -> list[Job] | None:
+        """Wait for work and return a batch; ``None`` when the worker was moved to another pool."""
+        while True:
+            if not still_mine():
+                return None
+            self._prune()
+            if self._queue:
+                wait = self._fill_wait_ms()
+                if wait > 0:
+                    await self._notifier.wait(self.clock.to_wall_s(wait))
+                    continue
+                n = min(self.batch_size, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(n)]
+                self.hooks.queue_changed(self.model, len(self._queue))
+                return batch
+            await self._notifier.wait(None)
+
+    def fail_all(self, exc_factory: Callable[[], Exception]) -> int:
+        """Answer every queued job with an error (shutdown); returns how many."""
+        n = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(exc_factory())
+                n += 1
+        self.hooks.queue_changed(self.model, 0)
+        self._notifier.notify_all()
+        return n

@@ -1,0 +1,204 @@
+"""The cascade router: light model first, discriminator, heavy model only when needed and in time.
+
+Per image: ``quality=fast`` or a light-only plan -> light stage only; ``quality=best`` or a
+heavy-only plan -> heavy only; a random-split plan (Proteus) -> a seeded coin with the plan's
+heavy fraction; otherwise the light image is scored and returned when its confidence is at or
+above the threshold, else deferred to the heavy pool. A deferred image that can no longer make
+its deadline on the heavy model gets the light image back marked ``degraded`` (unless degrade is
+off). Every wait is bounded: at ``drop_factor x budget`` after arrival the answer is a 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+from diffserve.schemas import PlanFile
+from diffserve.server.clock import Clock
+from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
+from diffserve.server.metrics import Metrics
+from diffserve.server.pool import Pool
+from diffserve.server.scores import unit_hash
+from diffserve.server.stage import Job, StageResult
+
+Quality = Literal["auto", "fast", "best"]
+Route = Literal["cascade", "light", "heavy"]
+
+
+@dataclass
+class ImageAnswer:
+    png: bytes
+    model: str
+    confidence: float | None
+    degraded: bool
+    queue_ms: float
+    compute_ms: float
+    latency_ms: float
+    random_weights: bool = False
+
+
+@dataclass
+class Flight:
+    """One admitted image: its first-stage job is already queued."""
+
+    prompt: str
+    seed: int
+    size: tuple[int, int]
+    route: Route
+    arrival_ms: float
+    deadline_ms: float
+    hard_limit_ms: float
+    first: Job
+
+
+class Router:
+    def __init__(
+        self,
+        pools: dict[str, Pool],
+        plan: PlanFile,
+        clock: Clock,
+        *,
+        degrade: bool = True,
+        drop_factor: float = 1.5,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.pools = pools
+        self.clock = clock
+        self.degrade = degrade
+        self.drop_factor = drop_factor
+        self.metrics = metrics
+        self.plan = plan
+
+    # ---------------------------------------------------------------- admission
+    def route_for(self, prompt: str, seed: int, quality: Quality) -> Route:
+        plan = self.plan
+        if quality == "fast":
+            return "light"
+        if quality == "best":
+            return "heavy" if plan.heavy else "light"
+        if plan.routing == "light-only" or not plan.heavy:
+            return "light"
+        if plan.routing == "heavy-only":
+            return "heavy"
+        if plan.routing == "random-split":
+            return "heavy" if unit_hash("split", seed, prompt) < plan.heavy_fraction else "light"
+        return "cascade"
+
+    def _model(self, route: Route) -> str:
+        if route == "heavy":
+            assert self.plan.heavy is not None
+            return self.plan.heavy
+        return self.plan.light
+
+    def admit(self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float) -> list[Flight]:
+        """Queue the first stage of every image, or none of them: raises 429/503 at once."""
+        now = self.clock.now_ms()
+        deadline = now + budget_ms
+        routes = [self.route_for(p, s, quality) for p, s in prompts]
+        need: dict[str, int] = {}
+        for r in routes:
+            need[self._model(r)] = need.get(self._model(r), 0) + 1
+        for model, n in need.items():
+            pool = self.pools[model]
+            if pool.workers == 0:
+                raise Unavailable(f"no worker serves {model} in the current plan", retry_after_s=pool.retry_after_s())
+            if pool.free < n:
+                raise pool.queue_full_error(
+                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s()
+                )
+            if now + pool.estimate_wait_ms(n) > deadline:
+                raise Unavailable(
+                    f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now",
+                    retry_after_s=pool.retry_after_s(),
+                )
+        flights = []
+        for (prompt, seed), route in zip(prompts, routes):
+            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=now, score=route == "cascade")
+            self.pools[self._model(route)].submit(job)
+            flights.append(
+                Flight(prompt, seed, size, route, now, deadline, now + self.drop_factor * budget_ms, job)
+            )
+        return flights
+
+    # ---------------------------------------------------------------- completion
+    async def complete(self, flight: Flight) -> ImageAnswer:
+        """Follow one image through its stages; cancelling this coroutine cancels its queued jobs."""
+        try:
+            first = await self._await(flight.first, flight.hard_limit_ms)
+            if flight.route != "cascade":
+                return self._answer(flight, first, None, degraded=False)
+            conf = first.confidence
+            threshold = self.plan.threshold
+            if self.metrics:
+                self.metrics.scored.inc()
+            if conf is None or threshold is None or conf >= threshold or not self.plan.heavy:
+                return self._answer(flight, first, None, degraded=False)
+            if self.metrics:
+                self.metrics.deferred.inc()
+            return await self._heavy(flight, first)
+        finally:
+            if self.metrics:
+                self.metrics.update_deferral_rate()
+
+    async def _heavy(self, flight: Flight, light: StageResult) -> ImageAnswer:
+        assert self.plan.heavy is not None
+        pool = self.pools[self.plan.heavy]
+        now = self.clock.now_ms()
+        if self.degrade and (pool.workers == 0 or now + pool.estimate_wait_ms() > flight.deadline_ms):
+            return self._answer(flight, light, None, degraded=True)
+        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
+        try:
+            pool.submit(job)
+        except QueueFull:
+            if self.degrade:
+                return self._answer(flight, light, None, degraded=True)
+            raise
+        if not self.degrade:
+            heavy = await self._await(job, flight.hard_limit_ms)
+            return self._answer(flight, heavy, light, degraded=False)
+        latest_start = flight.deadline_ms - pool.latency_ms(1)
+        try:
+            done, _ = await asyncio.wait({job.future}, timeout=self.clock.to_wall_s(latest_start - self.clock.now_ms()))
+            if not done and not job.started:
+                job.future.cancel()
+                return self._answer(flight, light, None, degraded=True)
+            heavy = await self._await(job, flight.hard_limit_ms)
+        except (WouldMissDeadline, DeadlineExceeded):
+            job.future.cancel()
+            return self._answer(flight, light, None, degraded=True)
+        except BaseException:
+            job.future.cancel()
+            raise
+        return self._answer(flight, heavy, light, degraded=False)
+
+    async def _await(self, job: Job, hard_limit_ms: float) -> StageResult:
+        timeout = self.clock.to_wall_s(hard_limit_ms - self.clock.now_ms())
+        try:
+            return await asyncio.wait_for(job.future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request did not finish before its deadline") from None
+
+    def _answer(self, flight: Flight, res: StageResult, light: StageResult | None, *, degraded: bool) -> ImageAnswer:
+        now = self.clock.now_ms()
+        queue = res.queue_ms + (light.queue_ms if light else 0.0)
+        compute = res.compute_ms + (light.compute_ms if light else 0.0)
+        conf = light.confidence if light is not None else res.confidence
+        answer = ImageAnswer(
+            png=res.png,
+            model=res.model,
+            confidence=conf,
+            degraded=degraded,
+            queue_ms=queue,
+            compute_ms=compute,
+            latency_ms=now - flight.arrival_ms,
+            random_weights=res.random_weights,
+        )
+        if self.metrics:
+            self.metrics.answered_by.labels(res.model).inc()
+            self.metrics.request_latency.observe(answer.latency_ms)
+            if degraded:
+                self.metrics.degraded.inc()
+            if now > flight.deadline_ms:
+                self.metrics.slo_violations.inc()
+        return answer

@@ -1,0 +1,252 @@
+"""The serving core without HTTP: pools, workers, router and controller around one backend.
+
+The API layer calls :meth:`Runtime.generate`; tests can drive a runtime directly. The runtime
+keeps the request ledger that the reliability tests check:
+``accepted == completed + failed + cancelled`` once nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
+from diffserve.server.clock import Clock
+from diffserve.server.controller import Controller, ControllerSettings, Solver
+from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unavailable
+from diffserve.server.metrics import Metrics, PoolMetricsHooks
+from diffserve.server.pool import Pool
+from diffserve.server.router import ImageAnswer, Quality, Router
+from diffserve.server.stage import Backend
+from diffserve.server.workers import WorkerSet
+
+log = logging.getLogger("diffserve.server")
+
+
+class QueueFull503(Unavailable):
+    """Admission control answered as 503 (Triton/Ray style) when configured so."""
+
+    code = "queue_full"
+
+
+@dataclass
+class RuntimeSettings:
+    slo_ms: float = 5000.0
+    degrade: bool = True
+    max_queue: int = 256
+    queue_full_status: int = 429
+    max_batch_wait_ms: float | None = None
+    drop_factor: float = 1.5
+    drain_timeout_ms: float | None = None  # default: 2 x SLO
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
+
+    def __post_init__(self) -> None:
+        if self.slo_ms <= 0:
+            raise ValueError(f"slo must be positive, got {self.slo_ms!r} ms")
+        if self.queue_full_status not in (429, 503):
+            raise ValueError(f"queue_full_status must be 429 or 503, got {self.queue_full_status!r}")
+        if self.drop_factor < 1:
+            raise ValueError(f"drop factor must be >= 1, got {self.drop_factor!r}")
+
+
+@dataclass
+class Ledger:
+    offered: int = 0
+    rejected: int = 0
+    accepted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def inflight(self) -> int:
+        return self.accepted - self.completed - self.failed - self.cancelled
+
+
+class Runtime:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        profile: ProfileFile,
+        cascade: CascadeFile,
+        plan: PlanFile,
+        clock: Clock,
+        policy: str = "diffserve",
+        settings: RuntimeSettings | None = None,
+        solver: Solver | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.backend = backend
+        self.profile = profile
+        self.cascade = cascade
+        self.pair: CascadePair = _pair_for(cascade, plan)
+        self.clock = clock
+        self.settings = settings or RuntimeSettings()
+        self.metrics = metrics or Metrics()
+        self.ledger = Ledger()
+        qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
+        hooks = PoolMetricsHooks(self.metrics)
+        self.pools: dict[str, Pool] = {}
+        for model in backend.models:
+            self.pools[model] = Pool(
+                model,
+                clock=clock,
+                latency_ms=lambda bs, m=model: backend.batch_latency_ms(m, bs),
+                max_queue=self.settings.max_queue,
+                drop_unmeetable=self.settings.degrade and model == self.pair.heavy,
+                max_batch_wait_ms=self.settings.max_batch_wait_ms,
+                queue_full_error=qf,
+                hooks=hooks,
+            )
+        self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
+        self.router = Router(
+            self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics
+        )
+        self.controller = Controller(
+            self,
+            profile=profile,
+            cascade=cascade,
+            policy=policy,
+            slo_ms=self.settings.slo_ms,
+            workers=backend.n_workers,
+            clock=clock,
+            initial_demand_qps=plan.demand_qps,
+            settings=self.settings.controller,
+            solver=solver,
+            metrics=self.metrics,
+        )
+        self.plan = plan
+        self.started = False
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---------------------------------------------------------------- controller target
+    @property
+    def offered(self) -> int:
+        return self.ledger.offered
+
+    def queued(self) -> dict[str, int]:
+        return {m: len(p) for m, p in self.pools.items()}
+
+    def queue_delay_ms(self) -> dict[str, float]:
+        return {m: p.estimate_wait_ms(0) for m, p in self.pools.items()}
+
+    def apply_plan(self, plan: PlanFile) -> None:
+        """Switch to ``plan`` live: batch sizes and threshold at once, workers as batches finish."""
+        for model in [plan.light, plan.heavy, *(p.model for p in plan.pools)]:
+            if model is not None and model not in self.pools:
+                raise InvalidRequest(f"the plan uses model {model!r}, which this server does not run (it runs: {', '.join(self.pools)})")
+        if plan.workers_used > self.backend.n_workers:
+            raise InvalidRequest(f"the plan uses {plan.workers_used} workers; this server has {self.backend.n_workers}")
+        for p in plan.pools:
+            self.pools[p.model].set_batch_size(p.batch_size)
+        heavy_pool = plan.pool(plan.heavy) if plan.heavy else None
+        self.pools[plan.light].reserve_ms = (
+            self.backend.batch_latency_ms(plan.heavy, heavy_pool.batch_size) if plan.heavy and heavy_pool and plan.routing == "cascade" else 0.0
+        )
+        self.workers.assign({p.model: p.workers for p in plan.pools})
+        self.router.plan = plan
+        self.plan = plan
+        self.metrics.threshold.set(plan.threshold if plan.threshold is not None else -1)
+        for p in plan.pools:
+            self.metrics.batch_size_target.labels(p.model).set(p.batch_size)
+
+    def pin_plan(self, plan: PlanFile) -> None:
+        self.apply_plan(plan)
+        self.controller.pinned = True
+        self.controller.record_initial(plan, "plan pinned by PUT /v1/plan")
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and self.backend.ready and self.backend.healthy()
+
+    async def start(self, reason: str = "initial plan") -> None:
+        await self.backend.setup()
+        self.apply_plan(self.plan)
+        self.controller.record_initial(self.plan, reason)
+        self.workers.start()
+        self.controller.start()
+        self.started = True
+
+    async def drain(self, timeout_ms: float | None = None) -> bool:
+        """Stop admitting, wait for in-flight images (bounded); True when everything finished."""
+        self.draining = True
+        bound = timeout_ms if timeout_ms is not None else (self.settings.drain_timeout_ms or 2 * self.settings.slo_ms)
+        if self.ledger.inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.clock.to_wall_s(bound))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        self.draining = True
+        await self.controller.stop()
+        for pool in self.pools.values():
+            pool.fail_all(lambda: Unavailable("the server is shutting down", retry_after_s=1))
+        await self.workers.stop()
+        await self.backend.close()
+
+    # ---------------------------------------------------------------- requests
+    async def generate(
+        self, prompt: str, *, n: int = 1, seed: int = 0, size: tuple[int, int] = (512, 512), quality: Quality = "auto", slo_ms: float | None = None
+    ) -> list[ImageAnswer]:
+        """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`."""
+        self.ledger.offered += n
+        if not self.ready:
+            self.ledger.rejected += n
+            why = "draining" if self.draining else "not ready: models are loading"
+            raise Unavailable(f"the server is {why}", retry_after_s=1 if not self.draining else 5)
+        budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
+        try:
+            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget)
+        except ServeError:
+            self.ledger.rejected += n
+            raise
+        self.ledger.accepted += n
+        self._idle.clear()
+        self.metrics.inflight.set(self.ledger.inflight)
+        try:
+            results = await asyncio.gather(*(self._one(f) for f in flights), return_exceptions=True)
+        finally:
+            self.metrics.inflight.set(self.ledger.inflight)
+            if self.ledger.inflight == 0:
+                self._idle.set()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    async def _one(self, flight) -> ImageAnswer:
+        try:
+            answer = await self.router.complete(flight)
+        except asyncio.CancelledError:
+            self.ledger.cancelled += 1
+            self.metrics.requests.labels("cancelled").inc()
+            raise
+        except BaseException as exc:
+            self.ledger.failed += 1
+            self.metrics.requests.labels("failed").inc()
+            if not isinstance(exc, ServeError) or exc.status >= 500:
+                self.metrics.slo_violations.inc()
+            raise
+        self.ledger.completed += 1
+        self.metrics.requests.labels("degraded" if answer.degraded else "completed").inc()
+        return answer
+
+
+def _pair_for(cascade: CascadeFile, plan: PlanFile) -> CascadePair:
+    if plan.heavy:
+        try:
+            return cascade.pair(plan.light, plan.heavy)
+        except KeyError:
+            pass
+    for pair in cascade.pairs:
+        if pair.light == plan.light or pair.heavy == plan.light:
+            return pair
+    return cascade.recommended()

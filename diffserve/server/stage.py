@@ -1,0 +1,99 @@
+"""The one contract both backends implement; the router, batcher and controller never see which.
+
+A backend owns ``n_workers`` worker slots. Each slot can run a batch of one model at a time.
+The contract is small on purpose (LitServe-like): ``setup`` loads what is needed, ``predict``
+runs a batch on one slot and returns one :class:`StageOutput` per input in order, ``healthy``
+reports liveness, ``batch_latency_ms`` gives the profiled model-time cost of a batch so the
+batcher and router can reason about deadlines.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One image to generate in one stage. ``future`` is resolved exactly once by the pool."""
+
+    prompt: str
+    seed: int
+    size: tuple[int, int]
+    deadline_ms: float
+    arrival_ms: float
+    score: bool = False
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    enqueued_ms: float = 0.0
+    attempts: int = 0
+    started: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class StageOutput:
+    """What a stage produced for one job: a PNG, the discriminator's confidence when asked."""
+
+    png: bytes
+    confidence: float | None = None
+
+
+@dataclass
+class StageResult:
+    """A stage output with the timings the API reports (model-time milliseconds)."""
+
+    model: str
+    png: bytes
+    confidence: float | None
+    queue_ms: float
+    compute_ms: float
+    worker: int
+    random_weights: bool = False
+
+
+class Backend(abc.ABC):
+    """Runs batches of one model on one worker slot."""
+
+    name: str = "backend"
+    random_weights: bool = False
+
+    def __init__(self, models: list[str], n_workers: int) -> None:
+        self.models = list(models)
+        self.n_workers = n_workers
+
+    @abc.abstractmethod
+    async def setup(self) -> None:
+        """Load models / start worker processes. ``ready`` turns true when done."""
+
+    @abc.abstractmethod
+    async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
+        """Run one batch; raise :class:`WorkerCrashed` when the worker died mid-batch."""
+
+    @abc.abstractmethod
+    def batch_latency_ms(self, model: str, batch_size: int) -> float:
+        """Profiled model-time latency of a batch (interpolated between profiled sizes)."""
+
+    async def ensure_loaded(self, worker: int, model: str) -> float:
+        """Make ``model`` resident on ``worker``; returns the model time spent loading (0 when held)."""
+        return 0.0
+
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        return [(512, 512)]
+
+    async def close(self) -> None:
+        """Stop workers; must leave no child process behind."""
