@@ -66,7 +66,7 @@ def rolling(values: Sequence[float | None], weights: Sequence[float], window: in
     w = np.asarray(weights, dtype=float)
     w = np.where(np.isnan(v), 0.0, w)
     v = np.nan_to_num(v)
-    kernel = np.ones(window)
+    kernel = np.ones(max(1, min(window, len(v))))
     num = np.convolve(v * w, kernel, mode="same")
     den = np.convolve(w, kernel, mode="same")
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -1,0 +1,193 @@
+"""The generator and ``bench compare`` against stub servers on loopback (ephemeral ports).
+
+The stub is this file itself: ``python tests/test_bench_loadgen.py PORT POLICY`` serves the
+contract's endpoints (``/readyz``, ``/v1/plan``, ``/v1/images/generations``) without any model, so
+the orchestration is tested on its own, whatever state the real server is in.
+"""
+
+# no "from __future__ import annotations": FastAPI must see the real Request type of the stub
+
+import asyncio
+import json
+import sys
+import threading
+import time
+
+import pytest
+
+LIGHT, HEAVY = "sd-turbo", "sd-v1.5"
+
+
+def make_stub_app(policy: str = "diffserve", gate_count: int | None = None):
+    """A contract-shaped server; with ``gate_count`` every request waits until that many arrived."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    state = {"n": 0, "gate": None}
+
+    @app.get("/readyz")
+    async def readyz():
+        return {"ready": True}
+
+    @app.get("/v1/plan")
+    async def plan():
+        heavy_workers = 0 if policy == "clipper-light" else 2
+        return {"plan": {"policy": policy, "routing": "cascade", "threshold": 0.3, "heavy_fraction": 0.5,
+                         "demand_qps": 4.0, "slo_ms": 5000, "workers_available": 4,
+                         "pools": [{"model": LIGHT, "workers": 4 - heavy_workers, "capacity_qps": 40.0},
+                                   {"model": HEAVY, "workers": heavy_workers, "capacity_qps": 2.0}]},
+                "decisions": []}
+
+    @app.post("/v1/images/generations")
+    async def generate(request: Request):
+        body = await request.json()
+        state["n"] += 1
+        if gate_count is not None:
+            if state["gate"] is None:
+                state["gate"] = asyncio.Event()
+            if state["n"] >= gate_count:
+                state["gate"].set()
+            try:
+                await asyncio.wait_for(state["gate"].wait(), timeout=10)
+            except asyncio.TimeoutError:
+                return JSONResponse({"error": {"message": "gate timeout", "type": "t", "param": None, "code": None}}, 500)
+        seed = int(body.get("seed", 0))
+        if seed % 7 == 6:
+            return JSONResponse({"error": {"message": "queue full", "type": "overloaded", "param": None, "code": None}},
+                                status_code=503, headers={"Retry-After": "1"})
+        model = LIGHT if policy == "clipper-light" or seed % 2 else HEAVY
+        info = {"model": model, "confidence": 0.5, "degraded": seed % 5 == 4, "queue_ms": 1.0, "compute_ms": 100.0,
+                "latency_ms": 101.0 if seed % 11 else 9000.0}
+        return {"created": int(time.time()), "data": [{"b64_json": "", "diffserve": info}]}
+
+    return app
+
+
+class ThreadServer:
+    """uvicorn on 127.0.0.1, port 0, in a thread; stops by itself at exit."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("stub server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_generator_is_open_loop_against_a_gated_server():
+    """Every request is held until all of them have arrived: only an open-loop client finishes."""
+    from diffserve.evaluation.loadgen import LoadConfig, run_open_loop
+    from diffserve.evaluation.sources import Arrival
+
+    n = 12
+    arrivals = [Arrival(i * 20.0, i) for i in range(n)]
+    with ThreadServer(make_stub_app(gate_count=n)) as url:
+        config = LoadConfig(url=url, speedup=1.0, slo_ms=5000, plan_poll_model_s=0)
+        result = asyncio.run(run_open_loop(config, arrivals, ["a prompt"]))
+    assert len(result.records) == n
+    assert all(r.status in (200, 503) for r in result.records), [r.error for r in result.records]
+    # all were in flight at once: every request was sent before the first answer came back
+    assert max(r.sent_ms for r in result.records) < min(r.done_ms for r in result.records)
+    assert sorted(r.index for r in result.records) == list(range(n))
+
+
+def test_bench_run_cli_writes_every_output(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+    from diffserve.evaluation.records import read_jsonl
+
+    trace = tmp_path / "trace.txt"
+    trace.write_text("".join(f"{i * 100},{i}\n" for i in range(30)))
+    out = tmp_path / "run"
+    with ThreadServer(make_stub_app()) as url:
+        result = CliRunner().invoke(app, ["bench", "run", "--url", url, "--trace", str(trace), "--speedup", "20", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("results.json", "results.md", "requests.jsonl", "timeline.json", "timeline.png", "plan_log.json"):
+        assert (out / name).is_file(), name
+    row = json.loads((out / "results.json").read_text())
+    records = read_jsonl(out / "requests.jsonl")
+    assert row["n_requests"] == len(records) == 30
+    assert row["workers"] == 4 and row["slo_ms"] == 5000  # read from the server's plan
+    assert row["n_rejected"] == sum(1 for r in records if r.status == 503) > 0
+    assert row["n_late"] == sum(1 for r in records if r.latency_ms == 9000.0) > 0
+    tl = json.loads((out / "timeline.json").read_text())
+    assert sum(tl["demand"]) == 30 and tl["workers"][HEAVY][0] == 2
+
+
+def test_bench_run_refuses_non_loopback(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "run", "--url", "http://192.0.2.1:80", "--poisson", "1", "--duration", "1s"])
+    assert result.exit_code == 2
+    assert "loopback" in result.output
+
+
+def test_bench_compare_needs_one_source(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "compare", "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "exactly one arrival source" in result.output
+    result = CliRunner().invoke(app, ["bench", "compare", "--poisson", "2", "--duration", "1s", "--policies", "nope"])
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+@pytest.mark.e2e
+def test_compare_orchestration_with_stub_servers(tmp_path, monkeypatch):
+    """Each policy gets its own server process, stopped after; every output file is written."""
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.evaluation import compare
+    from diffserve.evaluation.sources import Arrival
+
+    started: list[list[str]] = []
+    real = compare.server_command
+
+    def stub_command(spec, policy, port):
+        started.append(real(spec, policy, port))  # the command the real server would get
+        return [sys.executable, __file__, str(port), policy]
+
+    monkeypatch.setattr(compare, "server_command", stub_command)
+    spec = compare.CompareSpec(
+        arrivals=[Arrival(i * 100.0, i) for i in range(40)], prompts=["p"], profile_spec="reference",
+        cascade_spec="reference", profile=load_profile("reference"), pair=load_cascade("reference").recommended(),
+        workers=4, slo_ms=5000, speedup=20, output=tmp_path, policies=("clipper-light", "diffserve"),
+    )
+    rows = compare.run_compare(spec, log=lambda _l: None)
+    assert [r["policy"] for r in rows] == ["clipper-light", "diffserve"]
+    assert rows[0]["light_fraction"] == 1.0 and rows[1]["light_fraction"] < 1.0
+    assert all(r["server_exit_code"] is not None for r in rows)
+    assert "--no-degrade" in started[0] and "--no-degrade" not in started[1]
+    assert started[0][started[0].index("--policy") + 1] == "clipper-light"
+    for name in ("results.json", "results.md", "compare.png"):
+        assert (tmp_path / name).is_file()
+    for policy in ("clipper-light", "diffserve"):
+        for name in ("requests.jsonl", "timeline.json", "timeline.png", "server.log"):
+            assert (tmp_path / policy / name).is_file(), (policy, name)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("policy", "slo_violation_ratio", "fid", "goodput", "light_fraction", "oracle_fid", "degraded_ratio"):
+        assert key in saved[0]
+    assert "diffserve dominates" in (tmp_path / "results.md").read_text() or "does NOT dominate" in (tmp_path / "results.md").read_text()
+
+
+if __name__ == "__main__":  # the stub server of the compare test
+    import uvicorn
+
+    uvicorn.run(make_stub_app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
