@@ -1,0 +1,345 @@
+"""``solve_plan``: validate the inputs, build the tables, solve, and write the answer as a PlanFile.
+
+This is the one entry point the CLI, the server's controller and the benchmarks call. It never
+fails silently: bad input raises :class:`~diffserve.errors.UserError` naming the value; demand
+that no plan can serve within the SLO yields a ``degraded`` plan (the light model alone on every
+worker at its highest-throughput batch) with ``overload_factor = demand / capacity``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from diffserve.errors import UserError
+from diffserve.planner.brute import enumerate_best
+from diffserve.planner.instance import PairTable
+from diffserve.planner.milp import Choice, available_solvers, solve_milp
+from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
+from diffserve.planner.quality import heavy_quality, light_quality
+from diffserve.planner.tables import build_table
+from diffserve.schemas import CascadeFile, CascadePair, ModelProfile, PlanFile, PoolPlan, ProfileFile
+
+POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
+
+#: Plans must hold the SLO at 1.2 x the demand estimate (the paper's controller used 20 %):
+#: demand moves within a re-planning window and the estimate lags it.
+DEFAULT_HEADROOM = 1.2
+#: The SLO is checked on the predicted 99th percentile of each stage.
+DEFAULT_QUANTILE = 0.99
+SOLVERS = ("auto", "highs", "cbc", "enumerate")
+
+#: Policies that keep a fixed plan for a whole run and therefore give it every worker.
+_STATIC_POLICIES = ("static", "clipper-light", "clipper-heavy")
+
+
+def _feasible_batches(model: ModelProfile, memory_mb: float | None) -> list[int]:
+    sizes = []
+    for b in model.feasible_batches():
+        if memory_mb is not None and b.peak_memory_mb is not None and b.peak_memory_mb > memory_mb:
+            continue
+        sizes.append(b.batch_size)
+    return sizes
+
+
+def _validate(profile, cascade, demand_qps, slo_ms, workers, policy, headroom, solver, pair):
+    if policy not in POLICIES:
+        raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+    if solver not in SOLVERS:
+        raise UserError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+    if not isinstance(demand_qps, (int, float)) or not math.isfinite(demand_qps) or demand_qps <= 0:
+        raise UserError(f"demand must be a positive number of queries/s, got {demand_qps!r}")
+    if not math.isfinite(slo_ms) or slo_ms <= 0:
+        raise UserError(f"SLO must be a positive duration, got {slo_ms!r} ms")
+    if int(workers) != workers or workers < 1:
+        raise UserError(f"workers must be a whole number >= 1, got {workers!r}")
+    if not math.isfinite(headroom) or headroom < 1.0:
+        raise UserError(f"headroom must be >= 1 (1.2 = plan for 20 % more than the demand), got {headroom!r}")
+    pairs = list(cascade.pairs)
+    if pair is not None:
+        names = [p.name for p in pairs]
+        pairs = [p for p in pairs if p.name == pair]
+        if not pairs:
+            raise UserError(f"no cascade pair {pair!r} in the cascade (have: {', '.join(names)})")
+    metrics = {p.metric for p in pairs}
+    if len(metrics) > 1:
+        detail = ", ".join(f"{p.name}: {p.metric}" for p in pairs)
+        raise UserError(f"cascade pairs use mismatched quality units ({detail}); plan them separately with --pair")
+    for p in pairs:
+        if len(p.grid) == 0 or len(p.f_t) == 0:
+            raise UserError(f"cascade pair {p.name} has an empty threshold grid")
+        for name in (p.light, p.heavy):
+            if name not in profile.models:
+                raise UserError(
+                    f"the cascade names model {name!r} but the profile does not have it "
+                    f"(profile models: {', '.join(profile.models) or 'none'})"
+                )
+    return pairs
+
+
+def _check_models(profile: ProfileFile, pairs: list[CascadePair], slo_ms: float, memory_mb: float | None):
+    batches: dict[str, list[int]] = {}
+    for p in pairs:
+        for name in (p.light, p.heavy):
+            if name in batches:
+                continue
+            sizes = _feasible_batches(profile.models[name], memory_mb)
+            if not sizes:
+                why = f" within {memory_mb:g} MB per worker" if memory_mb is not None else ""
+                raise UserError(f"model {name!r} has an empty grid of feasible batch sizes in the profile{why}")
+            batches[name] = sizes
+    fastest = min(profile.models[n].latency_ms(batches[n][0]) for n in batches)
+    if slo_ms < fastest:
+        raise UserError(
+            f"SLO {slo_ms:g} ms is below the fastest model's latency ({fastest:g} ms at its smallest batch): "
+            "no plan can meet it"
+        )
+    return batches
+
+
+def solve_plan(
+    profile: ProfileFile,
+    cascade: CascadeFile,
+    *,
+    demand_qps: float,
+    slo_ms: float,
+    workers: int,
+    policy: str = "diffserve",
+    headroom: float = DEFAULT_HEADROOM,
+    solver: str = "auto",
+    pair: str | None = None,
+    max_wait_ms: float | None = None,
+    quantile: float = DEFAULT_QUANTILE,
+    worker_memory_mb: float | None = None,
+    spare_workers: str | None = None,
+    time_limit_s: float = 10.0,
+) -> PlanFile:
+    """Best plan for ``policy`` at ``demand_qps`` under ``slo_ms`` on ``workers`` workers.
+
+    Options: ``pair`` ("light->heavy") restricts the choice of cascade; ``max_wait_ms`` caps the
+    batcher's wait for a full batch (``None``: the conservative full-batch bound, see
+    docs/planning.md); ``worker_memory_mb`` drops batch sizes whose peak memory does not fit;
+    ``spare_workers`` = "idle" (default for dynamic policies: the tie-break prefers fewer workers)
+    or "fill" (default for static ones: hand the unused workers to the pools, which only lowers
+    latency); ``solver``: auto | highs | cbc | enumerate.
+    """
+    start = time.perf_counter()
+    pairs = _validate(profile, cascade, demand_qps, slo_ms, workers, policy, headroom, solver, pair)
+    batches = _check_models(profile, pairs, slo_ms, worker_memory_mb)
+    spare = spare_workers or ("fill" if policy in _STATIC_POLICIES else "idle")
+    if spare not in ("idle", "fill"):
+        raise UserError(f"spare_workers must be 'idle' or 'fill', got {spare!r}")
+    workers = int(workers)
+    latency_first = policy in _STATIC_POLICIES
+    tables = [
+        build_table(
+            p,
+            profile.models[p.light],
+            profile.models[p.heavy],
+            light_batches=batches[p.light],
+            heavy_batches=batches[p.heavy],
+            policy=policy,
+            demand_qps=float(demand_qps),
+            slo_ms=slo_ms,
+            workers=workers,
+            headroom=headroom,
+            max_wait_ms=max_wait_ms,
+            quantile=quantile,
+        )
+        for p in pairs
+    ]
+    used_solver = solver
+    if solver == "auto":
+        installed = available_solvers()
+        used_solver = installed[0] if installed else "enumerate"
+    if used_solver == "enumerate":
+        choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
+        status = "Optimal" if choice else "Infeasible"
+    else:
+        choice, status = solve_milp(
+            tables, workers=workers, slo_ms=slo_ms, solver=used_solver, time_limit_s=time_limit_s,
+            latency_first=latency_first,
+        )
+        if choice is None and status != "Infeasible":
+            # A solver failure must not stall the controller: fall back to enumeration.
+            choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
+            used_solver = f"{used_solver} ({status}); enumerate"
+    settings = dict(headroom=headroom, max_wait_ms=max_wait_ms, quantile=quantile)
+    if choice is None:
+        plan = _degraded_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings)
+    else:
+        plan = _plan_from_choice(tables, choice, policy, demand_qps, slo_ms, workers, spare, settings)
+    plan.solver = f"pulp/{used_solver}" if used_solver in ("highs", "cbc") else used_solver
+    plan.solve_time_ms = round((time.perf_counter() - start) * 1000.0, 3)
+    if any(profile.models[n].random_weights for p in pairs for n in (p.light, p.heavy)) or cascade.random_weights:
+        plan.notes.append("profile or cascade came from RANDOM-WEIGHT models: quality figures are not real")
+    if worker_memory_mb is not None:
+        both = _both_fit(profile, pairs, batches, plan, worker_memory_mb)
+        if both is not None:
+            plan.notes.append(both)
+    return plan
+
+
+def _stage_latency(model: ModelProfile, batch: int, k: int, rate: float, extra: float, settings) -> float:
+    s = model.latency_ms(batch) + batch * extra
+    return stage_latency_ms(
+        s, batch, k, settings["headroom"] * rate, quantile=settings["quantile"], max_wait_ms=settings["max_wait_ms"]
+    )
+
+
+def _fill_spare(pools, rates, models, extra, settings, spare_count):
+    """Give the unused workers one at a time to the pool whose predicted latency drops most."""
+    for _ in range(spare_count):
+        best, gain = None, -1.0
+        for i, pool in enumerate(pools):
+            if rates[i] <= 0 and pool["workers"] == 0:
+                continue
+            now = _stage_latency(models[i], pool["batch"], pool["workers"], rates[i], extra[i], settings)
+            after = _stage_latency(models[i], pool["batch"], pool["workers"] + 1, rates[i], extra[i], settings)
+            g = (now - after) if math.isfinite(now) else float("inf")
+            # prefer the pool with more load when gains tie (both zero at light load)
+            g += 1e-9 * rates[i]
+            if g > gain:
+                best, gain = i, g
+        if best is None:
+            break
+        pools[best]["workers"] += 1
+
+
+def _plan_from_choice(tables: list[PairTable], choice: Choice, policy, demand, slo_ms, workers, spare, settings):
+    tab = tables[choice.table]
+    pair = tab.pair
+    j = choice.column
+    f = float(tab.fractions[j])
+    bl, kl = tab.light.options[choice.light_option]
+    bh, kh = tab.heavy.options[choice.heavy_option]
+    routing = tab.routing
+    if routing == "cascade" and f <= 0.0:
+        routing = "light-only"
+    light_rate = demand if tab.sequential else demand * (1.0 - f)
+    heavy_rate = demand * f
+    models = [_model_of(tab, "light"), _model_of(tab, "heavy")]
+    extra = [pair.discriminator.latency_ms if tab.routing == "cascade" else 0.0, 0.0]
+    pools = [{"batch": bl, "workers": kl}, {"batch": bh, "workers": kh}]
+    rates = [light_rate, heavy_rate]
+    spare_count = workers - kl - kh
+    if spare == "fill" and spare_count > 0:
+        _fill_spare(pools, rates, models, extra, settings, spare_count)
+    pool_plans = []
+    stage_lat = []
+    for i, role in enumerate(("light", "heavy")):
+        k, b = pools[i]["workers"], pools[i]["batch"]
+        if k == 0:
+            stage_lat.append(0.0)
+            continue
+        s = models[i].latency_ms(b) + b * extra[i]
+        lat = _stage_latency(models[i], b, k, rates[i], extra[i], settings)
+        stage_lat.append(lat)
+        pool_plans.append(
+            PoolPlan(
+                model=models[i].name,
+                workers=k,
+                batch_size=b,
+                capacity_qps=round(pool_capacity_qps(s, b, k), 4),
+                latency_ms=round(lat, 3),
+            )
+        )
+    caps = {p.model: p.capacity_qps for p in pool_plans}
+    cap_l, cap_h = caps.get(pair.light, 0.0), caps.get(pair.heavy, 0.0)
+    limits = []
+    light_share = 1.0 if tab.sequential else 1.0 - f
+    if light_share > 0:
+        limits.append(cap_l / light_share)
+    if f > 0:
+        limits.append(cap_h / f)
+    capacity = min(limits) if limits else 0.0
+    latency = stage_lat[0] + stage_lat[1] if tab.sequential else max(stage_lat)
+    threshold = tab.thresholds[j]
+    plan = PlanFile(
+        policy=policy,
+        routing=routing,
+        light=pair.light,
+        heavy=pair.heavy,
+        threshold=threshold,
+        heavy_fraction=round(f, 6),
+        pools=pool_plans,
+        demand_qps=float(demand),
+        slo_ms=float(slo_ms),
+        workers_available=workers,
+        metric=pair.metric,
+        predicted={
+            pair.metric: round(float(tab.quality[j]), 4),
+            "capacity_qps": round(capacity, 4),
+            "latency_ms": round(latency, 3),
+        },
+    )
+    plan.notes.append(
+        f"latency = predicted p{settings['quantile'] * 100:g} at {settings['headroom']:g} x demand "
+        f"(batch-fill wait {'uncapped' if settings['max_wait_ms'] is None else 'capped at %g ms' % settings['max_wait_ms']})"
+    )
+    return plan
+
+
+def _model_of(tab: PairTable, role: str) -> ModelProfile:
+    return tab.light_model if role == "light" else tab.heavy_model  # type: ignore[attr-defined]
+
+
+def _best_throughput_batch(model: ModelProfile, sizes: list[int], slo_ms: float) -> int:
+    fits = [b for b in sizes if model.latency_ms(b) <= slo_ms] or sizes[:1]
+    return max(fits, key=lambda b: (b / model.latency_ms(b), -b))
+
+
+def _degraded_plan(profile, pairs, batches, policy, demand, slo_ms, workers, settings) -> PlanFile:
+    """No plan meets the SLO: serve as many queries as possible within it, and say by how much we fall short."""
+    heavy_only = policy == "clipper-heavy"
+    candidates = []
+    for p in pairs:
+        name = p.heavy if heavy_only else p.light
+        model = profile.models[name]
+        b = _best_throughput_batch(model, batches[name], slo_ms)
+        cap = pool_capacity_qps(model.latency_ms(b), b, workers)
+        quality = heavy_quality(p) if heavy_only else light_quality(p)
+        candidates.append((cap, p, model, b, quality))
+    cap, pair, model, b, quality = max(candidates, key=lambda c: c[0])
+    lat = _stage_latency(model, b, workers, demand, 0.0, settings)
+    overload = demand / cap if cap > 0 else float("inf")
+    role = "heavy" if heavy_only else "light"
+    plan = PlanFile(
+        policy=policy,
+        routing="heavy-only" if heavy_only else "light-only",
+        light=pair.light,
+        heavy=pair.heavy,
+        threshold=None,
+        heavy_fraction=1.0 if heavy_only else 0.0,
+        pools=[
+            PoolPlan(
+                model=model.name,
+                workers=workers,
+                batch_size=b,
+                capacity_qps=round(cap, 4),
+                latency_ms=round(lat, 3) if math.isfinite(lat) else round(model.latency_ms(b), 3),
+            )
+        ],
+        demand_qps=float(demand),
+        slo_ms=float(slo_ms),
+        workers_available=workers,
+        metric=pair.metric,
+        predicted={pair.metric: round(quality, 4), "capacity_qps": round(cap, 4),
+                   "latency_ms": round(lat, 3) if math.isfinite(lat) else float(model.latency_ms(b))},
+        degraded=True,
+        overload_factor=round(overload, 4),
+    )
+    if overload > 1:
+        plan.notes.append(
+            f"DEGRADED: demand {demand:g} qps is {overload:.2f}x the {cap:.1f} qps the {role} model alone can serve "
+            f"on {workers} workers at batch {b}; {demand - cap:.1f} qps will miss the SLO"
+        )
+    else:
+        plan.notes.append(
+            f"DEGRADED: no {policy} plan holds the {slo_ms:g} ms SLO at {settings['headroom']:g} x {demand:g} qps "
+            f"with the queueing margin; serving the {role} model alone at batch {b} "
+            f"(capacity {cap:.1f} qps, demand is {overload:.2f}x of it)"
+        )
+    return plan
