@@ -154,30 +154,35 @@ class Router:
             if self.degrade:
                 return self._answer(flight, light, None, degraded=True)
             raise
-        if not self.degrade:
-            heavy = await self._await(job, flight.hard_limit_ms)
-            return self._answer(flight, heavy, light, degraded=False)
-        latest_start = flight.deadline_ms - pool.latency_ms(1)
+        latest_start = flight.deadline_ms - (pool.latency_ms(1) if self.degrade else 0.0)
         try:
-            done, _ = await asyncio.wait({job.future}, timeout=self.clock.to_wall_s(latest_start - self.clock.now_ms()))
-            if not done and not job.started:
-                job.future.cancel()
-                return self._answer(flight, light, None, degraded=True)
-            heavy = await self._await(job, flight.hard_limit_ms)
+            heavy = await self._await(job, flight.hard_limit_ms, latest_start)
         except (WouldMissDeadline, DeadlineExceeded):
-            job.future.cancel()
-            return self._answer(flight, light, None, degraded=True)
-        except BaseException:
-            job.future.cancel()
+            if self.degrade:
+                return self._answer(flight, light, None, degraded=True)
             raise
         return self._answer(flight, heavy, light, degraded=False)
 
-    async def _await(self, job: Job, hard_limit_ms: float) -> StageResult:
-        timeout = self.clock.to_wall_s(hard_limit_ms - self.clock.now_ms())
+    async def _await(self, job: Job, hard_limit_ms: float, latest_start_ms: float | None = None) -> StageResult:
+        """Wait for a stage: a job not started by ``latest_start_ms`` is withdrawn (504 or degrade);
+        one already running is awaited until the hard limit. Cancelling the caller withdraws it."""
+        latest = job.deadline_ms if latest_start_ms is None else latest_start_ms
         try:
-            return await asyncio.wait_for(job.future, timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("the request did not finish before its deadline") from None
+            done, _ = await asyncio.wait({job.future}, timeout=self.clock.to_wall_s(latest - self.clock.now_ms()))
+            if not done:
+                if not job.started:
+                    job.future.cancel()
+                    raise DeadlineExceeded("the request could not start before its deadline")
+                timeout = self.clock.to_wall_s(hard_limit_ms - self.clock.now_ms())
+                done, _ = await asyncio.wait({job.future}, timeout=timeout)
+                if not done:
+                    job.future.cancel()
+                    raise DeadlineExceeded("the request did not finish before its deadline")
+            return job.future.result()
+        except BaseException:
+            if not job.future.done():
+                job.future.cancel()
+            raise
 
     def _answer(self, flight: Flight, res: StageResult, light: StageResult | None, *, degraded: bool) -> ImageAnswer:
         now = self.clock.now_ms()

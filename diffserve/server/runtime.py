@@ -95,7 +95,6 @@ class Runtime:
                 clock=clock,
                 latency_ms=lambda bs, m=model: backend.batch_latency_ms(m, bs),
                 max_queue=self.settings.max_queue,
-                drop_unmeetable=self.settings.degrade and model == self.pair.heavy,
                 max_batch_wait_ms=self.settings.max_batch_wait_ms,
                 queue_full_error=qf,
                 hooks=hooks,
@@ -143,6 +142,9 @@ class Runtime:
             raise InvalidRequest(f"the plan uses {plan.workers_used} workers; this server has {self.backend.n_workers}")
         for p in plan.pools:
             self.pools[p.model].set_batch_size(p.batch_size)
+        for model, pool in self.pools.items():
+            # only a queued *deferred* job can fall back to its light image
+            pool.drop_unmeetable = self.settings.degrade and plan.routing == "cascade" and model == plan.heavy
         heavy_pool = plan.pool(plan.heavy) if plan.heavy else None
         self.pools[plan.light].reserve_ms = (
             self.backend.batch_latency_ms(plan.heavy, heavy_pool.batch_size) if plan.heavy and heavy_pool and plan.routing == "cascade" else 0.0

@@ -1,0 +1,150 @@
+"""Test doubles for the serving core: a fake model stage held on a gate, plans and cascades by hand.
+
+Kept in the package (not in tests/) so the bench and other engineers' tests can use them too.
+The fake stage counts its calls, can be held on an :class:`asyncio.Event`, and can be told to
+raise, crash (as a dead worker process would) or hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+from diffserve.schemas import (
+    BatchProfile,
+    CascadeFile,
+    CascadePair,
+    DiscriminatorRef,
+    ModelProfile,
+    PlanFile,
+    PoolPlan,
+    ProfileFile,
+)
+from diffserve.server.clock import Clock
+from diffserve.server.errors import WorkerCrashed
+from diffserve.server.stage import Backend, Job, StageOutput
+
+PNG_1x1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c4944415408d763f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
+)
+
+
+class GatedBackend(Backend):
+    """Fake stage: ``latency_ms`` per batch (model time); confidence from ``confidences`` or 1.0."""
+
+    name = "gated"
+
+    def __init__(
+        self,
+        n_workers: int = 2,
+        clock: Clock | None = None,
+        *,
+        models: tuple[str, str] = ("light", "heavy"),
+        latency_ms: dict[str, float] | None = None,
+        confidences: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(list(models), n_workers)
+        self.clock = clock or Clock(1000.0)
+        self.latency = latency_ms or {models[0]: 100.0, models[1]: 1000.0}
+        self.confidences = confidences or {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.gates = {m: asyncio.Event() for m in models}  # per-model gates, open by default
+        for g in self.gates.values():
+            g.set()
+        self.calls: list[tuple[int, str, list[str]]] = []
+        self.entered = asyncio.Event()
+        self.fail_on: set[int] = set()  # call numbers (1-based) that raise RuntimeError
+        self.crash_on: set[int] = set()  # call numbers that raise WorkerCrashed
+        self.hang_on: set[int] = set()
+
+    async def setup(self) -> None:
+        return None
+
+    def batch_latency_ms(self, model: str, batch_size: int) -> float:
+        return self.latency[model]
+
+    def prompts_run(self, model: str | None = None) -> list[str]:
+        return [p for _, m, ps in self.calls if model in (None, m) for p in ps]
+
+    async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
+        self.calls.append((worker, model, [j.prompt for j in jobs]))
+        n = len(self.calls)
+        self.entered.set()
+        await self.gate.wait()
+        await self.gates[model].wait()
+        if n in self.hang_on:
+            await asyncio.Event().wait()
+        if n in self.crash_on:
+            raise WorkerCrashed(f"fake crash on call {n}")
+        if n in self.fail_on:
+            raise RuntimeError(f"fake failure on call {n}")
+        await self.clock.sleep_ms(self.latency[model])
+        return [StageOutput(PNG_1x1, self.confidences.get(j.prompt, 1.0) if j.score else None) for j in jobs]
+
+
+def tiny_profile(latency_ms: dict[str, float] | None = None) -> ProfileFile:
+    lat = latency_ms or {"light": 100.0, "heavy": 1000.0}
+    models = {
+        m: ModelProfile(name=m, source="test", batches=[BatchProfile(batch_size=b, median_ms=ms * (1 + 0.5 * (b - 1))) for b in (1, 2, 4, 8)])
+        for m, ms in lat.items()
+    }
+    return ProfileFile(device="test", models=models)
+
+
+def tiny_cascade(light: str = "light", heavy: str = "heavy") -> CascadeFile:
+    """f(t) = t: a confidence is uniform, so the deferral fraction at threshold t is t."""
+    grid = [i / 10 for i in range(11)]
+    pair = CascadePair(
+        light=light, heavy=heavy, grid=grid, f_t=grid, q_t=[20 - 2 * g for g in grid],
+        discriminator=DiscriminatorRef(kind="replayed"),
+    )
+    return CascadeFile(pairs=[pair])
+
+
+def hand_plan(
+    light_workers: int = 1,
+    heavy_workers: int = 1,
+    *,
+    light_batch: int = 1,
+    heavy_batch: int = 1,
+    threshold: float | None = 0.5,
+    routing: str = "cascade",
+    light: str = "light",
+    heavy: str | None = "heavy",
+    slo_ms: float = 5000.0,
+    heavy_fraction: float = 0.5,
+    policy: str = "diffserve",
+) -> PlanFile:
+    pools = [PoolPlan(model=light, workers=light_workers, batch_size=light_batch, capacity_qps=10, latency_ms=100)]
+    if heavy is not None:
+        pools.append(PoolPlan(model=heavy, workers=heavy_workers, batch_size=heavy_batch, capacity_qps=1, latency_ms=1000))
+    return PlanFile(
+        policy=policy, routing=routing, light=light, heavy=heavy, threshold=threshold, heavy_fraction=heavy_fraction,
+        pools=pools, demand_qps=1.0, slo_ms=slo_ms, workers_available=max(1, light_workers + heavy_workers),
+    )
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``app`` on an ephemeral loopback port in a thread; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)

@@ -1,0 +1,165 @@
+"""The cascade router: threshold decisions, forced routes, random split, degrade, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from diffserve.server.clock import Clock
+from diffserve.server.errors import DeadlineExceeded, Unavailable
+from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.scores import unit_hash
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _runtime(backend: GatedBackend, plan, **settings) -> Runtime:
+    settings = {"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}
+    rt = Runtime(
+        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan, clock=backend.clock,
+        policy="static", settings=RuntimeSettings(**settings),
+    )
+    await rt.start()
+    return rt
+
+
+async def test_confidence_at_or_above_threshold_returns_light_else_heavy() -> None:
+    backend = GatedBackend(confidences={"easy": 0.5, "hard": 0.49})
+    rt = await _runtime(backend, hand_plan(1, 1, threshold=0.5))
+    [easy] = await rt.generate("easy")
+    [hard] = await rt.generate("hard")
+    assert (easy.model, easy.confidence, easy.degraded) == ("light", 0.5, False)
+    assert (hard.model, hard.confidence, hard.degraded) == ("heavy", 0.49, False)
+    assert backend.prompts_run("heavy") == ["hard"]
+    assert rt.metrics.deferral_rate._value.get() == 0.5
+    await rt.stop()
+
+
+async def test_quality_fast_and_best_force_one_model_without_scoring() -> None:
+    backend = GatedBackend(confidences={"p": 0.0})
+    rt = await _runtime(backend, hand_plan(1, 1, threshold=0.5))
+    [fast] = await rt.generate("p", quality="fast")
+    [best] = await rt.generate("p", quality="best")
+    assert (fast.model, fast.confidence) == ("light", None)
+    assert (best.model, best.confidence) == ("heavy", None)
+    assert backend.prompts_run("light") == ["p"] and backend.prompts_run("heavy") == ["p"]
+    await rt.stop()
+
+
+async def test_random_split_follows_the_seeded_coin_and_never_scores() -> None:
+    backend = GatedBackend()
+    rt = await _runtime(backend, hand_plan(1, 1, routing="random-split", heavy_fraction=0.3, threshold=None))
+    answers = [(await rt.generate(f"q{i}", seed=i))[0] for i in range(40)]
+    expected = ["heavy" if unit_hash("split", i, f"q{i}") < 0.3 else "light" for i in range(40)]
+    assert [a.model for a in answers] == expected
+    assert {"light", "heavy"} == set(expected)
+    assert all(a.confidence is None for a in answers)
+    await rt.stop()
+
+
+async def test_light_only_plan_never_touches_the_heavy_model() -> None:
+    backend = GatedBackend(confidences={"p": 0.0})
+    rt = await _runtime(backend, hand_plan(2, 0, routing="light-only", heavy=None, threshold=None))
+    [a] = await rt.generate("p")
+    assert a.model == "light" and backend.prompts_run("heavy") == []
+    await rt.stop()
+
+
+async def test_degrades_at_once_when_the_heavy_pool_cannot_make_the_deadline() -> None:
+    backend = GatedBackend(clock=Clock(10), latency_ms={"light": 100.0, "heavy": 10_000.0}, confidences={"p": 0.1})
+    rt = await _runtime(backend, hand_plan(1, 1), slo_ms=5000)
+    [a] = await rt.generate("p")
+    assert (a.model, a.degraded, a.confidence) == ("light", True, 0.1)
+    assert backend.prompts_run("heavy") == []
+    assert rt.metrics.degraded._value.get() == 1
+    await rt.stop()
+
+
+async def _heavy_busy(backend: GatedBackend, rt: Runtime) -> asyncio.Task:
+    """Hold the single heavy worker on its gate with request A."""
+    backend.gates["heavy"].clear()
+    a = asyncio.create_task(rt.generate("A"))
+    while backend.prompts_run("heavy") != ["A"]:
+        await asyncio.sleep(0.001)
+    return a
+
+
+async def test_queued_deferral_degrades_when_its_latest_start_passes() -> None:
+    backend = GatedBackend(clock=Clock(10), latency_ms={"light": 100.0, "heavy": 1000.0}, confidences={"A": 0.0, "B": 0.0})
+    rt = await _runtime(backend, hand_plan(1, 1), slo_ms=3000)
+    a = await _heavy_busy(backend, rt)
+    [b] = await rt.generate("B")  # queued behind A, cannot start in time -> light image
+    assert (b.model, b.degraded) == ("light", True)
+    backend.gates["heavy"].set()
+    [a_ans] = await a
+    assert a_ans.model == "heavy"
+    assert backend.prompts_run("heavy") == ["A"]
+    assert rt.ledger.completed == 2
+    await rt.stop()
+
+
+async def test_without_degrade_a_queued_request_gets_504_and_never_runs() -> None:
+    """L2: the deadline passes while queued."""
+    backend = GatedBackend(clock=Clock(10), latency_ms={"light": 100.0, "heavy": 1000.0}, confidences={"A": 0.0, "B": 0.0})
+    rt = await _runtime(backend, hand_plan(1, 1), slo_ms=3000, degrade=False)
+    a = await _heavy_busy(backend, rt)
+    with pytest.raises(DeadlineExceeded):
+        await rt.generate("B")
+    backend.gates["heavy"].set()
+    await a
+    assert backend.prompts_run("heavy") == ["A"]
+    assert rt.ledger.failed == 1 and rt.ledger.completed == 1
+    await rt.stop()
+
+
+async def test_client_cancel_while_queued_removes_the_job() -> None:
+    """C1."""
+    backend = GatedBackend(n_workers=1)
+    rt = await _runtime(backend, hand_plan(1, 0, routing="light-only", heavy=None))
+    backend.gate.clear()
+    a = asyncio.create_task(rt.generate("A"))
+    await backend.entered.wait()
+    b = asyncio.create_task(rt.generate("B"))
+    await asyncio.sleep(0.01)
+    b.cancel()
+    await asyncio.gather(b, return_exceptions=True)
+    backend.gate.set()
+    await a
+    assert backend.prompts_run() == ["A"]
+    assert (rt.ledger.accepted, rt.ledger.completed, rt.ledger.cancelled) == (2, 1, 1)
+    await rt.stop()
+
+
+async def test_client_cancel_between_light_and_heavy_skips_the_heavy_stage() -> None:
+    """C2."""
+    backend = GatedBackend(confidences={"A": 0.0, "B": 0.0})
+    rt = await _runtime(backend, hand_plan(1, 1))
+    a = await _heavy_busy(backend, rt)
+    b = asyncio.create_task(rt.generate("B"))
+    while "B" not in backend.prompts_run("light") or len(rt.pools["heavy"]) == 0:
+        await asyncio.sleep(0.001)
+    b.cancel()
+    await asyncio.gather(b, return_exceptions=True)
+    backend.gates["heavy"].set()
+    await a
+    await asyncio.sleep(0.01)
+    assert backend.prompts_run("heavy") == ["A"]
+    assert rt.ledger.cancelled == 1 and rt.ledger.inflight == 0
+    await rt.stop()
+
+
+async def test_a_pool_without_workers_answers_503_at_once() -> None:
+    backend = GatedBackend()
+    rt = await _runtime(backend, hand_plan(1, 0, threshold=0.5))
+    with pytest.raises(Unavailable) as info:
+        await rt.generate("p", quality="best")
+    assert info.value.retry_after_s >= 1
+    assert backend.calls == [] and rt.ledger.rejected == 1 and rt.ledger.accepted == 0
+    await rt.stop()
