@@ -109,6 +109,12 @@ class Controller:
         return self.policy == "static"
 
     def solve(self, demand_qps: float) -> PlanFile:
+        try:
+            return self._call_solver(demand_qps)
+        except StopIteration as exc:  # cannot cross a Future boundary
+            raise RuntimeError(f"solver raised StopIteration: {exc}") from None
+
+    def _call_solver(self, demand_qps: float) -> PlanFile:
         return self.solver(
             self.profile,
             self.cascade,

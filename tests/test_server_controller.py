@@ -1,0 +1,146 @@
+"""The controller: demand estimate, re-plan, failure handling, live plan changes (L5)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from diffserve.server.clock import Clock
+from diffserve.server.controller import Controller, ControllerSettings
+from diffserve.server.metrics import Metrics
+from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeTarget:
+    def __init__(self) -> None:
+        self.offered = 0
+        self.queue = {"light": 0, "heavy": 0}
+        self.applied = []
+
+    def queued(self):
+        return dict(self.queue)
+
+    def queue_delay_ms(self):
+        return {"light": 0.0, "heavy": 0.0}
+
+    def apply_plan(self, plan) -> None:
+        self.applied.append(plan)
+
+
+class FakeWall:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _controller(target, solver, *, policy="diffserve", metrics=None, wall=None):
+    return Controller(
+        target, profile=tiny_profile(), cascade=tiny_cascade(), policy=policy, slo_ms=5000, workers=4,
+        clock=Clock(1.0, wall=wall or FakeWall()), initial_demand_qps=1.0,
+        settings=ControllerSettings(interval_ms=5000, ewma_alpha=0.5, safety=1.2), solver=solver, metrics=metrics,
+    )
+
+
+def test_demand_follows_a_rise_at_once_and_adds_the_backlog() -> None:
+    wall, target = FakeWall(), FakeTarget()
+    ctl = _controller(target, solver=None, wall=wall)
+    wall.t, target.offered = 10.0, 100  # 10 QPS over 10 s
+    demand, inputs = ctl.estimate()
+    assert inputs["observed_qps"] == 10.0 and inputs["ewma_qps"] == 5.5
+    assert demand == pytest.approx(10.0 * 1.2)
+    wall.t, target.offered, target.queue["light"] = 20.0, 120, 50  # 2 QPS, 50 queued over a 5 s SLO
+    demand, inputs = ctl.estimate()
+    assert inputs["ewma_qps"] == pytest.approx(3.75)
+    assert demand == pytest.approx(3.75 * 1.2 + 10.0)
+
+
+async def test_step_solves_for_the_estimate_applies_and_logs_inputs() -> None:
+    wall, target = FakeWall(), FakeTarget()
+    seen = {}
+
+    def solver(profile, cascade, *, demand_qps, slo_ms, workers, policy):
+        seen.update(demand_qps=demand_qps, slo_ms=slo_ms, workers=workers, policy=policy)
+        return hand_plan(1, 3, threshold=0.3, heavy_batch=2)
+
+    ctl = _controller(target, solver, wall=wall)
+    wall.t, target.offered = 5.0, 25
+    decision = await ctl.step()
+    assert seen == {"demand_qps": pytest.approx(6.0), "slo_ms": 5000, "workers": 4, "policy": "diffserve"}
+    assert target.applied and target.applied[-1].threshold == 0.3
+    assert decision["applied"] is True and decision["workers"] == {"light": 1, "heavy": 3}
+    assert decision["batch_size"] == {"light": 1, "heavy": 2} and decision["inputs"]["observed_qps"] == 5.0
+    assert list(ctl.decisions)[-1] is decision
+
+
+async def test_a_failing_solver_keeps_the_last_plan_and_counts_it() -> None:
+    target, metrics = FakeTarget(), Metrics()
+
+    def solver(*a, **k):
+        raise RuntimeError("infeasible")
+
+    ctl = _controller(target, solver, metrics=metrics)
+    decision = await ctl.step()
+    assert decision["applied"] is False and "infeasible" in decision["reason"]
+    assert target.applied == []
+    assert metrics.replans.labels("failed")._value.get() == 1
+
+
+async def test_static_never_starts_a_loop() -> None:
+    ctl = _controller(FakeTarget(), solver=lambda *a, **k: pytest.fail("static must not solve"), policy="static")
+    ctl.start()
+    assert ctl._task is None
+
+
+async def test_replan_under_load_moves_workers_without_dropping_or_duplicating() -> None:
+    """L5: requests held in flight while the plan moves workers and changes batch sizes."""
+    backend = GatedBackend(n_workers=2, confidences={f"p{i}": (0.0 if i % 2 else 1.0) for i in range(12)})
+    plans = iter([hand_plan(1, 1, light_batch=4, heavy_batch=2, threshold=0.5)])
+    rt = Runtime(
+        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=hand_plan(2, 0, threshold=0.5), clock=backend.clock,
+        policy="diffserve", solver=lambda *a, **k: next(plans),
+        settings=RuntimeSettings(slo_ms=1e7, max_batch_wait_ms=0, controller=ControllerSettings(interval_ms=1e12)),
+    )
+    await rt.start()
+    backend.gate.clear()
+    tasks = [asyncio.create_task(rt.generate(f"p{i}", quality="auto")) for i in range(12)]
+    while len(backend.calls) < 2:
+        await asyncio.sleep(0.001)
+    decision = await rt.controller.step()  # one light worker moves to heavy once its batch finishes
+    assert decision["applied"] and rt.workers.counts() == {"light": 1, "heavy": 1}
+    backend.gate.set()
+    answers = [a for t in await asyncio.gather(*tasks) for a in t]
+    assert len(answers) == 12
+    assert sorted(backend.prompts_run("light")) == sorted(f"p{i}" for i in range(12))  # each ran exactly once
+    assert sorted(backend.prompts_run("heavy")) == sorted(f"p{i}" for i in range(12) if i % 2)
+    assert rt.ledger.accepted == rt.ledger.completed == 12
+    # a failing solver under load keeps the plan
+    rt.controller._solver = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    d2 = await rt.controller.step()
+    assert not d2["applied"] and rt.plan.pool("heavy").workers == 1
+    await rt.stop()
+
+
+async def test_controller_loop_runs_on_the_model_time_interval() -> None:
+    calls = []
+    target = FakeTarget()
+    ctl = Controller(
+        target, profile=tiny_profile(), cascade=tiny_cascade(), policy="diffserve", slo_ms=5000, workers=4,
+        clock=Clock(1e5), initial_demand_qps=1.0, settings=ControllerSettings(interval_ms=5000),
+        solver=lambda *a, **k: calls.append(k["demand_qps"]) or hand_plan(),
+    )
+    ctl.start()
+    while len(calls) < 3:
+        await asyncio.sleep(0.001)
+    await ctl.stop()
+    assert len(target.applied) >= 3
