@@ -1,0 +1,204 @@
+"""``diffserve score`` and ``diffserve build-cascade``: quality of each model, and the measured cascade.
+
+Heavy libraries (torch, open_clip, diffusers) are imported inside the commands so that
+``diffserve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffserve.cli._common import cli_errors, console, err_console, warn_random_weights
+
+DEFAULT_CACHE = Path(".diffserve-cache/images")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score)
+    app.command("build-cascade")(build_cascade)
+
+
+# Options shared by both commands ------------------------------------------------------------
+Models = Annotated[str, typer.Option("--models", "-m", help="builtin, built-in/preset names (sd-turbo,sd-v1.5) or variant YAML files, comma-separated.")]
+Prompts = Annotated[str, typer.Option("--prompts", help="builtin, or a prompt file: .txt, DiffusionDB .txt/.json/.parquet, COCO captions .json, PartiPrompts .tsv.")]
+PromptFormat = Annotated[str, typer.Option("--prompt-format", help="auto | text | diffusiondb | coco | parti | builtin")]
+NumPrompts = Annotated[Optional[int], typer.Option("--num-prompts", "-n", min=1, help="Sample this many prompts (seeded); default all.")]
+CocoImages = Annotated[Optional[Path], typer.Option("--coco-images", help="MS-COCO image folder (default: val2017 next to the captions file).")]
+ImagesPerPrompt = Annotated[int, typer.Option("--images-per-prompt", min=1, help="Images generated per prompt and model.")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Image cache (resumable: rerunning generates only what is missing).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Generation batch size.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of prompt sampling, splits and image seeds.")]
+ClipModel = Annotated[str, typer.Option("--clip-model", help="open_clip model name (ViT-B-32, ViT-L-14, ViT-S-32 ...).")]
+ClipPretrained = Annotated[Optional[str], typer.Option("--clip-pretrained", help="open_clip pretrained tag, e.g. openai (downloads: online only).")]
+ClipWeights = Annotated[Optional[Path], typer.Option("--clip-weights", help="Local open_clip checkpoint file (offline real weights).")]
+ClipImageSize = Annotated[Optional[int], typer.Option("--clip-image-size", min=16, help="Force CLIP's input size (default: the model's own; 96 px with random weights).")]
+InceptionWeights = Annotated[Optional[Path], typer.Option("--inception-weights", help="Local FID Inception-v3 weights (pt_inception-2015-12-05). Without it FID/KID use a RANDOM feature net.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps (default: the variant's own).")]
+Threads = Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")]
+
+
+def _prompts(prompts: str, fmt: str, num: Optional[int], seed: int, coco_images: Optional[Path]):
+    from diffserve.datasets import load_prompts
+
+    return load_prompts(prompts, fmt, limit=num, seed=seed, images_dir=coco_images)
+
+
+def _clip(model: str, pretrained: Optional[str], weights: Optional[Path], size: Optional[int], seed: int):
+    from diffserve.cascade_builder.clip import ClipConfig
+    from diffserve.errors import UserError
+
+    if pretrained and weights:
+        raise UserError("give either --clip-pretrained or --clip-weights, not both")
+    if weights is not None and not weights.is_file():
+        raise UserError(f"--clip-weights file not found: {weights}")
+    return ClipConfig(model=model, pretrained=pretrained, weights=str(weights) if weights else None, image_size=size, seed=seed)
+
+
+def _fid(weights: Optional[Path], seed: int):
+    from diffserve.cascade_builder.fid import FidConfig
+    from diffserve.errors import UserError
+
+    if weights is not None and not weights.is_file():
+        raise UserError(f"--inception-weights file not found: {weights}")
+    return FidConfig(inception_weights=str(weights) if weights else None, seed=seed)
+
+
+def _setup(threads: int) -> None:
+    from diffserve.models import set_torch_threads
+
+    set_torch_threads(threads)
+
+
+def _loader(device: Optional[str]):
+    from diffserve.cascade_builder.generation import default_loader
+
+    return default_loader(device)
+
+
+@cli_errors
+def score(
+    models: Models = "builtin",
+    prompts: Prompts = "builtin",
+    prompt_format: PromptFormat = "auto",
+    num_prompts: NumPrompts = None,
+    coco_images: CocoImages = None,
+    images_per_prompt: ImagesPerPrompt = 1,
+    reference_images: Annotated[Optional[Path], typer.Option("--reference-images", help="Folder of real images for FID/KID (COCO captions bring their own).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="quality.yaml to write (per-image scores go next to it).")] = Path("quality.yaml"),
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    clip_model: ClipModel = "ViT-B-32",
+    clip_pretrained: ClipPretrained = None,
+    clip_weights: ClipWeights = None,
+    clip_image_size: ClipImageSize = None,
+    inception_weights: InceptionWeights = None,
+    device: Device = None,
+    threads: Threads = 1,
+) -> None:
+    """Generate images for a prompt set with each model and score them: CLIP score, FID/KID."""
+    from diffserve.cascade_builder.scoring import ScoreOptions, score_variants
+    from diffserve.models import resolve_variants
+
+    specs = resolve_variants(models)
+    prompt_set = _prompts(prompts, prompt_format, num_prompts, seed, coco_images)
+    options = ScoreOptions(
+        images_per_prompt=images_per_prompt, cache_dir=cache_dir, batch_size=batch_size, seed=seed,
+        clip=_clip(clip_model, clip_pretrained, clip_weights, clip_image_size, seed), fid=_fid(inception_weights, seed),
+        reference_images=reference_images,
+    )
+    _setup(threads)
+    quality = score_variants(specs, prompt_set, output, options, _loader(device), console=err_console)
+    from rich.table import Table
+
+    table = Table(title=f"quality on {prompt_set.name} ({len(prompt_set)} prompts)")
+    for col in ("model", "images", "CLIP score", "95% CI", "FID", "KID", "ms/image"):
+        table.add_column(col)
+    for v in quality.variants.values():
+        table.add_row(
+            v.name, str(v.n_images), f"{v.clip_score:.3f}", f"{v.clip_ci95[0]:.3f} .. {v.clip_ci95[1]:.3f}",
+            "-" if v.fid is None else f"{v.fid:.3f}", "-" if v.kid is None else f"{v.kid:.5f}",
+            "-" if v.ms_per_image is None else f"{v.ms_per_image:.1f}",
+        )
+    console.print(table)
+    if quality.random_weights:
+        warn_random_weights("score (diffusion models, CLIP or FID features)")
+    console.print(f"quality written to {output} (per image: {output.with_name(quality.per_image_file)})")
+
+
+@cli_errors
+def build_cascade(
+    models: Models = "builtin",
+    prompts: Prompts = "builtin",
+    output: Annotated[Path, typer.Option("--output", "-o", help="cascade.yaml to write (plot, details and discriminators go next to it).")] = Path("cascade.yaml"),
+    prompt_format: PromptFormat = "auto",
+    num_prompts: NumPrompts = None,
+    coco_images: CocoImages = None,
+    real_images: Annotated[Optional[Path], typer.Option("--real-images", help="Folder of real images: the discriminator's positive class (the paper's method). Default: the heavy model's images.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="profile.yaml or 'reference' for the latency references; default: generation time measured here.")] = None,
+    backbone: Annotated[str, typer.Option("--backbone", help="clip (frozen open_clip features + logistic regression) | efficientnet (EfficientNet-V2-S fine-tuned, the paper's).")] = "clip",
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="EfficientNet-V2-S weights file (e.g. torchvision ImageNet); default random init.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="EfficientNet fine-tuning epochs.")] = 3,
+    backbone_image_size: Annotated[int, typer.Option("--backbone-image-size", min=32, help="EfficientNet input size.")] = 128,
+    metric: Annotated[str, typer.Option("--metric", help="auto | clip | fid: the quality curve's unit (auto: FID when real images and enough test images).")] = "auto",
+    grid_points: Annotated[int, typer.Option("--grid-points", min=2, help="Thresholds in the grid from 0 to 1.")] = 101,
+    split: Annotated[str, typer.Option("--split", help="train,val,test fractions of the prompts.")] = "0.5,0.2,0.3",
+    keep_all_pairs: Annotated[bool, typer.Option("--keep-all-pairs", help="Also write pairs that are not on the cost/quality Pareto front.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of f(t) and Q(t) (default: next to the output).")] = None,
+    images_per_prompt: ImagesPerPrompt = 1,
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    clip_model: ClipModel = "ViT-B-32",
+    clip_pretrained: ClipPretrained = None,
+    clip_weights: ClipWeights = None,
+    clip_image_size: ClipImageSize = None,
+    inception_weights: InceptionWeights = None,
+    device: Device = None,
+    threads: Threads = 1,
+) -> None:
+    """Train the discriminator and measure f(t) and Q(t) for every (light, heavy) pair: writes cascade.yaml."""
+    import time
+
+    from diffserve.artifacts import load_profile
+    from diffserve.cascade_builder.build import BuildOptions
+    from diffserve.cascade_builder.build import build_cascade as run_build
+    from diffserve.errors import UserError
+    from diffserve.models import resolve_variants
+
+    if backbone not in ("clip", "efficientnet"):
+        raise UserError(f"--backbone must be clip or efficientnet, got {backbone!r}")
+    if metric not in ("auto", "clip", "fid"):
+        raise UserError(f"--metric must be auto, clip or fid, got {metric!r}")
+    if backbone_weights is not None and backbone != "efficientnet":
+        raise UserError("--backbone-weights needs --backbone efficientnet")
+    if backbone_weights is not None and not backbone_weights.is_file():
+        raise UserError(f"--backbone-weights file not found: {backbone_weights}")
+    try:
+        fractions = tuple(float(x) for x in split.split(","))
+    except ValueError:
+        raise UserError(f"--split must look like 0.5,0.2,0.3, got {split!r}") from None
+    if len(fractions) != 3 or any(f <= 0 for f in fractions):
+        raise UserError(f"--split needs three positive fractions train,val,test, got {split!r}")
+    specs = resolve_variants(models)
+    prompt_set = _prompts(prompts, prompt_format, num_prompts, seed, coco_images)
+    options = BuildOptions(
+        images_per_prompt=images_per_prompt, cache_dir=cache_dir, batch_size=batch_size, seed=seed,
+        clip=_clip(clip_model, clip_pretrained, clip_weights, clip_image_size, seed), fid=_fid(inception_weights, seed),
+        real_images=real_images, backbone=backbone,  # type: ignore[arg-type]
+        backbone_weights=str(backbone_weights) if backbone_weights else None, epochs=epochs,
+        backbone_image_size=backbone_image_size, metric=metric,  # type: ignore[arg-type]
+        grid_points=grid_points, split=fractions, keep_all_pairs=keep_all_pairs,  # type: ignore[arg-type]
+        profile=load_profile(profile) if profile else None, plot=plot,
+    )
+    _setup(threads)
+    start = time.perf_counter()
+    cascade = run_build(specs, prompt_set, output, options, _loader(device), console=err_console)
+    best = cascade.recommended()
+    console.print(
+        f"cascade written to {output} ({len(cascade.pairs)} pair(s), recommended {best.name}); "
+        f"plot {plot or output.with_suffix('.png')}; {time.perf_counter() - start:.0f} s"
+    )
