@@ -42,6 +42,7 @@ class PairTable:
     fractions: np.ndarray  # heavy fraction per column
     quality: np.ndarray  # predicted quality per column, in the pair's metric
     rank: np.ndarray  # primary objective per column, 0 = best; equal ranks tie
+    rank_key: np.ndarray  # what rank orders (lower is better), comparable across pairs
     light: StageTable
     heavy: StageTable
     sequential: bool  # deferred queries pay light + heavy (cascade) or one stage only (split)
@@ -78,7 +79,7 @@ def build_stage(
     services: list[float] = []
     caps: list[float] = []
     rows: list[np.ndarray] = []
-    zero_row = np.where(distinct <= 0, 0.0, cap_value)
+    zero_row = np.where(distinct <= 1e-9, 0.0, cap_value)
     options.append((batches[0], 0))
     services.append(service_time_ms(model, batches[0], per_image_extra_ms))
     caps.append(0.0)
@@ -88,7 +89,7 @@ def build_stage(
         for b in batches:
             s = service_time_ms(model, b, per_image_extra_ms)
             lat = stage_latency_array(s, b, k, headroom * distinct, quantile=quantile, max_wait_ms=max_wait_ms)
-            lat = np.where(lat > slo_ms, cap_value, lat)
+            lat = np.where(lat <= slo_ms, lat, cap_value)  # also maps inf/nan to infeasible
             if np.all(lat >= cap_value):
                 continue
             per_k.append((b, s, lat))

@@ -116,7 +116,7 @@ def stage_estimate(
     ``service_ms`` is the latency of a full batch of ``batch``. Returns infinite parts when the
     pool cannot keep up (utilisation >= 1) or has no workers but receives traffic.
     """
-    if rate_qps <= 0:
+    if rate_qps <= 1e-9:
         return StageEstimate(0.0, 0.0, 0.0, 0.0)
     if workers <= 0:
         return StageEstimate(INF, INF, INF, INF)
@@ -179,7 +179,7 @@ def stage_latency_array(
 
     rates = np.asarray(rates_qps, dtype=float)
     out = np.zeros_like(rates)
-    busy = rates > 0
+    busy = rates > 1e-9  # a trickle below 1e-9 qps is no traffic (and would divide by ~0)
     if workers <= 0:
         out[busy] = INF
         return out

@@ -19,7 +19,7 @@ from diffserve.planner.instance import PairTable
 from diffserve.planner.milp import Choice, available_solvers, solve_milp
 from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
 from diffserve.planner.quality import heavy_quality, light_quality
-from diffserve.planner.tables import build_table
+from diffserve.planner.tables import build_table, rank_across
 from diffserve.schemas import CascadeFile, CascadePair, ModelProfile, PlanFile, PoolPlan, ProfileFile
 
 POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
@@ -150,6 +150,7 @@ def solve_plan(
         )
         for p in pairs
     ]
+    rank_across(tables)
     used_solver = solver
     if solver == "auto":
         installed = available_solvers()

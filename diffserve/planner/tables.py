@@ -89,9 +89,21 @@ def build_table(
         fractions=fs,
         quality=qs,
         rank=_dense_rank(keys),
+        rank_key=np.asarray(keys, dtype=float),
         light=light_tab,
         heavy=heavy_tab,
         sequential=sequential,
         light_model=light,
         heavy_model=heavy,
     )
+
+
+def rank_across(tables: list[PairTable]) -> None:
+    """Re-rank the columns of several pairs on one scale, so the MILP compares pairs fairly."""
+    if len(tables) < 2:
+        return
+    ranks = _dense_rank(np.concatenate([t.rank_key for t in tables]))
+    start = 0
+    for t in tables:
+        t.rank = ranks[start : start + len(t.rank_key)]
+        start += len(t.rank_key)

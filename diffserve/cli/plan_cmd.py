@@ -1,0 +1,96 @@
+"""``diffserve plan``: solve the cascade plan for a demand, or sweep demands and plot quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffserve.cli._common import cli_errors, console, err_console, warn_random_weights
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)
+
+
+@cli_errors
+def plan(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="profile.yaml, or 'reference' (paper's A100 figures).")] = "reference",
+    cascade: Annotated[str, typer.Option("--cascade", "-c", help="cascade.yaml, or 'reference'.")] = "reference",
+    demand: Annotated[Optional[float], typer.Option("--demand", help="Demand in queries/s.")] = None,
+    slo: Annotated[str, typer.Option("--slo", help="Latency SLO, e.g. 5s or 500ms.")] = "5s",
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Workers (GPUs) available.")] = 16,
+    policy: Annotated[str, typer.Option("--policy", help="diffserve | diffserve-paper | static | clipper-light | clipper-heavy | proteus")] = "diffserve",
+    headroom: Annotated[Optional[float], typer.Option("--headroom", help="Plan for this multiple of the demand (default 1.2).")] = None,
+    solver: Annotated[str, typer.Option("--solver", help="auto | highs | cbc | enumerate")] = "auto",
+    pair: Annotated[Optional[str], typer.Option("--pair", help="Restrict to one cascade pair, e.g. sd-turbo->sd-v1.5.")] = None,
+    max_wait: Annotated[Optional[str], typer.Option("--max-wait", help="Batcher's max wait for a full batch (default: uncapped, conservative).")] = None,
+    memory_mb: Annotated[Optional[float], typer.Option("--worker-memory-mb", help="Memory per worker; larger batches are dropped.")] = None,
+    spare: Annotated[Optional[str], typer.Option("--spare", help="idle | fill: what to do with workers the plan does not need.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan.")] = Path("plan.yaml"),
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Sweep demand LOW:HIGH (1 qps steps) instead of one plan.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: PNG of predicted quality vs demand.")] = None,
+) -> None:
+    """Choose workers, batch sizes and the threshold that give the best quality within the SLO."""
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.errors import UserError
+    from diffserve.fileio import write_model
+    from diffserve.planner import DEFAULT_HEADROOM, solve_plan
+    from diffserve.units import parse_duration_ms, parse_range
+
+    slo_ms = parse_duration_ms(slo, name="--slo")
+    wait_ms = None if max_wait is None else _parse_wait(max_wait)
+    prof, casc = load_profile(profile), load_cascade(cascade)
+    if prof.random_weights or casc.random_weights:
+        warn_random_weights("the profile or cascade")
+    options = dict(
+        slo_ms=slo_ms, workers=workers, headroom=DEFAULT_HEADROOM if headroom is None else headroom,
+        solver=solver, pair=pair, max_wait_ms=wait_ms, worker_memory_mb=memory_mb, spare_workers=spare,
+    )
+    if sweep is not None:
+        from diffserve.planner.sweep import plot_sweep, print_sweep, run_sweep
+
+        low, high = parse_range(sweep, name="--sweep")
+        results = run_sweep(prof, casc, low=low, high=high, **options)
+        print_sweep(console, results, policy)
+        if plot is not None:
+            plot_sweep(results, plot, title=f"{workers} workers, SLO {slo}")
+            console.print(f"plot written to {plot}")
+        return
+    if plot is not None:
+        raise UserError("--plot needs --sweep")
+    if demand is None:
+        raise UserError("give --demand QPS (or --sweep LOW:HIGH)")
+    result = solve_plan(prof, casc, demand_qps=demand, policy=policy, **options)
+    write_model(output, result)
+    _print_plan(result)
+    console.print(f"plan written to {output}")
+
+
+def _parse_wait(text: str) -> float:
+    from diffserve.units import parse_duration_ms
+
+    if text.strip() in ("0", "0ms", "0s"):
+        return 0.0
+    return parse_duration_ms(text, name="--max-wait", default_unit="ms")
+
+
+def _print_plan(result) -> None:
+    from rich.markup import escape
+
+    metric = result.metric
+    pools = ", ".join(f"{p.model}: {p.workers} workers x batch {p.batch_size} ({p.latency_ms:.0f} ms)" for p in result.pools)
+    t = "-" if result.threshold is None else f"{result.threshold:g}"
+    console.print(
+        f"[bold]{result.policy}[/] {result.routing}: threshold {t}, heavy fraction {result.heavy_fraction:.3f}; {escape(pools)}"
+    )
+    console.print(
+        f"predicted {metric} {result.predicted.get(metric, float('nan')):.3f}, capacity "
+        f"{result.predicted.get('capacity_qps', 0):.1f} qps, latency {result.predicted.get('latency_ms', 0):.0f} ms; "
+        f"solver {result.solver} in {result.solve_time_ms:.1f} ms"
+    )
+    if result.degraded:
+        for note in result.notes:
+            if note.startswith("DEGRADED"):
+                err_console.print(f"[bold yellow]warning:[/] {escape(note)}", soft_wrap=True)

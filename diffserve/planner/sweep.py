@@ -1,0 +1,80 @@
+"""Plan against demand for every policy: the table of ``--sweep`` and its quality plot."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffserve.fileio import atomic_write_bytes
+from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
+
+
+@dataclass
+class SweepResult:
+    demands: list[float]
+    plans: dict[str, list[PlanFile]]  # policy -> one plan per demand
+
+
+def run_sweep(profile: ProfileFile, cascade: CascadeFile, *, low: float, high: float, policies=None, **options) -> SweepResult:
+    """One plan per integer demand step in [low, high] (at least the two ends) per policy."""
+    from diffserve.planner import POLICIES, solve_plan
+
+    n = max(2, int(round(high - low)) + 1)
+    demands = [float(x) for x in np.linspace(low, high, n)] if high > low else [float(low)]
+    plans = {
+        policy: [solve_plan(profile, cascade, demand_qps=d, policy=policy, **options) for d in demands]
+        for policy in (policies or POLICIES)
+    }
+    return SweepResult(demands, plans)
+
+
+def print_sweep(console, result: SweepResult, policy: str) -> None:
+    from rich.table import Table
+
+    plans = result.plans[policy]
+    metric = plans[0].metric
+    table = Table(title=f"{policy}: plan against demand")
+    light, heavy = plans[0].light, plans[0].heavy
+    table.caption = f"workers and batch: {light} / {heavy}"
+    for col in ("qps", "t", "f", "workers", "batch", metric, "p99 ms", "degraded"):
+        table.add_column(col, justify="right")
+    for d, p in zip(result.demands, plans):
+        pools = [p.pool(light), p.pool(heavy)]
+        workers = "/".join(str(x.workers) if x else "0" for x in pools)
+        batch = "/".join(str(x.batch_size) if x else "-" for x in pools)
+        table.add_row(
+            f"{d:g}", "-" if p.threshold is None else f"{p.threshold:g}", f"{p.heavy_fraction:.3f}", workers, batch,
+            f"{p.predicted[metric]:.3f}", f"{p.predicted['latency_ms']:.0f}",
+            f"x{p.overload_factor:.2f}" if p.degraded else "",
+        )
+    console.print(table)
+
+
+def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Path:
+    """Predicted quality against demand, one line per policy; degraded points hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    metric = next(iter(result.plans.values()))[0].metric
+    for policy, plans in result.plans.items():
+        q = [p.predicted[metric] for p in plans]
+        line = ax.plot(result.demands, q, marker="o", markersize=3, label=policy)[0]
+        bad = [(d, v) for d, v, p in zip(result.demands, q, plans) if p.degraded]
+        if bad:
+            ax.scatter(*zip(*bad), facecolors="none", edgecolors=line.get_color(), s=36)
+    ax.set_xlabel("demand (queries/s)")
+    ax.set_ylabel(f"predicted {metric.upper()} ({'lower' if metric == 'fid' else 'higher'} is better)")
+    ax.set_title(f"Predicted quality against demand ({title}); hollow = degraded")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

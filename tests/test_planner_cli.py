@@ -1,0 +1,55 @@
+"""``diffserve plan`` through typer's CliRunner: files written, sweep and plot, bad input -> exit 2."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from diffserve.artifacts import load_plan
+from diffserve.cli.main import app
+
+runner = CliRunner()
+
+
+def test_plan_writes_yaml(tmp_path):
+    out = tmp_path / "plan.yaml"
+    res = runner.invoke(app, ["plan", "--profile", "reference", "--cascade", "reference", "--demand", "20", "--slo", "5s", "--workers", "16", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(out)
+    assert plan.policy == "diffserve" and plan.demand_qps == 20 and plan.slo_ms == 5000
+    assert "fid" in plan.predicted and plan.solve_time_ms > 0
+
+
+def test_policy_flag(tmp_path):
+    out = tmp_path / "p.yaml"
+    res = runner.invoke(app, ["plan", "--demand", "4", "--policy", "diffserve-paper", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert load_plan(out).threshold == 1.0
+
+
+def test_sweep_table_and_plot(tmp_path):
+    png = tmp_path / "sweep.png"
+    res = runner.invoke(app, ["plan", "--sweep", "10:12", "--workers", "8", "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert "diffserve" in res.output and "12" in res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--demand", "0"], "demand"),
+        (["--demand", "-2"], "demand"),
+        (["--demand", "5", "--slo", "20ms"], "below the fastest"),
+        (["--demand", "5", "--workers", "0"], "workers"),
+        (["--demand", "5", "--policy", "nope"], "unknown policy"),
+        (["--demand", "5", "--slo", "fast"], "--slo"),
+        (["--demand", "5", "--profile", "/nonexistent.yaml"], "not found"),
+        ([], "--demand"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    res = runner.invoke(app, ["plan", "-o", str(tmp_path / "x.yaml"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
