@@ -81,6 +81,9 @@ class Backend(abc.ABC):
     def batch_latency_ms(self, model: str, batch_size: int) -> float:
         """Profiled model-time latency of a batch (interpolated between profiled sizes)."""
 
+    async def available(self, worker: int) -> None:
+        """Wait until ``worker`` can take a batch (a crashed worker process is restarting)."""
+
     async def ensure_loaded(self, worker: int, model: str) -> float:
         """Make ``model`` resident on ``worker``; returns the model time spent loading (0 when held)."""
         return 0.0

@@ -95,6 +95,7 @@ class WorkerSet:
                     await self._events[slot].wait()
                 continue
             pool = self.pools[model]
+            await self.backend.available(slot)
             batch = await pool.take_batch(lambda: self.assignment[slot] == model and not self._stopping)
             if batch is None:
                 continue

@@ -1,0 +1,266 @@
+"""Backends whose workers are processes: the event loop never runs model code.
+
+Each worker slot is one spawned process that loads its models once (both models of the cascade:
+the paper's mode, where a worker switches at no cost) with its own torch thread budget. The loop
+talks to it over a pipe from a dedicated thread. Faults:
+
+- the process dies mid-batch (segfault, OOM killer, SIGKILL): :class:`WorkerCrashed`; the worker
+  set retries the batch once, and the process is restarted in the background meanwhile;
+- the process does not answer within the watchdog: it is killed and restarted, the batch gets
+  :class:`WorkerHung` (504).
+
+``close`` stops every process and reaps it, so no child is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing as mp
+import threading
+import time
+from typing import Any
+
+from diffserve.errors import UserError
+from diffserve.schemas import CascadePair, ProfileFile
+from diffserve.server.clock import Clock
+from diffserve.server.errors import WorkerCrashed, WorkerHung
+from diffserve.server.latency import LatencyTable
+from diffserve.server.stage import Backend, Job, StageOutput
+
+log = logging.getLogger("diffserve.server.procbackend")
+
+
+class _Proc:
+    """One worker process and its pipe; every method blocks, so it runs in a thread."""
+
+    def __init__(self, slot: int, spec: dict[str, Any], start_timeout_s: float) -> None:
+        self.slot = slot
+        self.spec = spec
+        self.start_timeout_s = start_timeout_s
+        self.proc: Any = None
+        self.conn: Any = None
+        self.load_time_s = 0.0
+        self.random_weights = False
+        self.restarts = 0
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        from diffserve.server.procworker import worker_main
+
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, self.spec), daemon=True, name=f"diffserve-worker-{self.slot}")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        if not parent.poll(self.start_timeout_s):
+            self.kill()
+            raise RuntimeError(f"worker {self.slot} did not load its models within {self.start_timeout_s:.0f} s")
+        try:
+            msg = parent.recv()
+        except EOFError:
+            self.kill()
+            raise RuntimeError(f"worker {self.slot} died while loading its models") from None
+        if msg[0] != "ready":
+            self.kill()
+            raise RuntimeError(f"worker {self.slot} failed to load: {msg[1]}")
+        _, self.load_time_s, self.random_weights = msg
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def run(self, model: str, prompts: list[str], seeds: list[int], score: bool, watchdog_s: float) -> list[tuple[bytes, float | None]]:
+        try:
+            self.conn.send(("predict", model, prompts, seeds, score))
+            if not self.conn.poll(watchdog_s):
+                self.kill()
+                raise WorkerHung(f"worker {self.slot} gave no answer in {watchdog_s:.1f} s")
+            msg = self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            code = self.proc.exitcode if self.proc is not None else None
+            self.kill()
+            raise WorkerCrashed(f"worker {self.slot} exited (code {code})") from None
+        if msg[0] == "fail":
+            raise RuntimeError(msg[1])
+        return msg[1]
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=10)
+        if self.conn is not None:
+            self.conn.close()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.is_alive():
+                self.conn.send(("stop",))
+                self.proc.join(timeout=5)
+        except (OSError, BrokenPipeError):
+            pass
+        self.kill()
+
+
+class ProcessBackend(Backend):
+    """Worker processes running :mod:`diffserve.server.procworker` runners."""
+
+    name = "process"
+
+    def __init__(
+        self,
+        models: list[str],
+        n_workers: int,
+        spec: dict[str, Any],
+        latency_ms: dict[str, LatencyTable] | dict[str, float],
+        *,
+        watchdog_s: float | None = None,
+        start_timeout_s: float = 600.0,
+        sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(models, n_workers)
+        self.spec = spec
+        self._latency = latency_ms
+        self.watchdog_s = watchdog_s
+        self._procs = [_Proc(i, spec, start_timeout_s) for i in range(n_workers)]
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=n_workers + 1, thread_name_prefix="diffserve-worker-io")
+        self._restarting: dict[int, asyncio.Task] = {}
+        self._sizes = sizes or [(512, 512)]
+        self._ready = False
+        self.crashes = 0
+
+    def batch_latency_ms(self, model: str, batch_size: int) -> float:
+        table = self._latency[model]
+        return table(batch_size) if callable(table) else float(table)
+
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        return list(self._sizes)
+
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self._procs]
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def healthy(self) -> bool:
+        return self._ready and any(p.alive for p in self._procs)
+
+    def workers_down(self) -> int:
+        return sum(1 for p in self._procs if not p.alive)
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def setup(self) -> None:
+        # load one after another: parallel loads of the same weights only fight for the same cores
+        for p in self._procs:
+            await self._call(p.start)
+        self.random_weights = any(p.random_weights for p in self._procs)
+        self._ready = True
+
+    def _watchdog(self, model: str, n: int) -> float:
+        if self.watchdog_s is not None:
+            return self.watchdog_s
+        return max(30.0, 10 * self.batch_latency_ms(model, n) / 1000.0)
+
+    async def available(self, worker: int) -> None:
+        task = self._restarting.get(worker)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _restart_later(self, worker: int) -> None:
+        proc = self._procs[worker]
+
+        async def restart() -> None:
+            try:
+                await self._call(proc.start)
+                proc.restarts += 1
+                log.warning("worker %d restarted (pid %s)", worker, proc.pid)
+            except Exception:  # noqa: BLE001
+                log.exception("worker %d could not be restarted", worker)
+            finally:
+                self._restarting.pop(worker, None)
+
+        self._restarting[worker] = asyncio.create_task(restart())
+
+    async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
+        await self.available(worker)
+        proc = self._procs[worker]
+        if not proc.alive:
+            self._restart_later(worker)
+            await self.available(worker)
+            if not proc.alive:
+                raise WorkerCrashed(f"worker {worker} is down and could not be restarted")
+        prompts = [j.prompt for j in jobs]
+        seeds = [j.seed for j in jobs]
+        score = any(j.score for j in jobs)
+        try:
+            result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)))
+        except (WorkerCrashed, WorkerHung):
+            self.crashes += 1
+            self._restart_later(worker)
+            raise
+        return [StageOutput(png, conf if j.score else None) for (png, conf), j in zip(result, jobs)]
+
+    async def close(self) -> None:
+        for task in list(self._restarting.values()):
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*(self._call(p.stop) for p in self._procs), return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DiffusersBackend(ProcessBackend):
+    """Real diffusers pipelines from the model registry, the cascade's discriminator, in processes."""
+
+    name = "diffusers"
+
+    def __init__(
+        self,
+        profile: ProfileFile,
+        pair: CascadePair,
+        n_workers: int,
+        clock: Clock,
+        *,
+        cascade_path: str | None = None,
+        threads: int = 1,
+        device: str | None = "cpu",
+    ) -> None:
+        models = [pair.light, pair.heavy]
+        tables = {}
+        for m in models:
+            if m not in profile.models:
+                raise UserError(f"model {m!r} of the cascade is not in the profile (it has: {', '.join(profile.models)})")
+            mp_ = profile.model(m)
+            if mp_.source.startswith("reference:"):
+                raise UserError(
+                    f"model {m!r} comes from the paper's reference profile, which has no weights here; "
+                    "use --backend emulated, or profile real models with `diffserve profile`"
+                )
+            tables[m] = LatencyTable(mp_)
+        disc = pair.discriminator
+        if disc.path and cascade_path is None:
+            raise UserError("the cascade's discriminator path is relative to the cascade file; pass --cascade FILE")
+        spec = {
+            "kind": "diffusers",
+            "models": {m: profile.model(m).source for m in models},
+            "light": pair.light,
+            "discriminator": disc.path if disc.kind != "replayed" else None,
+            "cascade_path": cascade_path,
+            "replay": (list(pair.grid), list(pair.f_t)),
+            "threads": threads,
+            "device": device,
+        }
+        res = sorted({profile.model(m).resolution or 512 for m in models})
+        super().__init__(models, n_workers, spec, tables, sizes=[(r, r) for r in res])
+        self.clock = clock

@@ -1,0 +1,133 @@
+"""Code that runs inside a worker process: load the models once, then answer batches over a pipe.
+
+This module imports only the standard library at top level, so a spawned worker starts fast and
+torch loads inside :func:`make_runner`. Protocol (tuples over a ``multiprocessing`` pipe):
+
+- worker -> parent, once: ``("ready", load_time_s, random_weights)`` or ``("error", message)``;
+- parent -> worker: ``("predict", model, prompts, seeds, score)`` -> ``("ok", [(png, conf|None), ...])``
+  or ``("fail", message)``; ``("stop",)`` ends the loop.
+
+The ``fake`` runner exists for the fault tests: a prompt ``crash:PATH`` kills the process once
+(while PATH exists, it is deleted first), ``hang`` never returns, anything else sleeps the given
+latency. It exercises the same pipes, crash detection, retries and restarts as real models.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any
+
+
+class FakeRunner:
+    random_weights = True
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.latency_s = dict(spec.get("latency_s", {}))
+        self.load_time_s = 0.0
+
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
+        for p in prompts:
+            if p.startswith("crash:"):
+                path = p.split(":", 1)[1]
+                if os.path.exists(path):
+                    os.remove(path)
+                    os._exit(3)
+            if p == "hang":
+                time.sleep(3600)
+        time.sleep(self.latency_s.get(model, 0.0))
+        from diffserve.server.testing import PNG_1x1
+
+        return [(PNG_1x1, 1.0 if score else None) for _ in prompts]
+
+
+class DiffusersRunner:
+    """Real pipelines (``diffserve.models``) and the cascade's discriminator, loaded once."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from diffserve.models import load_variant, resolve_variants, set_torch_threads
+
+        set_torch_threads(int(spec.get("threads", 1)))
+        t0 = time.perf_counter()
+        self.models = {}
+        for name, source in spec["models"].items():
+            self.models[name] = load_variant(_variant_for(name, source), device=spec.get("device"))
+        self.light = spec["light"]
+        self.discriminator = None
+        if spec.get("discriminator"):
+            from diffserve.cascade_builder.discriminator import load_discriminator
+
+            self.discriminator = load_discriminator(spec["discriminator"], base=spec.get("cascade_path"))
+        self.replay = spec.get("replay")  # (grid, f_t) when no discriminator artifact ships
+        self.load_time_s = time.perf_counter() - t0
+        self.random_weights = any(m.random_weights for m in self.models.values())
+
+    def _confidence(self, images, prompts: list[str], seeds: list[int]) -> list[float]:
+        if self.discriminator is not None:
+            return [float(c) for c in self.discriminator.confidence(images)]
+        from diffserve.schemas import CascadePair, DiscriminatorRef
+        from diffserve.server.scores import ScoreSampler
+
+        grid, f_t = self.replay
+        pair = CascadePair(light="a", heavy="b", grid=grid, f_t=f_t, q_t=[0.0] * len(grid), discriminator=DiscriminatorRef(kind="replayed"))
+        sampler = ScoreSampler(pair)
+        return [sampler.confidence(p, s) for p, s in zip(prompts, seeds)]
+
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
+        images = self.models[model].generate(list(prompts), list(seeds))
+        confs: list[float | None] = self._confidence(images, prompts, seeds) if score else [None] * len(images)
+        out = []
+        for img, conf in zip(images, confs):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            out.append((buf.getvalue(), conf))
+        return out
+
+
+def _variant_for(name: str, source: str):
+    """The registry's spec for a profile entry: a built-in/preset by name, else the source as given."""
+    from diffserve.errors import UserError
+    from diffserve.models import VariantSpec, resolve_variants
+
+    for word in (source, name):
+        try:
+            variants = {v.name: v for v in resolve_variants(word)}
+        except UserError:
+            continue
+        return variants.get(name) or next(iter(variants.values()))
+    return VariantSpec(name=name, source=source)
+
+
+def make_runner(spec: dict[str, Any]):
+    kind = spec.get("kind")
+    if kind == "fake":
+        return FakeRunner(spec)
+    if kind == "diffusers":
+        return DiffusersRunner(spec)
+    raise ValueError(f"unknown worker kind {kind!r}")
+
+
+def worker_main(conn, spec: dict[str, Any]) -> None:
+    """Entry point of a worker process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        runner = make_runner(spec)
+    except BaseException as exc:  # noqa: BLE001 - report, then exit
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", runner.load_time_s, runner.random_weights))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if msg[0] == "stop":
+            return
+        _, model, prompts, seeds, score = msg
+        try:
+            result = runner.predict(model, prompts, seeds, score)
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
+            conn.send(("fail", f"{type(exc).__name__}: {exc}"))
+        else:
+            conn.send(("ok", result))
