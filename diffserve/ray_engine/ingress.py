@@ -1,0 +1,83 @@
+"""The ingress deployment: the embedded server's FastAPI app around a :class:`RayRuntime`.
+
+Serve builds the app on the replica (``__serve_build_asgi_app__``) after the constructor, so the
+router and controller live in the ingress process, next to the handles of the pool deployments.
+The app's lifespan starts the controller and, on shutdown, drains in-flight images (bounded).
+One ingress replica runs the controller; Serve's proxy on every node forwards HTTP to it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+
+from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
+
+
+class Ingress:
+    def __init__(
+        self,
+        pools: dict[str, Any],
+        deployments: dict[str, str],
+        options: Any,
+        profile: ProfileFile,
+        cascade: CascadeFile,
+        plan: PlanFile,
+        app_name: str,
+        admin_token: str | None = None,
+        sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        from diffserve.server.clock import Clock
+        from diffserve.server.controller import ControllerSettings
+        from diffserve.server.runtime import RuntimeSettings, _pair_for
+
+        from diffserve.ray_engine.runtime import CatalogueBackend, RayRuntime
+
+        pair = _pair_for(cascade, plan)
+        catalogue = CatalogueBackend(
+            profile, pair, options.workers, sizes or [(512, 512), (256, 256)], random_weights=options.backend != "emulated"
+        )
+        settings = RuntimeSettings(
+            slo_ms=options.slo_ms,
+            degrade=options.degrade,
+            max_queue=options.max_queue,
+            queue_full_status=options.queue_full_status,
+            max_batch_wait_ms=options.max_batch_wait_ms,
+            controller=ControllerSettings(
+                interval_ms=options.replan_interval_ms,
+                ewma_alpha=options.controller.ewma_alpha,
+                safety=options.controller.safety,
+                min_demand_qps=options.controller.min_demand_qps,
+            ),
+        )
+        self.runtime = RayRuntime(
+            catalogue,
+            pools,
+            deployments,
+            app_name=app_name,
+            profile=profile,
+            cascade=cascade,
+            plan=plan,
+            clock=Clock(options.speedup),
+            policy=options.policy,
+            settings=settings,
+        )
+        self.admin_token = admin_token
+        self.pid = os.getpid()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from diffserve.server.api import ApiSettings, create_app
+
+        app = create_app(self.runtime, ApiSettings(admin_token=self.admin_token), manage_lifecycle=True)
+
+        @app.get("/v1/ray")
+        async def ray_status() -> dict[str, Any]:
+            """Ray-side state: replica targets, retries after replica deaths, the ingress pid."""
+            return {"ingress_pid": self.pid, **self.runtime.ray_stats()}
+
+        return app
+
+
+RayIngress = serve.ingress()(Ingress)

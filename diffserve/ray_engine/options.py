@@ -1,0 +1,54 @@
+"""Where and how the Ray engine runs: cluster address, HTTP listener, resources per replica.
+
+Kept apart from :class:`diffserve.server.build.ServeOptions` (what to serve) so that the same
+serving options drive both engines and only these settings are Ray's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from diffserve.errors import UserError
+
+APP_NAME = "diffserve"
+INGRESS = "Ingress"
+
+
+def pool_deployment(model: str) -> str:
+    """Deployment name of a model's pool (Serve names allow letters, digits, '-', '_', '.')."""
+    return "Pool_" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)
+
+
+@dataclass
+class RayOptions:
+    #: ``local`` starts a Ray instance in this process; ``auto`` joins the cluster this node is
+    #: part of (``ray start`` ran here); ``ray://host:10001`` connects through Ray Client.
+    address: str = "local"
+    app_name: str = APP_NAME
+    #: CPUs reserved per pool replica. Fractional on purpose: an emulated replica only sleeps,
+    #: so several fit on a 2-core machine; a diffusers replica on CPU wants whole cores.
+    num_cpus: float = 0.1
+    #: GPUs per pool replica: 1 for a real model per GPU, a fraction to pack small models.
+    num_gpus: float = 0.0
+    ingress_num_cpus: float = 0.1
+    #: Largest number of requests one pool replica holds at once (queued in its batcher + running).
+    max_ongoing_requests: int = 64
+    #: Ray's own node IP; "127.0.0.1" keeps everything on loopback (tests, single host).
+    node_ip_address: str | None = None
+    #: CPUs a local Ray instance may use (None: all of them).
+    local_num_cpus: int | None = None
+    #: How long ``run`` waits for the app to become ready, seconds.
+    deploy_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        a = self.address
+        if not (a in ("local", "auto") or a.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", a)):
+            raise UserError(f"--address must be 'local', 'auto', 'ray://HOST:PORT' or 'HOST:PORT', got {a!r}")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.ingress_num_cpus < 0:
+            raise UserError(
+                f"resources per replica must be >= 0, got num_cpus={self.num_cpus}, num_gpus={self.num_gpus}, "
+                f"ingress_num_cpus={self.ingress_num_cpus}"
+            )
+        if self.max_ongoing_requests < 1:
+            raise UserError(f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")

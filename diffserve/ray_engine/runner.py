@@ -1,0 +1,151 @@
+"""Start or join a Ray cluster, deploy the diffserve application, serve until a signal.
+
+``run`` is what ``diffserve serve --engine ray`` calls. ``connect`` and ``deploy`` are its two
+halves, used on their own by tests and the benchmark (which bring their own Ray instance).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from diffserve.errors import UserError
+
+from diffserve.ray_engine.options import INGRESS, RayOptions
+
+log = logging.getLogger("diffserve.ray_engine")
+
+
+@dataclass
+class Deployed:
+    url: str
+    app_name: str
+    deployments: dict[str, str]
+    plan_origin: str
+    handle: Any
+
+
+def _quiet_env() -> None:
+    """Usage stats off before Ray is imported; the dashboard is off in ``connect``."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def connect(ray_options: RayOptions) -> bool:
+    """Join or start Ray. Returns True when this call started a local instance (we own it)."""
+    _quiet_env()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    addr = ray_options.address
+    kwargs: dict[str, Any] = {"log_to_driver": False}
+    if ray_options.node_ip_address:
+        kwargs["_node_ip_address"] = ray_options.node_ip_address
+    try:
+        if addr == "local":
+            ray.init(num_cpus=ray_options.local_num_cpus, include_dashboard=False, **kwargs)
+            return True
+        ray.init(address=addr, **kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"could not connect to the Ray cluster at {addr!r}: {exc}") from None
+    return False
+
+
+def deploy(
+    options: Any,
+    ray_options: RayOptions,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    admin_token: str | None = None,
+) -> Deployed:
+    """Solve the initial plan, start Serve's HTTP proxy and deploy the app; returns when ready."""
+    from ray import serve
+
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.server.build import initial_plan
+
+    from diffserve.ray_engine.app import build_application
+
+    options.validate()
+    ray_options.validate()
+    profile = load_profile(options.profile)
+    cascade = load_cascade(options.cascade)
+    plan, origin = initial_plan(options, profile, cascade, None)
+    if plan.workers_used > options.workers:
+        raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {options.workers}")
+    if port == 0:
+        port = free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    app, deployments = build_application(
+        options,
+        ray_options,
+        profile,
+        cascade,
+        plan,
+        cascade_path=None if options.cascade == "reference" else os.path.abspath(options.cascade),
+        admin_token=admin_token,
+    )
+    handle = serve.run(app, name=ray_options.app_name, route_prefix="/", external_scaler_enabled=True)
+    return Deployed(f"http://{host}:{port}", ray_options.app_name, deployments, origin, handle)
+
+
+def run(
+    options: Any,
+    ray_options: RayOptions | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    admin_token: str | None = None,
+    on_ready: Callable[[Deployed], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code (0 after a clean drain).
+
+    ``options`` is the embedded server's :class:`diffserve.server.build.ServeOptions`, so both
+    engines take the same flags. On exit the application is deleted (its ingress drains in-flight
+    images first, bounded by 2 x SLO); a local Ray instance started here is shut down, a cluster
+    that was joined is left running.
+    """
+    ray_options = ray_options or RayOptions()
+    ray_options.validate()
+    options.validate()
+    owned = connect(ray_options)
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        from ray import serve
+
+        deployed = deploy(options, ray_options, host=host, port=port, admin_token=admin_token)
+        if on_ready:
+            on_ready(deployed)
+        stop.wait()
+        log.info("stopping: deleting the application (the ingress drains in-flight images)")
+        serve.delete(ray_options.app_name)
+        if owned:
+            serve.shutdown()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if owned:
+            import ray
+
+            ray.shutdown()
+
+
+__all__ = ["Deployed", "INGRESS", "connect", "deploy", "free_port", "run"]

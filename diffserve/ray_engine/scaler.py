@@ -1,0 +1,122 @@
+"""The one place that touches Ray Serve's private controller API: set replica counts, list replicas.
+
+Why private: Ray 2.60's supported way for an outside controller to own replica counts is the
+*external scaler* (``serve.run(..., external_scaler_enabled=True)``). Its public face is a REST
+endpoint of the Ray dashboard (``POST /api/v1/applications/{app}/deployments/{d}/scale``, body
+``ray.serve.schema.ScaleDeploymentRequest``), which only forwards to the Serve controller actor's
+``update_deployment_replicas``. The dashboard is off on our clusters, so we call that actor method
+directly. The alternative, an application-level autoscaling policy, runs inside the Serve controller
+and is still marked "under development" in 2.60's schema; re-running ``serve.run`` replaces every
+replica (new random code version), which reloads weights and is not acceptable.
+
+If a Ray upgrade moves any of these names, ``tests/test_ray_scaler.py`` fails loudly with the name
+that moved, and only this module needs fixing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ScalerAPIError(RuntimeError):
+    """Ray's private Serve API changed shape: this adapter must be updated for the installed Ray."""
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    replica_id: str
+    state: str
+    pid: int | None
+    actor_name: str | None
+    node_ip: str | None
+
+
+def _controller():
+    import ray
+
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    except ImportError as exc:  # pragma: no cover - only on a Ray upgrade
+        raise ScalerAPIError(f"ray.serve._private.constants moved: {exc}") from exc
+    try:
+        return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError as exc:
+        raise RuntimeError("the Ray Serve controller is not running (call serve.start first)") from exc
+
+
+def _deployment_id(app: str, deployment: str):
+    try:
+        from ray.serve._private.common import DeploymentID
+    except ImportError as exc:  # pragma: no cover
+        raise ScalerAPIError(f"ray.serve._private.common.DeploymentID moved: {exc}") from exc
+    return DeploymentID(name=deployment, app_name=app)
+
+
+def set_replicas(app: str, deployment: str, target: int) -> None:
+    """Ask Serve for ``target`` replicas of one deployment; running replicas are kept, not restarted.
+
+    Returns once the controller accepted the target; replicas start or stop asynchronously.
+    Raises ``ValueError`` for a negative target and :class:`ScalerAPIError` when the API moved.
+    """
+    import ray
+
+    if int(target) < 0:
+        raise ValueError(f"target replicas must be >= 0, got {target!r}")
+    controller = _controller()
+    method = getattr(controller, "update_deployment_replicas", None)
+    if method is None:
+        raise ScalerAPIError("ServeController.update_deployment_replicas is gone in this Ray version")
+    ray.get(method.remote(_deployment_id(app, deployment), int(target)))
+
+
+def replicas(app: str, deployment: str) -> list[ReplicaInfo]:
+    """The replicas Serve knows for one deployment, with their process ids (for tests and status)."""
+    import ray
+
+    controller = _controller()
+    method = getattr(controller, "get_serve_instance_details", None)
+    if method is None:
+        raise ScalerAPIError("ServeController.get_serve_instance_details is gone in this Ray version")
+    details = ray.get(method.remote())
+    try:
+        deployments = details["applications"][app]["deployments"]
+    except KeyError:
+        return []
+    found = deployments.get(deployment)
+    if found is None:
+        return []
+    out = []
+    for r in found.get("replicas", []):
+        out.append(
+            ReplicaInfo(
+                replica_id=str(r.get("replica_id")),
+                state=str(r.get("state")).rsplit(".", 1)[-1],
+                pid=r.get("pid"),
+                actor_name=r.get("actor_name"),
+                node_ip=r.get("node_ip"),
+            )
+        )
+    return out
+
+
+def target_replicas(app: str, deployment: str) -> int | None:
+    """The target replica count Serve is working towards (None when the deployment is unknown)."""
+    import ray
+
+    details = ray.get(_controller().get_serve_instance_details.remote())
+    try:
+        d = details["applications"][app]["deployments"][deployment]
+    except KeyError:
+        return None
+    return d.get("target_num_replicas")
+
+
+async def set_replicas_async(app: str, deployment: str, target: int) -> None:
+    """:func:`set_replicas` for callers on an event loop (a replica's controller): never blocks it."""
+    if int(target) < 0:
+        raise ValueError(f"target replicas must be >= 0, got {target!r}")
+    controller = _controller()
+    method = getattr(controller, "update_deployment_replicas", None)
+    if method is None:
+        raise ScalerAPIError("ServeController.update_deployment_replicas is gone in this Ray version")
+    await method.remote(_deployment_id(app, deployment), int(target))
