@@ -39,6 +39,9 @@ class ServeOptions:
     max_batch_wait_ms: float | None = None
     hold_all: bool = True
     threads_per_worker: int = 1
+    #: workers a plan leaves idle go to its pools (the planner's ``spare_workers="fill"``): an idle
+    #: GPU only lowers latency; ``None`` keeps the planner's per-policy default
+    spare_workers: str | None = "fill"
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def validate(self) -> None:
@@ -62,12 +65,19 @@ def initial_plan(
         return plan, f"plan file {opts.plan}"
     solve = solver or default_solver()
     try:
-        plan = solve(profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy)
+        plan = solve(
+            profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy,
+            **solver_options(opts),
+        )
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"could not solve an initial plan for {opts.demand_qps} QPS with {opts.workers} workers: {exc}") from None
     return plan, f"solved for {opts.demand_qps:g} QPS ({opts.policy})"
+
+
+def solver_options(opts: ServeOptions) -> dict:
+    return {"spare_workers": opts.spare_workers} if opts.spare_workers else {}
 
 
 def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile, plan: PlanFile, clock: Clock, cascade_path: str | None) -> Backend:
@@ -108,6 +118,7 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
         ),
     )
     runtime = Runtime(
-        backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy, settings=settings, solver=solver
+        backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy, settings=settings, solver=solver,
+        solver_options=solver_options(opts),
     )
     return runtime, origin

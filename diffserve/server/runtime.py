@@ -77,6 +77,7 @@ class Runtime:
         settings: RuntimeSettings | None = None,
         solver: Solver | None = None,
         metrics: Metrics | None = None,
+        solver_options: dict | None = None,
     ) -> None:
         self.backend = backend
         self.profile = profile
@@ -115,6 +116,7 @@ class Runtime:
             settings=self.settings.controller,
             solver=solver,
             metrics=self.metrics,
+            solver_options=solver_options,
         )
         self.plan = plan
         self.started = False

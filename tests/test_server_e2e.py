@@ -1,0 +1,139 @@
+"""End to end: the emulated 16 x A100 reference scenario, the official openai client, real tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import random
+
+import pytest
+
+from diffserve.reference import reference_cascade
+from diffserve.server.api import create_app
+from diffserve.server.build import ServeOptions, build_runtime
+from diffserve.server.scores import ScoreSampler
+from diffserve.server.testing import uvicorn_in_thread
+
+
+def test_sampled_confidences_reproduce_the_deferral_curve() -> None:
+    pair = reference_cascade().recommended()
+    sampler = ScoreSampler(pair)
+    confs = [sampler.confidence(f"prompt {i}", i) for i in range(4000)]
+    for t in (0.05, 0.1, 0.2, 0.4):
+        below = sum(c < t for c in confs) / len(confs)
+        assert below == pytest.approx(pair.deferral_at(t), abs=0.03), t
+    assert sampler.confidence("same", 1) == sampler.confidence("same", 1)
+
+
+async def _poisson(rt, qps: float, duration_model_s: float, seed: int = 0):
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    t, tasks = 0.0, []
+    while True:
+        t += rng.expovariate(qps)
+        if t > duration_model_s:
+            break
+        delay = rt.clock.to_wall_s(t * 1000) - (loop.time() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(rt.generate(f"prompt {len(tasks)}", seed=len(tasks))))
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.e2e
+def test_reference_scenario_holds_the_slo_at_20_qps_and_replans() -> None:
+    """16 x A100, SD-Turbo -> SD v1.5, 5 s SLO, ~20 QPS Poisson for 30 s model time at 20x speed."""
+    pytest.importorskip("diffserve.planner")
+    opts = ServeOptions(workers=16, slo_ms=5000, speedup=20, demand_qps=5, replan_interval_ms=5000)
+
+    async def main():
+        rt, _ = build_runtime(opts)
+        await rt.start()
+        results = await _poisson(rt, 20.0, 30.0)
+        await rt.stop()
+        return rt, results
+
+    rt, results = asyncio.run(main())
+    answers = [r[0] for r in results]  # any exception would fail here
+    assert len(answers) > 400
+    assert all(a.latency_ms <= 5000 for a in answers), max(a.latency_ms for a in answers)
+    assert {a.model for a in answers} == {"sd-turbo", "sd-v1.5"}
+    deferred = sum(a.model == "sd-v1.5" or a.degraded for a in answers) / len(answers)
+    pair = rt.pair
+    applied = [d for d in rt.controller.decisions if d["applied"] and d["threshold"] is not None]
+    assert len(applied) >= 4  # initial + re-plans every 5 s model time
+    assert any(d["demand_qps"] > 10 for d in applied[1:])  # it followed the load up from 5 QPS
+    fs = [pair.deferral_at(d["threshold"]) for d in applied]
+    assert min(fs) - 0.08 <= deferred <= max(fs) + 0.08
+    assert rt.ledger.accepted == rt.ledger.completed
+
+
+@pytest.mark.e2e
+def test_the_official_openai_client_gets_images() -> None:
+    openai = pytest.importorskip("openai")
+    from diffserve.server.testing import hand_plan
+    from diffserve.fileio import write_model
+    import tempfile, pathlib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_path = pathlib.Path(tmp) / "plan.yaml"
+        write_model(plan_path, hand_plan(4, 12, light="sd-turbo", heavy="sd-v1.5", threshold=0.1))
+        rt, _ = build_runtime(ServeOptions(plan=str(plan_path), policy="static", workers=16, speedup=50))
+        with uvicorn_in_thread(create_app(rt)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            res = client.images.generate(prompt="a red bicycle", model="diffserve", n=2, size="512x512", response_format="b64_json", extra_body={"seed": 3})
+            assert len(res.data) == 2
+            from PIL import Image
+
+            img = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))
+            assert img.format == "PNG"
+            meta = res.data[0].model_extra["diffserve"]
+            assert meta["model"] in ("sd-turbo", "sd-v1.5")
+            models = [m.id for m in client.models.list()]
+            assert models == ["diffserve", "sd-turbo", "sd-v1.5"]
+            with pytest.raises(openai.BadRequestError) as info:
+                client.images.generate(prompt="", model="diffserve")
+            assert "prompt" in str(info.value)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_diffusers_backend_serves_tiny_models_through_the_cascade(tmp_path) -> None:
+    """Real (random-weight) tiny pipelines in worker processes; the heavy one answers when deferred."""
+    pytest.importorskip("diffserve.models")
+    from diffserve.fileio import write_model
+    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
+    from diffserve.server.testing import hand_plan
+
+    models = {
+        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64,
+                        batches=[BatchProfile(batch_size=1, median_ms=500.0), BatchProfile(batch_size=2, median_ms=900.0)])
+        for m in ("tiny-turbo", "tiny-base")
+    }
+    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
+    grid = [0.0, 0.5, 1.0]
+    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
+                       discriminator=DiscriminatorRef(kind="replayed"))
+    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
+    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, light="tiny-turbo", heavy="tiny-base", threshold=1.0, slo_ms=600_000))
+    opts = ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
+                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
+
+    async def main():
+        rt, _ = build_runtime(opts)
+        await rt.start()
+        try:
+            assert rt.backend.random_weights
+            return await rt.generate("a watercolour fox", seed=1, size=(64, 64))
+        finally:
+            await rt.stop()
+
+    [answer] = asyncio.run(main())
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(answer.png))
+    assert img.size == (64, 64)
+    assert answer.model == "tiny-base" and answer.confidence is not None and answer.confidence < 1.0  # threshold 1 defers all
+    assert answer.random_weights
