@@ -1,0 +1,295 @@
+"""One way to turn a :class:`VariantSpec` into a ready pipeline, shared by every stage.
+
+The profiler, the cascade builder and the server's diffusers backend all call
+:func:`load_variant`, so a variant that profiles is a variant that serves, and every way a load
+can fail (unknown source, offline hub id, missing folder, unknown class, dtype the device cannot
+run) fails here once, as a :class:`UserError` with one line that names the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from diffserve.errors import UserError
+from diffserve.models.spec import VariantSpec
+from diffserve.models._quiet import quiet_loading
+from diffserve.models.zoo import RANDOM_WEIGHTS_MARKER, builtin, ensure_builtin
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
+#: Short names accepted for ``scheduler``; any diffusers scheduler class name works too.
+SCHEDULER_ALIASES = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+class GenerationTimeout(Exception):
+    """Raised from inside the denoising loop when a deadline passes (the profiler's time limit)."""
+
+
+def set_torch_threads(n: int) -> None:
+    """Pin torch's intra-op threads for this worker, so workers sharing a machine do not fight."""
+    import torch
+
+    if n < 1:
+        raise UserError(f"thread count must be at least 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class LoadedModel:
+    """A variant loaded on a device and ready to generate; what every stage works with."""
+
+    spec: VariantSpec
+    pipeline: Any
+    device: str
+    load_time_s: float
+    random_weights: bool
+    dtype: str = "float32"
+    _supports_step_callback: bool = field(default=False, repr=False)
+
+    def generate(
+        self, prompts: list[str], seeds: list[int] | None = None, *, deadline: float | None = None
+    ) -> list["Image"]:
+        """Images for ``prompts`` (one each) with the variant's steps, guidance and resolution.
+
+        ``seeds`` (one per prompt) make the output reproducible; ``None`` draws from torch's RNG.
+        ``deadline`` is a ``time.monotonic()`` instant: past it, the run stops between denoising
+        steps with :class:`GenerationTimeout` instead of running to the end.
+        """
+        import torch
+
+        if not prompts:
+            return []
+        if seeds is not None and len(seeds) != len(prompts):
+            raise UserError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        kwargs: dict[str, Any] = {}
+        if seeds is not None:
+            gen_device = "cpu" if self.device.startswith("mps") else self.device
+            kwargs["generator"] = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
+        if deadline is not None:
+            if time.monotonic() > deadline:
+                raise GenerationTimeout("deadline passed before the run started")
+            if self._supports_step_callback:
+                kwargs["callback_on_step_end"] = _deadline_callback(deadline)
+        with torch.inference_mode():
+            out = self.pipeline(
+                prompt=list(prompts),
+                num_inference_steps=self.spec.steps,
+                guidance_scale=self.spec.guidance_scale,
+                height=self.spec.resolution,
+                width=self.spec.resolution,
+                output_type="pil",
+                **kwargs,
+            )
+        if deadline is not None and time.monotonic() > deadline:
+            raise GenerationTimeout("the run finished after its deadline")
+        return list(out.images)
+
+
+def _deadline_callback(deadline: float) -> Callable[..., dict]:
+    def check(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if time.monotonic() > deadline:
+            raise GenerationTimeout(f"deadline passed after denoising step {step + 1}")
+        return callback_kwargs
+
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# device and dtype
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> cuda, then mps, then cpu; an explicit device must exist."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {requested!r} was asked for but CUDA is not available on this machine; use --device cpu")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device {requested!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif requested == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise UserError("device 'mps' was asked for but Apple MPS is not available on this machine")
+    elif requested != "cpu":
+        raise UserError(f"unknown device {requested!r}; use auto, cpu, mps, cuda or cuda:N")
+    return requested
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """The dtype to load with, refusing combinations the device cannot run well or at all."""
+    import torch
+
+    if name == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    if name == "float16" and device == "cpu":
+        raise UserError("dtype float16 is not supported on device cpu (too slow or unsupported); use float32 or bfloat16")
+    if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype bfloat16 is not supported by this GPU ({device}); use float16 or float32")
+    if name == "bfloat16" and device == "mps":
+        raise UserError("dtype bfloat16 is not supported on device mps; use float16 or float32")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# source, class and scheduler
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # builtin | dir | file | hub
+    location: str
+
+
+def classify_source(source: str) -> _Source:
+    """Decide what a ``source`` string names, failing with one line when it names nothing usable."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        builtin(name)  # raises UserError naming the built-ins
+        return _Source("builtin", name)
+    if "://" in source or source.startswith("hf:"):
+        raise UserError(
+            f"unknown model source {source!r}: use builtin:<name>, a Hugging Face id like org/name, "
+            "a local diffusers directory or a .safetensors/.ckpt file (URLs are not fetched)"
+        )
+    path = Path(source).expanduser()
+    explicit_path = source.startswith(("/", "./", "../", "~", ".\\")) or os.sep in source and not _HF_ID.match(source)
+    if path.exists():
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise UserError(f"directory {source} is not a diffusers pipeline folder (no model_index.json in it)")
+            return _Source("dir", str(path))
+        if path.suffix in _WEIGHT_SUFFIXES:
+            return _Source("file", str(path))
+        raise UserError(f"source {source} is a file but not a weight file (.safetensors or .ckpt) nor a directory")
+    if explicit_path or path.suffix in _WEIGHT_SUFFIXES:
+        raise UserError(f"local model not found: {source} does not exist")
+    if _HF_ID.match(source):
+        return _Source("hub", source)
+    raise UserError(
+        f"unknown model source {source!r}: use builtin:<name>, a Hugging Face id like org/name, "
+        "a local diffusers directory or a .safetensors/.ckpt file"
+    )
+
+
+def pipeline_class(name: str, *, default: str = "DiffusionPipeline") -> Any:
+    """The diffusers pipeline class named ``name`` (``auto`` -> ``default``)."""
+    import diffusers
+
+    cls_name = default if name == "auto" else name
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline):
+        raise UserError(
+            f"unknown pipeline class {name!r}: not a diffusers pipeline (for example auto, "
+            "StableDiffusionPipeline, StableDiffusionXLPipeline, AutoPipelineForText2Image)"
+        )
+    return cls
+
+
+def scheduler_class(name: str) -> Any:
+    import diffusers
+
+    cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not isinstance(cls, type) or not hasattr(cls, "from_config") or "Scheduler" not in cls_name:
+        raise UserError(
+            f"unknown scheduler {name!r}: give a diffusers scheduler class or one of {', '.join(SCHEDULER_ALIASES)}"
+        )
+    return cls
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "model_index.json")
+    return isinstance(found, str)
+
+
+def load_variant(spec: VariantSpec, *, device: str | None = None) -> LoadedModel:
+    """Load ``spec`` into a ready pipeline on ``device`` (default: the spec's), timing the load."""
+    import torch
+
+    src = classify_source(spec.source)
+    dev = resolve_device(device or spec.device)
+    dtype_name = resolve_dtype(spec.dtype, dev)
+    dtype = getattr(torch, dtype_name)
+    default_cls = "StableDiffusionPipeline" if src.kind in ("builtin", "file") else "DiffusionPipeline"
+    cls = pipeline_class(spec.pipeline_class, default=default_cls)
+    sched_cls = scheduler_class(spec.scheduler) if spec.scheduler else None
+    offline = hub_offline()
+    if src.kind == "hub" and offline and not _hub_cached(src.location):
+        raise UserError(
+            f"model {src.location!r} is not in the local Hugging Face cache and the machine is offline "
+            "(HF_HUB_OFFLINE=1): download it first or give a local directory"
+        )
+
+    start = time.perf_counter()
+    if src.kind == "builtin":
+        folder = ensure_builtin(src.location)
+        start = time.perf_counter()  # the one-off build is not load time
+        location = str(folder)
+    else:
+        location = src.location
+    common: dict[str, Any] = {"torch_dtype": dtype}
+    try:
+        with quiet_loading():
+            if src.kind == "file":
+                if not hasattr(cls, "from_single_file"):
+                    raise UserError(f"pipeline class {cls.__name__} cannot load a single weight file ({location})")
+                pipe = cls.from_single_file(location, local_files_only=offline, **common)
+            else:
+                if src.kind in ("builtin", "dir") or offline:
+                    common["local_files_only"] = True
+                if src.kind == "builtin" or cls.__name__.startswith("StableDiffusion"):
+                    common.update(safety_checker=None, requires_safety_checker=False)
+                pipe = cls.from_pretrained(location, **common)
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load {spec.name!r} from {spec.source} with {cls.__name__}: {first}") from None
+    if sched_cls is not None:
+        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+    pipe = pipe.to(dev)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize(dev)
+    load_time = time.perf_counter() - start
+
+    random_weights = src.kind == "builtin" or (src.kind == "dir" and (Path(location) / RANDOM_WEIGHTS_MARKER).exists())
+    import inspect
+
+    supports_cb = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    return LoadedModel(
+        spec=spec, pipeline=pipe, device=dev, load_time_s=load_time, random_weights=random_weights,
+        dtype=dtype_name, _supports_step_callback=supports_cb,
+    )
