@@ -138,6 +138,8 @@ def run_cmd(
     report.write_json(output / "results.json", row)
     report.atomic_write_text(output / "results.md", report.markdown_table([row]) + f"\nQuality: {row['quality_method']}.\n")
     console.print(report.rich_table([row], f"{label}: {source_label}"))
+    console.print(report.TABLE_LEGEND, style="dim")
+    _warn_lag(row, spec.load.slo_ms)
     console.print(f"wrote {output}/results.json, results.md, requests.jsonl, timeline.json, timeline.png")
 
 
@@ -158,7 +160,7 @@ def compare_cmd(
     cascade: CascadeOpt = "reference",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Workers of every emulated server.")] = 16,
     slo: SloOpt = "5s",
-    speedup: SpeedupOpt = 10.0,
+    speedup: SpeedupOpt = 5.0,
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all six, ours last).")] = "",
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
     output: OutputOpt = Path("bench-compare"),
@@ -194,6 +196,7 @@ def compare_cmd(
         f"~{span_s / speedup:.0f} s wall each; {workers} workers, SLO {slo}, speedup {speedup:g}"
     )
     started = time.monotonic()
+    _sigterm_as_exit()  # so a stopped bench still stops every server it started
     with Progress(console=err_console, transient=True) as progress:
         tasks: dict[str, object] = {}
 
@@ -203,10 +206,33 @@ def compare_cmd(
         rows = run_compare(spec, on_policy_start=begin, on_request_done=lambda p: progress.advance(tasks[p]),
                            log=lambda line: progress.console.print(line))
     console.print(report.rich_table(rows, f"{source_label}: {workers} workers, SLO {slo}, speedup {speedup:g}"))
+    console.print(report.TABLE_LEGEND, style="dim")
     for line in pareto_verdict(rows):
         console.print(line)
+    for row in rows:
+        _warn_lag(row, spec.slo_ms)
     console.print(f"wrote {output}/results.json, results.md, compare.png and one folder per policy "
                   f"({time.monotonic() - started:.0f} s)")
+
+
+def _warn_lag(row: dict, slo_ms: float) -> None:
+    """Say so when the client itself fell behind: then the server saw a different load than the trace."""
+    lag = row.get("max_send_lag_ms") or 0.0
+    if lag > 0.1 * slo_ms:
+        err_console.print(
+            f"[bold yellow]warning:[/] {row['policy']}: the load generator sent up to {lag:.0f} model ms late "
+            f"(more than 10% of the SLO); the machine is too busy for this speedup, so rerun with a lower --speedup.",
+            soft_wrap=True,
+        )
+
+
+def _sigterm_as_exit() -> None:
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def register(app: typer.Typer) -> None:

@@ -238,6 +238,8 @@ def write_compare_outputs(spec: CompareSpec, rows: list[dict[str, Any]], timelin
         f"# {title}",
         "",
         report.markdown_table(rows),
+        report.TABLE_LEGEND + ".",
+        "",
         f"Quality: {rows[0]['quality_method'] if rows else ''}; proteus is read as a random split (no discriminator).",
         "Violations: (late + failed + rejected) / sent; degraded answers met the SLO and are counted apart.",
         f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if p in NO_DEGRADE)}); "

@@ -18,14 +18,20 @@ from diffserve.fileio import atomic_write_bytes, atomic_write_text
 #: Columns of the comparison table: (key in a result row, header, format).
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("policy", "policy", "{}"),
-    ("slo_violation_ratio", "SLO violations", "{:.4f}"),
+    ("slo_violation_ratio", "violations", "{:.4f}"),
     ("degraded_ratio", "degraded", "{:.4f}"),
-    ("fid", "FID (per-second)", "{:.2f}"),
-    ("aggregate_fid", "FID (aggregate)", "{:.2f}"),
-    ("goodput", "goodput (q/s)", "{:.2f}"),
-    ("light_fraction", "light fraction", "{:.3f}"),
-    ("latency_p99_ms", "p99 latency (ms)", "{:.0f}"),
-    ("oracle_fraction", "quality vs oracle", "{:.3f}"),
+    ("fid", "FID/s", "{:.2f}"),
+    ("aggregate_fid", "FID agg", "{:.2f}"),
+    ("goodput", "goodput q/s", "{:.2f}"),
+    ("light_fraction", "light", "{:.3f}"),
+    ("latency_p99_ms", "p99 ms", "{:.0f}"),
+    ("oracle_fraction", "vs oracle", "{:.3f}"),
+)
+#: What the short headers mean, printed under every table.
+TABLE_LEGEND = (
+    "violations = (late + failed + rejected) / sent; degraded = light answers returned in time instead of "
+    "the heavy one (apart); FID/s = per-second FID, request-weighted (headline); FID agg = FID of the whole "
+    "mix; light = fraction answered by the light model; vs oracle = oracle FID / FID (1 = the clairvoyant bound)"
 )
 
 
