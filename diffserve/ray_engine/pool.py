@@ -125,8 +125,8 @@ class ModelPool:
         return {
             "pid": self.pid,
             "model": self.model,
-            "batch_size": self._run_batch.get_max_batch_size(),
-            "wait_s": self._run_batch.get_batch_wait_timeout_s(),
+            "batch_size": self._settings[0] if self._settings else None,
+            "wait_ms": self._settings[1] if self._settings else None,
             "batches": self.batches,
         }
 

@@ -98,7 +98,11 @@ def deploy(
         admin_token=admin_token,
     )
     handle = serve.run(app, name=ray_options.app_name, route_prefix="/", external_scaler_enabled=True)
-    return Deployed(f"http://{host}:{port}", ray_options.app_name, deployments, origin, handle)
+    from diffserve.ray_engine.scaler import http_address
+
+    bound_host, bound_port = http_address()  # Serve keeps its first options when it was already up
+    shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
+    return Deployed(f"http://{shown}:{bound_port}", ray_options.app_name, deployments, origin, handle)
 
 
 def run(

@@ -120,3 +120,15 @@ async def set_replicas_async(app: str, deployment: str, target: int) -> None:
     if method is None:
         raise ScalerAPIError("ServeController.update_deployment_replicas is gone in this Ray version")
     await method.remote(_deployment_id(app, deployment), int(target))
+
+
+def http_address() -> tuple[str, int]:
+    """Host and port of Serve's HTTP proxies, as running (``serve.start`` ignores new options
+    once Serve is up, so the URL we print must come from here)."""
+    import ray
+
+    method = getattr(_controller(), "get_http_config", None)
+    if method is None:
+        raise ScalerAPIError("ServeController.get_http_config is gone in this Ray version")
+    cfg = ray.get(method.remote())
+    return str(cfg.host), int(cfg.port)

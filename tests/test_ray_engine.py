@@ -1,0 +1,196 @@
+"""The Ray Serve engine end to end, inside a network namespace that has only loopback.
+
+Ray binds to the machine's address, so these tests run only where ``socket.if_nameindex()``
+lists nothing but ``lo``: CI runs them with
+``unshare --net sh -c 'ip link set lo up && exec python -m pytest -m ray'``.
+One Ray instance and one deployment serve the whole module (a start costs 10-30 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ONLY_LOOPBACK = [name for _, name in socket.if_nameindex()] == ["lo"]
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(
+        not ONLY_LOOPBACK,
+        reason="Ray tests need a network namespace with only loopback: "
+        "unshare --net sh -c 'ip link set lo up && exec python -m pytest -m ray'",
+    ),
+]
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+httpx = pytest.importorskip("httpx")
+
+#: Bounds on every wait in this module (wall seconds): nothing here may hang.
+WAIT_S = 60.0
+
+
+def wait_for(predicate, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from ray import serve
+
+    from diffserve.ray_engine.runner import free_port
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(cluster):
+    """The emulated reference cascade at speedup 2 on 3 workers; the controller re-plans rarely
+    so that the tests decide when the plan changes (through PUT /v1/plan, the same apply path)."""
+    from diffserve.server.build import ServeOptions
+
+    from diffserve.ray_engine import RayOptions, deploy
+
+    opts = ServeOptions(backend="emulated", workers=3, speedup=2.0, demand_qps=1.0, replan_interval_ms=3.6e6, slo_ms=5000)
+    deployed = deploy(opts, RayOptions(), port=0)
+    client = httpx.Client(base_url=deployed.url, timeout=WAIT_S)
+    wait_for(lambda: client.get("/readyz").status_code == 200, "readyz")
+    yield deployed, client
+    client.close()
+
+
+def running(deployed, model: str):
+    from diffserve.ray_engine import scaler
+
+    return [r for r in scaler.replicas(deployed.app_name, deployed.deployments[model]) if r.state == "RUNNING"]
+
+
+def generate(client, **body):
+    body.setdefault("prompt", "a lighthouse at dusk")
+    return client.post("/v1/images/generations", json=body)
+
+
+def test_request_end_to_end(engine):
+    deployed, client = engine
+    r = generate(client, seed=3)
+    assert r.status_code == 200, r.text
+    item = r.json()["data"][0]
+    assert base64.b64decode(item["b64_json"]).startswith(b"\x89PNG")
+    meta = item["diffserve"]
+    assert meta["model"] in ("sd-turbo", "sd-v1.5")
+    assert meta["confidence"] is not None  # the light replica ran the discriminator
+    assert meta["compute_ms"] >= 100.0  # at least SD-Turbo's batch-1 latency, in model time
+    plan = client.get("/v1/plan").json()
+    assert plan["decisions"][0]["reason"].startswith("initial plan")
+    bad = client.post("/v1/images/generations", json={"prompt": "x", "n": "two"})
+    assert bad.status_code in (400, 422) and bad.json()["error"]["param"] in ("n", None)
+
+
+def test_replan_changes_replicas_and_threshold_without_restarts_or_losses(engine):
+    deployed, client = engine
+    plan = client.get("/v1/plan").json()["plan"]
+    light, heavy = plan["light"], plan["heavy"]
+    before = {m: {r.pid for r in running(deployed, m)} for m in (light, heavy)}
+    n_light, n_heavy = len(before[light]), len(before[heavy])
+    assert n_light + n_heavy == 3
+
+    # Move one worker from one pool to the other and change the threshold and a batch size.
+    grow, shrink = (light, heavy) if n_heavy > 1 else (heavy, light)
+    new = dict(plan)
+    new["threshold"] = 0.37 if plan["threshold"] != 0.37 else 0.41
+    new["pools"] = []
+    for p in plan["pools"]:
+        q = dict(p)
+        q["workers"] = p["workers"] + (1 if p["model"] == grow else -1 if p["model"] == shrink else 0)
+        if p["model"] == light:
+            q["batch_size"] = 2
+        new["pools"].append(q)
+    with ThreadPoolExecutor(8) as ex:
+        inflight = [ex.submit(generate, client, seed=100 + i, quality="fast" if i % 2 else "auto") for i in range(8)]
+        put = client.put("/v1/plan", json=new)
+        assert put.status_code == 200, put.text
+        answers = [f.result(timeout=WAIT_S) for f in inflight]
+    assert [a.status_code for a in answers] == [200] * 8  # nothing lost or failed across the re-plan
+
+    after = wait_for(
+        lambda: (lambda a: a if len(a[grow]) == len(before[grow]) + 1 and len(a[shrink]) == len(before[shrink]) - 1 else None)(
+            {m: {r.pid for r in running(deployed, m)} for m in (light, heavy)}
+        ),
+        "the new replica counts",
+    )
+    assert before[grow] < after[grow]  # the old replicas kept their processes; one was added
+    assert after[shrink] < before[shrink]  # the survivors are old processes, none restarted
+    status = client.get("/v1/ray").json()
+    assert status["threshold"] == new["threshold"]
+    assert status["replica_targets"] == {grow: len(after[grow]), shrink: len(after[shrink])}
+    assert client.get("/v1/plan").json()["plan"]["threshold"] == new["threshold"]
+
+    # The light pool's replicas switch batch size live, through the batcher's setter.
+    from ray import serve
+
+    for i in range(4):
+        assert generate(client, seed=200 + i, quality="fast").status_code == 200
+    handle = serve.get_deployment_handle(deployed.deployments[light], app_name=deployed.app_name)
+    infos = [handle.info.remote().result(timeout_s=WAIT_S) for _ in range(6)]
+    assert {i["batch_size"] for i in infos if i["batches"] > 0} == {2}
+    assert {i["pid"] for i in infos} <= after[light]
+
+
+def test_killed_replica_is_restarted_and_no_request_is_lost(engine):
+    deployed, client = engine
+    plan = client.get("/v1/plan").json()["plan"]
+    light, heavy = plan["light"], plan["heavy"]
+    pinned = dict(plan)
+    pinned["pools"] = [dict(p, workers=1 if p["model"] == light else 2, batch_size=1) for p in plan["pools"]]
+    assert client.put("/v1/plan", json=pinned).status_code == 200
+    victims = wait_for(lambda: (lambda rs: rs if len(rs) == 2 else None)(running(deployed, heavy)), "two heavy replicas")
+    victim = victims[0]
+    retries_before = client.get("/v1/ray").json()["retries"][heavy]
+    n = 4
+    with ThreadPoolExecutor(n) as ex:
+        # quality=best goes straight to the heavy pool: 1780 ms of model time = 0.9 s of wall time
+        # each; Serve spreads the 4 jobs over the 2 replicas, so the victim holds work when killed.
+        inflight = [ex.submit(generate, client, seed=300 + i, quality="best") for i in range(n)]
+        wait_for(lambda: _queued(client, heavy) >= n, "all jobs in the heavy pool", poll_s=0.05)
+        time.sleep(0.2)  # let the ingress hand them to the replicas (no event to wait on across processes)
+        os.kill(victim.pid, signal.SIGKILL)
+        answers = [f.result(timeout=WAIT_S) for f in inflight]
+    codes = [a.status_code for a in answers]
+    # Every request was answered: a retry on a live replica (200), or a clear error: 503 (worker
+    # died twice) or 504 (the retry could not make the deadline). Never a hang, a 500 or a reset.
+    assert all(c in (200, 503, 504) for c in codes), codes
+    for a in answers:
+        if a.status_code != 200:
+            assert a.json()["error"]["type"] in ("server_unavailable", "timeout_error"), a.text
+    assert client.get("/v1/ray").json()["retries"][heavy] > retries_before  # the victim's jobs were re-sent
+    replaced = wait_for(
+        lambda: (lambda rs: rs if len(rs) == 2 and victim.pid not in {r.pid for r in rs} else None)(running(deployed, heavy)),
+        "Ray to restart the killed replica",
+    )
+    assert victims[1].pid in {r.pid for r in replaced}  # the other replica was left alone
+    assert generate(client, seed=999, quality="best").status_code == 200
+    ledger = client.get("/v1/plan").json()["ledger"]
+    assert ledger["accepted"] == ledger["completed"] + ledger["failed"] + ledger["cancelled"]
+
+
+def _queued(client, model: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("diffserve_queue_length") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
