@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from typing import Any
@@ -163,9 +164,18 @@ class ProcessBackend(Backend):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def setup(self) -> None:
-        # load one after another: parallel loads of the same weights only fight for the same cores
-        for p in self._procs:
-            await self._call(p.start)
+        # load in parallel, at most one process per core: more would only fight for the same cores
+        sem = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+
+        async def start(p: _Proc) -> None:
+            async with sem:
+                await self._call(p.start)
+
+        results = await asyncio.gather(*(start(p) for p in self._procs), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close()
+            raise UserError(f"worker processes failed to start: {errors[0]}")
         self.random_weights = any(p.random_weights for p in self._procs)
         self._ready = True
 

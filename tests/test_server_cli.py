@@ -1,0 +1,38 @@
+"""`diffserve serve` flags: declared constraints and clear one-line errors (no server started)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from diffserve.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_contract_flags() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--backend", "--profile", "--cascade", "--plan", "--workers", "--slo", "--speedup", "--policy", "--demand",
+                 "--replan-interval", "--seed", "--no-degrade", "--max-queue", "--admin-token", "--host", "--port", "--log-level"):
+        assert flag in result.output, flag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "fastest"], "--policy must be one of"),
+        (["--backend", "tpu"], "--backend must be one of"),
+        (["--slo", "soon"], "--slo must look like 5s"),
+        (["--demand", "0"], "--demand must be positive"),
+        (["--queue-full-status", "500"], "--queue-full-status must be 429 or 503"),
+        (["--plan", "/nonexistent/plan.yaml"], "plan not found"),
+        (["--backend", "diffusers"], "reference profile, which has no weights"),
+        (["--log-level", "loud"], "--log-level must be"),
+    ],
+)
+def test_bad_flags_fail_with_one_line_and_exit_2(args, message) -> None:
+    result = runner.invoke(app, ["serve", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
