@@ -1,0 +1,201 @@
+"""The Ray engine's pieces without a Ray cluster: the remote pool proxy and the runtime's re-plan.
+
+A fake deployment handle stands in for Serve: it answers, raises, dies, or holds a job on a
+gate (``asyncio.Event``), and records what it was sent. These run in the normal test pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from diffserve.artifacts import load_cascade, load_profile  # noqa: E402
+from diffserve.ray_engine.remote_pool import RemotePool  # noqa: E402
+from diffserve.server.clock import Clock  # noqa: E402
+from diffserve.server.errors import QueueFull, Unavailable  # noqa: E402
+from diffserve.server.stage import Job  # noqa: E402
+
+
+class FakeResponse:
+    def __init__(self, coro) -> None:
+        self._task = asyncio.get_running_loop().create_task(coro)
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._task.cancel()
+
+    def __await__(self):
+        return self._task.__await__()
+
+
+class FakeHandle:
+    """Fails the first ``die`` calls as a dead replica, raises ``error`` if set, else answers."""
+
+    def __init__(self, *, die: int = 0, error: Exception | None = None, gate: asyncio.Event | None = None) -> None:
+        self.die = die
+        self.error = error
+        self.gate = gate
+        self.calls: list[tuple[Any, ...]] = []
+        self.responses: list[FakeResponse] = []
+
+    def remote(self, *args: Any) -> FakeResponse:
+        self.calls.append(args)
+        response = FakeResponse(self._answer(args))
+        self.responses.append(response)
+        return response
+
+    async def _answer(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.die > 0:
+            self.die -= 1
+            raise ActorDiedError()
+        if self.error is not None:
+            raise self.error
+        return {"png": b"\x89PNG", "confidence": 0.5, "queue_ms": 1.0, "compute_ms": 100.0, "pid": 4242}
+
+
+def make_pool(handle: FakeHandle, **kw: Any) -> RemotePool:
+    return RemotePool("sd-turbo", handle, clock=Clock(1000.0), latency_ms=lambda bs: 100.0 * bs, **kw)
+
+
+def job(i: int = 0) -> Job:
+    return Job(prompt=f"p{i}", seed=i, size=(512, 512), deadline_ms=1e9, arrival_ms=0.0, score=True)
+
+
+async def test_job_answered_with_the_replica_result_and_plan_batch_size():
+    handle = FakeHandle()
+    pool = make_pool(handle, batch_size=4)
+    j = job()
+    pool.submit(j)
+    result = await asyncio.wait_for(j.future, 5)
+    assert (result.model, result.confidence, result.worker) == ("sd-turbo", 0.5, 4242)
+    assert handle.calls == [("p0", 0, (512, 512), True, 4, None)]
+    await asyncio.sleep(0)
+    assert len(pool) == 0
+
+
+async def test_dead_replica_is_retried_once_then_answered():
+    crashes: list[str] = []
+    pool = make_pool(FakeHandle(die=1), on_crash=crashes.append)
+    j = job()
+    pool.submit(j)
+    assert (await asyncio.wait_for(j.future, 5)).png == b"\x89PNG"
+    assert pool.retries == 1 and crashes == ["sd-turbo"]
+
+
+async def test_replica_dying_twice_gives_503_not_a_lost_request():
+    pool = make_pool(FakeHandle(die=2))
+    j = job()
+    pool.submit(j)
+    with pytest.raises(Unavailable) as err:
+        await asyncio.wait_for(j.future, 5)
+    assert err.value.status == 503 and err.value.retry_after_s == 1
+
+
+async def test_model_error_is_not_retried():
+    handle = FakeHandle(error=ValueError("bad batch"))
+    pool = make_pool(handle)
+    j = job()
+    pool.submit(j)
+    with pytest.raises(ValueError, match="bad batch"):
+        await asyncio.wait_for(j.future, 5)
+    assert len(handle.calls) == 1 and pool.retries == 0
+
+
+async def test_cancelled_job_cancels_its_ray_request():
+    gate = asyncio.Event()
+    handle = FakeHandle(gate=gate)
+    pool = make_pool(handle)
+    j = job()
+    pool.submit(j)
+    await asyncio.sleep(0)
+    assert len(pool) == 1 and len(handle.calls) == 1
+    j.future.cancel()  # what the router does when the client leaves or the deadline passes
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert handle.responses[0].cancelled
+    assert len(pool) == 0
+
+
+async def test_queue_bound_rejects_at_once_without_sending():
+    gate = asyncio.Event()
+    handle = FakeHandle(gate=gate)
+    pool = make_pool(handle, max_queue=2)
+    jobs = [job(i) for i in range(2)]
+    for j in jobs:
+        pool.submit(j)
+    with pytest.raises(QueueFull):
+        pool.submit(job(9))
+    await asyncio.sleep(0)
+    assert len(handle.calls) == 2
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+    assert pool.free == 2
+
+
+async def test_estimate_wait_counts_rounds_of_batches_over_replicas():
+    gate = asyncio.Event()
+    pool = make_pool(FakeHandle(gate=gate), batch_size=2, workers=2)
+    assert pool.estimate_wait_ms(1) == 100.0  # one job, one round of batch 1
+    for i in range(4):
+        pool.submit(job(i))
+    assert pool.estimate_wait_ms(1) == 2 * 200.0  # 5 jobs over 2 replicas x batch 2: 2 rounds
+    gate.set()
+    await pool.close()
+
+
+async def test_controller_moves_replicas_when_load_changes(monkeypatch):
+    """The embedded controller drives the Ray runtime: more demand, more replicas via the scaler."""
+    from diffserve.planner import solve_plan
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.server.runtime import RuntimeSettings
+
+    calls: list[tuple[str, str, int]] = []
+
+    async def fake_set(app: str, deployment: str, n: int) -> None:
+        calls.append((app, deployment, n))
+
+    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8)
+    pair = cascade.recommended()
+    catalogue = rt.CatalogueBackend(profile, pair, 8, [(512, 512)])
+    handles = {m: FakeHandle() for m in catalogue.models}
+    deployments = {m: f"Pool_{m}" for m in catalogue.models}
+    clock = Clock(1.0)
+    runtime = rt.RayRuntime(
+        catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock, settings=RuntimeSettings()
+    )
+    await runtime.start()
+    await asyncio.gather(*runtime._scaling)
+    first = {d: n for _, d, n in calls}
+    assert first == {deployments[p.model]: p.workers for p in plan.pools} | {
+        d: 0 for m, d in deployments.items() if plan.pool(m) is None
+    }
+    calls.clear()
+    runtime.controller.ewma = 30.0  # as if 30 QPS had been offered over the last interval
+    decision = await runtime.controller.step()
+    await asyncio.gather(*runtime._scaling)
+    await runtime.stop()
+    assert decision["applied"], decision
+    assert sum(decision["workers"].values()) > sum(p.workers for p in plan.pools)
+    assert calls, "the new plan did not reach the scaler"
+    for _, dep, n in calls:
+        model = next(m for m, d in deployments.items() if d == dep)
+        assert n == decision["workers"].get(model, 0)
+    assert runtime.replica_targets == {m: decision["workers"].get(m, 0) for m in deployments}
