@@ -88,9 +88,7 @@ class ClipLogRegDiscriminator(Discriminator):
             StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced", random_state=seed)
         )
         model.fit(x, y)
-        disc = cls(clip, model, positive_name)
-        disc.probe = disc._probe_features()
-        return disc
+        return cls(clip, model, positive_name)
 
     def confidence_from_features(self, features: np.ndarray) -> np.ndarray:
         return _clamp(self.classifier.predict_proba(features)[:, 1])
@@ -119,6 +117,8 @@ class ClipLogRegDiscriminator(Discriminator):
 
         import joblib
 
+        if self.probe is None:  # recorded at save time so that fitting alone needs no CLIP model
+            self.probe = self._probe_features()
         buffer = io.BytesIO()
         joblib.dump(
             {

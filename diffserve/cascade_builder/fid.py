@@ -12,6 +12,7 @@ features through an identity "feature extractor".
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,9 @@ def kid(real: np.ndarray, fake: np.ndarray, *, subsets: int = 20, seed: int = 0)
     size = min(len(real), len(fake), 1000)
     if size < 2:
         raise UserError(f"KID needs at least 2 images in each set, got {len(real)} and {len(fake)}")
-    metric = KernelInceptionDistance(feature=_identity(real.shape[1]), subsets=subsets, subset_size=size)
+    with warnings.catch_warnings():  # "saves all features in a buffer": we pass features, not images
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_identity(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
     metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)), real=False)
     with torch.random.fork_rng(devices=[]):
