@@ -57,11 +57,13 @@ def profile(
     from diffserve.models import resolve_variants
     from diffserve.profiler import ProfileSettings, profile_variants
     from diffserve.profiler.report import profile_table
+    from diffserve.profiler.run import check_variants
     from diffserve.units import parse_duration_ms, parse_int_list
 
     sizes = tuple(parse_int_list(batch_sizes, name="--batch-sizes"))
     limit_s = parse_duration_ms(time_limit, name="--time-limit") / 1000 if time_limit else None
     specs = resolve_variants(models)
+    check_variants(specs, device)  # every bad variant fails here, before the progress bar starts
     settings = ProfileSettings(
         batch_sizes=sizes, repeats=repeats, warmup=warmup, time_limit_s=limit_s, memory_limit_mb=memory_limit,
         device=device, resume=resume, threads=threads,
@@ -120,7 +122,7 @@ class _RichProgress:
 
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err_console, transient=False,
+            console=err_console, transient=True,
         )
         self._task = self._progress.add_task("starting", total=total)
 

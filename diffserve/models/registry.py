@@ -226,6 +226,15 @@ def scheduler_class(name: str) -> Any:
     return cls
 
 
+def check_hub_available(src: _Source) -> None:
+    """Offline, a hub id must already be in the local cache; say so before any loading starts."""
+    if src.kind == "hub" and hub_offline() and not _hub_cached(src.location):
+        raise UserError(
+            f"model {src.location!r} is not in the local Hugging Face cache and the machine is offline "
+            "(HF_HUB_OFFLINE=1): download it first or give a local directory"
+        )
+
+
 def _hub_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -245,11 +254,7 @@ def load_variant(spec: VariantSpec, *, device: str | None = None) -> LoadedModel
     cls = pipeline_class(spec.pipeline_class, default=default_cls)
     sched_cls = scheduler_class(spec.scheduler) if spec.scheduler else None
     offline = hub_offline()
-    if src.kind == "hub" and offline and not _hub_cached(src.location):
-        raise UserError(
-            f"model {src.location!r} is not in the local Hugging Face cache and the machine is offline "
-            "(HF_HUB_OFFLINE=1): download it first or give a local directory"
-        )
+    check_hub_available(src)
 
     start = time.perf_counter()
     if src.kind == "builtin":

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 from diffserve.errors import UserError
 from diffserve.fileio import read_model, write_model
 from diffserve.models import LoadedModel, VariantSpec, load_variant, set_torch_threads
-from diffserve.models.registry import classify_source, pipeline_class, resolve_device, resolve_dtype, scheduler_class
+from diffserve.models.registry import check_hub_available, classify_source, pipeline_class, resolve_device, resolve_dtype, scheduler_class
 from diffserve.profiler.measure import Limits, measure_ladder
 from diffserve.profiler.memory import MemoryProbe
 from diffserve.schemas import BatchProfile, ModelProfile, ProfileFile
@@ -69,7 +69,7 @@ def check_variants(specs: list[VariantSpec], device: str | None) -> str:
         raise UserError("no models to profile")
     devices = set()
     for spec in specs:
-        classify_source(spec.source)
+        check_hub_available(classify_source(spec.source))
         pipeline_class(spec.pipeline_class, default="StableDiffusionPipeline" if spec.is_builtin else "DiffusionPipeline")
         if spec.scheduler:
             scheduler_class(spec.scheduler)
