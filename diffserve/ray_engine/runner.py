@@ -137,7 +137,8 @@ def run(
         deployed = deploy(options, ray_options, host=host, port=port, admin_token=admin_token)
         if on_ready:
             on_ready(deployed)
-        stop.wait()
+        while not stop.wait(0.5):  # short waits so that the signal handler runs promptly
+            pass
         log.info("stopping: deleting the application (the ingress drains in-flight images)")
         serve.delete(ray_options.app_name)
         if owned:
