@@ -72,9 +72,16 @@ class Ingress:
 
         app = create_app(self.runtime, ApiSettings(admin_token=self.admin_token), manage_lifecycle=True)
 
+        from fastapi import Request
+
+        from diffserve.server.errors import Unauthorized
+
         @app.get("/v1/ray")
-        async def ray_status() -> dict[str, Any]:
-            """Ray-side state: replica targets, retries after replica deaths, the ingress pid."""
+        async def ray_status(request: Request) -> dict[str, Any]:
+            """Ray-side state: replica targets, retries after replica deaths, the ingress pid.
+            Guarded by the admin token like /v1/plan, since it shows process ids."""
+            if self.admin_token is not None and request.headers.get("authorization", "") != f"Bearer {self.admin_token}":
+                raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <token>")
             return {"ingress_pid": self.pid, **self.runtime.ray_stats()}
 
         return app
