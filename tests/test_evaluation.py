@@ -287,3 +287,12 @@ def test_generator_logs_connection_failures():
     result = asyncio.run(run_open_loop(config, arrivals, ["p"], transport=httpx.MockTransport(handler)))
     assert len(result.records) == 2
     assert all(r.status is None and "ConnectError" in r.error and r.outcome(5000) is Outcome.FAILED for r in result.records)
+
+
+def test_client_view_judges_by_the_client_clock():
+    # the server answered in 1 s of model time, but the answer reached the client 6 s after arrival
+    record = _rec(0, 0, latency=1000.0).model_copy(update={"done_ms": 6010.0})
+    assert record.outcome(5000) is Outcome.OK
+    assert record.outcome(5000, client_view=True) is Outcome.LATE
+    s = summarize([record, _rec(1, 0)], slo_ms=5000, light="light", heavy="heavy", quality=_linear)
+    assert s.slo_violation_ratio == 0 and s.client_slo_violation_ratio == pytest.approx(0.5)

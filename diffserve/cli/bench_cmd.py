@@ -217,11 +217,11 @@ def compare_cmd(
 
 def _warn_lag(row: dict, slo_ms: float) -> None:
     """Say so when the client itself fell behind: then the server saw a different load than the trace."""
-    lag = row.get("max_send_lag_ms") or 0.0
+    lag = row.get("p99_send_lag_ms") or 0.0
     if lag > 0.1 * slo_ms:
         err_console.print(
-            f"[bold yellow]warning:[/] {row['policy']}: the load generator sent up to {lag:.0f} model ms late "
-            f"(more than 10% of the SLO); the machine is too busy for this speedup, so rerun with a lower --speedup.",
+            f"[bold yellow]warning:[/] {row['policy']}: 1% of requests left the load generator more than {lag:.0f} "
+            f"model ms late (over 10% of the SLO); the machine is too busy for this speedup: rerun with a lower --speedup.",
             soft_wrap=True,
         )
 

@@ -86,6 +86,7 @@ class LoadResult:
     plans: list[PlanObservation]
     wall_s: float
     max_send_lag_ms: float  # model ms: how far behind schedule the worst send left
+    p99_send_lag_ms: float = 0.0  # model ms, 99th percentile over sends
 
 
 def _parse_success(record: RequestRecord, payload: Any) -> None:
@@ -134,7 +135,7 @@ async def run_open_loop(
     plans: list[PlanObservation] = []
     limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
     timeout = httpx.Timeout(config.timeout_s)
-    lag = 0.0
+    lags: list[float] = []
     start = clock()
 
     async with httpx.AsyncClient(base_url=config.url, limits=limits, timeout=timeout, transport=transport) as client:
@@ -185,7 +186,7 @@ async def run_open_loop(
             delay = due - clock()
             if delay > 0:
                 await sleep(delay)
-            lag = max(lag, to_model_ms(max(0.0, clock() - due)))
+            lags.append(to_model_ms(max(0.0, clock() - due)))
             tasks.append(asyncio.create_task(send(record, prompt_for(prompts, arrival.prompt_index))))
         # Every request carries its own timeout; the outer bound only guards against a bug.
         if tasks:
@@ -202,7 +203,11 @@ async def run_open_loop(
         if record.status is None and record.error is None:
             record.error = "cancelled: no answer within the run's bound"
             record.done_ms = record.done_ms if record.done_ms is not None else to_model_ms(clock() - start)
-    return LoadResult(records=records, plans=plans, wall_s=clock() - start, max_send_lag_ms=lag)
+    lags.sort()
+    return LoadResult(
+        records=records, plans=plans, wall_s=clock() - start, max_send_lag_ms=lags[-1] if lags else 0.0,
+        p99_send_lag_ms=lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else 0.0,
+    )
 
 
 async def _observe_plan(client: httpx.AsyncClient, plans: list[PlanObservation], at_ms: float) -> None:

@@ -35,6 +35,7 @@ class Summary(BaseModel):
     n_rejected: int
     n_failed: int
     slo_violation_ratio: float
+    client_slo_violation_ratio: float
     degraded_ratio: float
     duration_s: float
     goodput: float
@@ -115,6 +116,7 @@ def summarize(
     heavy_fraction = sum(heavy_n) / answered if answered else None
     latencies = [r.effective_latency_ms for r in records if r.status == 200 and r.effective_latency_ms is not None]
     client = [r.client_latency_ms for r in records if r.status == 200 and r.client_latency_ms is not None]
+    client_violations = sum(r.outcome(slo_ms, client_view=True).violates for r in records)
     good = count[Outcome.OK] + count[Outcome.DEGRADED]
     violations = count[Outcome.LATE] + count[Outcome.REJECTED] + count[Outcome.FAILED]
     return Summary(
@@ -125,6 +127,7 @@ def summarize(
         n_rejected=count[Outcome.REJECTED],
         n_failed=count[Outcome.FAILED],
         slo_violation_ratio=round(violations / n, 6) if n else 0.0,
+        client_slo_violation_ratio=round(client_violations / n, 6) if n else 0.0,
         degraded_ratio=round(count[Outcome.DEGRADED] / n, 6) if n else 0.0,
         duration_s=n_seconds,
         goodput=round(good / n_seconds, 4) if n_seconds else 0.0,

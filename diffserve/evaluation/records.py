@@ -65,9 +65,10 @@ class RequestRecord(BaseModel):
         """
         return self.latency_ms if self.latency_ms is not None else self.client_latency_ms
 
-    def outcome(self, slo_ms: float) -> Outcome:
+    def outcome(self, slo_ms: float, *, client_view: bool = False) -> Outcome:
+        """The outcome against ``slo_ms``; ``client_view`` judges by the client's latency instead."""
         if self.status == 200:
-            latency = self.effective_latency_ms
+            latency = self.client_latency_ms if client_view else self.effective_latency_ms
             if latency is not None and latency > slo_ms:
                 return Outcome.LATE
             return Outcome.DEGRADED if self.degraded else Outcome.OK

@@ -106,6 +106,7 @@ def timeline_png(path: str | Path, tl: dict[str, Any], title: str, metric: str =
     ax.plot(secs, tl["demand"], label="demand (arrivals/s)", lw=0.8)
     ax.plot(secs, [np.nan if c is None else c for c in tl["capacity_qps"]], label="planned capacity (q/s)", lw=1.2)
     ax.plot(secs, tl["goodput"], label="goodput (q/s)", lw=0.8, alpha=0.7)
+    ax.plot(secs, [np.nan if d is None else d for d in tl["demand_estimate_qps"]], label="controller's demand estimate", lw=0.8, ls="--")
     ax.set_ylabel("queries/s")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title)

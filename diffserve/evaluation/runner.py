@@ -69,6 +69,7 @@ def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[
         "speedup": spec.load.speedup,
         "wall_s": round(result.wall_s, 2),
         "max_send_lag_ms": round(result.max_send_lag_ms, 1),
+        "p99_send_lag_ms": round(result.p99_send_lag_ms, 1),
     }
     return row, tl
 
