@@ -144,3 +144,23 @@ async def test_controller_loop_runs_on_the_model_time_interval() -> None:
         await asyncio.sleep(0.001)
     await ctl.stop()
     assert len(target.applied) >= 3
+
+
+async def test_a_worker_that_must_load_a_model_is_unavailable_for_its_load_time() -> None:
+    from diffserve.reference import reference_cascade, reference_profile
+    from diffserve.server.emulated import DEFAULT_LOAD_TIME_S, EmulatedBackend
+
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+
+    profile = reference_profile()
+    profile.models["sd-v1.5"].load_time_s = 7.5
+    clock = Clock(10.0, sleep=fake_sleep)
+    paper = EmulatedBackend(profile, reference_cascade().recommended(), 2, clock)
+    assert await paper.ensure_loaded(0, "sd-v1.5") == 0.0 and slept == []
+    one = EmulatedBackend(profile, reference_cascade().recommended(), 2, clock, hold_all=False)
+    assert await one.ensure_loaded(0, "sd-v1.5") == 7500.0 and slept == [0.75]
+    assert await one.ensure_loaded(0, "sd-v1.5") == 0.0  # already resident
+    assert await one.ensure_loaded(0, "sd-turbo") == DEFAULT_LOAD_TIME_S * 1000  # no measured load time

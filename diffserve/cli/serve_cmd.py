@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -79,6 +80,7 @@ def register(app: typer.Typer) -> None:
         queue_full_status: Annotated[int, typer.Option(help="Status for a full queue: 429 (default) or 503.")] = 429,
         max_batch_wait: Annotated[Optional[str], typer.Option(help="Longest wait for a fuller batch, model time (default: a quarter of the batch's latency, within the SLO slack).")] = None,
         admin_token: Annotated[Optional[str], typer.Option(envvar="DIFFSERVE_ADMIN_TOKEN", help="Token for GET/PUT /v1/plan.")] = None,
+        hold_both: Annotated[bool, typer.Option("--hold-both/--one-model-per-worker", help="Emulated: each worker holds both models and switches at no cost (the paper's mode); otherwise a moved worker is unavailable for the model's load time.")] = True,
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
         log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "warning",
@@ -104,10 +106,71 @@ def register(app: typer.Typer) -> None:
             max_queue=max_queue,
             queue_full_status=queue_full_status,
             max_batch_wait_ms=None if max_batch_wait is None else _nonneg_duration(max_batch_wait),
+            hold_all=hold_both,
         )
         if queue_full_status not in (429, 503):
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")
         run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level)
+
+    @app.command("quickstart")
+    @cli_errors
+    def quickstart_command(
+        workdir: Annotated[Path, typer.Option(help="Where the stages' files are cached; a second run reuses them.")] = Path(".diffserve-quickstart"),
+        prompts: Annotated[int, typer.Option(min=8, help="Prompts for build-cascade.")] = 40,
+        workers: Annotated[int, typer.Option(min=1, help="Worker processes (each holds both models).")] = 2,
+        slo: Annotated[str, typer.Option(help="Latency SLO for the tiny models on CPU.")] = "30s",
+        demand: Annotated[float, typer.Option(help="Demand the first plan is solved for (QPS).")] = 0.5,
+        force: Annotated[bool, typer.Option(help="Redo every stage instead of using cached files.")] = False,
+        host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
+        serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the server at the end.")] = True,
+    ) -> None:
+        """The whole flow on the built-in tiny zoo: profile -> build-cascade -> plan -> serve (real, RANDOM-weight models)."""
+        from diffserve.server.build import ServeOptions
+
+        parse_duration_ms(slo, name="--slo")
+        profile_path, cascade_path, plan_path = quickstart_flow(workdir, prompts=prompts, workers=workers, slo=slo, demand=demand, force=force)
+        if not serve:
+            console.print(f"artifacts ready in {workdir}; start with: diffserve serve --backend diffusers --profile {profile_path} "
+                          f"--cascade {cascade_path} --plan {plan_path} --workers {workers} --slo {slo}", soft_wrap=True)
+            return
+        console.print("[bold]\\[4/4] serve[/]: loading the models in the worker processes ...")
+        opts = ServeOptions(
+            backend="diffusers", profile=profile_path, cascade=cascade_path, plan=plan_path, workers=workers,
+            slo_ms=parse_duration_ms(slo, name="--slo"), demand_qps=demand, replan_interval_ms=30_000,
+        )
+        run_server(opts, host=host, port=port, admin_token=None, log_level="warning")
+
+
+QUICKSTART_MODELS = "tiny-turbo,tiny-base"
+
+
+def _stage(step: int, name: str, output, argv: list[str], *, force: bool) -> None:
+    """Run one pipeline stage as its own ``diffserve`` command unless its output is cached."""
+    import subprocess
+    import sys
+
+    if output.exists() and not force:
+        console.print(f"[bold]\\[{step}/4] {name}[/]: cached {output}")
+        return
+    console.print(f"[bold]\\[{step}/4] {name}[/]: diffserve {' '.join(argv)}", soft_wrap=True)
+    result = subprocess.run([sys.executable, "-m", "diffserve.cli.main", *argv])
+    if result.returncode != 0:
+        raise UserError(f"the {name} stage failed (exit code {result.returncode}); see its output above")
+
+
+def quickstart_flow(workdir, *, prompts: int, workers: int, slo: str, demand: float, force: bool) -> tuple[str, str, str]:
+    """profile -> build-cascade -> plan on the built-in zoo, each stage cached in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    profile, cascade, plan = workdir / "profile.yaml", workdir / "cascade.yaml", workdir / "plan.yaml"
+    _stage(1, "profile", profile, ["profile", "--models", QUICKSTART_MODELS, "--batch-sizes", "1,2,4", "--repeats", "2",
+                                   "--output", str(profile), "--resume"], force=force)
+    _stage(2, "build-cascade", cascade, ["build-cascade", "--models", QUICKSTART_MODELS, "--prompts", "builtin",
+                                         "--num-prompts", str(prompts), "--profile", str(profile), "--output", str(cascade),
+                                         "--cache-dir", str(workdir / "images")], force=force)
+    _stage(3, "plan", plan, ["plan", "--profile", str(profile), "--cascade", str(cascade), "--demand", str(demand),
+                             "--slo", slo, "--workers", str(workers), "--spare", "fill", "--output", str(plan)], force=force)
+    return str(profile), str(cascade), str(plan)
 
 
 def _nonneg_duration(text: str) -> float:
