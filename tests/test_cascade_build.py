@@ -179,3 +179,36 @@ def test_builtin_prompts_flow_into_the_split() -> None:
     ps = load_prompts("builtin")
     train, val, test = split_prompts(len(ps), (0.5, 0.2, 0.3), seed=0)
     assert len(test) >= 60  # enough held-out prompts for a meaningful f(t)
+
+
+@pytest.mark.slow
+def test_efficientnet_backbone_trains_saves_and_reloads(tmp_path) -> None:
+    """The paper's backbone: random-init EfficientNet-V2-S (no weights offline), fine-tuned one epoch."""
+    import torch
+
+    torch.set_num_threads(1)
+    load, _ = _loader({"light": 0, "heavy": 200})
+    output = tmp_path / "cascade.yaml"
+    options = BuildOptions(cache_dir=tmp_path / "cache", clip=TINY_CLIP, grid_points=11, backbone="efficientnet",
+                           epochs=1, backbone_image_size=32, profile=profile({"light": 10.0, "heavy": 200.0}))
+    build_cascade([spec("light"), spec("heavy", 8)], prompts(8), output, options, load)
+    pair = load_cascade(output).recommended()
+    assert pair.discriminator.kind == "efficientnet" and pair.discriminator.random_weights
+    artifact = output.parent / pair.discriminator.path
+    assert artifact.suffix == ".safetensors" and artifact.with_suffix(".json").is_file()
+    disc = load_discriminator(pair.discriminator.path, base=output)
+    images = [Image.new("RGB", (16, 16), (v, v, v)) for v in (0, 120, 250)]
+    conf = disc.confidence(images)
+    assert ((conf >= 0) & (conf < 1)).all()
+    assert np.allclose(conf, load_discriminator(artifact).confidence(images))
+
+
+def test_backbone_weights_must_be_efficientnet(tmp_path) -> None:
+    import torch
+
+    bogus = tmp_path / "w.pth"
+    torch.save({"foo.weight": torch.zeros(2)}, bogus)
+    from diffserve.cascade_builder.discriminator import EfficientNetDiscriminator
+
+    with pytest.raises(UserError, match="does not hold EfficientNet-V2-S weights"):
+        EfficientNetDiscriminator.build(str(bogus))

@@ -77,6 +77,8 @@ class BuildOptions:
     profile: ProfileFile | None = None
     plot: Path | None = None
     min_fid_samples: int = MIN_FID_SAMPLES
+    #: where CLIP, the FID net and the EfficientNet run ("cuda" on a GPU machine); generation has its own --device
+    feature_device: str = "cpu"
 
 
 @dataclass
@@ -161,7 +163,7 @@ def build_cascade(
     split = _query_split(first, prompt_split)
 
     clip = options.clip
-    encoder = get_encoder(clip)
+    encoder = get_encoder(clip, options.feature_device)
     text = encoder.encode_texts([p.text for p, _ in first.queries])
     feats: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
@@ -177,7 +179,7 @@ def build_cascade(
             scores[name] = clip_score(feats[name], text)
 
     real = _real_sets(real_paths, prompts, prompt_split, options) if real_paths else None
-    fid_net = FidFeatures(options.fid) if real is not None else None
+    fid_net = FidFeatures(options.fid, options.feature_device) if real is not None else None
     fid_real = fid_net(real["images"]) if fid_net is not None else None
     fid_test: dict[str, np.ndarray] = {}
     if fid_net is not None:
@@ -197,7 +199,7 @@ def build_cascade(
         positive = "real" if real is not None else heavy
         if (light, positive) not in trained:
             console.print(f"training the {options.backbone} discriminator: {light} (negative) vs {positive} (positive)")
-            trained[(light, positive)] = _train(light, positive, images, feats, split, real, options, artifacts_dir, output)
+            trained[(light, positive)] = _train(light, positive, images, feats, split, real, options, artifacts_dir, output, console)
         disc, val_metrics, artifact, disc_ms = trained[(light, positive)]
         if isinstance(disc, ClipLogRegDiscriminator):
             conf = disc.confidence_from_features(feats[light][split.test])
@@ -335,11 +337,12 @@ def _train(
     options: BuildOptions,
     artifacts_dir: Path,
     output: Path,
+    console: Console,
 ) -> tuple[Discriminator, dict, str, float]:
     """Train one discriminator, report its validation metrics, save it; returns its per-image latency too."""
     stem = f"{light}__vs__{positive}"
     if options.backbone == "clip":
-        encoder = get_encoder(options.clip)
+        encoder = get_encoder(options.clip, options.feature_device)
         if real is not None:
             real_feats = encoder.encode_images(real["images"])
             pos_train, pos_val = real_feats[real["train"]], real_feats[real["val"]]
@@ -348,6 +351,7 @@ def _train(
         disc: Discriminator = ClipLogRegDiscriminator.fit(
             pos_train, feats[light][split.train], options.clip, positive_name=positive, seed=options.seed
         )
+        disc.device = options.feature_device
         val_conf = np.concatenate([disc.confidence_from_features(pos_val), disc.confidence_from_features(feats[light][split.val])])
         n_pos = len(pos_val)
         path = artifacts_dir / f"{stem}.joblib"
@@ -358,13 +362,12 @@ def _train(
         else:
             pos_train, pos_val = images[positive].images(split.train), images[positive].images(split.val)
         neg_train = images[light].images(split.train)
-        console = Console(stderr=True)
         with progress_bar(console) as progress:
             task = progress.add_task(f"fine-tune EfficientNet-V2-S ({stem})", total=options.epochs * (len(pos_train) + len(neg_train)))
             disc = EfficientNetDiscriminator.fit(
                 pos_train, neg_train, positive_name=positive, backbone_weights=options.backbone_weights,
                 image_size=options.backbone_image_size, epochs=options.epochs, seed=options.seed,
-                progress=lambda n: progress.advance(task, n),
+                progress=lambda n: progress.advance(task, n), device=options.feature_device,
             )
         val_conf = np.concatenate([disc.confidence(pos_val), disc.confidence(images[light].images(split.val))])
         n_pos = len(pos_val)

@@ -73,8 +73,9 @@ class FidConfig:
 class FidFeatures:
     """Extracts the FID/KID feature vector of each image."""
 
-    def __init__(self, config: FidConfig) -> None:
+    def __init__(self, config: FidConfig, device: str = "cpu") -> None:
         self.config = config
+        self.device = device
         if config.inception_weights is None:
             self.net = _random_feature_net(config.seed)
         else:
@@ -91,6 +92,7 @@ class FidFeatures:
                 )
             except Exception as exc:  # a wrong file: pickle, key or shape errors
                 raise UserError(f"could not load Inception weights from {path}: {exc}") from None
+        self.net = self.net.to(device)
 
     def __call__(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
         import torch
@@ -100,7 +102,7 @@ class FidFeatures:
             for i in range(0, len(images), batch_size):
                 arrays = [np.asarray(im.convert("RGB").resize(images[i].size)) for im in images[i : i + batch_size]]
                 batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-                out.append(self.net(batch).reshape(batch.shape[0], -1).double().numpy())
+                out.append(self.net(batch.to(self.device)).reshape(batch.shape[0], -1).double().cpu().numpy())
         return np.concatenate(out)
 
 

@@ -87,11 +87,14 @@ class ScoreOptions:
     fid: FidConfig = FidConfig()
     reference_images: Path | None = None
     max_reference_images: int = 5000
+    feature_device: str = "cpu"
 
 
-def clip_scores(variant: VariantImages, text_features: dict[str, np.ndarray], clip: ClipConfig) -> tuple[np.ndarray, np.ndarray]:
+def clip_scores(
+    variant: VariantImages, text_features: dict[str, np.ndarray], clip: ClipConfig, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """(image features, CLIP score) of every query of ``variant``, loading images in chunks."""
-    encoder = get_encoder(clip)
+    encoder = get_encoder(clip, device)
     feats = []
     for i in range(0, len(variant.queries), 64):
         feats.append(encoder.encode_images(variant.images(range(i, min(i + 64, len(variant.queries))))))
@@ -100,8 +103,8 @@ def clip_scores(variant: VariantImages, text_features: dict[str, np.ndarray], cl
     return image_features, clip_score(image_features, texts)
 
 
-def text_features_of(prompts: PromptSet, clip: ClipConfig) -> dict[str, np.ndarray]:
-    feats = get_encoder(clip).encode_texts(prompts.texts)
+def text_features_of(prompts: PromptSet, clip: ClipConfig, device: str = "cpu") -> dict[str, np.ndarray]:
+    feats = get_encoder(clip, device).encode_texts(prompts.texts)
     return {p.id: feats[i] for i, p in enumerate(prompts)}
 
 
@@ -123,7 +126,7 @@ def score_variants(
         seed=options.seed,
         console=console,
     )
-    text_features = text_features_of(prompts, options.clip)
+    text_features = text_features_of(prompts, options.clip, options.feature_device)
     real_features = None
     reference = options.reference_images
     if reference is None and prompts.has_images:
@@ -132,7 +135,7 @@ def score_variants(
         reference_paths = load_image_folder(reference, limit=options.max_reference_images, seed=options.seed)
     else:
         reference_paths = None
-    fid_net = FidFeatures(options.fid) if reference_paths else None
+    fid_net = FidFeatures(options.fid, options.feature_device) if reference_paths else None
     if fid_net is not None:
         real_features = fid_net(open_images(reference_paths))
 
@@ -141,7 +144,7 @@ def score_variants(
     with progress_bar(console) as progress:
         task = progress.add_task("score", total=len(images))
         for name, variant in images.items():
-            _, scores = clip_scores(variant, text_features, options.clip)
+            _, scores = clip_scores(variant, text_features, options.clip, options.feature_device)
             mean, low, high = mean_ci95(scores)
             dist = {"fid": None, "kid": None, "kid_std": None}
             if fid_net is not None and real_features is not None:

@@ -38,6 +38,7 @@ ClipImageSize = Annotated[Optional[int], typer.Option("--clip-image-size", min=1
 InceptionWeights = Annotated[Optional[Path], typer.Option("--inception-weights", help="Local FID Inception-v3 weights (pt_inception-2015-12-05). Without it FID/KID use a RANDOM feature net.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps (default: the variant's own).")]
 Threads = Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")]
+FeatureDevice = Annotated[str, typer.Option("--feature-device", help="Where CLIP, the FID net and the discriminator run: cpu, cuda, cuda:N.")]
 
 
 def _prompts(prompts: str, fmt: str, num: Optional[int], seed: int, coco_images: Optional[Path]):
@@ -97,6 +98,7 @@ def score(
     clip_image_size: ClipImageSize = None,
     inception_weights: InceptionWeights = None,
     device: Device = None,
+    feature_device: FeatureDevice = "cpu",
     threads: Threads = 1,
 ) -> None:
     """Generate images for a prompt set with each model and score them: CLIP score, FID/KID."""
@@ -108,7 +110,7 @@ def score(
     options = ScoreOptions(
         images_per_prompt=images_per_prompt, cache_dir=cache_dir, batch_size=batch_size, seed=seed,
         clip=_clip(clip_model, clip_pretrained, clip_weights, clip_image_size, seed), fid=_fid(inception_weights, seed),
-        reference_images=reference_images,
+        reference_images=reference_images, feature_device=feature_device,
     )
     _setup(threads)
     quality = score_variants(specs, prompt_set, output, options, _loader(device), console=err_console)
@@ -158,6 +160,7 @@ def build_cascade(
     clip_image_size: ClipImageSize = None,
     inception_weights: InceptionWeights = None,
     device: Device = None,
+    feature_device: FeatureDevice = "cpu",
     threads: Threads = 1,
 ) -> None:
     """Train the discriminator and measure f(t) and Q(t) for every (light, heavy) pair: writes cascade.yaml."""
@@ -192,7 +195,7 @@ def build_cascade(
         backbone_weights=str(backbone_weights) if backbone_weights else None, epochs=epochs,
         backbone_image_size=backbone_image_size, metric=metric,  # type: ignore[arg-type]
         grid_points=grid_points, split=fractions, keep_all_pairs=keep_all_pairs,  # type: ignore[arg-type]
-        profile=load_profile(profile) if profile else None, plot=plot,
+        profile=load_profile(profile) if profile else None, plot=plot, feature_device=feature_device,
     )
     _setup(threads)
     start = time.perf_counter()
