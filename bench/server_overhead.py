@@ -78,20 +78,23 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 async def open_loop(base: str, qps: float, duration_s: float, speedup: float, seed: int = 0) -> list[dict]:
+    """Poisson arrivals at ``qps`` (wall) for ``duration_s``; aiohttp when installed (about 4x less
+    client CPU per request than httpx, which matters on 2 cores), httpx otherwise."""
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - httpx is a core dependency
+        aiohttp = None
     rng = random.Random(seed)
     records: list[dict] = []
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        # warm the connection pool so connection setup is not billed to the server
-        await asyncio.gather(*(client.get("/healthz") for _ in range(32)))
 
+    async def run(post) -> None:
         async def one(i: int) -> None:
             sent = time.perf_counter()
-            r = await client.post("/v1/images/generations", json={"prompt": f"prompt {i}", "seed": i})
+            status, body = await post({"prompt": f"prompt {i}", "seed": i})
             done = time.perf_counter()
-            rec = {"status": r.status_code, "sent": sent, "done": done, "wall_ms": (done - sent) * 1000}
-            if r.status_code == 200:
-                meta = r.json()["data"][0]["diffserve"]
+            rec = {"status": status, "sent": sent, "done": done, "wall_ms": (done - sent) * 1000}
+            if status == 200:
+                meta = body["data"][0]["diffserve"]
                 rec.update(model=meta["model"], compute_wall_ms=meta["compute_ms"] / speedup,
                            queue_wall_ms=meta["queue_ms"] / speedup, server_wall_ms=meta["latency_ms"] / speedup)
             records.append(rec)
@@ -108,6 +111,30 @@ async def open_loop(base: str, qps: float, duration_s: float, speedup: float, se
             tasks.append(asyncio.create_task(one(i)))
             i += 1
         await asyncio.gather(*tasks)
+
+    url = f"{base}/v1/images/generations"
+    if aiohttp is not None:
+        conn = aiohttp.TCPConnector(limit=2000)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            async def post(body):
+                async with session.post(url, json=body) as r:
+                    return r.status, await r.json(content_type=None)
+
+            async def warm() -> None:
+                async with session.get(f"{base}/healthz") as r:
+                    await r.read()
+
+            await asyncio.gather(*(warm() for _ in range(32)))
+            await run(post)
+    else:
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            async def post(body):
+                r = await client.post(url, json=body)
+                return r.status_code, r.json()
+
+            await asyncio.gather(*(client.get(f"{base}/healthz") for _ in range(32)))
+            await run(post)
     return records
 
 
