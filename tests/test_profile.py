@@ -66,8 +66,9 @@ class FakeModel:
     def clock(self) -> float:
         return self.now
 
-    def run(self, batch_size: int, deadline: float | None) -> None:
+    def run(self, batch_size: int, deadline: float | None, *, warmup: bool = False) -> None:
         self.calls.append(batch_size)
+        self.warmups = getattr(self, "warmups", 0) + warmup
         if self.probe is not None:
             self.probe.last = batch_size
         if self.fail_at is not None and batch_size >= self.fail_at:
@@ -79,7 +80,7 @@ def test_statistics_skip_warmup_and_use_every_repeat():
     durations = iter([9.0, 0.1, 0.2, 0.3, 0.4, 1.0])  # the first (9 s) is the warm-up
     fake = FakeModel(lambda b, n: next(durations))
     result = measure_batch(fake.run, 4, repeats=5, warmup=1, limits=Limits(), probe=FakeProbe(), clock=fake.clock)
-    assert result.feasible and result.repeats == 5 and fake.calls == [4] * 6
+    assert result.feasible and result.repeats == 5 and fake.calls == [4] * 6 and fake.warmups == 1
     assert result.median_ms == pytest.approx(300)
     assert result.p90_ms == pytest.approx(760)  # numpy linear interpolation of 100..400, 1000
     assert result.p99_ms == pytest.approx(976)
@@ -146,7 +147,7 @@ class CountingModel:
         self.interrupt_at = interrupt_at
         self.sizes: list[int] = []
 
-    def generate(self, prompts, seeds=None, *, deadline=None):
+    def generate(self, prompts, seeds=None, *, deadline=None, steps=None):
         if self.interrupt_at is not None and len(prompts) >= self.interrupt_at:
             raise KeyboardInterrupt
         self.sizes.append(len(prompts))
@@ -201,7 +202,7 @@ def _invoke(*args: str):
 @pytest.mark.e2e
 def test_profile_builtin_zoo_end_to_end(zoo_cache, tmp_path):
     out = tmp_path / "profile.yaml"
-    result = _invoke("profile", "--models", "builtin", "-b", "1,2", "--repeats", "1", "--warmup", "0", "-o", str(out))
+    result = _invoke("profile", "--models", "builtin", "-b", "1,2", "--repeats", "1", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "RANDOM WEIGHTS" in result.output and "tiny-base" in result.output
     profile = read_model(out, ProfileFile)

@@ -67,13 +67,19 @@ class LoadedModel:
     _supports_step_callback: bool = field(default=False, repr=False)
 
     def generate(
-        self, prompts: list[str], seeds: list[int] | None = None, *, deadline: float | None = None
+        self,
+        prompts: list[str],
+        seeds: list[int] | None = None,
+        *,
+        deadline: float | None = None,
+        steps: int | None = None,
     ) -> list["Image"]:
         """Images for ``prompts`` (one each) with the variant's steps, guidance and resolution.
 
         ``seeds`` (one per prompt) make the output reproducible; ``None`` draws from torch's RNG.
         ``deadline`` is a ``time.monotonic()`` instant: past it, the run stops between denoising
-        steps with :class:`GenerationTimeout` instead of running to the end.
+        steps with :class:`GenerationTimeout` instead of running to the end. ``steps`` overrides
+        the variant's step count (the profiler warms up with one step: same shapes, less time).
         """
         import torch
 
@@ -93,7 +99,7 @@ class LoadedModel:
         with torch.inference_mode():
             out = self.pipeline(
                 prompt=list(prompts),
-                num_inference_steps=self.spec.steps,
+                num_inference_steps=steps or self.spec.steps,
                 guidance_scale=self.spec.guidance_scale,
                 height=self.spec.resolution,
                 width=self.spec.resolution,

@@ -18,7 +18,10 @@ import numpy as np
 from diffserve.models.registry import GenerationTimeout
 from diffserve.schemas import BatchProfile
 
-Runner = Callable[[int, "float | None"], None]
+class Runner(Protocol):
+    """Runs one batch; ``warmup`` runs may take shortcuts that keep every shape (one denoising step)."""
+
+    def __call__(self, batch_size: int, deadline: float | None, *, warmup: bool = False) -> None: ...
 
 
 class Probe(Protocol):
@@ -82,7 +85,7 @@ def measure_batch(
         start = clock()
         deadline = time.monotonic() + limits.time_limit_s if limits.time_limit_s else None
         try:
-            run(batch_size, deadline)
+            run(batch_size, deadline, warmup=i < warmup)
         except GenerationTimeout:
             return _infeasible(batch_size, f"time limit: a batch took more than {limits.time_limit_s:g} s")
         except Exception as exc:  # noqa: BLE001 - the run must go on; the reason is kept in the file

@@ -169,9 +169,10 @@ def profile_variants(
         )
         models[spec.name] = entry
 
-        def run(batch_size: int, deadline: float | None, model: LoadedModel = model) -> None:
+        def run(batch_size: int, deadline: float | None, *, warmup: bool = False, model: LoadedModel = model) -> None:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
-            model.generate(prompts, seeds=list(range(batch_size)), deadline=deadline)
+            # a one-step warm-up exercises every shape (text encoder, UNet with CFG, VAE) at a fraction of the cost
+            model.generate(prompts, seeds=list(range(batch_size)), deadline=deadline, steps=1 if warmup else None)
 
         def on_batch(result: BatchProfile, measured: bool, spec: VariantSpec = spec) -> None:
             done = {b.batch_size: b for b in models[spec.name].batches}
