@@ -235,8 +235,9 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        down = getattr(runtime.backend, "workers_down", lambda: 0)()
         if runtime.ready:
-            return JSONResponse({"status": "ready", "plan": runtime.plan.policy})
+            return JSONResponse({"status": "ready", "policy": runtime.plan.policy, "workers_down": down})
         why = "draining" if runtime.draining else "not ready"
         return error_response(Unavailable(f"the server is {why}", retry_after_s=1))
 

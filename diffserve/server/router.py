@@ -102,7 +102,11 @@ class Router:
         for model, n in need.items():
             pool = self.pools[model]
             if pool.workers == 0:
-                raise Unavailable(f"no worker serves {model} in the current plan", retry_after_s=pool.retry_after_s())
+                raise Unavailable(
+                    f"no worker serves {model} in the current plan (routing {self.plan.routing}); "
+                    "the controller re-plans as demand moves",
+                    retry_after_s=pool.retry_after_s(),
+                )
             if pool.free < n:
                 raise pool.queue_full_error(
                     f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s()
