@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fastapi import Request
 from ray import serve
 
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
@@ -71,8 +72,6 @@ class Ingress:
         from diffserve.server.api import ApiSettings, create_app
 
         app = create_app(self.runtime, ApiSettings(admin_token=self.admin_token), manage_lifecycle=True)
-
-        from fastapi import Request
 
         from diffserve.server.errors import Unauthorized
 
