@@ -72,7 +72,9 @@ class ClipEncoder:
         if config.effective_image_size is not None:
             kwargs["force_image_size"] = config.effective_image_size
         pretrained = config.weights or config.pretrained
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's "random" warning
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.ERROR))  # silence open_clip's "initialized randomly": we flag it ourselves
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
@@ -84,6 +86,8 @@ class ClipEncoder:
                 f"could not load CLIP {config.model} with {pretrained!r}: {exc}. Offline, pass a local "
                 "checkpoint with --clip-weights FILE instead of a pretrained tag"
             ) from None
+        finally:
+            root.setLevel(level)
         self.config = config
         self.device = device
         self.model = model.eval()
