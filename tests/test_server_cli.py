@@ -36,3 +36,20 @@ def test_bad_flags_fail_with_one_line_and_exit_2(args, message) -> None:
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_quickstart_reuses_cached_stages(tmp_path) -> None:
+    for name in ("profile.yaml", "cascade.yaml", "plan.yaml"):
+        (tmp_path / name).write_text("cached\n")
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--no-serve"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.count("cached") == 3
+    assert "diffserve serve --backend diffusers" in result.output
+
+
+def test_quickstart_reports_a_failing_stage(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3))
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--no-serve"])
+    assert result.exit_code == 2 and "the profile stage failed (exit code 3)" in result.output
