@@ -43,7 +43,7 @@ def test_quickstart_reuses_cached_stages(tmp_path) -> None:
         (tmp_path / name).write_text("cached\n")
     result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--no-serve"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert result.output.count("cached") == 3
+    assert result.output.count(": cached ") == 3
     assert "diffserve serve --backend diffusers" in result.output
 
 
