@@ -53,7 +53,7 @@ def make_stub_app(policy: str = "diffserve", gate_count: int | None = None):
             except asyncio.TimeoutError:
                 return JSONResponse({"error": {"message": "gate timeout", "type": "t", "param": None, "code": None}}, 500)
         seed = int(body.get("seed", 0))
-        if seed % 7 == 6:
+        if seed % 7 == 6 or body.get("prompt") == "p6":
             return JSONResponse({"error": {"message": "queue full", "type": "overloaded", "param": None, "code": None}},
                                 status_code=503, headers={"Retry-After": "1"})
         model = LIGHT if policy == "clipper-light" or seed % 2 else HEAVY
@@ -103,6 +103,56 @@ def test_generator_is_open_loop_against_a_gated_server():
     # all were in flight at once: every request was sent before the first answer came back
     assert max(r.sent_ms for r in result.records) < min(r.done_ms for r in result.records)
     assert sorted(r.index for r in result.records) == list(range(n))
+
+
+class FakeClock:
+    """Time that only moves when the generator sleeps: the schedule is checked exactly."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        for _ in range(50):  # let every task that is ready start before time moves on
+            await asyncio.sleep(0)
+        self.now += seconds
+
+
+def test_generator_sends_each_request_at_its_trace_time(tmp_path):
+    from diffserve.evaluation.loadgen import LoadConfig, run_open_loop
+    from diffserve.evaluation.sources import read_trace
+
+    path = tmp_path / "t.txt"
+    path.write_text("0,1\n250,2\n250,3\n1000,4\n4000,6\n")
+    arrivals = read_trace(path)
+    clock = FakeClock()
+    with ThreadServer(make_stub_app()) as url:
+        config = LoadConfig(url=url, speedup=10.0, slo_ms=5000)
+        result = asyncio.run(run_open_loop(config, arrivals, [f"p{i}" for i in range(8)], clock=clock, sleep=clock.sleep))
+    assert [r.sent_ms for r in result.records] == pytest.approx([a.time_ms for a in arrivals])
+    assert result.max_send_lag_ms == 0
+    assert [r.prompt_index for r in result.records] == [1, 2, 3, 4, 6]
+    assert [r.status for r in result.records] == [200, 200, 200, 200, 503]  # the stub refuses prompt p6
+    assert result.records[4].retry_after == 1 and result.records[4].error == "queue full"
+    assert result.records[1].model == LIGHT and result.records[0].model == HEAVY  # odd seeds go light
+    assert result.records[1].latency_ms == 101.0 and result.records[0].latency_ms == 9000.0  # seed 0: a late answer
+    assert result.records[0].confidence == 0.5
+    assert result.plans and result.plans[0].body["plan"]["policy"] == "diffserve"
+
+
+def test_generator_logs_connection_failures():
+    from diffserve.evaluation.compare import free_port
+    from diffserve.evaluation.loadgen import LoadConfig, run_open_loop
+    from diffserve.evaluation.records import Outcome
+    from diffserve.evaluation.sources import Arrival
+
+    config = LoadConfig(url=f"http://127.0.0.1:{free_port()}", speedup=100.0, plan_poll_model_s=0)  # nobody listens
+    result = asyncio.run(run_open_loop(config, [Arrival(0, 0), Arrival(10, 1)], ["p"]))
+    assert len(result.records) == 2
+    assert all(r.status is None and r.error and r.outcome(5000) is Outcome.FAILED for r in result.records)
+    assert all(r.done_ms is not None for r in result.records)
 
 
 def test_bench_run_cli_writes_every_output(tmp_path):

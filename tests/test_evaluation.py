@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-
-import httpx
 import numpy as np
 import pytest
 
 from diffserve.errors import UserError
 from diffserve.evaluation import sources
-from diffserve.evaluation.loadgen import LoadConfig, PlanObservation, check_loopback, run_open_loop
+from diffserve.evaluation.loadgen import PlanObservation, check_loopback
 from diffserve.evaluation.metrics import summarize, timeline, weighted_quality
 from diffserve.evaluation.oracle import best_batches, max_heavy_fraction, oracle_bound
 from diffserve.evaluation.quality import quality_function
@@ -229,64 +225,6 @@ def test_oracle_reference_scenario_is_below_every_single_model():
     result = oracle_bound([10] * 20, reference_profile(), pair, 16, 5000, q)
     assert result.fid == pytest.approx(16.79, abs=0.05)  # 10 q/s on 16 A100s: the curve's bottom
     assert result.min_violation_ratio == 0
-
-
-# ------------------------------------------------------------------------------------ open-loop schedule
-
-
-class FakeClock:
-    """Time that only moves when the generator sleeps: the schedule is checked exactly."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        for _ in range(50):  # let every task that is ready run before time moves on
-            await asyncio.sleep(0)
-        self.now += seconds
-
-
-def test_generator_sends_each_request_at_its_trace_time(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text("0,1\n250,2\n250,3\n1000,4\n4000,5\n")
-    arrivals = sources.read_trace(path)
-    clock = FakeClock()
-    seen: list[tuple[float, str]] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/plan":
-            return httpx.Response(404)
-        body = json.loads(request.content)
-        seen.append((clock(), body["prompt"]))
-        if body["seed"] == 4:
-            return httpx.Response(503, headers={"Retry-After": "2"}, json={"error": {"message": "full", "type": "x", "param": None, "code": None}})
-        return httpx.Response(200, json={"created": 1, "data": [{"b64_json": "", "diffserve": {
-            "model": "sd-turbo", "confidence": 0.9, "degraded": body["seed"] == 1, "queue_ms": 1.0, "compute_ms": 2.0, "latency_ms": 3.0}}]})
-
-    config = LoadConfig(url="http://127.0.0.1:9", speedup=10.0, slo_ms=5000)
-    result = asyncio.run(run_open_loop(config, arrivals, ["p0", "p1", "p2", "p3", "p4", "p5"], clock=clock,
-                                       sleep=clock.sleep, transport=httpx.MockTransport(handler)))
-    assert [r.sent_ms for r in result.records] == pytest.approx([a.time_ms for a in arrivals])
-    assert [round((t - 100.0) * 10_000, 6) for t, _ in seen] == [a.time_ms for a in arrivals]  # wall = model / speedup
-    assert [p for _, p in seen] == ["p1", "p2", "p3", "p4", "p5"]
-    assert [r.status for r in result.records] == [200, 200, 200, 200, 503]
-    assert result.records[1].degraded and result.records[0].model == "sd-turbo"
-    assert result.records[4].retry_after == 2 and result.records[4].error == "full"
-    assert result.max_send_lag_ms == 0
-
-
-def test_generator_logs_connection_failures():
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
-
-    config = LoadConfig(url="http://127.0.0.1:9", speedup=100.0, plan_poll_model_s=0)
-    arrivals = [sources.Arrival(0, 0), sources.Arrival(10, 1)]
-    result = asyncio.run(run_open_loop(config, arrivals, ["p"], transport=httpx.MockTransport(handler)))
-    assert len(result.records) == 2
-    assert all(r.status is None and "ConnectError" in r.error and r.outcome(5000) is Outcome.FAILED for r in result.records)
 
 
 def test_client_view_judges_by_the_client_clock():
