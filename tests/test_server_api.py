@@ -245,3 +245,55 @@ def test_fuzzed_bodies_only_get_200_400_413_422() -> None:
         assert asyncio.run(main(bodies)) <= {200, 400, 413, 422}
 
     check()
+
+
+@pytest.mark.e2e
+def test_a_client_that_disconnects_while_queued_is_withdrawn_over_real_http() -> None:
+    """C1 through uvicorn: the disconnect is noticed, the job leaves the queue, the model never runs it."""
+    import socket
+    import time
+
+    from diffserve.server.clock import Clock
+    from diffserve.server.testing import uvicorn_in_thread
+
+    backend = GatedBackend(n_workers=1, clock=Clock(1.0), latency_ms={"light": 100.0, "heavy": 800.0})
+    rt = Runtime(
+        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=hand_plan(0, 1), clock=backend.clock,
+        policy="static", settings=RuntimeSettings(slo_ms=60_000),
+    )
+    with uvicorn_in_thread(create_app(rt)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with httpx.Client(base_url=url, timeout=30) as client:
+            import threading
+
+            first = {}
+            t = threading.Thread(target=lambda: first.update(r=client.post(URL, json={"prompt": "A", "quality": "best"})))
+            t.start()
+            while backend.prompts_run("heavy") != ["A"]:
+                time.sleep(0.01)
+            body = json.dumps({"prompt": "B", "quality": "best"}).encode()
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            while len(rt.pools["heavy"]) == 0:
+                time.sleep(0.01)
+            sock.close()
+            t.join(timeout=30)
+            assert first["r"].status_code == 200
+            while rt.ledger.inflight:
+                time.sleep(0.01)
+            assert rt.ledger.cancelled == 1 and rt.ledger.completed == 1
+            assert backend.prompts_run("heavy") == ["A"]
+
+
+async def test_a_model_failure_is_a_sanitised_500_and_the_server_stays_healthy() -> None:
+    backend = GatedBackend(confidences={"p": 1.0})
+    backend.fail_on = {1}
+    rt, _, client = await _setup(backend)
+    r = await client.post(URL, json={"prompt": "p"})
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "fake failure" not in err["message"] and "Traceback" not in r.text
+    assert (await client.post(URL, json={"prompt": "p"})).status_code == 200
+    assert rt.ledger.failed == 1 and rt.ledger.completed == 1
+    await rt.stop()

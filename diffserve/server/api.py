@@ -190,7 +190,13 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         if not gen.done() or gen.cancelled():
             await asyncio.gather(gen, return_exceptions=True)
             return Response(status_code=499)
-        answers = gen.result()
+        try:
+            answers = gen.result()
+        except ServeError:
+            raise
+        except Exception:
+            log.exception("generation failed for a request")
+            raise ServeError("internal server error while generating; the details are in the server log") from None
         fmt = req.response_format or "b64_json"
         data_out = []
         for a in answers:
