@@ -194,3 +194,46 @@ def _queued(client, model: str) -> float:
         if line.startswith("diffserve_queue_length") and f'model="{model}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_controller_moves_replicas_as_load_changes(engine):
+    """The live controller (1 s wall re-plan period here) grows the pools under a burst, via Serve."""
+    import asyncio
+
+    from ray import serve
+
+    from diffserve.server.build import ServeOptions
+
+    from diffserve.ray_engine import RayOptions, deploy
+
+    deployed, _ = engine
+    serve.delete(deployed.app_name)  # one app owns the route "/"; this is the module's last test
+    opts = ServeOptions(backend="emulated", workers=4, speedup=2.0, demand_qps=0.5, replan_interval_ms=2000, slo_ms=5000)
+    live = deploy(opts, RayOptions(), port=0)
+    with httpx.Client(base_url=live.url, timeout=WAIT_S) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, "readyz")
+        # An idle spell (demand falls to the floor), then a burst: the plan must follow both ways.
+        wait_for(lambda: len(client.get("/v1/plan").json()["decisions"]) >= 3, "two re-plans while idle", poll_s=0.5)
+
+        async def burst(qps: float, seconds: float) -> list[int]:
+            async with httpx.AsyncClient(base_url=live.url, timeout=WAIT_S) as ac:
+                tasks = []
+                for i in range(int(qps * seconds)):
+                    tasks.append(asyncio.create_task(ac.post("/v1/images/generations", json={"prompt": f"p{i}", "seed": i})))
+                    await asyncio.sleep(1 / qps)
+                return [r.status_code for r in await asyncio.gather(*tasks)]
+
+        codes = asyncio.run(burst(12.0, 6.0))  # 6 model-time QPS against a plan made for 0.5
+        assert all(c in (200, 429, 503) for c in codes), codes
+        assert codes.count(200) >= len(codes) // 2
+        decisions = [d for d in client.get("/v1/plan").json()["decisions"] if d["applied"]]
+        assert max(d["demand_qps"] for d in decisions) > 4.0, decisions  # the controller saw the burst
+        maps = {tuple(sorted(d["workers"].items())) for d in decisions}
+        assert len(maps) >= 2, f"the controller never changed the replica counts: {decisions}"
+        # Serve runs what the controller asked for last (the external scaler's targets).
+        wait_for(
+            lambda: (lambda last: all(len(running(live, m)) == last.get(m, 0) for m in live.deployments))(
+                client.get("/v1/plan").json()["decisions"][-1]["workers"]
+            ),
+            "Serve's replicas to match the controller's last decision",
+        )
