@@ -60,8 +60,21 @@ class ModelPool:
 
         self.model = model
         self.clock = Clock(getattr(options, "speedup", 1.0))
-        one = dataclasses.replace(options, workers=1)
-        self.backend = make_backend(one, profile, cascade, plan, self.clock, cascade_path)
+        if options.backend == "diffusers":
+            import ray
+
+            from diffserve.server.procbackend import DiffusersBackend
+            from diffserve.server.runtime import _pair_for
+
+            # Serve set CUDA_VISIBLE_DEVICES to this replica's GPUs (num_gpus in the plan's resources).
+            device = "cuda" if ray.get_gpu_ids() else "cpu"
+            self.backend = DiffusersBackend(
+                profile, _pair_for(cascade, plan), 1, self.clock, cascade_path=cascade_path,
+                threads=options.threads_per_worker, device=device,
+            )
+        else:
+            one = dataclasses.replace(options, workers=1)
+            self.backend = make_backend(one, profile, cascade, plan, self.clock, cascade_path)
         if model not in self.backend.models:
             raise ValueError(f"model {model!r} is not served by this backend (it has {self.backend.models})")
         await self.backend.setup()
