@@ -60,5 +60,9 @@ def build_application(
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=max(5.0, 2 * options.slo_ms / 1000.0 / options.speedup + 2),
     )
-    app = ingress.bind(bound, deployments, options, profile, cascade, plan, ray_options.app_name, admin_token)
+    if options.backend == "emulated":
+        sizes = [(512, 512), (256, 256)]  # what EmulatedBackend answers
+    else:  # what the diffusers backend serves: the profiled resolutions
+        sizes = [(r, r) for r in sorted({profile.model(m).resolution or 512 for m in models})]
+    app = ingress.bind(bound, deployments, options, profile, cascade, plan, ray_options.app_name, admin_token, sizes)
     return app, deployments
