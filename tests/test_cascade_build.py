@@ -109,6 +109,7 @@ def _loader(levels: dict[str, int]):
     return load, made
 
 
+@pytest.mark.slow
 def test_build_cascade_with_heavy_images_as_positives(tmp_path) -> None:
     specs = [spec("light"), spec("mid", 2), spec("heavy", 8)]
     load, made = _loader({"light": 0, "mid": 90, "heavy": 180})
@@ -141,6 +142,7 @@ def test_build_cascade_with_heavy_images_as_positives(tmp_path) -> None:
     assert made == {}
 
 
+@pytest.mark.slow
 def test_build_cascade_with_real_images_and_fid_metric(tmp_path) -> None:
     real = tmp_path / "real"
     real.mkdir()

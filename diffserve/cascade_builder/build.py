@@ -383,19 +383,24 @@ def _train(
 
 
 def _summary(console: Console, results: list[dict], curves: list[CurvePoints], front: list[str], recommended: str, metric: str, any_random: bool) -> None:
-    table = Table(title=f"cascade pairs (Q = {metric.upper()}, {'lower' if metric == 'fid' else 'higher'} is better)")
+    from rich import box
+
+    table = Table(
+        title=f"cascade pairs: Q = {metric.upper()} ({'lower' if metric == 'fid' else 'higher'} is better), "
+        "* recommended, - dominated; AUC on validation",
+        box=box.SIMPLE, padding=(0, 1), pad_edge=False,
+    )
     table.add_column("pair", no_wrap=True)
-    for col in ("val AUC", "Q light", "Q heavy", "Q oracle", "best Q(t)", "at t"):
-        table.add_column(col, justify="right")
-    table.add_column("kept", no_wrap=True)
+    for col in ("AUC", "light", "heavy", "oracle", "best", "t*"):
+        table.add_column(col, justify="right", no_wrap=True)
     better = np.argmin if metric == "fid" else np.argmax
     for r, c in zip(results, curves):
         k = int(better(r["q_t"]))
         auc = r["val"]["auc"]
-        mark = "recommended" if c.name == recommended else ("pareto" if c.name in front else "dominated")
+        mark = "* " if c.name == recommended else ("  " if c.name in front else "- ")
         table.add_row(
-            c.name, f"{auc:.3f}" if auc is not None else "-", f"{r['q_light']:.3f}", f"{r['q_heavy']:.3f}",
-            f"{r['q_oracle']:.3f}", f"{r['q_t'][k]:.3f}", f"{k / (len(r['q_t']) - 1):.2f}", mark,
+            mark + c.name, f"{auc:.3f}" if auc is not None else "-", f"{r['q_light']:.3f}", f"{r['q_heavy']:.3f}",
+            f"{r['q_oracle']:.3f}", f"{r['q_t'][k]:.3f}", f"{k / (len(r['q_t']) - 1):.2f}",
         )
     console.print(table)
     if any_random:

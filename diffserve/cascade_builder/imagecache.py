@@ -48,7 +48,16 @@ def image_seed(prompt: Prompt, index: int, base_seed: int = 0) -> int:
 
 
 def spec_fingerprint(spec: Any) -> str:
+    """Hash of the variant's recipe and, for built-in models, of the zoo's weight fingerprint.
+
+    A built-in model's random weights can change with the package while its spec stays the
+    same; its build folder name (``tiny-base-<hash>``) changes with them, so it joins the key.
+    """
     data = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
+    if getattr(spec, "is_builtin", False):
+        from diffserve.models.zoo import builtin_dir
+
+        data["_weights"] = builtin_dir(spec.source.removeprefix("builtin:")).name
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
