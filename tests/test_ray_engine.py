@@ -237,3 +237,47 @@ def test_controller_moves_replicas_as_load_changes(engine):
             ),
             "Serve's replicas to match the controller's last decision",
         )
+
+
+@pytest.mark.slow
+def test_diffusers_backend_on_ray_with_tiny_random_models(cluster, tmp_path):
+    """Real (random-weight) tiny pipelines in pool replicas; the heavy replica answers a deferral."""
+    pytest.importorskip("diffserve.models")
+    import io
+
+    from PIL import Image
+    from ray import serve
+
+    from diffserve.fileio import write_model
+    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
+    from diffserve.server.build import ServeOptions
+    from diffserve.server.testing import hand_plan
+
+    from diffserve.ray_engine import RayOptions, deploy
+
+    models = {
+        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64,
+                        batches=[BatchProfile(batch_size=1, median_ms=500.0), BatchProfile(batch_size=2, median_ms=900.0)])
+        for m in ("tiny-turbo", "tiny-base")
+    }
+    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
+    grid = [0.0, 0.5, 1.0]
+    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
+                       discriminator=DiscriminatorRef(kind="replayed"))
+    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
+    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, light="tiny-turbo", heavy="tiny-base", threshold=1.0, slo_ms=600_000))
+    opts = ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
+                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
+    serve.delete("diffserve")  # one app owns the route "/"
+    live = deploy(opts, RayOptions(num_cpus=0.5), port=0)
+    try:
+        with httpx.Client(base_url=live.url, timeout=300) as client:
+            r = client.post("/v1/images/generations", json={"prompt": "a watercolour fox", "seed": 1, "size": "64x64"})
+            assert r.status_code == 200, r.text
+            meta = r.json()["data"][0]["diffserve"]
+            img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+            assert img.size == (64, 64)
+            assert meta["model"] == "tiny-base" and meta["confidence"] < 1.0  # threshold 1 defers everything
+            assert meta["random_weights"] is True
+    finally:
+        serve.delete("diffserve")
