@@ -183,6 +183,21 @@ def test_directory_without_model_index(tmp_path):
         load_variant(_spec(source=str(tmp_path)))
 
 
+def test_broken_local_models_fail_with_one_line(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="could not load 'x' from .*model.safetensors with StableDiffusionPipeline"):
+        load_variant(_spec(source=str(weights)), device="cpu")
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    with pytest.raises(UserError, match="could not load 'x' from .*half with DiffusionPipeline") as info:
+        load_variant(_spec(source=str(folder)), device="cpu")
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="is a file but not a weight file"):
+        load_variant(_spec(source=str(folder / "model_index.json")))
+
+
 def test_spec_validation_names_the_field():
     with pytest.raises(ValueError, match="divisible by 8 but is 65"):
         _spec(resolution=65)
