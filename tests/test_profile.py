@@ -352,3 +352,44 @@ def test_profile_in_a_real_subprocess(zoo_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "tiny-turbo" in proc.stdout and "RANDOM WEIGHTS" in proc.stdout + proc.stderr
     assert read_model(out, ProfileFile).model("tiny-turbo").latency_ms(1) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the examples in docs/profile.md are real
+# ---------------------------------------------------------------------------------------------
+
+
+def _yaml_blocks(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+
+
+def test_docs_examples_parse(tmp_path):
+    import yaml
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "profile.md"
+    variants, profile = _yaml_blocks(docs.read_text(encoding="utf-8"))
+    path = tmp_path / "variants.yaml"
+    path.write_text(variants)
+    specs = resolve_variants(str(path))
+    assert [s.name for s in specs] == ["sd-turbo", "sd-v1.5-dpm20", "my-finetune"]
+    assert specs[1].scheduler == "dpm++" and specs[0].dtype == "float16"
+    parsed = ProfileFile.model_validate(yaml.safe_load(profile))
+    assert parsed.model("tiny-turbo").latency_ms(1) == pytest.approx(47.6)
+    assert not parsed.model("tiny-turbo").batches[-1].feasible
+
+
+def test_ctrl_c_points_to_resume(tmp_path, monkeypatch):
+    import diffserve.profiler
+
+    out = tmp_path / "p.yaml"
+
+    def interrupted(specs, output, settings, progress):
+        Path(output).write_text("partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffserve.profiler, "profile_variants", interrupted)
+    result = _invoke("profile", "-m", "tiny-turbo", "--device", "cpu", "-o", str(out))
+    assert result.exit_code == 130
+    assert "keeps what was measured" in result.output and "--resume" in result.output

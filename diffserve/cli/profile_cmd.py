@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffserve.cli._common import cli_errors, console, err_console, warn_random_weights
+from diffserve.cli._common import cli_errors, console, err_console, fail, warn_random_weights
 
 profile_app = typer.Typer(
     help="Measure batch latency, throughput and memory of model variants into profile.yaml.",
@@ -69,8 +69,12 @@ def profile(
         device=device, resume=resume, threads=threads,
     )
     started = time.perf_counter()
-    with _RichProgress(total=len(specs) * len(sizes)) as progress:
-        result = profile_variants(specs, output, settings, progress)
+    try:
+        with _RichProgress(total=len(specs) * len(sizes)) as progress:
+            result = profile_variants(specs, output, settings, progress)
+    except KeyboardInterrupt:
+        kept = "keeps what was measured" if output.exists() else "was not written"
+        fail(f"interrupted: {output} {kept}; run the same command with --resume to finish", 130)
     console.print(profile_table(result))
     console.print(f"wrote {output} ({len(result.models)} models, {time.perf_counter() - started:.0f} s)")
     if result.random_weights:
