@@ -69,7 +69,7 @@ BUILTINS: dict[str, BuiltinVariant] = {
     for v in (
         _variant("tiny-turbo", 1, 0.0, _SMALL, "EulerDiscreteScheduler", "1 step, no CFG (SD-Turbo-like)", timestep_spacing="trailing"),
         _variant("tiny-small", 4, 0.0, _SMALL, "EulerDiscreteScheduler", "4 steps, no CFG", timestep_spacing="trailing"),
-        _variant("tiny-base", 25, 7.5, _BASE, "DDIMScheduler", "3.5x larger UNet, 25 steps, CFG 7.5 (SD v1.5-like)",
+        _variant("tiny-base", 25, 7.5, _BASE, "DDIMScheduler", "4x larger UNet, 25 steps, CFG 7.5 (SD v1.5-like)",
                  clip_sample=False, set_alpha_to_one=False),
     )
 }
@@ -95,7 +95,10 @@ def cache_root() -> Path:
 
 def _fingerprint(v: BuiltinVariant) -> str:
     payload = json.dumps(
-        {"arch": v.arch.__dict__, "sched": v.scheduler, "kw": v.scheduler_kwargs, "builder": BUILDER_VERSION, "seed": SEED},
+        {
+            "arch": v.arch.__dict__, "sched": v.scheduler, "kw": v.scheduler_kwargs, "res": v.spec.resolution,
+            "builder": BUILDER_VERSION, "seed": SEED,
+        },
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
