@@ -60,6 +60,28 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
     asyncio.run(main())
 
 
+def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host: str, port: int,
+                   admin_token: Optional[str], log_level: str) -> None:
+    """Serve through Ray Serve deployments: same API, router and controller, Ray as execution layer."""
+    import logging
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--engine ray needs Ray Serve: pip install -e \".[ray]\"") from None
+    from diffserve.ray_engine import RayOptions, run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus)
+
+    def ready(deployed) -> None:
+        console.print(f"[bold]Ray engine[/] ({address}): application {deployed.app_name!r} deployed")
+        console.print(f"diffserve serving on {deployed.url}", soft_wrap=True)
+
+    code = run(opts, ray_options, host=host, port=port, admin_token=admin_token, on_ready=ready)
+    raise typer.Exit(code)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     @cli_errors
@@ -84,6 +106,10 @@ def register(app: typer.Typer) -> None:
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
         log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "warning",
+        engine: Annotated[str, typer.Option(help="embedded (one process, FastAPI + uvicorn) or ray (Ray Serve deployments; needs the 'ray' extra).")] = "embedded",
+        address: Annotated[str, typer.Option(help="Ray engine: 'local' starts Ray here, 'auto' joins this node's cluster, or ray://HOST:10001.")] = "local",
+        ray_num_cpus: Annotated[float, typer.Option(min=0, help="Ray engine: CPUs reserved per pool replica (fractional is fine for emulated).")] = 0.1,
+        ray_num_gpus: Annotated[float, typer.Option(min=0, help="Ray engine: GPUs per pool replica (1 for one real model per GPU).")] = 0.0,
     ) -> None:
         """Start the cascade server (OpenAI-compatible POST /v1/images/generations)."""
         from diffserve.server.build import ServeOptions
@@ -110,7 +136,13 @@ def register(app: typer.Typer) -> None:
         )
         if queue_full_status not in (429, 503):
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")
-        run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level)
+        if engine == "ray":
+            run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+                           host=host, port=port, admin_token=admin_token, log_level=log_level)
+        elif engine == "embedded":
+            run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level)
+        else:
+            raise UserError(f"--engine must be embedded or ray, got {engine!r}")
 
     @app.command("quickstart")
     @cli_errors
