@@ -393,3 +393,18 @@ def test_ctrl_c_points_to_resume(tmp_path, monkeypatch):
     result = _invoke("profile", "-m", "tiny-turbo", "--device", "cpu", "-o", str(out))
     assert result.exit_code == 130
     assert "keeps what was measured" in result.output and "--resume" in result.output
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_cpu_memory_probe_is_per_batch():
+    import numpy as np
+
+    from diffserve.profiler import MemoryProbe
+
+    probe = MemoryProbe("cpu")
+    probe.reset()
+    block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
+    high = probe.peak_mb()
+    del block
+    probe.reset()
+    assert probe.peak_mb() < high - 150  # the reset forgot the freed block
