@@ -15,6 +15,22 @@ REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "diffserve-artifact"
 
 
 @pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One built tiny zoo per test session, in a temporary cache, shared by every test file."""
+    import torch
+
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.getbasetemp() / "diffserve-cache"
+    old = os.environ.get("DIFFSERVE_CACHE")
+    os.environ["DIFFSERVE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("DIFFSERVE_CACHE", None)
+    else:
+        os.environ["DIFFSERVE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The paper artifact's data in ../shared (never copied into the repo)."""
     if not REFERENCE_DIR.is_dir():

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,22 +21,6 @@ from diffserve.models import (
     set_torch_threads,
 )
 from diffserve.models.zoo import build_pipeline, builtin_dir
-
-
-@pytest.fixture(scope="session")
-def zoo_cache(tmp_path_factory) -> Path:
-    """One built zoo per test session (shared with the profiler tests through the base temp dir)."""
-    import torch
-
-    torch.set_num_threads(1)
-    cache = tmp_path_factory.getbasetemp() / "diffserve-cache"
-    old = os.environ.get("DIFFSERVE_CACHE")
-    os.environ["DIFFSERVE_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("DIFFSERVE_CACHE", None)
-    else:
-        os.environ["DIFFSERVE_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

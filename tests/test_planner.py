@@ -238,3 +238,18 @@ def test_every_policy_solves(ref):
         plan = solve_plan(*ref, demand_qps=12, slo_ms=SLO, workers=8, policy=policy)
         assert plan.policy == policy and plan.workers_used <= 8
         assert math.isfinite(plan.predicted["fid"])
+
+
+def test_worker_memory_says_whether_a_worker_holds_both_models():
+    from diffserve.reference import reference_cascade, reference_profile
+
+    profile = reference_profile()
+    for model in profile.models.values():
+        for batch in model.batches:
+            if batch.feasible:
+                batch.peak_memory_mb = 1000.0 * batch.batch_size
+    roomy = solve_plan(profile, reference_cascade(), demand_qps=10, slo_ms=5000, workers=16, worker_memory_mb=20000)
+    assert any("holds both models" in note for note in roomy.notes)
+    tight = solve_plan(profile, reference_cascade(), demand_qps=10, slo_ms=5000, workers=16, worker_memory_mb=4000)
+    assert any("cannot hold both models" in note for note in tight.notes)
+    assert all(p.batch_size * 1000 <= 4000 for p in tight.pools)

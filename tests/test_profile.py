@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -20,22 +19,6 @@ from diffserve.reference import A100_LATENCY_MS, BATCH_SIZES
 from diffserve.schemas import ProfileFile
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def zoo_cache(tmp_path_factory) -> Path:
-    """The tiny zoo's cache, shared with test_models.py through the session's base temp dir."""
-    import torch
-
-    torch.set_num_threads(1)
-    cache = tmp_path_factory.getbasetemp() / "diffserve-cache"
-    old = os.environ.get("DIFFSERVE_CACHE")
-    os.environ["DIFFSERVE_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("DIFFSERVE_CACHE", None)
-    else:
-        os.environ["DIFFSERVE_CACHE"] = old
 
 
 # ---------------------------------------------------------------------------------------------

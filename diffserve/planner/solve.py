@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 
 from diffserve.errors import UserError
 from diffserve.planner.brute import enumerate_best
@@ -177,10 +176,31 @@ def solve_plan(
     if any(profile.models[n].random_weights for p in pairs for n in (p.light, p.heavy)) or cascade.random_weights:
         plan.notes.append("profile or cascade came from RANDOM-WEIGHT models: quality figures are not real")
     if worker_memory_mb is not None:
-        both = _both_fit(profile, pairs, batches, plan, worker_memory_mb)
+        both = _both_fit_note(profile, plan, worker_memory_mb)
         if both is not None:
             plan.notes.append(both)
     return plan
+
+
+def _both_fit_note(profile: ProfileFile, plan: PlanFile, memory_mb: float) -> str | None:
+    """Say whether one worker can hold both models at the planned batch sizes (the paper's mode).
+
+    When both fit, moving a worker between pools is free; when not, the server must count the
+    model's load time as unavailable, so the operator should know which case the plan is in.
+    """
+    peaks = []
+    for pool in plan.pools:
+        batch = next((b for b in profile.models[pool.model].batches if b.batch_size == pool.batch_size), None)
+        if batch is None or batch.peak_memory_mb is None:
+            return None  # the profile has no memory figure: nothing to say
+        peaks.append((pool.model, batch.peak_memory_mb))
+    if len(peaks) < 2:
+        return None
+    total = sum(mb for _, mb in peaks)
+    parts = " + ".join(f"{name} {mb:g} MB" for name, mb in peaks)
+    if total <= memory_mb:
+        return f"a worker holds both models ({parts} <= {memory_mb:g} MB): workers switch pools at no cost"
+    return f"a worker cannot hold both models ({parts} > {memory_mb:g} MB): moving a worker costs the model's load time"
 
 
 def _stage_latency(model: ModelProfile, batch: int, k: int, rate: float, extra: float, settings) -> float:

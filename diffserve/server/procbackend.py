@@ -20,7 +20,6 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-import time
 from typing import Any
 
 from diffserve.errors import UserError

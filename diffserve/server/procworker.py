@@ -46,7 +46,7 @@ class DiffusersRunner:
     """Real pipelines (``diffserve.models``) and the cascade's discriminator, loaded once."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from diffserve.models import load_variant, resolve_variants, set_torch_threads
+        from diffserve.models import load_variant, set_torch_threads
 
         set_torch_threads(int(spec.get("threads", 1)))
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ class DiffusersRunner:
 def _variant_for(name: str, source: str):
     """The registry's spec for a profile entry: a built-in/preset by name, else the source as given."""
     from diffserve.errors import UserError
-    from diffserve.models import VariantSpec, resolve_variants
+    from diffserve.models import resolve_variants
 
     for word in (source, name):
         try:
@@ -96,7 +96,10 @@ def _variant_for(name: str, source: str):
         except UserError:
             continue
         return variants.get(name) or next(iter(variants.values()))
-    return VariantSpec(name=name, source=source)
+    raise UserError(
+        f"cannot load model {name!r} (source {source!r}): it is neither a built-in or preset name nor a "
+        "variant YAML file, Hugging Face id or local directory that the registry can resolve"
+    )
 
 
 def make_runner(spec: dict[str, Any]):

@@ -142,7 +142,7 @@ class WorkerSet:
             raise
         except Exception as exc:  # noqa: BLE001 - every future must be resolved, whatever the backend did
             log.exception("batch of %d on %s failed", len(batch), model)
-            _fail(batch, lambda: exc)
+            _fail(batch, lambda error=exc: error)
             return
         end = self.clock.now_ms()
         if self.metrics:
