@@ -13,7 +13,13 @@ from diffserve.evaluation.oracle import best_batches, max_heavy_fraction, oracle
 from diffserve.evaluation.quality import quality_function
 from diffserve.evaluation.records import Outcome, RequestRecord, read_jsonl, write_jsonl
 from diffserve.reference import reference_cascade, reference_profile
-from diffserve.schemas import BatchProfile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
+from diffserve.schemas import (
+    BatchProfile,
+    CascadePair,
+    DiscriminatorRef,
+    ModelProfile,
+    ProfileFile,
+)
 
 # ------------------------------------------------------------------------------------ sources
 
@@ -145,7 +151,7 @@ def test_per_second_quality_is_request_weighted_and_differs_from_aggregate():
 
 
 def test_u_shaped_curve_aggregate_hides_bad_mixes():
-    u = lambda f: 10 + 40 * (f - 0.5) ** 2  # noqa: E731 - best at an even mix
+    u = lambda f: 10 + 40 * (f - 0.5) ** 2
     records = [_rec(i, 0, model="heavy") for i in range(5)] + [_rec(5 + i, 1, model="light") for i in range(5)]
     s = summarize(records, slo_ms=5000, light="light", heavy="heavy", quality=u)
     assert s.aggregate_fid == pytest.approx(10.0)  # the whole mix is 50/50
@@ -159,7 +165,7 @@ def test_weighted_quality_skips_empty_seconds():
 
 def test_timeline_reads_the_active_plan():
     records = [_rec(0, 0), _rec(1, 2, status=503), _rec(2, 2, model="heavy")]
-    plan = lambda t, wl, wh: {"plan": {"threshold": t, "routing": "cascade", "heavy_fraction": 0.5, "demand_qps": 3.0,  # noqa: E731
+    plan = lambda t, wl, wh: {"plan": {"threshold": t, "routing": "cascade", "heavy_fraction": 0.5, "demand_qps": 3.0,
                                        "pools": [{"model": "light", "workers": wl, "capacity_qps": 10.0},
                                                  {"model": "heavy", "workers": wh, "capacity_qps": 2.0}]}}
     plans = [PlanObservation(0.0, plan(0.1, 3, 1)), PlanObservation(1800.0, plan(0.4, 2, 2))]

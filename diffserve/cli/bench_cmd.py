@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,16 +14,16 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-TraceOpt = Annotated[Optional[Path], typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line.")]
-PoissonOpt = Annotated[Optional[float], typer.Option("--poisson", min=0.001, help="Poisson arrivals at this rate (q/s).")]
-ShapeOpt = Annotated[Optional[Path], typer.Option("--shape", help="Shape file (e.g. hourly invocations), rescaled to --qps-range.")]
+TraceOpt = Annotated[Path | None, typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line.")]
+PoissonOpt = Annotated[float | None, typer.Option("--poisson", min=0.001, help="Poisson arrivals at this rate (q/s).")]
+ShapeOpt = Annotated[Path | None, typer.Option("--shape", help="Shape file (e.g. hourly invocations), rescaled to --qps-range.")]
 QpsRangeOpt = Annotated[str, typer.Option("--qps-range", help="LOW:HIGH q/s that the shape is rescaled onto.")]
 PerPointOpt = Annotated[float, typer.Option("--seconds-per-point", min=0.001, help="Model seconds each shape point lasts (time compression).")]
-BurstyOpt = Annotated[Optional[str], typer.Option("--bursty", help="On/off process ON_QPS:OFF_QPS (use with --on-off).")]
+BurstyOpt = Annotated[str | None, typer.Option("--bursty", help="On/off process ON_QPS:OFF_QPS (use with --on-off).")]
 OnOffOpt = Annotated[str, typer.Option("--on-off", help="ON_S:OFF_S seconds of each bursty phase.")]
-DurationOpt = Annotated[Optional[str], typer.Option("--duration", help="Send only arrivals in the first DURATION of model time (e.g. 60s); required for --poisson/--bursty.")]
-MaxReqOpt = Annotated[Optional[int], typer.Option("--max-requests", min=1, help="Send at most this many requests.")]
-PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file, one per line; trace indices point into it (default: a small built-in set).")]
+DurationOpt = Annotated[str | None, typer.Option("--duration", help="Send only arrivals in the first DURATION of model time (e.g. 60s); required for --poisson/--bursty.")]
+MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="Send at most this many requests.")]
+PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line; trace indices point into it (default: a small built-in set).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of generated arrivals and of the servers.")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help="profile.yaml or 'reference' (the paper's A100 figures).")]
 CascadeOpt = Annotated[str, typer.Option("--cascade", help="cascade.yaml or 'reference'.")]
@@ -95,8 +95,8 @@ def run_cmd(
     seed: SeedOpt = 0,
     profile: ProfileOpt = "reference",
     cascade: CascadeOpt = "reference",
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Workers of the server, for the oracle bound (default: read from GET /v1/plan).")] = None,
-    slo: Annotated[Optional[str], typer.Option("--slo", help="SLO in model time (default: the server's, from GET /v1/plan).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Workers of the server, for the oracle bound (default: read from GET /v1/plan).")] = None,
+    slo: Annotated[str | None, typer.Option("--slo", help="SLO in model time (default: the server's, from GET /v1/plan).")] = None,
     speedup: SpeedupOpt = 1.0,
     label: Annotated[str, typer.Option("--label", help="Name of this run in the outputs.")] = "run",
     output: OutputOpt = Path("bench-run"),
@@ -173,7 +173,12 @@ def compare_cmd(
     from diffserve.artifacts import load_cascade, load_profile
     from diffserve.errors import UserError
     from diffserve.evaluation import report
-    from diffserve.evaluation.compare import POLICIES, CompareSpec, pareto_verdict, run_compare
+    from diffserve.evaluation.compare import (
+        POLICIES,
+        CompareSpec,
+        pareto_verdict,
+        run_compare,
+    )
     from diffserve.evaluation.prompts import load_prompts
     from diffserve.units import parse_duration_ms
 
@@ -229,7 +234,7 @@ def _warn_lag(row: dict, slo_ms: float) -> None:
 def _sigterm_as_exit() -> None:
     import signal
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

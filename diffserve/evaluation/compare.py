@@ -14,9 +14,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -101,7 +102,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:  # noqa: PYI034 - typing.Self needs Python 3.11
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -242,8 +243,10 @@ def write_compare_outputs(spec: CompareSpec, rows: list[dict[str, Any]], timelin
         "",
         f"Quality: {rows[0]['quality_method'] if rows else ''}; proteus is read as a random split (no discriminator).",
         "Violations: (late + failed + rejected) / sent; degraded answers met the SLO and are counted apart.",
-        f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if p in NO_DEGRADE)}); "
-        f"oracle {metric} (clairvoyant per-second bound): {_fmt(rows[0]['oracle_fid']) if rows else 'n/a'}.",
+        (
+            f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if p in NO_DEGRADE)}); "
+            f"oracle {metric} (clairvoyant per-second bound): {_fmt(rows[0]['oracle_fid']) if rows else 'n/a'}."
+        ),
         "",
         *[f"- {line}" for line in pareto_verdict(rows)],
         "",

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -136,7 +137,7 @@ async def run_open_loop(
     decisions over time.
     """
     speedup = config.speedup
-    to_model_ms = lambda wall_s: wall_s * 1000.0 * speedup  # noqa: E731
+    to_model_ms = lambda wall_s: wall_s * 1000.0 * speedup
     records = [RequestRecord(index=i, prompt_index=a.prompt_index, scheduled_ms=a.time_ms) for i, a in enumerate(arrivals)]
     plans: list[PlanObservation] = []
     lags: list[float] = []

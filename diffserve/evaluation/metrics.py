@@ -16,7 +16,8 @@ Definitions (docs/benchmarks.md states them for users):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -65,7 +66,7 @@ def trace_seconds(records: list[RequestRecord]) -> int:
     """Number of model seconds the arrivals span (the last partial second included)."""
     if not records:
         return 0
-    return int(math.floor(max(r.scheduled_ms for r in records) / 1000.0)) + 1
+    return math.floor(max(r.scheduled_ms for r in records) / 1000.0) + 1
 
 
 def per_second_quality(
@@ -207,8 +208,8 @@ def timeline(
         capacity.append(_round(_plan_capacity(plan, light, heavy), 3) if plan else None)
         demand_estimate.append(plan.get("demand_qps") if plan else None)
         pools = {p.get("model"): p for p in (plan or {}).get("pools", []) if isinstance(p, dict)}
-        for model in workers:
-            workers[model].append(int(pools[model].get("workers", 0)) if model in pools else (0 if plan else None))
+        for model, column in workers.items():
+            column.append(int(pools[model].get("workers", 0)) if model in pools else (0 if plan else None))
     return {
         "second": list(range(n)),
         "demand": demand.tolist(),

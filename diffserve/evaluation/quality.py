@@ -13,7 +13,8 @@ evaluation can be built and tested on its own. Two modes:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 

@@ -8,9 +8,9 @@ multiplied by the speedup), the unit every SLO is stated in.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -7,14 +7,19 @@ per policy against a fresh emulated server.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from diffserve.evaluation import report
 from diffserve.evaluation.loadgen import LoadConfig, LoadResult, run_open_loop
 from diffserve.evaluation.metrics import summarize, timeline
-from diffserve.evaluation.oracle import fraction_of_bound, improvement_captured, oracle_bound
+from diffserve.evaluation.oracle import (
+    fraction_of_bound,
+    improvement_captured,
+    oracle_bound,
+)
 from diffserve.evaluation.quality import QualityMode, quality_function, quality_source
 from diffserve.evaluation.records import RequestRecord, write_jsonl
 from diffserve.evaluation.sources import Arrival, demand_per_second

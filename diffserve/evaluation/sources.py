@@ -207,6 +207,6 @@ def window_rates(arrivals: list[Arrival], window_s: float) -> np.ndarray:
     if not arrivals:
         return np.zeros(0)
     times = np.array([a.time_ms for a in arrivals]) / 1000.0
-    n = int(math.floor(times.max() / window_s)) + 1
+    n = math.floor(times.max() / window_s) + 1
     counts = np.bincount(np.floor(times / window_s).astype(int), minlength=n)
     return counts / window_s
