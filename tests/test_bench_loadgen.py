@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +242,22 @@ if __name__ == "__main__":  # the stub server of the compare test
     import uvicorn
 
     uvicorn.run(make_stub_app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+
+
+def test_server_commands_reproduce_each_baseline():
+    """Baselines run without degrade; the paper's controller plans with batch latencies only."""
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.evaluation import compare
+    from diffserve.evaluation.sources import Arrival
+
+    spec = compare.CompareSpec(
+        arrivals=[Arrival(i * 100.0, i) for i in range(10)], prompts=["p"], profile_spec="reference",
+        cascade_spec="reference", profile=load_profile("reference"), pair=load_cascade("reference").recommended(),
+        workers=4, slo_ms=5000, speedup=5, output=Path("unused"),
+    )
+    commands = {policy: compare.server_command(spec, policy, 9999) for policy in compare.POLICIES}
+    assert "--no-degrade" not in commands["diffserve"]
+    assert all("--no-degrade" in cmd for policy, cmd in commands.items() if policy != "diffserve")
+    paper = commands["diffserve-paper"]
+    assert paper[paper.index("--latency-model") + 1] == "batch"
+    assert all("--latency-model" not in cmd for policy, cmd in commands.items() if policy != "diffserve-paper")

@@ -253,3 +253,27 @@ def test_worker_memory_says_whether_a_worker_holds_both_models():
     tight = solve_plan(profile, reference_cascade(), demand_qps=10, slo_ms=5000, workers=16, worker_memory_mb=4000)
     assert any("cannot hold both models" in note for note in tight.notes)
     assert all(p.batch_size * 1000 <= 4000 for p in tight.pools)
+
+
+def test_the_artifact_latency_model_ignores_waits_and_defers_more(ref):
+    queueing = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, policy="diffserve-paper")
+    batch_only = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, policy="diffserve-paper", latency_model="batch")
+    profile = ref[0]
+    for pool in batch_only.pools:  # a stage is predicted to take exactly its batch latency
+        assert pool.latency_ms == pytest.approx(profile.model(pool.model).latency_ms(pool.batch_size))
+    assert batch_only.heavy_fraction > queueing.heavy_fraction
+    assert any("artifact" in note for note in batch_only.notes)
+    with pytest.raises(UserError, match="latency_model"):
+        solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, latency_model="guess")
+
+
+def test_a_capped_batcher_wait_is_modelled(ref):
+    from diffserve.planner.queueing import stage_estimate
+
+    uncapped = stage_estimate(3680, 4, 3, 1.0)
+    capped = stage_estimate(3680, 4, 3, 1.0, max_wait_fraction=0.25)
+    assert uncapped.fill_ms > 0.25 * 3680 and capped.fill_ms == pytest.approx(0.25 * 3680)
+    looser = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, max_wait_fraction=0.25)
+    strict = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16)
+    assert looser.predicted["fid"] <= strict.predicted["fid"]
+    assert any("0.25 x the batch latency" in note for note in looser.notes)

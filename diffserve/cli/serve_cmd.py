@@ -106,6 +106,7 @@ def register(app: typer.Typer) -> None:
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
         log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "warning",
+        latency_model: Annotated[str, typer.Option(help="Planner's latency model: queueing (batch + fill wait + queueing) or batch (the paper artifact's: batch latency only).")] = "queueing",
         engine: Annotated[str, typer.Option(help="embedded (one process, FastAPI + uvicorn) or ray (Ray Serve deployments; needs the 'ray' extra).")] = "embedded",
         address: Annotated[str, typer.Option(help="Ray engine: 'local' starts Ray here, 'auto' joins this node's cluster, or ray://HOST:10001.")] = "local",
         ray_num_cpus: Annotated[float, typer.Option(min=0, help="Ray engine: CPUs reserved per pool replica (fractional is fine for emulated).")] = 0.1,
@@ -133,6 +134,7 @@ def register(app: typer.Typer) -> None:
             queue_full_status=queue_full_status,
             max_batch_wait_ms=None if max_batch_wait is None else _nonneg_duration(max_batch_wait),
             hold_all=hold_both,
+            latency_model=latency_model,
         )
         if queue_full_status not in (429, 503):
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")

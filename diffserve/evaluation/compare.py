@@ -3,7 +3,8 @@
 Each policy gets its own ``diffserve serve --backend emulated`` subprocess with the same workers,
 SLO, seed and speedup on a free loopback port; the bench waits for ``/readyz``, replays the trace
 open-loop, then stops the server with SIGTERM (SIGKILL if it does not exit in time). The paper's
-baselines run with ``--no-degrade``: their systems had no degrade mode and dropped late requests.
+baselines run with ``--no-degrade``: their systems had no degrade mode and dropped late requests;
+``diffserve-paper`` also plans as the artifact did, with batch latencies only (``--latency-model batch``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ POLICIES = ("clipper-light", "clipper-heavy", "static", "diffserve-paper", "prot
 OURS = "diffserve"
 #: Policies that model systems without a degrade mode.
 NO_DEGRADE = frozenset(POLICIES) - {OURS}
+#: Policies that reproduce the paper artifact's controller, which planned with batch latencies
+#: only (no batch-fill or queueing wait; EVALUATION's "no queueing model").
+ARTIFACT_LATENCY_MODEL = frozenset({"diffserve-paper"})
 
 
 def free_port() -> int:
@@ -91,6 +95,8 @@ def server_command(spec: CompareSpec, policy: str, port: int) -> list[str]:
     ]
     if policy in NO_DEGRADE:
         cmd.append("--no-degrade")
+    if policy in ARTIFACT_LATENCY_MODEL:
+        cmd += ["--latency-model", "batch"]
     return cmd + list(spec.extra_serve_args)
 
 

@@ -64,6 +64,8 @@ def build_stage(
     headroom: float,
     per_image_extra_ms: float = 0.0,
     max_wait_ms: float | None = None,
+    max_wait_fraction: float | None = None,
+    queueing: bool = True,
     quantile: float = 0.99,
 ) -> StageTable:
     """Options (b, k) for k = 0..max_workers and their latency at each rate in ``rates_qps``.
@@ -88,7 +90,8 @@ def build_stage(
         per_k: list[tuple[int, float, np.ndarray]] = []
         for b in batches:
             s = service_time_ms(model, b, per_image_extra_ms)
-            lat = stage_latency_array(s, b, k, headroom * distinct, quantile=quantile, max_wait_ms=max_wait_ms)
+            lat = stage_latency_array(s, b, k, headroom * distinct, quantile=quantile, max_wait_ms=max_wait_ms,
+                                     max_wait_fraction=max_wait_fraction, queueing=queueing)
             lat = np.where(lat <= slo_ms, lat, cap_value)  # also maps inf/nan to infeasible
             if np.all(lat >= cap_value):
                 continue

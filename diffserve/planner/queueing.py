@@ -114,6 +114,8 @@ def stage_estimate(
     *,
     quantile: float | None = 0.99,
     max_wait_ms: float | None = None,
+    max_wait_fraction: float | None = None,
+    queueing: bool = True,
 ) -> StageEstimate:
     """Predicted time in one pool: q-quantile when ``quantile`` is given, the mean when ``None``.
 
@@ -128,7 +130,9 @@ def stage_estimate(
     rho = lam * service_ms / (workers * batch)
     if rho >= 1.0:
         return StageEstimate(service_ms, INF, INF, rho)
-    cap = INF if max_wait_ms is None else max(0.0, max_wait_ms)
+    if not queueing:
+        return StageEstimate(service_ms, 0.0, 0.0, rho)
+    cap = wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction)
     if quantile is None:
         fill = (batch - 1) / (2.0 * lam)
     else:
@@ -153,11 +157,23 @@ def stage_latency_ms(
     *,
     quantile: float | None = 0.99,
     max_wait_ms: float | None = None,
+    max_wait_fraction: float | None = None,
+    queueing: bool = True,
 ) -> float:
     """Shorthand for ``stage_estimate(...).total_ms``."""
     return stage_estimate(
-        service_ms, batch, workers, rate_qps, quantile=quantile, max_wait_ms=max_wait_ms
+        service_ms, batch, workers, rate_qps, quantile=quantile, max_wait_ms=max_wait_ms,
+        max_wait_fraction=max_wait_fraction, queueing=queueing,
     ).total_ms
+
+
+def wait_cap_ms(service_ms: float, max_wait_ms: float | None, max_wait_fraction: float | None) -> float:
+    """The batcher's longest wait for a fuller batch: a fixed cap, a fraction of the batch's own
+    latency (the server's default batcher waits at most a quarter of it), or none (uncapped)."""
+    cap = INF if max_wait_ms is None else max(0.0, max_wait_ms)
+    if max_wait_fraction is not None:
+        cap = min(cap, max(0.0, max_wait_fraction) * service_ms)
+    return cap
 
 
 def pool_capacity_qps(service_ms: float, batch: int, workers: int) -> float:
@@ -173,6 +189,8 @@ def stage_latency_array(
     *,
     quantile: float = 0.99,
     max_wait_ms: float | None = None,
+    max_wait_fraction: float | None = None,
+    queueing: bool = True,
 ) -> "np.ndarray":
     """:func:`stage_latency_ms` at the q-quantile for many rates at once (numpy, same formulas).
 
@@ -190,8 +208,13 @@ def stage_latency_array(
     lam = rates[busy] / 1000.0
     rho = lam * service_ms / (workers * batch)
     stable = rho < 1.0
+    if not queueing:  # the paper artifact's model: a stage takes its batch latency if capacity suffices
+        busy_out = np.full(lam.shape, INF)
+        busy_out[stable] = service_ms
+        out[busy] = busy_out
+        return out
     lam_s = lam[stable]
-    cap = INF if max_wait_ms is None else max(0.0, max_wait_ms)
+    cap = wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction)
     fill = np.minimum(fill_quantile_units(batch, quantile) / lam_s, cap)
     a = lam_s * service_ms / batch
     erl_b = np.ones_like(a)

@@ -30,6 +30,12 @@ DEFAULT_HEADROOM = 1.2
 DEFAULT_QUANTILE = 0.99
 SOLVERS = ("auto", "highs", "cbc", "enumerate")
 
+#: Latency models: ``queueing`` (ours: batch latency + batch-fill wait + queueing wait, see
+#: queueing.py) or ``batch`` (the paper artifact's controller: a stage takes its batch latency
+#: whenever capacity covers headroom x demand; no queueing model). The benchmark reproduces the
+#: paper's controller as ``diffserve-paper`` with ``batch``.
+LATENCY_MODELS = ("queueing", "batch")
+
 #: Policies that keep a fixed plan for a whole run and therefore give it every worker.
 _STATIC_POLICIES = ("static", "clipper-light", "clipper-heavy")
 
@@ -110,6 +116,8 @@ def solve_plan(
     solver: str = "auto",
     pair: str | None = None,
     max_wait_ms: float | None = None,
+    max_wait_fraction: float | None = None,
+    latency_model: str = "queueing",
     quantile: float = DEFAULT_QUANTILE,
     worker_memory_mb: float | None = None,
     spare_workers: str | None = None,
@@ -119,7 +127,9 @@ def solve_plan(
 
     Options: ``pair`` ("light->heavy") restricts the choice of cascade; ``max_wait_ms`` caps the
     batcher's wait for a full batch (``None``: the conservative full-batch bound, see
-    docs/planning.md); ``worker_memory_mb`` drops batch sizes whose peak memory does not fit;
+    docs/planning.md); ``max_wait_fraction`` caps it at that fraction of each batch's latency (the
+    server's batcher: 0.25); ``latency_model`` = "queueing" (default) or "batch" (the paper
+    artifact's: batch latency only); ``worker_memory_mb`` drops batch sizes whose peak memory does not fit;
     ``spare_workers`` = "idle" (default for dynamic policies: the tie-break prefers fewer workers)
     or "fill" (default for static ones: hand the unused workers to the pools, which only lowers
     latency); ``solver``: auto | highs | cbc | enumerate.
@@ -131,6 +141,9 @@ def solve_plan(
     if spare not in ("idle", "fill"):
         raise UserError(f"spare_workers must be 'idle' or 'fill', got {spare!r}")
     workers = int(workers)
+    model = latency_model
+    if model not in LATENCY_MODELS:
+        raise UserError(f"latency_model must be one of {', '.join(LATENCY_MODELS)}, got {model!r}")
     latency_first = policy in _STATIC_POLICIES
     tables = [
         build_table(
@@ -145,6 +158,8 @@ def solve_plan(
             workers=workers,
             headroom=headroom,
             max_wait_ms=max_wait_ms,
+            max_wait_fraction=max_wait_fraction,
+            queueing=model == "queueing",
             quantile=quantile,
         )
         for p in pairs
@@ -166,7 +181,8 @@ def solve_plan(
             # A solver failure must not stall the controller: fall back to enumeration.
             choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
             used_solver = f"{used_solver} ({status}); enumerate"
-    settings = dict(headroom=headroom, max_wait_ms=max_wait_ms, quantile=quantile)
+    settings = dict(headroom=headroom, max_wait_ms=max_wait_ms, max_wait_fraction=max_wait_fraction,
+                    queueing=model == "queueing", quantile=quantile)
     if choice is None:
         plan = _degraded_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings)
     else:
@@ -180,6 +196,18 @@ def solve_plan(
         if both is not None:
             plan.notes.append(both)
     return plan
+
+
+def _latency_note(settings: dict) -> str:
+    if not settings["queueing"]:
+        return f"latency = batch latency only, capacity >= {settings['headroom']:g} x demand (the paper artifact's model)"
+    caps = []
+    if settings["max_wait_ms"] is not None:
+        caps.append(f"{settings['max_wait_ms']:g} ms")
+    if settings["max_wait_fraction"] is not None:
+        caps.append(f"{settings['max_wait_fraction']:g} x the batch latency")
+    wait = "capped at " + " and ".join(caps) if caps else "uncapped"
+    return f"latency = predicted p{settings['quantile'] * 100:g} at {settings['headroom']:g} x demand (batch-fill wait {wait})"
 
 
 def _both_fit_note(profile: ProfileFile, plan: PlanFile, memory_mb: float) -> str | None:
@@ -206,7 +234,8 @@ def _both_fit_note(profile: ProfileFile, plan: PlanFile, memory_mb: float) -> st
 def _stage_latency(model: ModelProfile, batch: int, k: int, rate: float, extra: float, settings) -> float:
     s = model.latency_ms(batch) + batch * extra
     return stage_latency_ms(
-        s, batch, k, settings["headroom"] * rate, quantile=settings["quantile"], max_wait_ms=settings["max_wait_ms"]
+        s, batch, k, settings["headroom"] * rate, quantile=settings["quantile"], max_wait_ms=settings["max_wait_ms"],
+        max_wait_fraction=settings["max_wait_fraction"], queueing=settings["queueing"],
     )
 
 
@@ -296,10 +325,7 @@ def _plan_from_choice(tables: list[PairTable], choice: Choice, policy, demand, s
             "latency_ms": round(latency, 3),
         },
     )
-    plan.notes.append(
-        f"latency = predicted p{settings['quantile'] * 100:g} at {settings['headroom']:g} x demand "
-        f"(batch-fill wait {'uncapped' if settings['max_wait_ms'] is None else 'capped at %g ms' % settings['max_wait_ms']})"
-    )
+    plan.notes.append(_latency_note(settings))
     return plan
 
 

@@ -71,6 +71,8 @@ def build_table(
     headroom: float,
     max_wait_ms: float | None,
     quantile: float,
+    max_wait_fraction: float | None = None,
+    queueing: bool = True,
 ) -> PairTable:
     ts, fs, qs, keys, routing, sequential, uses_disc = _columns(pair, policy)
     if sequential:
@@ -79,7 +81,8 @@ def build_table(
         light_rates = demand_qps * (1.0 - fs)
     heavy_rates = demand_qps * fs
     disc = pair.discriminator.latency_ms if uses_disc else 0.0
-    common = dict(slo_ms=slo_ms, headroom=headroom, max_wait_ms=max_wait_ms, quantile=quantile)
+    common = dict(slo_ms=slo_ms, headroom=headroom, max_wait_ms=max_wait_ms, quantile=quantile,
+                  max_wait_fraction=max_wait_fraction, queueing=queueing)
     light_tab = build_stage(light, light_batches, workers, light_rates, per_image_extra_ms=disc, **common)
     heavy_tab = build_stage(heavy, heavy_batches, workers, heavy_rates, **common)
     return PairTable(

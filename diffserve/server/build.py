@@ -11,6 +11,7 @@ from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
 from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.pool import AUTO_BATCH_WAIT_FRACTION
 from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
@@ -42,6 +43,9 @@ class ServeOptions:
     #: workers a plan leaves idle go to its pools (the planner's ``spare_workers="fill"``): an idle
     #: GPU only lowers latency; ``None`` keeps the planner's per-policy default
     spare_workers: str | None = "fill"
+    #: the planner's latency model: "queueing" (ours) or "batch" (the paper artifact's: batch
+    #: latency only, no queueing), which the benchmark uses to reproduce the paper's controller
+    latency_model: str = "queueing"
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def validate(self) -> None:
@@ -49,6 +53,8 @@ class ServeOptions:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.policy not in KNOWN_POLICIES:
             raise UserError(f"--policy must be one of {', '.join(KNOWN_POLICIES)}, got {self.policy!r}")
+        if self.latency_model not in ("queueing", "batch"):
+            raise UserError(f"--latency-model must be queueing or batch, got {self.latency_model!r}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.demand_qps <= 0:
@@ -76,8 +82,27 @@ def initial_plan(
     return plan, f"solved for {opts.demand_qps:g} QPS ({opts.policy})"
 
 
+#: The stage-latency quantile the plans must hold within the SLO. Without degrade-to-light a stage's
+#: tail is a violation, so plans hold the p99; with it, a heavy query in the tail is answered in time
+#: with its light image (counted as degraded), so the tail costs some quality and no SLO, and plans
+#: hold the p90, deferring more queries to the heavy model.
+STRICT_QUANTILE = 0.99
+DEGRADE_QUANTILE = 0.90
+
+
 def solver_options(opts: ServeOptions) -> dict:
-    return {"spare_workers": opts.spare_workers} if opts.spare_workers else {}
+    """What the planner must know about this server: its batcher's wait cap and spare workers."""
+    options: dict = {
+        "quantile": DEGRADE_QUANTILE if opts.degrade else STRICT_QUANTILE,
+        "latency_model": opts.latency_model,
+    }
+    if opts.spare_workers:
+        options["spare_workers"] = opts.spare_workers
+    if opts.max_batch_wait_ms is None:
+        options["max_wait_fraction"] = AUTO_BATCH_WAIT_FRACTION
+    else:
+        options["max_wait_ms"] = opts.max_batch_wait_ms
+    return options
 
 
 def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile, plan: PlanFile, clock: Clock, cascade_path: str | None) -> Backend:

@@ -2,13 +2,13 @@
 
 Every ``interval_ms`` of model time it measures the offered rate (every image asked for,
 admitted or not), smooths it with an EWMA, takes the larger of the smoothed and the latest rate
-(so a rising load is followed at once and a falling one decays), multiplies by a safety factor,
-and adds the backlog that must drain within one SLO (queued images / SLO). That demand goes to
+(so a rising load is followed at once and a falling one decays), multiplies by a safety factor
+(1.0 by default: the planner itself plans for 1.2 x the demand it is given), and adds the backlog that must drain within one SLO (queued images / SLO). That demand goes to
 the planner (``solve_plan``) in a thread so a slow solve never stalls the event loop. A failed
 solve keeps the last good plan and counts it. Every decision is logged with its inputs.
 
 Defaults (documented in docs/serving.md, not tuned to any trace): interval 5 s, EWMA alpha 0.5,
-safety factor 1.2, demand floor 0.5 QPS.
+safety factor 1.0 (the planner's headroom is 1.2), demand floor 0.5 QPS.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ Solver = Callable[..., PlanFile]
 class ControllerSettings:
     interval_ms: float = 5000.0
     ewma_alpha: float = 0.5
-    safety: float = 1.2
+    #: multiplies the demand estimate; 1.0 because the planner already plans for headroom x demand
+    safety: float = 1.0
     min_demand_qps: float = 0.5
     max_decisions: int = 200
 

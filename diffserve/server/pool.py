@@ -18,6 +18,10 @@ from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadline
 from diffserve.server.stage import Job
 
+#: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
+#: the planner is told the same number so that it models the batcher that runs.
+AUTO_BATCH_WAIT_FRACTION = 0.25
+
 
 class PoolHooks(Protocol):
     def queue_changed(self, model: str, length: int) -> None: ...
@@ -106,7 +110,7 @@ class Pool:
     def max_batch_wait_ms(self) -> float:
         if self._max_wait is not None:
             return self._max_wait
-        return 0.0 if self.batch_size <= 1 else 0.25 * self.latency_ms(self.batch_size)
+        return 0.0 if self.batch_size <= 1 else AUTO_BATCH_WAIT_FRACTION * self.latency_ms(self.batch_size)
 
     # ---------------------------------------------------------------- queue
     def __len__(self) -> int:
