@@ -220,7 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qps", type=float, default=50.0)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per scenario")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "server_overhead.json"))
+    ap.add_argument("--output", "--out", dest="out", default=str(REPO / "bench" / "results" / "server_overhead.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,14 +79,15 @@ async def test_unmeetable_jobs_fail_with_would_miss_when_asked() -> None:
 
 
 async def test_waits_for_a_fuller_batch_only_within_the_cap() -> None:
-    clock = Clock(1000)
-    pool = _pool(clock, batch_size=4, max_batch_wait_ms=50.0)
-    pool.submit(_job(clock, "a"))
+    # real time (speedup 1) so that a busy machine cannot let the cap pass before the checks below
+    clock = Clock(1.0)
+    pool = _pool(clock, batch_size=4, max_batch_wait_ms=300.0)
+    pool.submit(_job(clock, "a", budget_ms=60_000.0))
     taker = asyncio.create_task(pool.take_batch())
     await asyncio.sleep(0)
     assert not taker.done()  # waiting for more
-    pool.submit(_job(clock, "b"))
-    batch = await asyncio.wait_for(taker, 5)  # the cap (50 ms model = 0.05 ms wall) ends the wait
+    pool.submit(_job(clock, "b", budget_ms=60_000.0))
+    batch = await asyncio.wait_for(taker, 5)  # the 300 ms cap ends the wait with a half-full batch
     assert [j.prompt for j in batch] == ["a", "b"]
 
 

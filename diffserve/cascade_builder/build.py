@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from diffserve.cascade_builder.clip import ClipConfig, clip_score, get_encoder
+from diffserve.cascade_builder.clip import clip_score, get_encoder
 from diffserve.cascade_builder.curves import (
     deferral_curve,
     mean_quality_curve,
@@ -36,7 +36,7 @@ from diffserve.cascade_builder.discriminator import (
     EfficientNetDiscriminator,
     classification_metrics,
 )
-from diffserve.cascade_builder.fid import MIN_FID_SAMPLES, FidConfig, FidFeatures, fid, kid
+from diffserve.cascade_builder.fid import MIN_FID_SAMPLES, FidFeatures, fid, kid
 from diffserve.cascade_builder.generation import (
     ModelLoader,
     VariantImages,
@@ -47,6 +47,7 @@ from diffserve.cascade_builder.generation import (
 )
 from diffserve.cascade_builder.pairs import CurvePoints, candidate_pairs, cost_curve, select_pairs
 from diffserve.cascade_builder.plots import plot_cascade
+from diffserve.cascade_builder.scoring import ImageRunOptions
 from diffserve.datasets import PromptSet
 from diffserve.errors import UserError
 from diffserve.fileio import atomic_write_text, write_model
@@ -57,13 +58,7 @@ Metric = Literal["auto", "clip", "fid"]
 
 
 @dataclass
-class BuildOptions:
-    images_per_prompt: int = 1
-    cache_dir: Path = Path(".diffserve-cache/images")
-    batch_size: int = 8
-    seed: int = 0
-    clip: ClipConfig = ClipConfig()
-    fid: FidConfig = FidConfig()
+class BuildOptions(ImageRunOptions):
     real_images: Path | None = None
     max_real_images: int = 5000
     backbone: Backbone = "clip"
@@ -77,8 +72,6 @@ class BuildOptions:
     profile: ProfileFile | None = None
     plot: Path | None = None
     min_fid_samples: int = MIN_FID_SAMPLES
-    #: where CLIP, the FID net and the EfficientNet run ("cuda" on a GPU machine); generation has its own --device
-    feature_device: str = "cpu"
 
 
 @dataclass

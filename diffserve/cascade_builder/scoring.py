@@ -78,16 +78,23 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float, float]:
 
 
 @dataclass
-class ScoreOptions:
+class ImageRunOptions:
+    """What generating and embedding images needs; shared by ``score`` and ``build-cascade``."""
+
     images_per_prompt: int = 1
     cache_dir: Path = Path(".diffserve-cache/images")
     batch_size: int = 8
     seed: int = 0
     clip: ClipConfig = ClipConfig()
     fid: FidConfig = FidConfig()
+    #: where CLIP, the FID net and the discriminator run ("cuda" on a GPU machine); generation has its own --device
+    feature_device: str = "cpu"
+
+
+@dataclass
+class ScoreOptions(ImageRunOptions):
     reference_images: Path | None = None
     max_reference_images: int = 5000
-    feature_device: str = "cpu"
 
 
 def clip_scores(
