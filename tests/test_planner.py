@@ -277,3 +277,15 @@ def test_a_capped_batcher_wait_is_modelled(ref):
     strict = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16)
     assert looser.predicted["fid"] <= strict.predicted["fid"]
     assert any("0.25 x the batch latency" in note for note in looser.notes)
+
+
+def test_a_pinned_threshold_is_kept_and_only_for_cascade_policies(ref):
+    plan = solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, threshold=0.5)
+    assert plan.routing == "cascade" and plan.threshold == pytest.approx(0.5)
+    assert plan.heavy_fraction == pytest.approx(ref[1].recommended().deferral_at(0.5))
+    free = solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16)
+    assert free.predicted["fid"] < plan.predicted["fid"]  # pinning away from the optimum costs quality
+    with pytest.raises(UserError, match="cascade policy"):
+        solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, policy="proteus", threshold=0.5)
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, threshold=1.5)

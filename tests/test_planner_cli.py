@@ -46,6 +46,9 @@ def test_sweep_table_and_plot(tmp_path):
         (["--demand", "5", "--slo", "fast"], "--slo"),
         (["--demand", "5", "--profile", "/nonexistent.yaml"], "not found"),
         ([], "--demand"),
+        (["--demand", "5", "--threshold", "2"], "threshold"),
+        (["--sweep", "1:3", "--threshold", "0.5"], "--sweep"),
+        (["--demand", "5", "--latency-model", "psychic"], "latency_model"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):

@@ -53,3 +53,19 @@ def test_quickstart_reports_a_failing_stage(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3))
     result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--no-serve"])
     assert result.exit_code == 2 and "the profile stage failed (exit code 3)" in result.output
+
+
+def test_quickstart_pins_the_median_threshold_only_for_random_weight_cascades(tmp_path) -> None:
+    from diffserve.cli.serve_cmd import _demo_threshold
+    from diffserve.fileio import write_model
+    from diffserve.reference import reference_cascade
+
+    cascade = reference_cascade()
+    write_model(tmp_path / "real.yaml", cascade)
+    assert _demo_threshold(tmp_path / "real.yaml") == []
+    cascade.random_weights = True
+    write_model(tmp_path / "random.yaml", cascade)
+    flag, value = _demo_threshold(tmp_path / "random.yaml")
+    pair = cascade.recommended()
+    assert flag == "--threshold" and pair.deferral_at(float(value)) >= 0.5
+    assert pair.deferral_at(float(value) - 0.005) < 0.5  # the first grid point deferring half

@@ -31,6 +31,8 @@ def plan(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan.")] = Path("plan.yaml"),
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Sweep demand LOW:HIGH (1 qps steps) instead of one plan.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: PNG of predicted quality vs demand.")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Pin the cascade threshold t (workers and batch sizes are still optimised).")] = None,
+    latency_model: Annotated[str, typer.Option("--latency-model", help="queueing (batch + fill wait + queueing) or batch (the paper artifact's: batch latency only).")] = "queueing",
 ) -> None:
     """Choose workers, batch sizes and the threshold that give the best quality within the SLO."""
     from diffserve.artifacts import load_cascade, load_profile
@@ -47,8 +49,11 @@ def plan(
     options = dict(
         slo_ms=slo_ms, workers=workers, headroom=DEFAULT_HEADROOM if headroom is None else headroom,
         solver=solver, pair=pair, max_wait_ms=wait_ms, worker_memory_mb=memory_mb, spare_workers=spare,
+        latency_model=latency_model,
     )
     if sweep is not None:
+        if threshold is not None:
+            raise UserError("--threshold pins one plan's threshold; it cannot be combined with --sweep")
         from diffserve.planner.sweep import plot_sweep, print_sweep, run_sweep
 
         low, high = parse_range(sweep, name="--sweep")
@@ -62,7 +67,7 @@ def plan(
         raise UserError("--plot needs --sweep")
     if demand is None:
         raise UserError("give --demand QPS (or --sweep LOW:HIGH)")
-    result = solve_plan(prof, casc, demand_qps=demand, policy=policy, **options)
+    result = solve_plan(prof, casc, demand_qps=demand, policy=policy, threshold=threshold, **options)
     write_model(output, result)
     _print_plan(result)
     console.print(f"plan written to {output}")

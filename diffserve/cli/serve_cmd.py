@@ -202,9 +202,32 @@ def quickstart_flow(workdir, *, prompts: int, workers: int, slo: str, demand: fl
     _stage(2, "build-cascade", cascade, ["build-cascade", "--models", QUICKSTART_MODELS, "--prompts", "builtin",
                                          "--num-prompts", str(prompts), "--profile", str(profile), "--output", str(cascade),
                                          "--cache-dir", str(workdir / "images")], force=force)
+    pin = _demo_threshold(cascade) if force or not plan.exists() else []
     _stage(3, "plan", plan, ["plan", "--profile", str(profile), "--cascade", str(cascade), "--demand", str(demand),
-                             "--slo", slo, "--workers", str(workers), "--spare", "fill", "--output", str(plan)], force=force)
+                             "--slo", slo, "--workers", str(workers), "--spare", "fill", "--output", str(plan), *pin],
+           force=force)
     return str(profile), str(cascade), str(plan)
+
+
+def _demo_threshold(cascade_path) -> list[str]:
+    """``--threshold`` at the median confidence when the cascade came from random-weight models.
+
+    Their quality curve is noise (the light model may well "beat" the heavy one), so the planner's
+    honest answer could be the light model alone and the demo would never show the cascade. Pinning
+    t where half the queries are deferred shows both paths; the console says so.
+    """
+    from diffserve.artifacts import load_cascade
+
+    cascade = load_cascade(cascade_path)
+    if not cascade.random_weights:
+        return []
+    pair = cascade.recommended()
+    t = next((t for t, f in zip(pair.grid, pair.f_t) if f >= 0.5), pair.grid[-1])
+    console.print(
+        f"[yellow]random-weight models:[/] their quality curve means nothing, so the demo pins the threshold at "
+        f"t={t:g}, where half of the queries go on to {pair.heavy}, to show both paths of the cascade"
+    )
+    return ["--threshold", f"{t:g}"]
 
 
 def _nonneg_duration(text: str) -> float:

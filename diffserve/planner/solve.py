@@ -118,6 +118,7 @@ def solve_plan(
     max_wait_ms: float | None = None,
     max_wait_fraction: float | None = None,
     latency_model: str = "queueing",
+    threshold: float | None = None,
     quantile: float = DEFAULT_QUANTILE,
     worker_memory_mb: float | None = None,
     spare_workers: str | None = None,
@@ -129,7 +130,8 @@ def solve_plan(
     batcher's wait for a full batch (``None``: the conservative full-batch bound, see
     docs/planning.md); ``max_wait_fraction`` caps it at that fraction of each batch's latency (the
     server's batcher: 0.25); ``latency_model`` = "queueing" (default) or "batch" (the paper
-    artifact's: batch latency only); ``worker_memory_mb`` drops batch sizes whose peak memory does not fit;
+    artifact's: batch latency only); ``threshold`` pins a cascade policy's threshold (the nearest
+    grid point; workers and batch sizes are still optimised); ``worker_memory_mb`` drops batch sizes whose peak memory does not fit;
     ``spare_workers`` = "idle" (default for dynamic policies: the tie-break prefers fewer workers)
     or "fill" (default for static ones: hand the unused workers to the pools, which only lowers
     latency); ``solver``: auto | highs | cbc | enumerate.
@@ -141,6 +143,11 @@ def solve_plan(
     if spare not in ("idle", "fill"):
         raise UserError(f"spare_workers must be 'idle' or 'fill', got {spare!r}")
     workers = int(workers)
+    if threshold is not None:
+        if policy not in ("diffserve", "static", "diffserve-paper"):
+            raise UserError(f"a pinned threshold needs a cascade policy (diffserve, static, diffserve-paper), not {policy!r}")
+        if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+            raise UserError(f"threshold must lie in [0, 1], got {threshold!r}")
     model = latency_model
     if model not in LATENCY_MODELS:
         raise UserError(f"latency_model must be one of {', '.join(LATENCY_MODELS)}, got {model!r}")
@@ -161,6 +168,7 @@ def solve_plan(
             max_wait_fraction=max_wait_fraction,
             queueing=model == "queueing",
             quantile=quantile,
+            threshold=threshold,
         )
         for p in pairs
     ]

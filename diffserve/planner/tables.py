@@ -29,8 +29,11 @@ def _dense_rank(keys: np.ndarray) -> np.ndarray:
     return inverse.astype(int)
 
 
-def _columns(pair: CascadePair, policy: str):
-    """(thresholds, fractions, qualities, rank keys, routing, sequential, uses discriminator)."""
+def _columns(pair: CascadePair, policy: str, threshold: float | None = None):
+    """(thresholds, fractions, qualities, rank keys, routing, sequential, uses discriminator).
+
+    ``threshold`` pins a cascade policy to the grid point nearest to it (an operator's choice,
+    or a demo on random-weight models whose quality curve means nothing)."""
     lower = pair.lower_is_better
     sign = 1.0 if lower else -1.0
     if policy in ("diffserve", "static", "diffserve-paper"):
@@ -41,6 +44,8 @@ def _columns(pair: CascadePair, policy: str):
             if key not in groups or keep_high:
                 groups[key] = j
         idx = sorted(groups.values())
+        if threshold is not None:
+            idx = [min(range(len(pair.grid)), key=lambda j: abs(pair.grid[j] - threshold))]
         ts = [pair.grid[j] for j in idx]
         fs = np.array([pair.f_t[j] for j in idx])
         qs = np.array([pair.q_t[j] for j in idx])
@@ -73,8 +78,9 @@ def build_table(
     quantile: float,
     max_wait_fraction: float | None = None,
     queueing: bool = True,
+    threshold: float | None = None,
 ) -> PairTable:
-    ts, fs, qs, keys, routing, sequential, uses_disc = _columns(pair, policy)
+    ts, fs, qs, keys, routing, sequential, uses_disc = _columns(pair, policy, threshold)
     if sequential:
         light_rates = np.full(len(fs), demand_qps)
     else:
