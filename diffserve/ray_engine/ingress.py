@@ -31,8 +31,8 @@ class Ingress:
         sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         from diffserve.server.clock import Clock
-        from diffserve.server.controller import ControllerSettings
-        from diffserve.server.runtime import RuntimeSettings, _pair_for
+        from diffserve.server.build import runtime_settings, solver_options
+        from diffserve.server.runtime import _pair_for
 
         from diffserve.ray_engine.runtime import CatalogueBackend, RayRuntime
 
@@ -40,19 +40,7 @@ class Ingress:
         catalogue = CatalogueBackend(
             profile, pair, options.workers, sizes or [(512, 512), (256, 256)], random_weights=options.backend != "emulated"
         )
-        settings = RuntimeSettings(
-            slo_ms=options.slo_ms,
-            degrade=options.degrade,
-            max_queue=options.max_queue,
-            queue_full_status=options.queue_full_status,
-            max_batch_wait_ms=options.max_batch_wait_ms,
-            controller=ControllerSettings(
-                interval_ms=options.replan_interval_ms,
-                ewma_alpha=options.controller.ewma_alpha,
-                safety=options.controller.safety,
-                min_demand_qps=options.controller.min_demand_qps,
-            ),
-        )
+        settings = runtime_settings(options)
         self.runtime = RayRuntime(
             catalogue,
             pools,
@@ -64,6 +52,7 @@ class Ingress:
             clock=Clock(options.speedup),
             policy=options.policy,
             settings=settings,
+            solver_options=solver_options(options),
         )
         self.admin_token = admin_token
         self.pid = os.getpid()

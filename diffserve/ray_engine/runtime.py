@@ -15,7 +15,7 @@ from typing import Any
 from diffserve.errors import UserError
 from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
-from diffserve.server.errors import InvalidRequest, QueueFull, Unavailable
+from diffserve.server.errors import QueueFull, Unavailable
 from diffserve.server.latency import LatencyTable
 from diffserve.server.router import Router
 from diffserve.server.runtime import QueueFull503, Runtime, RuntimeSettings
@@ -76,9 +76,13 @@ class RayRuntime(Runtime):
         policy: str = "diffserve",
         settings: RuntimeSettings | None = None,
         solver: Any = None,
+        solver_options: dict | None = None,
         scale: bool = True,
     ) -> None:
-        super().__init__(catalogue, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=policy, settings=settings, solver=solver)
+        super().__init__(
+            catalogue, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=policy, settings=settings,
+            solver=solver, solver_options=solver_options,
+        )
         self.app_name = app_name
         self.deployments = deployments
         self.scale = scale
@@ -110,11 +114,7 @@ class RayRuntime(Runtime):
     # ---------------------------------------------------------------- controller target
     def apply_plan(self, plan: PlanFile) -> None:
         """Threshold and batch sizes at once; replica counts through Serve's external scaler."""
-        for model in [plan.light, plan.heavy, *(p.model for p in plan.pools)]:
-            if model is not None and model not in self.pools:
-                raise InvalidRequest(f"the plan uses model {model!r}, which this server does not run (it runs: {', '.join(self.pools)})")
-        if plan.workers_used > self.backend.n_workers:
-            raise InvalidRequest(f"the plan uses {plan.workers_used} workers; this server has {self.backend.n_workers}")
+        self.check_plan(plan)
         targets = {model: 0 for model in self.pools}
         for p in plan.pools:
             self.pools[p.model].set_batch_size(p.batch_size)

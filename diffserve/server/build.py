@@ -105,6 +105,23 @@ def solver_options(opts: ServeOptions) -> dict:
     return options
 
 
+def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
+    """The runtime's settings from the CLI options (both engines build theirs here)."""
+    return RuntimeSettings(
+        slo_ms=opts.slo_ms,
+        degrade=opts.degrade,
+        max_queue=opts.max_queue,
+        queue_full_status=opts.queue_full_status,
+        max_batch_wait_ms=opts.max_batch_wait_ms,
+        controller=ControllerSettings(
+            interval_ms=opts.replan_interval_ms,
+            ewma_alpha=opts.controller.ewma_alpha,
+            safety=opts.controller.safety,
+            min_demand_qps=opts.controller.min_demand_qps,
+        ),
+    )
+
+
 def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile, plan: PlanFile, clock: Clock, cascade_path: str | None) -> Backend:
     pair = cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended()
     if opts.backend == "emulated":
@@ -129,21 +146,8 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
         backend = make_backend(opts, profile, cascade, plan, clock, None if opts.cascade == "reference" else opts.cascade)
     except KeyError as exc:
         raise UserError(str(exc).strip('"')) from None
-    settings = RuntimeSettings(
-        slo_ms=opts.slo_ms,
-        degrade=opts.degrade,
-        max_queue=opts.max_queue,
-        queue_full_status=opts.queue_full_status,
-        max_batch_wait_ms=opts.max_batch_wait_ms,
-        controller=ControllerSettings(
-            interval_ms=opts.replan_interval_ms,
-            ewma_alpha=opts.controller.ewma_alpha,
-            safety=opts.controller.safety,
-            min_demand_qps=opts.controller.min_demand_qps,
-        ),
-    )
     runtime = Runtime(
-        backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy, settings=settings, solver=solver,
-        solver_options=solver_options(opts),
+        backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy,
+        settings=runtime_settings(opts), solver=solver, solver_options=solver_options(opts),
     )
     return runtime, origin

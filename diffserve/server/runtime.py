@@ -135,13 +135,17 @@ class Runtime:
     def queue_delay_ms(self) -> dict[str, float]:
         return {m: p.estimate_wait_ms(0) for m, p in self.pools.items()}
 
-    def apply_plan(self, plan: PlanFile) -> None:
-        """Switch to ``plan`` live: batch sizes and threshold at once, workers as batches finish."""
+    def check_plan(self, plan: PlanFile) -> None:
+        """Refuse a plan this server cannot run (unknown model, more workers than it has)."""
         for model in [plan.light, plan.heavy, *(p.model for p in plan.pools)]:
             if model is not None and model not in self.pools:
                 raise InvalidRequest(f"the plan uses model {model!r}, which this server does not run (it runs: {', '.join(self.pools)})")
         if plan.workers_used > self.backend.n_workers:
             raise InvalidRequest(f"the plan uses {plan.workers_used} workers; this server has {self.backend.n_workers}")
+
+    def apply_plan(self, plan: PlanFile) -> None:
+        """Switch to ``plan`` live: batch sizes and threshold at once, workers as batches finish."""
+        self.check_plan(plan)
         for p in plan.pools:
             self.pools[p.model].set_batch_size(p.batch_size)
         for model, pool in self.pools.items():
