@@ -62,9 +62,14 @@ def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Pat
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     metric = next(iter(result.plans.values()))[0].metric
-    for policy, plans in result.plans.items():
+    styles = ["-", "--", ":", "-."]  # policies often coincide (static = ours at the peak): keep each visible
+    for i, (policy, plans) in enumerate(result.plans.items()):
         q = [p.predicted[metric] for p in plans]
-        line = ax.plot(result.demands, q, marker="o", markersize=3, label=policy)[0]
+        ours = policy == "diffserve"
+        line = ax.plot(
+            result.demands, q, marker="o", markersize=3, label=policy, linestyle=styles[i % len(styles)],
+            linewidth=2.5 if ours else 1.3, zorder=3 if ours else 2,
+        )[0]
         bad = [(d, v) for d, v, p in zip(result.demands, q, plans) if p.degraded]
         if bad:
             ax.scatter(*zip(*bad), facecolors="none", edgecolors=line.get_color(), s=36)
