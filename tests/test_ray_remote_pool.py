@@ -174,10 +174,10 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
     profile, cascade = load_profile("reference"), load_cascade("reference")
     plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8)
     pair = cascade.recommended()
-    catalogue = rt.CatalogueBackend(profile, pair, 8, [(512, 512)])
+    clock = Clock(1.0)
+    catalogue = rt.CatalogueBackend(profile, pair, 8, clock, [(512, 512)])
     handles = {m: FakeHandle() for m in catalogue.models}
     deployments = {m: f"Pool_{m}" for m in catalogue.models}
-    clock = Clock(1.0)
     runtime = rt.RayRuntime(
         catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock, settings=RuntimeSettings()
     )

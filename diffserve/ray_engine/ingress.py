@@ -37,10 +37,11 @@ class Ingress:
         from diffserve.ray_engine.runtime import CatalogueBackend, RayRuntime
 
         pair = _pair_for(cascade, plan)
+        clock = Clock(options.speedup)
         catalogue = CatalogueBackend(
-            profile, pair, options.workers, sizes or [(512, 512), (256, 256)], random_weights=options.backend != "emulated"
+            profile, pair, options.workers, clock, sizes,
+            random_weights=options.backend != "emulated",
         )
-        settings = runtime_settings(options)
         self.runtime = RayRuntime(
             catalogue,
             pools,
@@ -49,9 +50,9 @@ class Ingress:
             profile=profile,
             cascade=cascade,
             plan=plan,
-            clock=Clock(options.speedup),
+            clock=clock,
             policy=options.policy,
-            settings=settings,
+            settings=runtime_settings(options),
             solver_options=solver_options(options),
         )
         self.admin_token = admin_token

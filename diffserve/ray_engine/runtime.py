@@ -12,14 +12,13 @@ import asyncio
 import logging
 from typing import Any
 
-from diffserve.errors import UserError
 from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import QueueFull, Unavailable
-from diffserve.server.latency import LatencyTable
+from diffserve.server.emulated import EmulatedBackend
 from diffserve.server.router import Router
 from diffserve.server.runtime import QueueFull503, Runtime, RuntimeSettings
-from diffserve.server.stage import Backend, Job, StageOutput
+from diffserve.server.stage import Job, StageOutput
 
 from diffserve.ray_engine import scaler
 from diffserve.ray_engine.remote_pool import RemotePool
@@ -27,35 +26,21 @@ from diffserve.ray_engine.remote_pool import RemotePool
 log = logging.getLogger("diffserve.ray_engine")
 
 
-class CatalogueBackend(Backend):
+class CatalogueBackend(EmulatedBackend):
     """What the ingress needs to know about the models without running any: names, sizes, costs.
 
-    ``predict`` is never called here (the replicas run the models); it raises to make a wiring
-    mistake loud.
+    The emulated backend's latency model, reused; ``predict`` is never called here (the replicas
+    run the models), so it raises to make a wiring mistake loud.
     """
 
     name = "ray"
 
-    def __init__(self, profile: ProfileFile, pair: CascadePair, n_workers: int, sizes: list[tuple[int, int]], random_weights: bool = False) -> None:
-        super().__init__([pair.light, pair.heavy], n_workers)
-        for model in self.models:
-            if model not in profile.models:
-                raise UserError(f"model {model!r} of the cascade is not in the profile (it has: {', '.join(profile.models)})")
-        self.tables = {m: LatencyTable(profile.model(m)) for m in self.models}
-        self.light = pair.light
-        self.discriminator_ms = pair.discriminator.latency_ms
-        self._sizes = sizes
+    def __init__(
+        self, profile: ProfileFile, pair: CascadePair, n_workers: int, clock: Clock, sizes: list[tuple[int, int]] | None = None,
+        random_weights: bool = False,
+    ) -> None:
+        super().__init__(profile, pair, n_workers, clock, sizes=sizes)
         self.random_weights = random_weights
-
-    async def setup(self) -> None:
-        return None
-
-    def batch_latency_ms(self, model: str, batch_size: int) -> float:
-        extra = self.discriminator_ms * batch_size if model == self.light else 0.0
-        return self.tables[model](batch_size) + extra
-
-    def supported_sizes(self) -> list[tuple[int, int]]:
-        return list(self._sizes)
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         raise RuntimeError("the Ray ingress never runs a model itself; jobs go to the pool deployments")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import io
 
-from diffserve.errors import UserError
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
-from diffserve.server.latency import LatencyTable
+from diffserve.server.latency import profile_tables
 from diffserve.server.scores import ScoreSampler, unit_hash
 from diffserve.server.stage import Backend, Job, StageOutput
 
@@ -44,11 +43,8 @@ class EmulatedBackend(Backend):
         sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__([pair.light, pair.heavy], n_workers)
-        for model in self.models:
-            if model not in profile.models:
-                raise UserError(f"model {model!r} of the cascade is not in the profile (it has: {', '.join(profile.models)})")
         self.clock = clock
-        self.tables = {m: LatencyTable(profile.model(m)) for m in self.models}
+        self.tables = profile_tables(profile, self.models)
         self.light = pair.light
         self.scores = ScoreSampler(pair)
         self.discriminator_ms = pair.discriminator.latency_ms

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from diffserve.errors import UserError
-from diffserve.schemas import ModelProfile
+from diffserve.schemas import ModelProfile, ProfileFile
 
 
 class LatencyTable:
@@ -39,3 +39,11 @@ class LatencyTable:
             if s0 <= n <= s1:
                 return m0 + (m1 - m0) * (n - s0) / (s1 - s0)
         return self.ms[-1] * math.ceil(n / self.sizes[-1])  # unreachable, kept for safety
+
+
+def profile_tables(profile: ProfileFile, models: list[str]) -> dict[str, LatencyTable]:
+    """One :class:`LatencyTable` per model; every backend builds its latencies here."""
+    for model in models:
+        if model not in profile.models:
+            raise UserError(f"model {model!r} of the cascade is not in the profile (it has: {', '.join(profile.models)})")
+    return {m: LatencyTable(profile.model(m)) for m in models}

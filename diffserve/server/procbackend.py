@@ -26,7 +26,7 @@ from diffserve.errors import UserError
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import WorkerCrashed, WorkerHung
-from diffserve.server.latency import LatencyTable
+from diffserve.server.latency import LatencyTable, profile_tables
 from diffserve.server.stage import Backend, Job, StageOutput
 
 log = logging.getLogger("diffserve.server.procbackend")
@@ -246,17 +246,13 @@ class DiffusersBackend(ProcessBackend):
         device: str | None = "cpu",
     ) -> None:
         models = [pair.light, pair.heavy]
-        tables = {}
+        tables = profile_tables(profile, models)
         for m in models:
-            if m not in profile.models:
-                raise UserError(f"model {m!r} of the cascade is not in the profile (it has: {', '.join(profile.models)})")
-            mp_ = profile.model(m)
-            if mp_.source.startswith("reference:"):
+            if profile.model(m).source.startswith("reference:"):
                 raise UserError(
                     f"model {m!r} comes from the paper's reference profile, which has no weights here; "
                     "use --backend emulated, or profile real models with `diffserve profile`"
                 )
-            tables[m] = LatencyTable(mp_)
         disc = pair.discriminator
         if disc.path and cascade_path is None:
             raise UserError("the cascade's discriminator path is relative to the cascade file; pass --cascade FILE")
