@@ -26,7 +26,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from diffserve.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(plan_path: Path, workers: int, speedup: float) -> tuple[subprocess.Popen, str]:

@@ -21,6 +21,7 @@ from diffserve.schemas import (
     DiscriminatorRef,
     ModelProfile,
     ProfileFile,
+    interpolate,
 )
 
 CITATION = "DiffServe artifact (arXiv 2411.15381, MLSys 2025), qizhengyang98/DiffServe, A100-80GB"
@@ -96,12 +97,6 @@ def reference_profile() -> ProfileFile:
     )
 
 
-def _interp(x: float, xs: tuple[float, ...] | list[float], ys: tuple[float, ...] | list[float]) -> float:
-    import numpy as np
-
-    return float(np.interp(x, xs, ys))
-
-
 def reference_cascade() -> CascadeFile:
     """SD-Turbo -> SD v1.5 with the published deferral curve and FID-vs-light-fraction figures.
 
@@ -112,8 +107,8 @@ def reference_cascade() -> CascadeFile:
     ts, fs = zip(*F_T_SDTURBO_SDV15)
     fids = FID_VS_LIGHT_FRACTION[("sd-turbo", "sd-v1.5")]
     grid = [round(i / (GRID_POINTS - 1), 6) for i in range(GRID_POINTS)]
-    f_t = [round(_interp(t, ts, fs), 6) for t in grid]
-    q_t = [round(_interp(1.0 - f, LIGHT_FRACTIONS, fids), 4) for f in f_t]
+    f_t = [round(interpolate(t, ts, fs), 6) for t in grid]
+    q_t = [round(interpolate(1.0 - f, LIGHT_FRACTIONS, fids), 4) for f in f_t]
     pair = CascadePair(
         light="sd-turbo",
         heavy="sd-v1.5",

@@ -177,10 +177,10 @@ class CascadePair(StrictModel):
 
     def deferral_at(self, t: float) -> float:
         """f(t) by linear interpolation on the grid (clamped at the ends)."""
-        return _interp(t, self.grid, self.f_t)
+        return interpolate(t, self.grid, self.f_t)
 
     def quality_at(self, t: float) -> float:
-        return _interp(t, self.grid, self.q_t)
+        return interpolate(t, self.grid, self.q_t)
 
 
 class CascadeFile(StrictModel):
@@ -255,7 +255,8 @@ class PlanFile(StrictModel):
         return sum(p.workers for p in self.pools)
 
 
-def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+def interpolate(x: float, xs: list[float] | tuple[float, ...], ys: list[float] | tuple[float, ...]) -> float:
+    """Piecewise-linear y(x) through (xs, ys), clamped at the ends; xs increasing."""
     if x <= xs[0]:
         return ys[0]
     if x >= xs[-1]:

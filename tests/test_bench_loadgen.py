@@ -144,7 +144,7 @@ def test_generator_sends_each_request_at_its_trace_time(tmp_path):
 
 
 def test_generator_logs_connection_failures():
-    from diffserve.evaluation.compare import free_port
+    from diffserve.ports import free_port
     from diffserve.evaluation.loadgen import LoadConfig, run_open_loop
     from diffserve.evaluation.records import Outcome
     from diffserve.evaluation.sources import Arrival

@@ -56,3 +56,14 @@ def test_erlang_c_known_value_and_array_matches_scalar():
     rates = np.array([0.0, 1.0, 6.0, 12.0, 20.0])
     expected = [stage_latency_ms(3680, 4, 16, r) for r in rates]
     assert np.allclose(stage_latency_array(3680, 4, 16, rates), expected)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(max_wait_fraction=0.25), dict(max_wait_ms=300.0, quantile=0.9), dict(queueing=False), dict(quantile=0.5)],
+)
+def test_array_and_scalar_latency_agree_for_every_option(options):
+    """The planner uses the array form, plans report the scalar one: the two must not drift apart."""
+    rates = np.array([0.0, 0.5, 3.0, 9.0, 16.0, 30.0])
+    expected = [stage_latency_ms(3680, 4, 8, r, **options) for r in rates]
+    assert np.allclose(stage_latency_array(3680, 4, 8, rates, **options), expected)

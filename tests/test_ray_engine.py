@@ -50,7 +50,7 @@ def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     from ray import serve
 
-    from diffserve.ray_engine.runner import free_port
+    from diffserve.ports import free_port
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})

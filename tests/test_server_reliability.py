@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from diffserve.fileio import write_model
+from diffserve.ports import free_port
 from diffserve.server.errors import DeadlineExceeded, Unavailable
 from diffserve.server.procbackend import ProcessBackend
 from diffserve.server.runtime import Runtime, RuntimeSettings
@@ -115,19 +115,13 @@ async def test_a_request_that_crashes_its_worker_twice_gets_503() -> None:
     await rt.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
     """S1: a real `diffserve serve` process."""
     plan = tmp_path / "plan.yaml"
     write_model(plan, hand_plan(4, 12, light="sd-turbo", heavy="sd-v1.5", light_batch=2, threshold=0.1, policy="static"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffserve.cli.main", "serve", "--plan", str(plan), "--policy", "static", "--speedup", "2",
          "--port", str(port), "--workers", "16"],

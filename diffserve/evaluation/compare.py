@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 
 from diffserve.errors import UserError
+from diffserve.ports import free_port
 from diffserve.evaluation import report
 from diffserve.evaluation.loadgen import LoadConfig
 from diffserve.evaluation.runner import RunSpec, execute
@@ -37,13 +37,6 @@ NO_DEGRADE = frozenset(POLICIES) - {OURS}
 #: Policies that reproduce the paper artifact's controller, which planned with batch latencies
 #: only (no batch-fill or queueing wait; EVALUATION's "no queueing model").
 ARTIFACT_LATENCY_MODEL = frozenset({"diffserve-paper"})
-
-
-def free_port() -> int:
-    """An unused loopback port (bound then released; the server binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from diffserve.errors import UserError
+from diffserve.ports import free_port
 
 from diffserve.ray_engine.options import INGRESS, RayOptions
 
@@ -33,12 +33,6 @@ class Deployed:
 def _quiet_env() -> None:
     """Usage stats off before Ray is imported; the dashboard is off in ``connect``."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def connect(ray_options: RayOptions) -> bool:
@@ -153,4 +147,4 @@ def run(
             ray.shutdown()
 
 
-__all__ = ["Deployed", "INGRESS", "connect", "deploy", "free_port", "run"]
+__all__ = ["Deployed", "INGRESS", "connect", "deploy", "run"]
