@@ -24,6 +24,9 @@ def test_sampled_confidences_reproduce_the_deferral_curve() -> None:
         below = sum(c < t for c in confs) / len(confs)
         assert below == pytest.approx(pair.deferral_at(t), abs=0.03), t
     assert sampler.confidence("same", 1) == sampler.confidence("same", 1)
+    # a worker process gets only (grid, f_t) and must draw the very same confidences
+    bare = ScoreSampler.from_curve(pair.grid, pair.f_t)
+    assert [bare.confidence(f"prompt {i}", i) for i in range(200)] == confs[:200]
 
 
 async def _poisson(rt, qps: float, duration_model_s: float, seed: int = 0):

@@ -60,13 +60,7 @@ def set_replicas(app: str, deployment: str, target: int) -> None:
     """
     import ray
 
-    if int(target) < 0:
-        raise ValueError(f"target replicas must be >= 0, got {target!r}")
-    controller = _controller()
-    method = getattr(controller, "update_deployment_replicas", None)
-    if method is None:
-        raise ScalerAPIError("ServeController.update_deployment_replicas is gone in this Ray version")
-    ray.get(method.remote(_deployment_id(app, deployment), int(target)))
+    ray.get(_scale_call(app, deployment, target))
 
 
 def replicas(app: str, deployment: str) -> list[ReplicaInfo]:
@@ -113,13 +107,17 @@ def target_replicas(app: str, deployment: str) -> int | None:
 
 async def set_replicas_async(app: str, deployment: str, target: int) -> None:
     """:func:`set_replicas` for callers on an event loop (a replica's controller): never blocks it."""
+    await _scale_call(app, deployment, target)
+
+
+def _scale_call(app: str, deployment: str, target: int):
+    """The controller call both setters make (an ObjectRef, awaitable or passed to ``ray.get``)."""
     if int(target) < 0:
         raise ValueError(f"target replicas must be >= 0, got {target!r}")
-    controller = _controller()
-    method = getattr(controller, "update_deployment_replicas", None)
+    method = getattr(_controller(), "update_deployment_replicas", None)
     if method is None:
         raise ScalerAPIError("ServeController.update_deployment_replicas is gone in this Ray version")
-    await method.remote(_deployment_id(app, deployment), int(target))
+    return method.remote(_deployment_id(app, deployment), int(target))
 
 
 def http_address() -> tuple[str, int]:

@@ -59,20 +59,17 @@ class DiffusersRunner:
             from diffserve.cascade_builder.discriminator import load_discriminator
 
             self.discriminator = load_discriminator(spec["discriminator"], base=spec.get("cascade_path"))
-        self.replay = spec.get("replay")  # (grid, f_t) when no discriminator artifact ships
+        # when no discriminator artifact ships, confidences are replayed from the curve (grid, f_t)
+        from diffserve.server.scores import ScoreSampler
+
+        self.replay = ScoreSampler.from_curve(*spec["replay"]) if spec.get("replay") else None
         self.load_time_s = time.perf_counter() - t0
         self.random_weights = any(m.random_weights for m in self.models.values())
 
     def _confidence(self, images, prompts: list[str], seeds: list[int]) -> list[float]:
         if self.discriminator is not None:
             return [float(c) for c in self.discriminator.confidence(images)]
-        from diffserve.schemas import CascadePair, DiscriminatorRef
-        from diffserve.server.scores import ScoreSampler
-
-        grid, f_t = self.replay
-        pair = CascadePair(light="a", heavy="b", grid=grid, f_t=f_t, q_t=[0.0] * len(grid), discriminator=DiscriminatorRef(kind="replayed"))
-        sampler = ScoreSampler(pair)
-        return [sampler.confidence(p, s) for p, s in zip(prompts, seeds)]
+        return [self.replay.confidence(p, s) for p, s in zip(prompts, seeds)]
 
     def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
         images = self.models[model].generate(list(prompts), list(seeds))

@@ -24,6 +24,13 @@ class ScoreSampler:
         self.grid = list(pair.grid)
         self.f_t = list(pair.f_t)
 
+    @classmethod
+    def from_curve(cls, grid: list[float], f_t: list[float]) -> "ScoreSampler":
+        """From the bare curve (what a worker process is sent instead of the whole pair)."""
+        sampler = cls.__new__(cls)
+        sampler.grid, sampler.f_t = list(grid), list(f_t)
+        return sampler
+
     def inverse(self, u: float) -> float:
         """Smallest t with f(t) >= u, interpolating linearly inside the grid segment."""
         grid, f = self.grid, self.f_t
