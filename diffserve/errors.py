@@ -12,6 +12,3 @@ class UserError(Exception):
 
     exit_code = 2
 
-
-class InfeasibleError(UserError):
-    """The request cannot be satisfied with the given resources (for example no feasible batch)."""

@@ -27,10 +27,6 @@ def deferral_curve(confidence: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return (conf[None, :] < np.asarray(grid)[:, None]).mean(axis=1)
 
 
-def deferred_mask(confidence: np.ndarray, t: float) -> np.ndarray:
-    return np.asarray(confidence) < t
-
-
 def mean_quality_curve(confidence: np.ndarray, light: np.ndarray, heavy: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Q(t) for a per-query score (CLIP): the mean over queries of the chosen image's score."""
     conf, light, heavy = (np.asarray(a, dtype=np.float64) for a in (confidence, light, heavy))

@@ -93,18 +93,6 @@ def replicas(app: str, deployment: str) -> list[ReplicaInfo]:
     return out
 
 
-def target_replicas(app: str, deployment: str) -> int | None:
-    """The target replica count Serve is working towards (None when the deployment is unknown)."""
-    import ray
-
-    details = ray.get(_controller().get_serve_instance_details.remote())
-    try:
-        d = details["applications"][app]["deployments"][deployment]
-    except KeyError:
-        return None
-    return d.get("target_num_replicas")
-
-
 async def set_replicas_async(app: str, deployment: str, target: int) -> None:
     """:func:`set_replicas` for callers on an event loop (a replica's controller): never blocks it."""
     await _scale_call(app, deployment, target)
