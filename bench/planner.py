@@ -2,10 +2,10 @@
 
 Scenarios:
 * ``reference``: A100 profile, SD-Turbo -> SD v1.5 (201 thresholds), 16 workers, 5 s SLO.
-* ``pool``: 5 model variants, 3 pairs (the paper's FID tables for SD-Turbo/SDXS -> SD v1.5 and
-  SDXL-Lightning -> SDXL), 64 workers. The SDXS and SDXL-Lightning pairs have no published
-  deferral curve: we use the SYNTHETIC f(t) = t ** 0.6 on a 201-point grid, and q(t) from the
-  paper's FID-vs-light-fraction table at 1 - f(t). All pairs are planned for a 15 s SLO.
+* ``pool``: 5 model variants, the paper's 3 pairs (SD-Turbo/SDXS -> SD v1.5 and SDXL-Lightning ->
+  SDXL), 64 workers, all planned for a 15 s SLO. Every f(t) is the empirical CDF of the artifact's
+  discriminator scores (201 thresholds); SDXL-Lightning replays the SDXS scores, as the paper did
+  (see ``diffserve.reference``). Q(t) is the paper's FID-vs-light-fraction table at 1 - f(t).
 
 Usage: python bench/planner.py [--repeats 30] [--output bench/results/planner.json]
 """
@@ -22,25 +22,13 @@ import numpy as np
 
 from diffserve.fileio import atomic_write_text
 from diffserve.planner import solve_plan
-from diffserve.reference import FID_ALONE, FID_VS_LIGHT_FRACTION, LIGHT_FRACTIONS, reference_cascade, reference_profile
-from diffserve.schemas import CascadeFile, CascadePair, DiscriminatorRef
+from diffserve.reference import reference_cascade, reference_profile
+from diffserve.schemas import CascadeFile
 
 
 def pool_cascade() -> CascadeFile:
-    base = reference_cascade().pairs[0]
-    grid = [round(i / 200, 6) for i in range(201)]
-    pairs = [base]
-    for light, heavy in (("sdxs", "sd-v1.5"), ("sdxl-lightning", "sdxl")):
-        f_t = [round(t**0.6, 6) for t in grid]  # synthetic deferral curve (no published one)
-        fids = FID_VS_LIGHT_FRACTION[(light, heavy)]
-        q_t = [round(float(np.interp(1 - f, LIGHT_FRACTIONS, fids)), 4) for f in f_t]
-        pairs.append(
-            CascadePair(
-                light=light, heavy=heavy, grid=grid, f_t=f_t, q_t=q_t, q_light=FID_ALONE[light], q_heavy=FID_ALONE[heavy],
-                discriminator=DiscriminatorRef(kind="replayed"), source="synthetic f(t) = t^0.6 + paper FID table",
-            )
-        )
-    return CascadeFile(pairs=pairs, source="bench/planner.py pool scenario (partly synthetic)")
+    pairs = reference_cascade("reference-pool").pairs + reference_cascade("reference-sdxl").pairs
+    return CascadeFile(pairs=pairs, source="the paper's three cascades (diffserve.reference)")
 
 
 SCENARIOS = {

@@ -1,7 +1,10 @@
-"""Load the pipeline's files by path, or the shipped reference by the name ``reference``.
+"""Load the pipeline's files by path, or the paper's reference data by name.
 
 Every CLI command takes ``--profile``/``--cascade`` through these functions so the same words
-work everywhere and bad paths fail the same way.
+work everywhere and bad paths fail the same way. ``reference`` is the paper's A100 profile and its
+SD-Turbo -> SD v1.5 cascade; ``reference-sdxs``, ``reference-sdxl`` and ``reference-pool`` are the
+paper's other cascades (see :mod:`diffserve.reference`). They are read from the artifact's files
+at run time.
 """
 
 from __future__ import annotations
@@ -12,6 +15,12 @@ from diffserve.fileio import read_model
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 
 REFERENCE = "reference"
+REFERENCE_CASCADES = ("reference", "reference-sdxs", "reference-sdxl", "reference-pool")
+
+
+def is_reference(spec: str | Path | None) -> bool:
+    """Whether a ``--profile``/``--cascade`` value names reference data rather than a file."""
+    return spec is not None and str(spec) in REFERENCE_CASCADES
 
 
 def load_profile(spec: str | Path) -> ProfileFile:
@@ -23,10 +32,10 @@ def load_profile(spec: str | Path) -> ProfileFile:
 
 
 def load_cascade(spec: str | Path) -> CascadeFile:
-    if str(spec) == REFERENCE:
+    if is_reference(spec):
         from diffserve.reference import reference_cascade
 
-        return reference_cascade()
+        return reference_cascade(str(spec))
     return read_model(spec, CascadeFile, what="cascade")
 
 

@@ -10,8 +10,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "diffserve-artifact"
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +30,11 @@ def zoo_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The paper artifact's data in ../shared (never copied into the repo)."""
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"reference data not found at {REFERENCE_DIR}")
-    return REFERENCE_DIR
+    """The paper artifact's data in ../shared (never copied into the repo), found as the CLI finds it."""
+    from diffserve.errors import UserError
+    from diffserve.reference_dir import reference_dir as locate
+
+    try:
+        return locate()
+    except UserError as exc:
+        pytest.skip(str(exc))

@@ -16,11 +16,13 @@ import pytest
 
 from diffserve.planner.queueing import erlang_c, stage_estimate, stage_latency_array, stage_latency_ms
 from diffserve.planner.simulate import simulate_pool
-from diffserve.reference import A100_LATENCY_MS, BATCH_SIZES
+from diffserve.reference import reference_profile
 
 
 def _service(model):
-    return lambda n: float(np.interp(n, BATCH_SIZES, A100_LATENCY_MS[model]))
+    batches = reference_profile().model(model).feasible_batches()
+    sizes, latency = [b.batch_size for b in batches], [b.median_ms for b in batches]
+    return lambda n: float(np.interp(n, sizes, latency))
 
 
 CASES = [("sd-v1.5", 4, 16, 14.0), ("sd-v1.5", 2, 8, 5.0), ("sd-v1.5", 1, 4, 1.5), ("sd-turbo", 8, 2, 30.0), ("sd-v1.5", 4, 4, 3.5)]

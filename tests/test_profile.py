@@ -15,7 +15,6 @@ from diffserve.errors import UserError
 from diffserve.fileio import dump_yaml, read_model, write_model
 from diffserve.models import GenerationTimeout, resolve_variants
 from diffserve.profiler import Limits, ProfileSettings, measure_batch, measure_ladder, profile_variants
-from diffserve.reference import A100_LATENCY_MS, BATCH_SIZES
 from diffserve.schemas import ProfileFile
 
 runner = CliRunner()
@@ -271,6 +270,18 @@ def test_bad_flags_give_one_line_and_exit_2(args, message, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # import-csv and show
 # ---------------------------------------------------------------------------------------------
+
+
+#: ms per batch of 1, 2, 4, 8, 16, 32 as ../shared/reference/README.md lists them (None: infeasible);
+#: an independent reading of the artifact's CSVs to check the importer against.
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+A100_LATENCY_MS = {
+    "sd-turbo": (100, 150, 220, 410, 770, 1560),
+    "sdxs": (50, 60, 80, 130, 240, 480),
+    "sd-v1.5": (1780, 2160, 3680, 6790, 12880, 25350),
+    "sdxl-lightning": (550, 980, 1850, 3580, 7100, None),
+    "sdxl": (6100, 10650, 20920, 40230, 79110, None),
+}
 
 
 def test_import_csv_reproduces_the_published_figures(reference_dir, tmp_path):

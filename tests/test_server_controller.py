@@ -160,6 +160,7 @@ async def test_a_worker_that_must_load_a_model_is_unavailable_for_its_load_time(
     clock = Clock(10.0, sleep=fake_sleep)
     paper = EmulatedBackend(profile, reference_cascade().recommended(), 2, clock)
     assert await paper.ensure_loaded(0, "sd-v1.5") == 0.0 and slept == []
+    profile.models["sd-turbo"].load_time_s = None
     one = EmulatedBackend(profile, reference_cascade().recommended(), 2, clock, hold_all=False)
     assert await one.ensure_loaded(0, "sd-v1.5") == 7500.0 and slept == [0.75]
     assert await one.ensure_loaded(0, "sd-v1.5") == 0.0  # already resident

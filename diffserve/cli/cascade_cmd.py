@@ -140,13 +140,13 @@ def build_cascade(
     num_prompts: NumPrompts = None,
     coco_images: CocoImages = None,
     real_images: Annotated[Optional[Path], typer.Option("--real-images", help="Folder of real images: the discriminator's positive class (the paper's method). Default: the heavy model's images.")] = None,
-    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="profile.yaml or 'reference' for the latency references; default: generation time measured here.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="profile.yaml or 'reference' for the latency references; default: generation time measured here ('reference' with --from-scores, which needs the models in it).")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="clip (frozen open_clip features + logistic regression) | efficientnet (EfficientNet-V2-S fine-tuned, the paper's).")] = "clip",
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="EfficientNet-V2-S weights file (e.g. torchvision ImageNet); default random init.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="EfficientNet fine-tuning epochs.")] = 3,
     backbone_image_size: Annotated[int, typer.Option("--backbone-image-size", min=32, help="EfficientNet input size.")] = 128,
     metric: Annotated[str, typer.Option("--metric", help="auto | clip | fid: the quality curve's unit (auto: FID when real images and enough test images).")] = "auto",
-    grid_points: Annotated[int, typer.Option("--grid-points", min=2, help="Thresholds in the grid from 0 to 1.")] = 101,
+    grid_points: Annotated[Optional[int], typer.Option("--grid-points", min=2, help="Thresholds in the grid from 0 to 1 (default 101; 201, the artifact's grid, with --from-scores).")] = None,
     split: Annotated[str, typer.Option("--split", help="train,val,test fractions of the prompts.")] = "0.5,0.2,0.3",
     keep_all_pairs: Annotated[bool, typer.Option("--keep-all-pairs", help="Also write pairs that are not on the cost/quality Pareto front.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of f(t) and Q(t) (default: next to the output).")] = None,
@@ -162,14 +162,31 @@ def build_cascade(
     device: Device = None,
     feature_device: FeatureDevice = "cpu",
     threads: Threads = 1,
+    from_scores: Annotated[Optional[Path], typer.Option("--from-scores", help="Build from offline discriminator scores instead of images: the artifact's P(fake) text file or a CSV of prompt,confidence.")] = None,
+    quality_table: Annotated[Optional[Path], typer.Option("--quality-table", help="With --from-scores: CSV of light_fraction and FID (or CLIP) columns.")] = None,
+    quality_column: Annotated[Optional[str], typer.Option("--quality-column", help="With --from-scores: the quality table's column to use (needed when it has several).")] = None,
+    light: Annotated[Optional[str], typer.Option("--light", help="With --from-scores: the light model (a name in the profile).")] = None,
+    heavy: Annotated[Optional[str], typer.Option("--heavy", help="With --from-scores: the heavy model (a name in the profile).")] = None,
+    images_per_query: Annotated[int, typer.Option("--images-per-query", min=1, help="With --from-scores and the artifact's text format: consecutive scores per query.")] = 4,
 ) -> None:
-    """Train the discriminator and measure f(t) and Q(t) for every (light, heavy) pair: writes cascade.yaml."""
+    """Train the discriminator and measure f(t) and Q(t) for every (light, heavy) pair: writes cascade.yaml.
+
+    With --from-scores it generates no image: f(t) comes from the given scores, Q(t) from the quality table.
+    """
     import time
+
+    from diffserve.errors import UserError
+
+    if from_scores is not None:
+        _build_from_scores(from_scores, quality_table, quality_column, light, heavy, profile, metric, grid_points, images_per_query, output)
+        return
+    for flag, value in (("--quality-table", quality_table), ("--quality-column", quality_column), ("--light", light), ("--heavy", heavy)):
+        if value is not None:
+            raise UserError(f"{flag} only applies with --from-scores")
 
     from diffserve.artifacts import load_profile
     from diffserve.cascade_builder.build import BuildOptions
     from diffserve.cascade_builder.build import build_cascade as run_build
-    from diffserve.errors import UserError
     from diffserve.models import resolve_variants
 
     if backbone not in ("clip", "efficientnet"):
@@ -194,7 +211,7 @@ def build_cascade(
         real_images=real_images, backbone=backbone,  # type: ignore[arg-type]
         backbone_weights=str(backbone_weights) if backbone_weights else None, epochs=epochs,
         backbone_image_size=backbone_image_size, metric=metric,  # type: ignore[arg-type]
-        grid_points=grid_points, split=fractions, keep_all_pairs=keep_all_pairs,  # type: ignore[arg-type]
+        grid_points=grid_points or 101, split=fractions, keep_all_pairs=keep_all_pairs,  # type: ignore[arg-type]
         profile=load_profile(profile) if profile else None, plot=plot, feature_device=feature_device,
     )
     _setup(threads)
@@ -204,4 +221,30 @@ def build_cascade(
     console.print(
         f"cascade written to {output} ({len(cascade.pairs)} pair(s), recommended {best.name}); "
         f"plot {plot or output.with_suffix('.png')}; {time.perf_counter() - start:.0f} s"
+    )
+
+
+def _build_from_scores(
+    scores: Path, quality_table: Optional[Path], column: Optional[str], light: Optional[str], heavy: Optional[str],
+    profile: Optional[str], metric: str, grid_points: Optional[int], images_per_query: int, output: Path,
+) -> None:
+    from diffserve.artifacts import load_profile
+    from diffserve.cascade_builder.from_scores import DEFAULT_GRID_POINTS, build_cascade_from_scores
+    from diffserve.errors import UserError
+
+    missing = [flag for flag, value in (("--quality-table", quality_table), ("--light", light), ("--heavy", heavy)) if value is None]
+    if missing:
+        raise UserError(f"--from-scores needs {', '.join(missing)}")
+    if metric not in ("auto", "clip", "fid"):
+        raise UserError(f"--metric must be auto, clip or fid, got {metric!r}")
+    cascade = build_cascade_from_scores(
+        scores, quality_table, light=light, heavy=heavy, profile=load_profile(profile or "reference"),  # type: ignore[arg-type]
+        output=output, column=column, metric=metric, images_per_query=images_per_query,
+        grid_points=grid_points or DEFAULT_GRID_POINTS,
+    )
+    pair = cascade.pairs[0]
+    best = min(range(len(pair.q_t)), key=lambda i: pair.q_t[i] if pair.lower_is_better else -pair.q_t[i])
+    console.print(
+        f"cascade {pair.name} written to {output}: {pair.n_eval_prompts} queries, {len(pair.grid)} thresholds; "
+        f"best {pair.metric.upper()} {pair.q_t[best]:.2f} at t = {pair.grid[best]:g} (defers {pair.f_t[best]:.1%})"
     )

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from diffserve.artifacts import is_reference
 from diffserve.errors import UserError
 from diffserve.ports import free_port
 
@@ -88,7 +89,7 @@ def deploy(
         profile,
         cascade,
         plan,
-        cascade_path=None if options.cascade == "reference" else os.path.abspath(options.cascade),
+        cascade_path=None if is_reference(options.cascade) else os.path.abspath(options.cascade),
         admin_token=admin_token,
     )
     handle = serve.run(app, name=ray_options.app_name, route_prefix="/", external_scaler_enabled=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from diffserve.artifacts import load_cascade, load_plan, load_profile
+from diffserve.artifacts import is_reference, load_cascade, load_plan, load_profile
 from diffserve.errors import UserError
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
@@ -143,7 +143,7 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
     if plan.workers_used > opts.workers:
         raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {opts.workers}")
     try:
-        backend = make_backend(opts, profile, cascade, plan, clock, None if opts.cascade == "reference" else opts.cascade)
+        backend = make_backend(opts, profile, cascade, plan, clock, None if is_reference(opts.cascade) else opts.cascade)
     except KeyError as exc:
         raise UserError(str(exc).strip('"')) from None
     runtime = Runtime(
