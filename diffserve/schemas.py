@@ -55,7 +55,9 @@ class ModelProfile(StrictModel):
     name: str
     source: str = Field(description="Hugging Face id, local directory, builtin:<name> or reference")
     random_weights: bool = False
-    load_time_s: float | None = Field(default=None, ge=0)
+    load_time_s: float | None = Field(
+        default=None, ge=0, description="seconds to load onto the device: measured by diffserve profile; an estimate in the reference profile"
+    )
     resolution: int | None = Field(default=None, ge=8)
     steps: int | None = Field(default=None, ge=1)
     batches: list[BatchProfile]

@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
     def serve_command(
         backend: Annotated[str, typer.Option(help="emulated (sleeps the profiled latency) or diffusers (real pipelines).")] = "emulated",
         profile: Annotated[str, typer.Option(help="profile.yaml, or 'reference' for the paper's A100 profile.")] = "reference",
-        cascade: Annotated[str, typer.Option(help="cascade.yaml, or 'reference' for SD-Turbo -> SD v1.5.")] = "reference",
+        cascade: Annotated[str, typer.Option(help="cascade.yaml, or a reference name: reference (SD-Turbo -> SD v1.5), reference-sdxs, reference-sdxl (SLO 15s), reference-pool.")] = "reference",
         plan: Annotated[Optional[str], typer.Option(help="Start from this plan.yaml instead of solving one.")] = None,
         workers: Annotated[int, typer.Option(min=1, help="Worker slots (GPUs in the modelled cluster).")] = 16,
         slo: Annotated[str, typer.Option(help="Latency SLO, model time (5s, 500ms).")] = "5s",
