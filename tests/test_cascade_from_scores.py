@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -143,10 +144,13 @@ def test_reference_cascades_by_name(reference_dir):
     assert "estimate" in profile.source
     sdxs, sdxl = load_cascade("reference-sdxs").recommended(), load_cascade("reference-sdxl").recommended()
     assert sdxl.f_t == sdxs.f_t and "replayed" in sdxl.source  # the paper replayed SDXS scores
-    # the quality column of each pair: SDXL's FID at light fraction 0.8 is 29.27 (not SD-Turbo's 28.86)
-    from diffserve.reference import _table, slo_ms
+    # each pair reads its own column: SDXL's FID at light fraction 0.8 is 29.27 (not SD-Turbo's 28.86)
+    from diffserve.cascade_builder.from_scores import read_quality_table
+    from diffserve.reference import slo_ms
 
-    assert _table("sdxlltn_to_sdxl").at_light_fraction(0.8) == pytest.approx(29.27)
+    table = read_quality_table(reference_dir / "quality" / "fid_vs_light_fraction.csv", column="sdxlltn_to_sdxl")
+    assert table.at_light_fraction(0.8) == pytest.approx(29.27)
+    assert sdxl.q_t == pytest.approx(table.at_light_fraction(1 - np.array(sdxl.f_t)), abs=1e-4)
     assert (sdxl.q_light, sdxl.q_heavy, sdxs.q_light, sdxs.q_heavy) == (33.27, 23.31, 24.86, 18.55)
     assert (slo_ms("sdturbo"), slo_ms("sdxs"), slo_ms("sdxl")) == (5000, 5000, 15000)
 

@@ -82,11 +82,13 @@ def _read_text(path: Path, what: str) -> str:
 def read_confidences(path: str | Path, *, images_per_query: int = ARTIFACT_IMAGES_PER_QUERY) -> np.ndarray:
     """One confidence per query, in file order, from either supported score format.
 
-    A ``.csv`` needs a ``confidence`` column (a ``prompt`` column is kept only for the error
-    messages). Any other file is the artifact's format: P(fake) per image, ``images_per_query``
-    consecutive lines per query.
+    A ``.csv`` needs a ``confidence`` column, one row per query (its ``prompt`` column is for
+    people; f(t) needs only the confidences). Any other file is the artifact's format: P(fake) per
+    image, ``images_per_query`` consecutive lines per query.
     """
     path = Path(path)
+    if images_per_query < 1:
+        raise UserError(f"images per query must be at least 1, got {images_per_query}")
     text = _read_text(path, "scores file")
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
@@ -96,8 +98,6 @@ def read_confidences(path: str | Path, *, images_per_query: int = ARTIFACT_IMAGE
     else:
         lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
         p_fake = np.array([_number(line, f"{path} line {n}") for n, line in lines])
-        if images_per_query < 1:
-            raise UserError(f"images per query must be at least 1, got {images_per_query}")
         if len(p_fake) % images_per_query:
             raise UserError(
                 f"scores file {path} has {len(p_fake)} scores, not a multiple of {images_per_query} images per query"
