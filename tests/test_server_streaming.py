@@ -200,3 +200,21 @@ async def test_the_official_openai_client_streams_a_partial_then_the_completed_i
         assert events[1].model_extra["diffserve"]["model"] == "heavy"
         await client.close()
     await rt.stop()
+
+
+async def test_the_load_generator_records_time_to_first_image_for_streamed_requests() -> None:
+    from diffserve.evaluation.loadgen import LoadConfig, run_open_loop
+    from diffserve.evaluation.sources import Arrival
+
+    backend = GatedBackend(confidences={"p0": 0.0})  # p0 deferred, p1 accepted
+    rt = _runtime(backend)
+    await rt.start()
+    async with uvicorn_in_loop(create_app(rt, manage_lifecycle=False)) as url:
+        cfg = LoadConfig(url=url, speedup=1000.0, stream=True, plan_poll_model_s=0, min_timeout_s=BOUND_S)
+        result = await run_open_loop(cfg, [Arrival(0.0, 0), Arrival(0.0, 1)], ["p0", "p1"])
+    deferred, accepted = result.records
+    assert deferred.status == accepted.status == 200
+    assert deferred.model == "heavy" and accepted.model == "light"
+    assert deferred.ttfi_ms is not None and deferred.ttfi_ms < deferred.latency_ms
+    assert accepted.ttfi_ms is not None and accepted.ttfi_ms <= accepted.latency_ms
+    await rt.stop()
