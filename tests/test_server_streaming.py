@@ -187,6 +187,7 @@ async def test_time_to_first_image_is_observed_at_the_partial_image() -> None:
 @pytest.mark.e2e
 async def test_the_official_openai_client_streams_a_partial_then_the_completed_image() -> None:
     openai = pytest.importorskip("openai")
+    pytest.importorskip("openai.types.image_gen_stream_event", reason="this openai client predates image streaming")
     backend = GatedBackend(clock=Clock(1000.0), confidences={"a red bicycle": 0.0})
     rt = _runtime(backend)
     await rt.start()
@@ -218,3 +219,23 @@ async def test_the_load_generator_records_time_to_first_image_for_streamed_reque
     assert deferred.ttfi_ms is not None and deferred.ttfi_ms < deferred.latency_ms
     assert accepted.ttfi_ms is not None and accepted.ttfi_ms <= accepted.latency_ms
     await rt.stop()
+
+
+@pytest.mark.e2e
+def test_the_readme_streaming_example_runs(tmp_path, monkeypatch, capsys) -> None:
+    """The README's streaming block, run as written against a live server (only the URL differs)."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("openai.types.image_gen_stream_event", reason="this openai client predates image streaming")
+    from diffserve.server.testing import uvicorn_in_thread
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- streaming-example[^>]*-->\n```python\n(.*?)```", readme, re.S).group(1)
+    backend = GatedBackend(clock=Clock(1000.0), confidences={"a red bicycle leaning on a brick wall": 0.0})
+    with uvicorn_in_thread(create_app(_runtime(backend))) as url:
+        monkeypatch.chdir(tmp_path)
+        exec(compile(code.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["image_generation.partial_image", "light"], ["image_generation.completed", "heavy"]]
+    assert (tmp_path / "bicycle.png").read_bytes().startswith(b"\x89PNG")
