@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 
 import httpx
 import pytest
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from diffserve.server.api import ApiSettings, create_app
 from diffserve.server.openai_spec import SPEC_PATH, load_spec, schema, validate
 from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+from diffserve.server.testing import GatedBackend, hand_plan, parse_sse, tiny_cascade, tiny_profile
 
 pytestmark = [
     pytest.mark.anyio,
@@ -94,21 +93,13 @@ def expected_refusals(body: dict, *, max_n: int = 10) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------ checking what came back
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
 def check_answer(body: dict, r: httpx.Response) -> list[tuple[str, dict]]:
     """Validate a 200 against the spec; returns the stream's events (empty for JSON)."""
     n = body.get("n") or 1
     fmt = body.get("output_format") or "png"
     if body.get("stream"):
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r.text)
+        events = parse_sse(r.text)
         for name, ev in events:
             assert name == ev["type"]
             validate(ev, "ImageGenStreamEvent")

@@ -16,7 +16,7 @@ from diffserve.server.api import create_app
 from diffserve.server.clock import Clock
 from diffserve.server.openai_spec import SPEC_PATH, validate
 from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile, uvicorn_in_loop
+from diffserve.server.testing import GatedBackend, hand_plan, parse_sse, tiny_cascade, tiny_profile, uvicorn_in_loop
 
 pytestmark = pytest.mark.anyio
 URL = "/v1/images/generations"
@@ -45,14 +45,6 @@ async def _events(response: httpx.Response):
             name = line[len("event: "):]
         elif line.startswith("data: "):
             yield name, json.loads(line[len("data: "):])
-
-
-def _parse(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        out.append((fields["event"], json.loads(fields["data"])))
-    return out
 
 
 async def test_the_light_image_arrives_while_the_heavy_model_is_still_running() -> None:
@@ -115,7 +107,7 @@ async def test_when_the_heavy_model_cannot_make_it_the_completed_image_is_the_li
     backend = GatedBackend(confidences={"hard": 0.0})
     client = await _asgi(rt := _runtime(backend, hand_plan(1, 0)))  # a cascade plan with no heavy worker now
     r = await client.post(URL, json={"prompt": "hard", **STREAM})
-    events = _parse(r.text)
+    events = parse_sse(r.text)
     assert [e for e, _ in events] == ["image_generation.partial_image", "image_generation.completed"]
     partial, done = events[0][1], events[1][1]
     assert done["diffserve"]["model"] == "light" and done["diffserve"]["degraded"] is True
@@ -127,7 +119,7 @@ async def test_an_accepted_light_image_is_both_the_partial_and_the_final_image_p
     backend = GatedBackend()  # every confidence 1.0: the discriminator accepts
     client = await _asgi(rt := _runtime(backend))
     r = await client.post(URL, json={"prompt": "easy", "n": 3, **STREAM})
-    events = [ev for _, ev in _parse(r.text)]
+    events = [ev for _, ev in parse_sse(r.text)]
     for i in range(3):
         mine = [ev for ev in events if ev["diffserve"]["index"] == i]
         assert [ev["type"] for ev in mine] == ["image_generation.partial_image", "image_generation.completed"]
@@ -140,7 +132,7 @@ async def test_without_partial_images_each_image_is_one_completed_event() -> Non
     backend = GatedBackend(confidences={"hard": 0.0})
     client = await _asgi(rt := _runtime(backend))
     r = await client.post(URL, json={"prompt": "hard", "n": 2, "stream": True})
-    events = _parse(r.text)
+    events = parse_sse(r.text)
     assert [e for e, _ in events] == ["image_generation.completed"] * 2
     assert sorted(ev["diffserve"]["index"] for _, ev in events) == [0, 1]
     await rt.stop()
@@ -160,7 +152,7 @@ async def test_a_failure_after_the_partial_image_is_an_error_event() -> None:
     backend.fail_on = {2}  # call 1: light, call 2: heavy
     client = await _asgi(rt := _runtime(backend, degrade=False))
     r = await client.post(URL, json={"prompt": "hard", **STREAM})
-    events = _parse(r.text)
+    events = parse_sse(r.text)
     assert [e for e, _ in events] == ["image_generation.partial_image", "error"]
     err = events[1][1]
     assert err["status"] == 500 and err["error"]["type"] == "server_error" and "fake failure" not in err["error"]["message"]
@@ -171,7 +163,7 @@ async def test_a_failure_after_the_partial_image_is_an_error_event() -> None:
 async def test_time_to_first_image_is_observed_at_the_partial_image() -> None:
     backend = GatedBackend(confidences={"hard": 0.0})
     client = await _asgi(rt := _runtime(backend))
-    events = _parse((await client.post(URL, json={"prompt": "hard", **STREAM})).text)
+    events = parse_sse((await client.post(URL, json={"prompt": "hard", **STREAM})).text)
     partial, done = events[0][1]["diffserve"], events[1][1]["diffserve"]
     await client.post(URL, json={"prompt": "hard"})
     text = (await client.get("/metrics")).text

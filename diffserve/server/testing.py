@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from typing import AsyncIterator, Iterator
@@ -170,3 +171,12 @@ async def uvicorn_in_loop(app, host: str = "127.0.0.1") -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """A whole ``text/event-stream`` body as (event name, JSON data) pairs, in order."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
