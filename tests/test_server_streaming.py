@@ -131,10 +131,11 @@ async def test_an_accepted_light_image_is_both_the_partial_and_the_final_image_p
 async def test_without_partial_images_each_image_is_one_completed_event() -> None:
     backend = GatedBackend(confidences={"hard": 0.0})
     client = await _asgi(rt := _runtime(backend))
-    r = await client.post(URL, json={"prompt": "hard", "n": 2, "stream": True})
+    r = await client.post(URL, json={"prompt": "hard", "n": 2, "stream": True, "response_format": "url"})
     events = parse_sse(r.text)
     assert [e for e, _ in events] == ["image_generation.completed"] * 2
     assert sorted(ev["diffserve"]["index"] for _, ev in events) == [0, 1]
+    assert all(ev["b64_json"] and ev["diffserve"]["ignored"] == {"response_format": "url"} for _, ev in events)
     await rt.stop()
 
 

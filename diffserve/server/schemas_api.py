@@ -91,6 +91,8 @@ class ImageGenerationRequest(BaseModel):
             out["output_compression"] = self.output_compression  # PNG is lossless
         if not self.stream and "partial_images" in self.model_fields_set:
             out["partial_images"] = self.partial_images  # only streams carry partial images
+        if self.stream and self.response_format == "url":
+            out["response_format"] = "url"  # stream events carry the image itself (b64_json)
         return out
 
 
