@@ -102,6 +102,20 @@ def test_request_end_to_end(engine):
     assert bad.status_code in (400, 422) and bad.json()["error"]["param"] in ("n", None)
 
 
+def test_streaming_through_the_ray_proxy_sends_the_light_image_first(engine):
+    """Progressive delivery through Serve's proxy: partial (light) image, then the final one."""
+    import json
+
+    deployed, client = engine
+    body = {"prompt": "a lighthouse at dusk", "seed": 4, "stream": True, "partial_images": 1}
+    with client.stream("POST", "/v1/images/generations", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert events[0]["diffserve"]["model"] == "sd-turbo"
+    assert base64.b64decode(events[1]["b64_json"]).startswith(b"\x89PNG")
+
+
 def test_replan_changes_replicas_and_threshold_without_restarts_or_losses(engine):
     deployed, client = engine
     plan = client.get("/v1/plan").json()["plan"]

@@ -64,6 +64,7 @@ class LoadConfig:
     max_connections: int = 2048
     plan_poll_model_s: float = 5.0
     extra_body: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False  # progressive delivery: ask for the light image as a partial, record its time
 
     def __post_init__(self) -> None:
         self.url = check_loopback(self.url)
@@ -107,6 +108,31 @@ def _parse_success(record: RequestRecord, payload: Any) -> None:
         value = info.get(name)
         if isinstance(value, (int, float)):
             setattr(record, name, float(value))
+
+
+async def _read_stream(record: RequestRecord, response: aiohttp.ClientResponse, elapsed_ms: Callable[[], float]) -> None:
+    """Read a ``text/event-stream`` answer: the first image event sets ``ttfi_ms`` (the server's
+    model-time figure, else the client's), the completed event fills the record like a JSON answer,
+    an ``error`` event carries the status the error would have had."""
+    import json
+
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data: "):
+            continue
+        event = json.loads(line[len("data: "):])
+        if "error" in event:
+            record.status = event.get("status") if isinstance(event.get("status"), int) else None
+            record.error = str(event["error"].get("message", "error event"))[:300]
+            return
+        info = event.get("diffserve") or {}
+        if record.ttfi_ms is None:
+            server = info.get("latency_ms")
+            record.ttfi_ms = float(server) if isinstance(server, (int, float)) else elapsed_ms()
+        if event.get("type") == "image_generation.completed":
+            _parse_success(record, {"data": [event]})
+    if record.model is None and record.error is None:
+        record.error = "the stream ended without a completed image"
 
 
 def _parse_error(record: RequestRecord, text: str, headers: Mapping[str, str]) -> None:
@@ -158,11 +184,15 @@ async def run_open_loop(
             }
             if config.send_slo:
                 body["slo_ms"] = config.slo_ms
+            if config.stream:
+                body.update(stream=True, partial_images=1)
             record.sent_ms = to_model_ms(clock() - start)
             try:
                 async with session.post(GENERATIONS_PATH, json=body) as response:
                     record.status = response.status
-                    if response.status == 200:
+                    if response.status == 200 and response.content_type == "text/event-stream":
+                        await _read_stream(record, response, lambda: to_model_ms(clock() - start) - record.scheduled_ms)
+                    elif response.status == 200:
                         _parse_success(record, await response.json(content_type=None))
                     else:
                         _parse_error(record, await response.text(), response.headers)

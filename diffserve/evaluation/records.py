@@ -49,6 +49,9 @@ class RequestRecord(BaseModel):
     queue_ms: float | None = None
     compute_ms: float | None = None
     retry_after: int | None = None
+    ttfi_ms: float | None = Field(
+        default=None, description="streamed requests: time to the first image (the partial light one), server-reported model ms"
+    )
 
     @property
     def client_latency_ms(self) -> float | None:

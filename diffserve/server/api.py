@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -34,9 +35,11 @@ from diffserve.server.errors import (
     Unavailable,
     UnprocessableRequest,
 )
-from diffserve.server.imagestore import ImageStore
+from diffserve.server.imagestore import ImageStore, encode_async
+from diffserve.server.openai_images import Rendering, error_body, image_item, images_response
 from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import ImageGenerationRequest, check_limits, parse_size
+from diffserve.server.streaming import stream_images
 
 log = logging.getLogger("diffserve.server.api")
 
@@ -47,7 +50,7 @@ CASCADE_MODEL = "diffserve"
 class ApiSettings:
     max_body_bytes: int = 64 * 1024
     max_prompt_chars: int = 2000
-    max_n: int = 8
+    max_n: int = 10  # the spec's maximum; a server may set less
     admin_token: str | None = None
     image_ttl_s: float = 600.0
 
@@ -56,8 +59,7 @@ def error_response(exc: ServeError) -> JSONResponse:
     headers = {}
     if exc.status in (429, 503):
         headers["Retry-After"] = str(int(exc.retry_after_s or 1))
-    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
 def _reject_constant(name: str) -> Any:
@@ -176,10 +178,19 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
             else:
                 raise InvalidRequest(f"unknown model {req.model!r}; use one of {', '.join(_models())}", param="model")
         seed = req.seed if req.seed is not None else int(time.time_ns() % 2**31)
-
-        gen = asyncio.create_task(
-            runtime.generate(req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms)  # type: ignore[arg-type]
+        if req.user is not None:
+            log.debug("image request from user %r: n=%d quality=%s", req.user, req.n, quality)
+        render = Rendering(req.prompt, size, quality, req.output_format, req.ignored())
+        generate = functools.partial(
+            runtime.generate, req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms  # type: ignore[arg-type]
         )
+        if req.stream:
+            return await stream_images(
+                runtime, generate, render, partials=req.partial_images > 0, compression=req.output_compression,
+                disconnected=lambda: _wait_disconnect(request),
+            )
+
+        gen = asyncio.create_task(generate())
         disconnect = asyncio.create_task(_wait_disconnect(request))
         try:
             await asyncio.wait({gen, disconnect}, return_when=asyncio.FIRST_COMPLETED)
@@ -197,34 +208,26 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         except Exception:
             log.exception("generation failed for a request")
             raise ServeError("internal server error while generating; the details are in the server log") from None
-        fmt = req.response_format or "b64_json"
-        data_out = []
+        slowest = max(a.latency_ms for a in answers)
+        ttfi = runtime.metrics.time_to_first_image.labels("false")
+        items = []
         for a in answers:
-            item: dict[str, Any] = {}
-            if fmt == "url":
-                key = store.put(a.png)
-                item["url"] = str(request.base_url).rstrip("/") + f"/v1/images/{key}.png"
+            ttfi.observe(slowest)
+            data = await encode_async(a.png, req.output_format, req.output_compression)
+            if req.response_format == "url":
+                key = store.put(data, req.output_format)
+                items.append(image_item(a, url=str(request.base_url).rstrip("/") + f"/v1/images/{key}"))
             else:
-                item["b64_json"] = base64.b64encode(a.png).decode("ascii")
-            item["revised_prompt"] = None
-            item["diffserve"] = {
-                "model": a.model,
-                "confidence": None if a.confidence is None else round(float(a.confidence), 6),
-                "degraded": a.degraded,
-                "queue_ms": round(a.queue_ms, 3),
-                "compute_ms": round(a.compute_ms, 3),
-                "latency_ms": round(a.latency_ms, 3),
-                "random_weights": a.random_weights,
-            }
-            data_out.append(item)
-        return JSONResponse({"created": int(time.time()), "data": data_out})
+                items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
+        return JSONResponse(images_response(render, items))
 
-    @app.get("/v1/images/{key}.png")
+    @app.get("/v1/images/{key}")
     async def image(key: str) -> Response:
-        png = store.get(key)
-        if png is None:
+        found = store.get(key)
+        if found is None:
             raise NotFound("this image does not exist or has expired")
-        return Response(png, media_type="image/png")
+        data, media_type = found
+        return Response(data, media_type=media_type)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -24,6 +24,12 @@ class Metrics:
         self.request_latency = Histogram(
             "diffserve_request_latency_ms", "model-time end-to-end latency of answered images", buckets=_LATENCY_BUCKETS_MS, registry=r
         )
+        self.time_to_first_image = Histogram(
+            "diffserve_time_to_first_image_ms",
+            "model time from arrival until a picture of the image reached the client: its partial (light) image "
+            "when streamed, otherwise the whole response",
+            ["stream"], buckets=_LATENCY_BUCKETS_MS, registry=r,
+        )
         self.requests = Counter("diffserve_requests", "images by outcome", ["outcome"], registry=r)
         self.answered_by = Counter("diffserve_answered_by", "images by the model that answered", ["model"], registry=r)
         self.deferred = Counter("diffserve_deferred", "images the discriminator sent to the heavy model", registry=r)

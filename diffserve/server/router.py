@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
@@ -50,6 +50,9 @@ class Flight:
     deadline_ms: float
     hard_limit_ms: float
     first: Job
+    #: Called with the light image as soon as it exists, before the discriminator's decision is
+    #: acted on: progressive delivery streams it as a partial image while the heavy stage runs.
+    on_light: Callable[[StageResult], None] | None = None
 
 
 class Router:
@@ -130,6 +133,8 @@ class Router:
         """Follow one image through its stages; cancelling this coroutine cancels its queued jobs."""
         try:
             first = await self._await(flight.first, flight.hard_limit_ms)
+            if flight.on_light is not None and flight.route != "heavy":
+                flight.on_light(first)
             if flight.route != "cascade":
                 return self._answer(flight, first, None, degraded=False)
             conf = first.confidence

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
@@ -18,7 +19,7 @@ from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unava
 from diffserve.server.metrics import Metrics, PoolMetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
-from diffserve.server.stage import Backend
+from diffserve.server.stage import Backend, StageResult
 from diffserve.server.workers import WorkerSet
 
 log = logging.getLogger("diffserve.server")
@@ -202,9 +203,16 @@ class Runtime:
 
     # ---------------------------------------------------------------- requests
     async def generate(
-        self, prompt: str, *, n: int = 1, seed: int = 0, size: tuple[int, int] = (512, 512), quality: Quality = "auto", slo_ms: float | None = None
+        self, prompt: str, *, n: int = 1, seed: int = 0, size: tuple[int, int] = (512, 512), quality: Quality = "auto", slo_ms: float | None = None,
+        on_light: Callable[[int, StageResult, float], None] | None = None,
+        on_answer: Callable[[int, ImageAnswer], None] | None = None,
     ) -> list[ImageAnswer]:
-        """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`."""
+        """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
+
+        For progressive delivery, ``on_light(index, light_result, elapsed_ms)`` is called as soon
+        as image ``index`` has its light image (``elapsed_ms``: model time since arrival) and
+        ``on_answer(index, answer)`` as soon as that image is final, before the others are.
+        """
         self.ledger.offered += n
         if not self.ready:
             self.ledger.rejected += n
@@ -219,8 +227,14 @@ class Runtime:
         self.ledger.accepted += n
         self._idle.clear()
         self.metrics.inflight.set(self.ledger.inflight)
+        if on_light is not None:
+            for i, f in enumerate(flights):
+                f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
         try:
-            results = await asyncio.gather(*(self._one(f) for f in flights), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._one(f, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
+                return_exceptions=True,
+            )
         finally:
             self.metrics.inflight.set(self.ledger.inflight)
             if self.ledger.inflight == 0:
@@ -230,7 +244,7 @@ class Runtime:
                 raise r
         return results  # type: ignore[return-value]
 
-    async def _one(self, flight) -> ImageAnswer:
+    async def _one(self, flight, on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
             answer = await self.router.complete(flight)
         except asyncio.CancelledError:
@@ -245,6 +259,8 @@ class Runtime:
             raise
         self.ledger.completed += 1
         self.metrics.requests.labels("degraded" if answer.degraded else "completed").inc()
+        if on_answer is not None:
+            on_answer(answer)
         return answer
 
 

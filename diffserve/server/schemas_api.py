@@ -1,35 +1,68 @@
-"""Request bodies of the HTTP API: OpenAI's Images API plus diffserve's extension fields.
+"""Request bodies of the HTTP API: OpenAI's published ``CreateImageRequest`` plus diffserve's fields.
 
-Validated with pydantic ``extra="forbid"`` so that a misspelt field is a 422 naming it instead of
-being silently ignored. Limits that depend on the server (prompt length, n, sizes) are checked
-in :func:`check_limits` with messages that name the value.
+Every field of the published schema is accepted (``null`` means the spec's default, as the spec's
+``nullable`` says). Validated with pydantic ``extra="forbid"`` so that a misspelt field is a 422
+naming it instead of being silently ignored. What the spec allows but this server cannot honour
+(a transparent background, a size the backend does not produce, more images than the server
+allows) is a 400 naming the field and the value, checked in :func:`check_limits`.
+
+Quality: OpenAI's six words are mapped onto diffserve's three routings (``QUALITY_ROUTING``):
+``low`` -> ``fast`` (light model only), ``auto``/``standard``/``medium`` -> ``auto`` (the cascade
+decides per query), ``high``/``hd`` -> ``best`` (heavy model only). diffserve's own ``fast`` and
+``best`` stay accepted.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from diffserve.server.errors import InvalidRequest
 
-#: OpenAI's own quality words, mapped onto diffserve's so that stock clients work.
-QUALITY_ALIASES = {"standard": "auto", "medium": "auto", "hd": "best", "high": "best", "low": "fast"}
+#: OpenAI's quality words (and diffserve's own) -> the routing the router understands.
+QUALITY_ROUTING = {
+    "low": "fast", "fast": "fast",
+    "auto": "auto", "standard": "auto", "medium": "auto",
+    "high": "best", "hd": "best", "best": "best",
+}
+#: The routing, reported back in the spec's own quality words (responses and stream events).
+ROUTING_QUALITY = {"fast": "low", "auto": "medium", "best": "high"}
+
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # --- OpenAI CreateImageRequest (openai/openai-openapi), every field
     prompt: str
-    n: StrictInt = 1
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = None
     model: str | None = None
+    n: StrictInt = 1
+    quality: Literal["auto", "standard", "medium", "hd", "high", "low", "fast", "best"] = "auto"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: StrictInt = 100
+    stream: StrictBool = False
+    partial_images: StrictInt = Field(default=0, ge=0, le=3)
+    size: str = "auto"
+    moderation: Literal["low", "auto"] | None = None
+    background: Literal["transparent", "opaque", "auto"] = "auto"
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = None
+    # --- diffserve extensions
     seed: StrictInt | None = None
     slo_ms: float | None = Field(default=None, gt=0)
-    quality: Literal["auto", "fast", "best", "standard", "medium", "hd", "high", "low"] | None = None
-    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """The spec marks its fields ``nullable``: an explicit null is the default, not an error.
+        Only known fields are dropped, so an unknown one still gets its 422."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields and k != "prompt")}
+        return data
 
     @field_validator("slo_ms")
     @classmethod
@@ -46,14 +79,28 @@ class ImageGenerationRequest(BaseModel):
         return v
 
     def effective_quality(self) -> str:
-        q = self.quality or "auto"
-        return QUALITY_ALIASES.get(q, q)
+        return QUALITY_ROUTING[self.quality]
+
+    def ignored(self) -> dict[str, Any]:
+        """Fields that were accepted but change nothing here, so the response can say so."""
+        out: dict[str, Any] = {}
+        for name in ("style", "moderation"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.output_format == "png" and "output_compression" in self.model_fields_set:
+            out["output_compression"] = self.output_compression  # PNG is lossless
+        if not self.stream and "partial_images" in self.model_fields_set:
+            out["partial_images"] = self.partial_images  # only streams carry partial images
+        if self.stream and self.response_format == "url":
+            out["response_format"] = "url"  # stream events carry the image itself (b64_json)
+        return out
 
 
 def parse_size(text: str | None, supported: list[tuple[int, int]]) -> tuple[int, int]:
-    if text is None:
+    """``auto`` (the spec's default) is the backend's first, native size."""
+    if text is None or text.strip().lower() == "auto":
         return supported[0]
-    names = ", ".join(f"{w}x{h}" for w, h in supported)
+    names = ", ".join(["auto", *(f"{w}x{h}" for w, h in supported)])
     try:
         w_s, h_s = text.lower().split("x")
         size = (int(w_s), int(h_s))
@@ -70,4 +117,11 @@ def check_limits(req: ImageGenerationRequest, *, max_prompt_chars: int, max_n: i
     if len(req.prompt) > max_prompt_chars:
         raise InvalidRequest(f"prompt is {len(req.prompt)} characters; the limit is {max_prompt_chars}", param="prompt")
     if not 1 <= req.n <= max_n:
-        raise InvalidRequest(f"n must be between 1 and {max_n}, got {req.n}", param="n")
+        raise InvalidRequest(f"n must be between 1 and {max_n} on this server, got {req.n}", param="n")
+    if not 0 <= req.output_compression <= 100:
+        raise InvalidRequest(f"output_compression must be between 0 and 100 (percent), got {req.output_compression}", param="output_compression")
+    if req.background == "transparent":
+        raise InvalidRequest(
+            "background 'transparent' cannot be honoured: the diffusion models here paint opaque images; use 'opaque' or 'auto'",
+            param="background",
+        )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from diffserve.schemas import (
     BatchProfile,
@@ -148,3 +149,34 @@ def uvicorn_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_in_loop(app, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve ``app`` on an ephemeral loopback port in the *calling* event loop, so a test can hold
+    the fake stage on its gates while a real HTTP client reads a stream; yields the base URL.
+    The app's lifespan is not run: the test starts and stops the runtime itself."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False, lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the test server stopped before it started")
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """A whole ``text/event-stream`` body as (event name, JSON data) pairs, in order."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
