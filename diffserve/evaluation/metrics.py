@@ -13,9 +13,11 @@ Definitions (docs/benchmarks.md states them for users; they are our reading of E
   its requests are all violations). Degraded answers are scored conservatively: with degraded
   share ``d`` of the second's on-time images, the second scores
   ``(1 - d) * Q(heavy share of the rest) + d * Q(0)`` (light model alone). FID of a mixture is at
-  most the linear mix of its parts' FIDs, and the degraded images are the light images of queries
-  the discriminator judged hard, so no better than the light model's average: this never
-  flatters a policy that degrades.
+  most the linear mix of its parts' FIDs, so this splits the second into its two parts and gives
+  the degraded part no selection benefit: they are light images of queries the discriminator
+  judged hard, never better than the light images it chose. Their own FID is not measured; the
+  rule scores them at the light model's average (EVALUATION.md's rule), which may still be
+  generous for a set of hard queries.
 - ``fid_optimistic``: the same, with degraded answers read as ordinary light answers and, where the
   run gives one, the optimistic curve (Proteus: its random split read off the cascade curve).
 - ``fid_all_answers``: the old reading, kept for comparison: every answer counted, late ones too,

@@ -11,9 +11,10 @@ figure through these two functions, so that every number in a report comes from 
 * :func:`random_split_quality` is the Proteus-style split with no discriminator. When
   ``build-cascade`` measured the random-split curve (``f_rand``/``q_rand`` in the pair file) it
   is read from there. Otherwise it is the linear mix ``(1-f) q_light + f q_heavy``, and that is a
-  *pessimistic* figure, not an estimate: a random mixture's mean and second moment of the image
-  features mix linearly, so its FID is at most the linear mix of the parts' FIDs and may be lower
-  than either model alone (:func:`linear_mix_quality`). The benchmark therefore also scores
+  *pessimistic* figure, not an estimate: a mixture's feature mean and covariance are those of the
+  mixture of the parts' Gaussians, FID is the Gelbrich lower bound of the 2-Wasserstein distance,
+  and W2^2 is convex under mixing, so the mixture's FID is at most the linear mix of the parts'
+  FIDs, and may be lower than either model alone (:func:`linear_mix_quality`). The benchmark therefore also scores
   Proteus on the cascade curve (its optimistic reading) and ours must beat both.
 """
 
