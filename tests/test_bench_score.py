@@ -197,6 +197,9 @@ def test_oracle_hand_checkable_cases():
     # CLIP (higher is better) is the same problem negated
     clip = tiny_pair(metric="clip", q_t=[-20.0, -12.0, -16.0], q_light=-20.0, q_heavy=-16.0)
     assert oracle_bound([5], profile, clip, 2, 2000).fid == pytest.approx(-12.0)
+    score_like = tiny_pair(metric="clip", q_t=[30.0, 34.0, 32.0], q_light=30.0, q_heavy=32.0)
+    assert oracle_bound([5], profile, score_like, 2, 2000).fid == pytest.approx(34.0)
+    assert oracle_bound([30], profile, score_like, 1, 1000).fid == pytest.approx((10 * 34.0 + 20 * 30.0) / 30, abs=1e-4)
 
 
 def test_oracle_curve_is_non_increasing_in_the_violation_ratio():

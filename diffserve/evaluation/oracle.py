@@ -175,7 +175,8 @@ class _Relaxation:
         add([(self.n0 + s, -1.0) for s in range(S)], 0.0)  # -sum n <= V - T, rhs set per solve
         self.A = sparse.csr_matrix((vals, (rows, cols)), shape=(r, nv))
         self.b = np.asarray(rhs)
-        self.bounds = [(0.0, a) for a in self.a] + [(0.0, None)] * (nv - S)
+        # n in [0, a]; H, x >= 0; z free (a higher-is-better metric is negated, so it can be negative)
+        self.bounds = [(0.0, a) for a in self.a] + [(0.0, None)] * S + [(None, None)] * S + [(0.0, None)] * (2 * S * w)
         self.nv = nv
         self.total = float(self.a.sum())
 
