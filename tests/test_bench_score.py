@@ -140,13 +140,16 @@ def test_ours_must_beat_proteus_under_both_readings():
 # ------------------------------------------------------------------------------------ bench score
 
 
+def linear_world(tmp_path):
+    """cascade.yaml with the linear curve (20 all-light, 10 all-heavy) and a profile for it."""
+    cascade = write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[tiny_pair(q_t=[20.0, 15.0, 10.0], q_heavy=10.0)]))
+    return cascade, write_model(tmp_path / "profile.yaml", tiny_profile())
+
+
 def test_bench_score_prints_the_summary_as_json(tmp_path):
     from diffserve.cli.main import app
 
-    cascade = tmp_path / "cascade.yaml"
-    write_model(cascade, CascadeFile(pairs=[tiny_pair(q_t=[20.0, 15.0, 10.0], q_heavy=10.0)]))
-    profile = tmp_path / "profile.yaml"
-    write_model(profile, tiny_profile())
+    cascade, profile = linear_world(tmp_path)
     log = write_jsonl(tmp_path / "run" / "requests.jsonl", issue_example())
     result = CliRunner().invoke(app, ["bench", "score", str(log), "--cascade", str(cascade), "--slo", "5s", "--json",
                                       "--workers", "1", "--profile", str(profile)])
@@ -166,6 +169,10 @@ def test_bench_score_user_mistakes_are_one_line(tmp_path):
     log = write_jsonl(tmp_path / "requests.jsonl", issue_example())
     bad = CliRunner().invoke(app, ["bench", "score", str(log), "--routing", "sideways"])
     assert bad.exit_code == 2 and "--routing" in bad.output
+    cascade, profile = linear_world(tmp_path)
+    tight = CliRunner().invoke(app, ["bench", "score", str(log), "--cascade", str(cascade), "--profile", str(profile),
+                                     "--slo", "50ms", "--workers", "1"])
+    assert tight.exit_code == 2 and "fits in 50 ms" in tight.output
 
 
 # ------------------------------------------------------------------------------------ oracle

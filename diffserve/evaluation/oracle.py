@@ -46,6 +46,7 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog
 
+from diffserve.errors import UserError
 from diffserve.evaluation.metrics import trace_seconds
 from diffserve.evaluation.records import Outcome, RequestRecord
 from diffserve.planner import quality as curves
@@ -136,7 +137,7 @@ class _Relaxation:
         self.light_batch, mu_l = best_rate(tables[pair.light], window_ms)
         self.heavy_batch, mu_h = best_rate(tables[pair.heavy], window_ms)
         if mu_l <= 0 and mu_h <= 0:
-            raise ValueError(f"no batch of {pair.light} or {pair.heavy} fits in {window_ms:g} ms")
+            raise UserError(f"no batch of {pair.light} or {pair.heavy} fits in {window_ms:g} ms: nothing can be answered in time")
         self.mu_l, self.mu_h = mu_l, mu_h
         self.pieces, self.q_min = envelope_pieces(pair)
         S = len(self.a)
