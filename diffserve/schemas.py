@@ -145,6 +145,12 @@ class CascadePair(StrictModel):
     q_light: float | None = None
     q_heavy: float | None = None
     q_oracle: float | None = None
+    f_rand: list[float] | None = Field(
+        default=None, description="heavy fractions of the measured random-split curve (no discriminator), increasing"
+    )
+    q_rand: list[float] | None = Field(
+        default=None, description="quality of a random split at each f_rand: the Proteus baseline's measured curve"
+    )
     discriminator: DiscriminatorRef
     latency_ms: dict[str, float] = Field(default_factory=dict, description="batch-1 latency reference per model")
     n_eval_prompts: int | None = Field(default=None, ge=1)
@@ -167,6 +173,13 @@ class CascadePair(StrictModel):
             raise ValueError("f_t must be non-decreasing in the threshold")
         if self.light == self.heavy:
             raise ValueError("light and heavy must be different models")
+        if (self.f_rand is None) != (self.q_rand is None):
+            raise ValueError("f_rand and q_rand come together: give both or neither")
+        if self.f_rand is not None and self.q_rand is not None:
+            if len(self.f_rand) != len(self.q_rand) or len(self.f_rand) < 2:
+                raise ValueError("f_rand and q_rand must have the same length, at least 2")
+            if any(not 0 <= f <= 1 for f in self.f_rand) or any(b <= a for a, b in zip(self.f_rand, self.f_rand[1:])):
+                raise ValueError("f_rand must be strictly increasing fractions in [0, 1]")
         return self
 
     @property

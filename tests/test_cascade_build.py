@@ -127,6 +127,8 @@ def test_build_cascade_with_heavy_images_as_positives(tmp_path) -> None:
         assert all(b >= a for a, b in zip(pair.f_t, pair.f_t[1:]))
         assert pair.q_t[0] == pytest.approx(pair.q_light, abs=1e-3)
         assert pair.q_t[-1] == pytest.approx(pair.q_heavy, abs=1e-3)
+        assert pair.f_rand[0] == 0.0 and pair.f_rand[-1] == 1.0  # the measured random-split curve
+        assert (pair.q_rand[0], pair.q_rand[-1]) == pytest.approx((pair.q_light, pair.q_heavy), abs=1e-3)
         assert pair.n_eval_prompts == 4 and pair.discriminator.kind == "clip-logreg"
         assert pair.latency_ms == {pair.light: options.profile.models[pair.light].latency_ms(1),
                                    pair.heavy: options.profile.models[pair.heavy].latency_ms(1)}
@@ -159,6 +161,7 @@ def test_build_cascade_with_real_images_and_fid_metric(tmp_path) -> None:
     assert pair.metric == "fid" and pair.discriminator.path.endswith("light__vs__real.joblib")
     assert pair.q_t[0] == pytest.approx(pair.q_light, abs=1e-3) and pair.q_t[-1] == pytest.approx(pair.q_heavy, abs=1e-3)
     assert pair.q_heavy < pair.q_light  # heavy images look like the real ones, light ones do not
+    assert (pair.q_rand[0], pair.q_rand[-1]) == pytest.approx((pair.q_light, pair.q_heavy), abs=1e-3)
 
 
 def test_build_cascade_input_errors(tmp_path) -> None:

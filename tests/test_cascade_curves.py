@@ -12,6 +12,7 @@ from diffserve.cascade_builder.curves import (
     deferral_curve,
     mean_quality_curve,
     oracle_choice,
+    random_split_curve,
     set_quality_curve,
     threshold_grid,
 )
@@ -68,6 +69,22 @@ def test_set_quality_curve_uses_the_actual_mixture() -> None:
     assert q[0] == 0.0 and q[-1] == 1.0
     assert q[50] == pytest.approx(0.5)  # two of four deferred at t=0.5
     assert len(calls) == 5  # 11 thresholds, 5 distinct mixtures
+
+
+def test_random_split_curve_scores_nested_random_heavy_sets() -> None:
+    light, heavy = np.zeros(10), np.arange(1.0, 11.0)  # the heavy image of query i scores i + 1
+    seen = []
+
+    def score(mask: np.ndarray) -> float:
+        seen.append(mask.copy())
+        return float(np.where(mask, heavy, light).sum())
+
+    q = random_split_curve(10, np.array([0.0, 0.3, 0.5, 1.0]), score, seed=3)
+    assert [int(m.sum()) for m in seen] == [0, 3, 5, 10]
+    assert all((a <= b).all() for a, b in zip(seen, seen[1:]))  # each heavy set holds the smaller ones
+    assert q[0] == 0.0 and q[-1] == heavy.sum()
+    assert not np.array_equal(seen[1], np.arange(10) < 3)  # random, not the first queries
+    assert np.array_equal(random_split_curve(10, np.array([0.3]), lambda m: float(m @ heavy), seed=3), [q[1]])
 
 
 def test_oracle_picks_the_better_image() -> None:

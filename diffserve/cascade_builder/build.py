@@ -27,6 +27,7 @@ from diffserve.cascade_builder.curves import (
     deferral_curve,
     mean_quality_curve,
     oracle_choice,
+    random_split_curve,
     set_quality_curve,
     threshold_grid,
 )
@@ -55,6 +56,8 @@ from diffserve.schemas import CascadeFile, CascadePair, DiscriminatorRef, Profil
 
 Backbone = Literal["clip", "efficientnet"]
 Metric = Literal["auto", "clip", "fid"]
+#: Heavy fractions at which the random-split (Proteus) curve is measured: one set-metric evaluation each.
+RANDOM_SPLIT_FRACTIONS = np.round(np.linspace(0.0, 1.0, 11), 6)
 
 
 @dataclass
@@ -206,6 +209,7 @@ def build_cascade(
             q_t = mean_quality_curve(conf, light_s, heavy_s, grid)
             q_light, q_heavy = float(light_s.mean()), float(heavy_s.mean())
             q_oracle = float(np.where(oracle, heavy_s, light_s).mean())
+            q_rand = random_split_curve(len(conf), RANDOM_SPLIT_FRACTIONS, lambda m: float(np.where(m, heavy_s, light_s).mean()), options.seed)
         else:
             def distance(mixed: np.ndarray) -> float:
                 return fid(fid_real, mixed)
@@ -213,6 +217,10 @@ def build_cascade(
             q_t = set_quality_curve(conf, fid_test[light], fid_test[heavy], grid, distance)
             q_light, q_heavy = float(q_t[0]), float(q_t[-1])
             q_oracle = distance(np.where(oracle[:, None], fid_test[heavy], fid_test[light]))
+            q_rand = random_split_curve(
+                len(conf), RANDOM_SPLIT_FRACTIONS,
+                lambda m: distance(np.where(m[:, None], fid_test[heavy], fid_test[light])), options.seed,
+            )
             extra["clip_q_t"] = mean_quality_curve(conf, light_s, heavy_s, grid).round(4).tolist()
         if fid_real is not None:
             extra["kid_q_t"] = set_quality_curve(
@@ -221,7 +229,7 @@ def build_cascade(
         results.append(
             {
                 "light": light, "heavy": heavy, "positive": positive, "f_t": f_t, "q_t": q_t,
-                "q_light": q_light, "q_heavy": q_heavy, "q_oracle": q_oracle, "conf": conf,
+                "q_light": q_light, "q_heavy": q_heavy, "q_oracle": q_oracle, "q_rand": q_rand, "conf": conf,
                 "disc": disc, "val": val_metrics, "artifact": artifact, "disc_ms": disc_ms, "extra": extra,
             }
         )
@@ -245,6 +253,7 @@ def build_cascade(
                 grid=[float(t) for t in grid], f_t=[round(float(v), 6) for v in r["f_t"]],
                 q_t=[round(float(v), 4) for v in r["q_t"]],
                 q_light=round(r["q_light"], 4), q_heavy=round(r["q_heavy"], 4), q_oracle=round(r["q_oracle"], 4),
+                f_rand=[float(f) for f in RANDOM_SPLIT_FRACTIONS], q_rand=[round(float(v), 4) for v in r["q_rand"]],
                 discriminator=DiscriminatorRef(
                     kind=disc.kind, path=r["artifact"], feature_model=disc.feature_model,
                     random_weights=disc.random_weights, latency_ms=round(r["disc_ms"], 3),

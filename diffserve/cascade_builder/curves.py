@@ -64,6 +64,28 @@ def set_quality_curve(
     return np.interp(grid, grid[picks], np.asarray(values))
 
 
+def random_split_curve(
+    n_queries: int, fractions: np.ndarray, score: Callable[[np.ndarray], float], seed: int = 0
+) -> np.ndarray:
+    """Q_rand(f): the quality of a random split (no discriminator) at each heavy fraction.
+
+    ``score(heavy_mask)`` scores the image set with the masked queries answered by the heavy
+    model. The heavy sets are nested (one seeded permutation, the first ``round(f n)`` of it), so
+    the curve moves only by the queries added between fractions. This is the Proteus baseline's
+    measured curve; without it the baseline is credited the linear mix of the endpoints, which for
+    FID is its worst case.
+    """
+    if n_queries < 1:
+        raise ValueError("no queries to build the random-split curve from")
+    order = np.random.default_rng(seed).permutation(n_queries)
+    values = []
+    for f in np.asarray(fractions, dtype=np.float64):
+        mask = np.zeros(n_queries, dtype=bool)
+        mask[order[: int(round(f * n_queries))]] = True
+        values.append(float(score(mask)))
+    return np.asarray(values)
+
+
 def oracle_choice(light: np.ndarray, heavy: np.ndarray) -> np.ndarray:
     """The router that knows which image is better per query (higher score wins): True = heavy."""
     return np.asarray(heavy) > np.asarray(light)

@@ -240,7 +240,53 @@ def _sigterm_as_exit() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+@cli_errors
+def score_cmd(
+    requests_jsonl: Annotated[Path, typer.Argument(help="A saved request log (requests.jsonl of bench run/compare).")],
+    cascade: CascadeOpt = "reference",
+    slo: SloOpt = "5s",
+    routing: Annotated[str, typer.Option("--routing", help="How the run routed: 'cascade' (discriminator) or 'random-split' (proteus).")] = "cascade",
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Workers of the run: adds the oracle bound at the run's violation ratio.")] = None,
+    profile: ProfileOpt = "reference",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary object as JSON on stdout.")] = False,
+) -> None:
+    """Rescore a saved request log with the benchmark's scoring rules and print the summary."""
+    import json
+
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.errors import UserError
+    from diffserve.evaluation import report
+    from diffserve.evaluation.metrics import score_records
+    from diffserve.evaluation.oracle import bound_for_run
+    from diffserve.evaluation.records import read_jsonl
+    from diffserve.units import parse_duration_ms
+
+    if routing not in ("cascade", "random-split"):
+        raise UserError(f"--routing must be 'cascade' or 'random-split', got {routing!r}")
+    records = read_jsonl(requests_jsonl)
+    if not records:
+        raise UserError(f"{requests_jsonl} holds no request records")
+    pair = _pair_of(load_cascade(cascade))
+    slo_ms = parse_duration_ms(slo, name="--slo")
+    summary = score_records(records, pair, slo_ms, routing)  # type: ignore[arg-type]
+    row = {"policy": requests_jsonl.parent.name or str(requests_jsonl), **summary.model_dump()}
+    if workers is not None:
+        row["oracle_fid"] = bound_for_run(records, load_profile(profile), pair, workers, slo_ms).fid
+    if as_json:
+        typer.echo(json.dumps(row, indent=2, allow_nan=False))
+        return
+    console.print(report.rich_table([row], f"{requests_jsonl}: SLO {slo}, {routing}"))
+    console.print(report.TABLE_LEGEND, style="dim")
+    console.print(
+        f"{pair.metric.upper()}: {row['fid']} conservative (degraded as the light model alone), "
+        f"{row['fid_optimistic']} optimistic, {row['fid_all_answers']} old reading (every answer, seconds weighted by answers); "
+        f"{row['seconds_without_quality']} of {row['seconds_with_requests']} seconds without an on-time image"
+        + (f"; oracle bound at this violation ratio {row['oracle_fid']}" if "oracle_fid" in row else "")
+    )
+
+
 def register(app: typer.Typer) -> None:
     bench_app.command("run")(run_cmd)
     bench_app.command("compare")(compare_cmd)
+    bench_app.command("score")(score_cmd)
     app.add_typer(bench_app, name="bench")

@@ -7,7 +7,7 @@ The pieces, each in its own module:
 - :mod:`.loadgen`   the open-loop HTTP load generator (asyncio + httpx, loopback only);
 - :mod:`.records`   the per-request log written as JSONL, nothing dropped;
 - :mod:`.metrics`   violations, goodput, latency percentiles, per-second quality and timelines;
-- :mod:`.oracle`    the clairvoyant per-second quality bound;
+- :mod:`.oracle`    the bound no policy can beat at its violation ratio (an LP relaxation);
 - :mod:`.report`    JSON, Markdown and PNG outputs;
 - :mod:`.compare`   one fresh emulated server per policy, the same trace against each.
 """

@@ -14,15 +14,11 @@ from typing import Any
 
 from diffserve.evaluation import report
 from diffserve.evaluation.loadgen import LoadConfig, LoadResult, run_open_loop
-from diffserve.evaluation.metrics import summarize, timeline
-from diffserve.evaluation.oracle import (
-    fraction_of_bound,
-    improvement_captured,
-    oracle_bound,
-)
-from diffserve.evaluation.quality import QualityMode, quality_function, quality_source
+from diffserve.evaluation.metrics import score_records, timeline
+from diffserve.evaluation.oracle import bound_for_run, fraction_of_bound, improvement_captured
+from diffserve.evaluation.quality import QualityMode, quality_function
 from diffserve.evaluation.records import RequestRecord, write_jsonl
-from diffserve.evaluation.sources import Arrival, demand_per_second
+from diffserve.evaluation.sources import Arrival
 from diffserve.schemas import CascadePair, ProfileFile
 
 
@@ -50,14 +46,9 @@ def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[
     """The result row and the per-second timeline of a finished run."""
     pair = spec.pair
     quality = quality_function(pair, mode)
-    method = f"per-second {pair.metric.upper()}, request-weighted, from {quality_source(mode)}"
-    summary = summarize(
-        result.records, slo_ms=spec.load.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality,
-        metric=pair.metric, quality_method=method,
-    )
+    summary = score_records(result.records, pair, spec.load.slo_ms, mode)
     tl = timeline(result.records, result.plans, slo_ms=spec.load.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality)
-    demand = demand_per_second(spec.arrivals, len(tl["second"]))
-    bound = oracle_bound(demand, spec.profile, pair, spec.workers, spec.load.slo_ms, quality_function(pair, "cascade"))
+    bound = bound_for_run(result.records, spec.profile, pair, spec.workers, spec.load.slo_ms)
     tl["oracle_quality"] = bound.quality
     q_light = quality(0.0)
     row: dict[str, Any] = {
