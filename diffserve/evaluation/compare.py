@@ -221,11 +221,15 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     first = runs[0]
     row: dict[str, Any] = {}
     for key, value in first.items():
+        if key == "seed":
+            continue  # replaced by ``seeds``
         values = [r.get(key) for r in runs]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if numeric and len(runs) > 1:
+        if all(v == value for v in values):
+            row[key] = value  # settings (workers, SLO) and figures every seed agrees on keep their type
+        elif numeric:
             row[key] = round(float(np.mean(values)), 6)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and len(runs) > 1:
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             row[key] = None
         else:
             row[key] = value

@@ -6,7 +6,11 @@ arrival is sent at ``time_ms / speedup`` wall milliseconds after the start, on i
 run is bounded by the arrival list, a per-request timeout and an overall deadline, and only
 loopback targets are accepted. Every request ends as exactly one :class:`RequestRecord`.
 
-Transport: one ``aiohttp.ClientSession``. httpx was the first choice, but on this project's 2-core
+:func:`replay` is the schedule and the bookkeeping; the transport is a ``send`` coroutine. Here it
+is HTTP (:func:`run_open_loop`); :mod:`diffserve.evaluation.inprocess` calls the server's runtime
+directly on a virtual-time loop, so both paths write the same records.
+
+HTTP transport: one ``aiohttp.ClientSession``. httpx was the first choice, but on this project's 2-core
 CI box, shared with other jobs, it spent about 2.5x more CPU per request (0.33 vs 0.12 of a core
 at 150 requests/s, measured against the same stub): a starved client falls behind its own
 schedule, its requests pile up and the server sees a different load than the trace.
