@@ -30,6 +30,25 @@ def test_idle_loop_jumps_to_the_next_timer():
     assert [t for _, t in woke] == pytest.approx([1.5, 60.0, 3600.0])
 
 
+def test_a_tiny_positive_wait_still_moves_time():
+    """At t = 300 s a sleep of 1e-15 s is below the float's resolution; on a real clock time moves
+    anyway, so a caller polling in tiny waits (the batcher's fill wait) ends. Here too."""
+    from diffserve.server.virtualtime import MIN_TIMER_STEP_S
+
+    async def main() -> tuple[float, int]:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(300.0)
+        target = loop.time() + 1e-13
+        rounds = 0
+        while loop.time() < target and rounds < 1000:
+            await asyncio.sleep(1e-15)
+            rounds += 1
+        return loop.time(), rounds
+
+    now, rounds = run_virtual(main)
+    assert rounds == 1 and now == pytest.approx(300.0 + MIN_TIMER_STEP_S)
+
+
 def test_wait_for_times_out_in_virtual_time():
     async def main() -> tuple[bool, float]:
         never = asyncio.Event()

@@ -32,6 +32,13 @@ from typing import Any
 from diffserve.server.clock import Clock
 
 
+#: The shortest wait the loop grants: a timer set any positive delay ahead fires at least this much
+#: later (1 us of model time, far below any batch latency). A real clock moves on its own; here a
+#: wait of 1e-14 s could round back to "now" in floating point, and a caller that keeps waiting
+#: for "the rest" of a wait (the batcher's fill wait) would spin forever without time moving.
+MIN_TIMER_STEP_S = 1e-6
+
+
 class VirtualTimeStalled(RuntimeError):
     """Every task waits on something only the outside world could do; virtual time cannot help."""
 
@@ -75,6 +82,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self._now
+
+    def call_at(self, when, callback, *args, context=None):  # type: ignore[override]
+        if self._now < when < self._now + MIN_TIMER_STEP_S:
+            when = self._now + MIN_TIMER_STEP_S
+        return super().call_at(when, callback, *args, context=context)
 
     def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run ``func`` now, on this thread; resolve the future ``executor_charge_ms`` later."""
