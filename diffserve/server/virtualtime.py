@@ -83,6 +83,11 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._now
 
+    def call_later(self, delay, callback, *args, context=None):  # type: ignore[override]
+        if 0 < delay < MIN_TIMER_STEP_S:  # now + 1e-15 would be now itself
+            delay = MIN_TIMER_STEP_S
+        return super().call_later(delay, callback, *args, context=context)
+
     def call_at(self, when, callback, *args, context=None):  # type: ignore[override]
         if self._now < when < self._now + MIN_TIMER_STEP_S:
             when = self._now + MIN_TIMER_STEP_S
