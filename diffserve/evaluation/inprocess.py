@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from diffserve.evaluation.loadgen import LoadResult, replay
 from diffserve.evaluation.records import RequestRecord
 from diffserve.evaluation.sources import Arrival
 from diffserve.server.build import ServeOptions, build_runtime
 from diffserve.server.errors import ServeError
+from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.virtualtime import run_virtual, virtual_clock
 
@@ -48,14 +49,14 @@ class InProcessLoad:
         return self.timeout_factor * self.slo_ms
 
 
-def fill_answer(record: RequestRecord, runtime_answer) -> None:
+def fill_answer(record: RequestRecord, answer: ImageAnswer) -> None:
     """Copy an answer into the record with the precision the HTTP API sends (so logs compare)."""
-    record.model = runtime_answer.model
-    record.degraded = bool(runtime_answer.degraded)
-    record.confidence = None if runtime_answer.confidence is None else round(float(runtime_answer.confidence), 6)
-    record.latency_ms = round(runtime_answer.latency_ms, 3)
-    record.queue_ms = round(runtime_answer.queue_ms, 3)
-    record.compute_ms = round(runtime_answer.compute_ms, 3)
+    record.model = answer.model
+    record.degraded = bool(answer.degraded)
+    record.confidence = None if answer.confidence is None else round(float(answer.confidence), 6)
+    record.latency_ms = round(answer.latency_ms, 3)
+    record.queue_ms = round(answer.queue_ms, 3)
+    record.compute_ms = round(answer.compute_ms, 3)
 
 
 def fill_error(record: RequestRecord, exc: ServeError) -> None:
@@ -121,7 +122,8 @@ def run_in_process(
     started = time.perf_counter()
 
     async def main() -> LoadResult:
-        runtime, _origin = build_runtime(_at_model_speed(opts), clock=virtual_clock())
+        # speedup 1: the loop's seconds are model seconds (the option only matters on a wall clock)
+        runtime, _origin = build_runtime(replace(opts, speedup=1.0), clock=virtual_clock())
         await runtime.start()
         try:
             return await drive(runtime, load, arrivals, prompts, seed=seed, on_done=on_done)
@@ -133,8 +135,3 @@ def run_in_process(
     result.wall_s = time.perf_counter() - started
     return result
 
-
-def _at_model_speed(opts: ServeOptions) -> ServeOptions:
-    from dataclasses import replace
-
-    return replace(opts, speedup=1.0)
