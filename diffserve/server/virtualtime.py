@@ -5,9 +5,10 @@ controller, emulated backend) on this loop. The emulated backend only sleeps, so
 costs the CPU its Python code needs and no wall time at all; and since nothing outside the loop
 can act, a run is a pure function of its inputs and seed.
 
-Why not ``looptime`` (PyPI): it fast-forwards the same way, but it is built as a pytest plugin and
-lets threads and real I/O run beside the fake time, so a solve in ``asyncio.to_thread`` would race
-the clock. Here the two ways out of the loop are closed instead:
+Why not ``looptime`` (PyPI): it fast-forwards the same way, but it is a pytest plugin that patches
+the loops of tests, and what a benchmark needs beyond the fast-forward is a policy for everything
+that leaves the loop, which is most of this module; a dependency for the remaining ten lines did
+not pay. The two ways out of the loop are closed:
 
 - **Executors** (``run_in_executor``, hence ``asyncio.to_thread``) run the function *inline*, on
   the loop's thread, and its result is delivered ``executor_charge_ms`` of model time later
