@@ -88,7 +88,7 @@ def write_sweep_outputs(base: CompareSpec, cells: list[dict[str, Any]], workers:
 def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str = "FID"):
     """Two rows (quality, violations) by one column per SLO; x = workers, one line per policy."""
     plt = report._pyplot()
-    fig, axes = plt.subplots(2, len(slos_ms), figsize=(4.2 * len(slos_ms), 7), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2, len(slos_ms), figsize=(4.2 * len(slos_ms), 7), sharex=True, sharey="row", squeeze=False)
     for j, slo_ms in enumerate(slos_ms):
         for policy in policies:
             mine = sorted((c for c in cells if c["policy"] == policy and c["slo_ms"] == slo_ms), key=lambda c: c["workers"])
@@ -103,6 +103,7 @@ def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str =
         axes[0][j].set_title(f"SLO {slo_ms / 1000:g} s")
         axes[1][j].set_xlabel("workers")
         axes[1][j].set_xticks(workers)
+    axes[1][0].set_ylim(bottom=0)
     axes[0][0].set_ylabel(f"per-second {metric}")
     axes[1][0].set_ylabel("SLO violation ratio")
     axes[0][0].legend(fontsize=7)
