@@ -143,6 +143,33 @@ def test_in_process_run_is_deterministic_for_a_seed():
     assert [r.scheduled_ms for r in first.records] == [r.scheduled_ms for r in other.records]
 
 
+_DIGEST_SCRIPT = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+from test_virtual_time import _bursty_arrivals, _options
+from diffserve.evaluation.inprocess import run_in_process
+result = run_in_process(_options(), _bursty_arrivals(), [f"prompt {i}" for i in range(50)], seed=3)
+print(hashlib.sha256("".join(r.model_dump_json() for r in result.records).encode()).hexdigest())
+"""
+
+
+def test_in_process_run_is_the_same_in_another_process():
+    """Hash order (PYTHONHASHSEED) and object addresses differ between processes; the log must not."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": root}
+        out = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
 def test_in_process_run_logs_every_request_in_model_time():
     """Every arrival becomes one record, sent at its scheduled model time; the load is real enough
     that the cascade defers some queries to the heavy model, and the controller re-plans."""

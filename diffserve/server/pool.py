@@ -40,7 +40,7 @@ class Notifier:
     """Wake every waiter at once (new job, worker moved); cheaper than a Condition for sync callers.
 
     Waiters are woken in the order they started waiting (a dict, not a set, whose order would
-    follow object addresses), so which worker takes a batch is reproducible run to run.
+    follow object addresses), so which worker slot takes a batch is reproducible run to run.
     """
 
     def __init__(self) -> None:
