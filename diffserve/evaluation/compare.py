@@ -68,7 +68,7 @@ class CompareSpec:
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
     trace_label: str = "trace"
-    clock: str = "real"
+    clock: str = "virtual"
     #: the seeds every policy runs on (default: ``seed`` alone)
     seeds: tuple[int, ...] = ()
     #: the arrivals of a seed, for generated sources (a trace file is the same for every seed)
@@ -105,7 +105,7 @@ def serve_options(spec: CompareSpec, policy: str, seed: int) -> ServeOptions:
         cascade=spec.cascade_spec,
         workers=spec.workers,
         slo_ms=spec.slo_ms,
-        speedup=spec.speedup,
+        speedup=spec.speedup if spec.clock == "real" else 1.0,  # virtual time has nothing to speed up
         policy=policy,
         demand_qps=spec.demand_for(policy, seed),
         replan_interval_ms=spec.replan_interval_ms,
