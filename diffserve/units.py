@@ -55,3 +55,11 @@ def parse_range(text: str, *, name: str = "range") -> tuple[float, float]:
     if not 0 < low <= high:
         raise UserError(f"{name} needs 0 < LOW <= HIGH, got {text!r}")
     return low, high
+
+
+def parse_duration_list_ms(text: str, *, name: str = "list", default_unit: str = "s") -> list[float]:
+    """Parse ``"2.5s,5s,10s"`` into sorted unique milliseconds (each as :func:`parse_duration_ms`)."""
+    items = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not items:
+        raise UserError(f"{name} must be a comma-separated list of durations such as 2.5s,5s, got {text!r}")
+    return sorted({parse_duration_ms(item, name=name, default_unit=default_unit) for item in items})

@@ -211,15 +211,15 @@ def test_compare_orchestration_with_stub_servers(tmp_path, monkeypatch):
     started: list[list[str]] = []
     real = compare.server_command
 
-    def stub_command(spec, policy, port):
-        started.append(real(spec, policy, port))  # the command the real server would get
+    def stub_command(spec, policy, port, seed=None):
+        started.append(real(spec, policy, port, seed))  # the command the real server would get
         return [sys.executable, __file__, str(port), policy]
 
     monkeypatch.setattr(compare, "server_command", stub_command)
     spec = compare.CompareSpec(
         arrivals=[Arrival(i * 100.0, i) for i in range(40)], prompts=["p"], profile_spec="reference",
         cascade_spec="reference", profile=load_profile("reference"), pair=load_cascade("reference").recommended(),
-        workers=4, slo_ms=5000, speedup=20, output=tmp_path, policies=("clipper-light", "diffserve"),
+        workers=4, slo_ms=5000, speedup=20, output=tmp_path, policies=("clipper-light", "diffserve"), clock="real",
     )
     rows = compare.run_compare(spec, log=lambda _l: None)
     assert [r["policy"] for r in rows] == ["clipper-light", "diffserve"]
@@ -233,8 +233,10 @@ def test_compare_orchestration_with_stub_servers(tmp_path, monkeypatch):
         for name in ("requests.jsonl", "timeline.json", "timeline.png", "server.log"):
             assert (tmp_path / policy / name).is_file(), (policy, name)
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("policy", "slo_violation_ratio", "fid", "goodput", "light_fraction", "oracle_fid", "degraded_ratio"):
-        assert key in saved[0]
+    assert saved["clock"] == "real" and "fid" in saved["oracle"]
+    for key in ("policy", "slo_violation_ratio", "fid", "goodput", "light_fraction", "oracle_fid", "degraded_ratio",
+                "seeds", "fid_std", "violation_std"):
+        assert key in saved["policies"][0]
     assert "diffserve dominates" in (tmp_path / "results.md").read_text() or "does NOT dominate" in (tmp_path / "results.md").read_text()
 
 

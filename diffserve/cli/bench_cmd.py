@@ -27,9 +27,9 @@ PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file,
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of generated arrivals and of the servers.")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help="profile.yaml or 'reference' (the paper's A100 figures).")]
 CascadeOpt = Annotated[str, typer.Option("--cascade", help="cascade.yaml or 'reference'.")]
-SloOpt = Annotated[str, typer.Option("--slo", help="Latency SLO in model time, e.g. 5s.")]
 SpeedupOpt = Annotated[float, typer.Option("--speedup", min=0.001, help="How much faster than the modelled cluster the emulated server runs.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for results.json, the request logs, tables and plots.")]
+SloOpt = Annotated[str, typer.Option("--slo", help="Latency SLO in model time, e.g. 5s.")]
 
 
 def _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, n_prompts):
@@ -128,18 +128,19 @@ def run_cmd(
     n_workers = workers or plan.get("workers_available")
     if slo_ms is None or n_workers is None:
         raise UserError(f"could not read the SLO and workers from {base}/v1/plan; pass --slo and --workers")
-    spec = RunSpec(label=label, load=LoadConfig(url=base, speedup=speedup, slo_ms=float(slo_ms)), arrivals=arrivals,
-                   prompts=prompt_list, profile=prof, pair=pair, workers=int(n_workers))
+    spec = RunSpec(label=label, arrivals=arrivals, prompts=prompt_list, profile=prof, pair=pair, workers=int(n_workers),
+                   slo_ms=float(slo_ms), speedup=speedup, seed=seed)
     console.print(f"sending {len(arrivals)} requests ({source_label}) to {base}, speedup {speedup:g}, open loop")
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("requests", total=len(arrivals))
-        row, _ = execute(spec, output, on_done=lambda _r: progress.advance(task))
+        row, _ = execute(spec, LoadConfig(url=base, speedup=speedup, slo_ms=spec.slo_ms), output,
+                         on_done=lambda _r: progress.advance(task))
     row["source"] = source_label
     report.write_json(output / "results.json", row)
     report.atomic_write_text(output / "results.md", report.markdown_table([row]) + f"\nQuality: {row['quality_method']}.\n")
     console.print(report.rich_table([row], f"{label}: {source_label}"))
     console.print(report.TABLE_LEGEND, style="dim")
-    _warn_lag(row, spec.load.slo_ms)
+    _warn_lag(row, spec.slo_ms)
     console.print(f"wrote {output}/results.json, results.md, requests.jsonl, timeline.json, timeline.png")
 
 
@@ -155,12 +156,15 @@ def compare_cmd(
     duration: DurationOpt = None,
     max_requests: MaxReqOpt = None,
     prompts: PromptsOpt = None,
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed: of generated arrivals, request seeds and the servers.")] = 0,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Run every policy on seeds SEED..SEED+N-1; rows report the mean and spread.")] = 1,
     profile: ProfileOpt = "reference",
     cascade: CascadeOpt = "reference",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Workers of every emulated server.")] = 16,
-    slo: SloOpt = "5s",
-    speedup: SpeedupOpt = 5.0,
+    workers: Annotated[str, typer.Option("--workers", help="Workers of every emulated server; a list (4,8,12,16) sweeps them.")] = "16",
+    slo: Annotated[str, typer.Option("--slo", help="Latency SLO in model time; a list (2.5s,5s,10s) sweeps it.")] = "5s",
+    clock: Annotated[str, typer.Option("--clock", help="virtual: the runtime in-process on a virtual-time loop (fast, deterministic); real: an HTTP server per policy on the wall clock at --speedup.")] = "virtual",
+    speedup: Annotated[float, typer.Option("--speedup", min=0.001, help="--clock real: how much faster than the modelled cluster the emulated servers run.")] = 5.0,
+    solve_time: Annotated[str, typer.Option("--solve-time", help="--clock virtual: model time each controller re-plan takes to apply (0 = at once).")] = "0ms",
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all six, ours last).")] = "",
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
     output: OutputOpt = Path("bench-compare"),
@@ -176,48 +180,69 @@ def compare_cmd(
     from diffserve.evaluation.compare import (
         POLICIES,
         CompareSpec,
+        compare_title,
         pareto_verdict,
         run_compare,
     )
     from diffserve.evaluation.prompts import load_prompts
-    from diffserve.units import parse_duration_ms
+    from diffserve.evaluation.sweep import run_sweep
+    from diffserve.units import parse_duration_list_ms, parse_duration_ms, parse_int_list
 
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or POLICIES
     for p in chosen:
         if p not in POLICIES:
             raise UserError(f"--policies: unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+    worker_list = parse_int_list(workers, name="--workers")
+    slo_list = parse_duration_list_ms(slo, name="--slo")
+    solve_ms = 0.0 if solve_time.strip() in ("0", "0ms", "0s") else parse_duration_ms(solve_time, name="--solve-time", default_unit="ms")
     prompt_list = load_prompts(prompts)
-    arrivals, source_label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, len(prompt_list))
+
+    def arrivals_of(s: int):
+        return _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, s, len(prompt_list))
+
+    arrivals, source_label = arrivals_of(seed)
     prof, casc = load_profile(profile), load_cascade(cascade)
     spec = CompareSpec(
         arrivals=arrivals, prompts=prompt_list, profile_spec=profile, cascade_spec=cascade, profile=prof,
-        pair=_pair_of(casc), workers=workers, slo_ms=parse_duration_ms(slo, name="--slo"), speedup=speedup,
+        pair=_pair_of(casc), workers=worker_list[0], slo_ms=slo_list[0], speedup=speedup,
         output=output, seed=seed, replan_interval_ms=parse_duration_ms(replan_interval, name="--replan-interval"),
-        policies=chosen, trace_label=source_label,
+        policies=chosen, trace_label=source_label, clock=clock, seeds=tuple(range(seed, seed + seeds)),
+        arrivals_for_seed=None if trace is not None else (lambda s: arrivals_of(s)[0]), solve_ms=solve_ms,
     )
     span_s = arrivals[-1].time_ms / 1000.0
+    n_runs = len(chosen) * seeds * len(worker_list) * len(slo_list)
+    per_run = f"~{span_s / speedup:.0f} s wall each" if clock == "real" else "virtual time"
     console.print(
-        f"{len(arrivals)} requests over {span_s:.0f} model s ({source_label}); {len(chosen)} policies x "
-        f"~{span_s / speedup:.0f} s wall each; {workers} workers, SLO {slo}, speedup {speedup:g}"
+        f"{len(arrivals)} requests over {span_s:.0f} model s ({source_label}); {n_runs} runs "
+        f"({len(chosen)} policies x {seeds} seeds x {len(worker_list)} cluster sizes x {len(slo_list)} SLOs), {per_run}"
     )
     started = time.monotonic()
     _sigterm_as_exit()  # so a stopped bench still stops every server it started
     with Progress(console=err_console, transient=True) as progress:
         tasks: dict[str, object] = {}
 
-        def begin(policy: str, total: int) -> None:
-            tasks[policy] = progress.add_task(policy, total=total)
+        def begin(name: str, total: int) -> None:
+            tasks[name] = progress.add_task(name, total=total)
 
-        rows = run_compare(spec, on_policy_start=begin, on_request_done=lambda p: progress.advance(tasks[p]),
-                           log=lambda line: progress.console.print(line))
-    console.print(report.rich_table(rows, f"{source_label}: {workers} workers, SLO {slo}, speedup {speedup:g}"))
-    console.print(report.TABLE_LEGEND, style="dim")
-    for line in pareto_verdict(rows):
-        console.print(line)
-    for row in rows:
-        _warn_lag(row, spec.slo_ms)
-    console.print(f"wrote {output}/results.json, results.md, compare.png and one folder per policy "
-                  f"({time.monotonic() - started:.0f} s)")
+        callbacks = dict(on_policy_start=begin, on_request_done=lambda n: progress.advance(tasks[n]),
+                         log=lambda line: progress.console.print(line))
+        if len(worker_list) > 1 or len(slo_list) > 1:
+            run_sweep(spec, worker_list, slo_list, **callbacks)
+            rows = []
+        else:
+            rows = run_compare(spec, **callbacks)
+    if rows:
+        console.print(report.rich_table(rows, compare_title(spec), report.table_columns(rows)))
+        console.print(report.TABLE_LEGEND, style="dim")
+        for line in pareto_verdict(rows):
+            console.print(line)
+        for row in rows:
+            _warn_lag(row, spec.slo_ms)
+        console.print(f"wrote {output}/results.json, results.md, compare.png and one folder per policy "
+                      f"({time.monotonic() - started:.0f} s)")
+    else:
+        console.print(f"wrote {output}/sweep.json, sweep.md, sweep.png and one comparison folder per cell "
+                      f"({time.monotonic() - started:.0f} s)")
 
 
 def _warn_lag(row: dict, slo_ms: float) -> None:

@@ -6,7 +6,11 @@ arrival is sent at ``time_ms / speedup`` wall milliseconds after the start, on i
 run is bounded by the arrival list, a per-request timeout and an overall deadline, and only
 loopback targets are accepted. Every request ends as exactly one :class:`RequestRecord`.
 
-Transport: one ``aiohttp.ClientSession``. httpx was the first choice, but on this project's 2-core
+:func:`replay` is the schedule and the bookkeeping; the transport is a ``send`` coroutine. Here it
+is HTTP (:func:`run_open_loop`); :mod:`diffserve.evaluation.inprocess` calls the server's runtime
+directly on a virtual-time loop, so both paths write the same records.
+
+HTTP transport: one ``aiohttp.ClientSession``. httpx was the first choice, but on this project's 2-core
 CI box, shared with other jobs, it spent about 2.5x more CPU per request (0.33 vs 0.12 of a core
 at 150 requests/s, measured against the same stub): a starved client falls behind its own
 schedule, its requests pile up and the server sees a different load than the trace.
@@ -147,95 +151,100 @@ def _parse_error(record: RequestRecord, text: str, headers: Mapping[str, str]) -
         record.retry_after = int(retry)
 
 
-async def run_open_loop(
-    config: LoadConfig,
+#: Fills one record's outcome (status, error, model, timings) for one prompt and request seed; the
+#: replay stamps ``sent_ms``/``done_ms`` around it. One per transport: HTTP here, in-process in
+#: :mod:`diffserve.evaluation.inprocess`.
+Send = Callable[[RequestRecord, str, int], Awaitable[None]]
+#: Reads the server's plan view (the body of ``GET /v1/plan``), or None when it could not.
+ObservePlan = Callable[[], Awaitable["dict[str, Any] | None"]]
+
+
+def request_seed(run_seed: int, index: int, n_requests: int) -> int:
+    """The image seed of request ``index``: distinct across the requests of a run and across runs.
+
+    Seed 0 keeps the request's index (the generator's seeds before runs had a seed); seed ``s``
+    shifts the whole run by ``s x n_requests``, so no two requests of seeds ``0..k`` share a seed.
+    The emulated discriminator's confidence is drawn from (request seed, prompt), so another run
+    seed is another draw of which queries look hard, on the same arrivals.
+    """
+    return run_seed * max(1, n_requests) + index
+
+
+async def replay(
     arrivals: list[Arrival],
     prompts: list[str],
+    send: Send,
     *,
+    speedup: float = 1.0,
+    seed: int = 0,
+    bound_s: float,
+    observe_plan: ObservePlan | None = None,
+    plan_poll_model_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> LoadResult:
-    """Send ``arrivals`` open-loop and return one record per arrival, in arrival order.
+    """Send ``arrivals`` open-loop through ``send`` and return one record per arrival, in arrival order.
 
-    ``clock``/``sleep`` are injectable so tests can drive the schedule. The plan endpoint is
-    polled in the background every few model seconds so the report can show the controller's
+    ``clock``/``sleep`` give the time base (wall seconds over ``speedup``, or a virtual loop's
+    seconds); ``bound_s`` caps the wait for the last answers after the last send. The plan is
+    observed every ``plan_poll_model_s`` model seconds so the report can show the controller's
     decisions over time.
     """
-    speedup = config.speedup
-    to_model_ms = lambda wall_s: wall_s * 1000.0 * speedup
+    to_model_ms = lambda seconds: seconds * 1000.0 * speedup
+    n = len(arrivals)
     records = [RequestRecord(index=i, prompt_index=a.prompt_index, scheduled_ms=a.time_ms) for i, a in enumerate(arrivals)]
     plans: list[PlanObservation] = []
     lags: list[float] = []
-    connector = aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=config.max_connections)
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     start = clock()
 
-    async with aiohttp.ClientSession(base_url=config.url, connector=connector, timeout=timeout) as session:
+    async def observe() -> None:
+        assert observe_plan is not None
+        at_ms = to_model_ms(clock() - start)
+        body = await observe_plan()
+        if body is not None:
+            plans.append(PlanObservation(at_ms=at_ms, body=body))
 
-        async def send(record: RequestRecord, prompt: str) -> None:
-            body: dict[str, Any] = {
-                "prompt": prompt,
-                "n": 1,
-                "size": config.size,
-                "response_format": config.response_format,
-                "seed": record.index,
-                **config.extra_body,
-            }
-            if config.send_slo:
-                body["slo_ms"] = config.slo_ms
-            if config.stream:
-                body.update(stream=True, partial_images=1)
-            record.sent_ms = to_model_ms(clock() - start)
+    async def one(record: RequestRecord, prompt: str) -> None:
+        record.sent_ms = to_model_ms(clock() - start)
+        try:
+            await send(record, prompt, request_seed(seed, record.index, n))
+        finally:
+            record.done_ms = to_model_ms(clock() - start)
+            if on_done is not None:
+                on_done(record)
+
+    stop_polling = asyncio.Event()
+
+    async def poll_plan() -> None:
+        interval = max(0.05, plan_poll_model_s / speedup)
+        while not stop_polling.is_set():
+            await observe()
             try:
-                async with session.post(GENERATIONS_PATH, json=body) as response:
-                    record.status = response.status
-                    if response.status == 200 and response.content_type == "text/event-stream":
-                        await _read_stream(record, response, lambda: to_model_ms(clock() - start) - record.scheduled_ms)
-                    elif response.status == 200:
-                        _parse_success(record, await response.json(content_type=None))
-                    else:
-                        _parse_error(record, await response.text(), response.headers)
+                await asyncio.wait_for(stop_polling.wait(), timeout=interval)
             except asyncio.TimeoutError:
-                record.error = f"client timeout after {config.timeout_s:.2f} s wall"
-            except (aiohttp.ClientError, ValueError) as exc:
-                record.error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-            finally:
-                record.done_ms = to_model_ms(clock() - start)
-                if on_done is not None:
-                    on_done(record)
+                pass
 
-        stop_polling = asyncio.Event()
-
-        async def poll_plan() -> None:
-            interval = max(0.05, config.plan_poll_model_s / speedup)
-            while not stop_polling.is_set():
-                await _observe_plan(session, plans, to_model_ms(clock() - start))
-                try:
-                    await asyncio.wait_for(stop_polling.wait(), timeout=interval)
-                except asyncio.TimeoutError:
-                    pass
-
-        poller = asyncio.create_task(poll_plan()) if config.plan_poll_model_s > 0 else None
-        tasks = []
-        for record, arrival in zip(records, arrivals):
-            due = start + arrival.time_ms / 1000.0 / speedup
-            delay = due - clock()
-            if delay > 0:
-                await sleep(delay)
-            lags.append(to_model_ms(max(0.0, clock() - due)))
-            tasks.append(asyncio.create_task(send(record, prompt_for(prompts, arrival.prompt_index))))
-        # Every request carries its own timeout; the outer bound only guards against a bug.
-        if tasks:
-            await asyncio.wait(tasks, timeout=config.timeout_s * 2 + 5.0)
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        stop_polling.set()
-        if poller is not None:
-            await poller
-            await _observe_plan(session, plans, to_model_ms(clock() - start))
+    poller = asyncio.create_task(poll_plan()) if observe_plan is not None and plan_poll_model_s > 0 else None
+    tasks = []
+    for record, arrival in zip(records, arrivals):
+        due = start + arrival.time_ms / 1000.0 / speedup
+        delay = due - clock()
+        if delay > 0:
+            await sleep(delay)
+        lags.append(to_model_ms(max(0.0, clock() - due)))
+        tasks.append(asyncio.create_task(one(record, prompt_for(prompts, arrival.prompt_index))))
+    # Every request carries its own timeout; the outer bound only guards against a bug.
+    if tasks:
+        await asyncio.wait(tasks, timeout=bound_s)
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stop_polling.set()
+    if poller is not None:
+        await poller
+        await observe()
     for record in records:
         if record.status is None and record.error is None:
             record.error = "cancelled: no answer within the run's bound"
@@ -247,10 +256,66 @@ async def run_open_loop(
     )
 
 
-async def _observe_plan(session: aiohttp.ClientSession, plans: list[PlanObservation], at_ms: float) -> None:
+async def run_open_loop(
+    config: LoadConfig,
+    arrivals: list[Arrival],
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> LoadResult:
+    """Send ``arrivals`` open-loop over HTTP to ``config.url``; see :func:`replay`.
+
+    ``clock``/``sleep`` are injectable so tests can drive the schedule.
+    """
+    connector = aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=config.max_connections)
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+
+    async with aiohttp.ClientSession(base_url=config.url, connector=connector, timeout=timeout) as session:
+
+        async def send(record: RequestRecord, prompt: str, request_seed: int) -> None:
+            body: dict[str, Any] = {
+                "prompt": prompt,
+                "n": 1,
+                "size": config.size,
+                "response_format": config.response_format,
+                "seed": request_seed,
+                **config.extra_body,
+            }
+            if config.send_slo:
+                body["slo_ms"] = config.slo_ms
+            if config.stream:
+                body.update(stream=True, partial_images=1)
+            posted = clock()
+            since_scheduled_ms = lambda: (record.sent_ms or 0.0) - record.scheduled_ms + (clock() - posted) * 1000.0 * config.speedup
+            try:
+                async with session.post(GENERATIONS_PATH, json=body) as response:
+                    record.status = response.status
+                    if response.status == 200 and response.content_type == "text/event-stream":
+                        await _read_stream(record, response, since_scheduled_ms)
+                    elif response.status == 200:
+                        _parse_success(record, await response.json(content_type=None))
+                    else:
+                        _parse_error(record, await response.text(), response.headers)
+            except asyncio.TimeoutError:
+                record.error = f"client timeout after {config.timeout_s:.2f} s wall"
+            except (aiohttp.ClientError, ValueError) as exc:
+                record.error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+
+        return await replay(
+            arrivals, prompts, send, speedup=config.speedup, seed=seed, bound_s=config.timeout_s * 2 + 5.0,
+            observe_plan=lambda: _observe_plan(session), plan_poll_model_s=config.plan_poll_model_s,
+            clock=clock, sleep=sleep, on_done=on_done,
+        )
+
+
+async def _observe_plan(session: aiohttp.ClientSession) -> dict[str, Any] | None:
     try:
         async with session.get(PLAN_PATH, timeout=aiohttp.ClientTimeout(total=2.0)) as response:
             if response.status == 200:
-                plans.append(PlanObservation(at_ms=at_ms, body=await response.json(content_type=None)))
+                return await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         pass  # the plan log is a diagnostic; requests are what the run measures
+    return None

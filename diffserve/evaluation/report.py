@@ -28,6 +28,25 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("latency_p99_ms", "p99 ms", "{:.0f}"),
     ("oracle_fraction", "vs oracle", "{:.3f}"),
 )
+#: The spread columns, shown beside their means when rows were averaged over several seeds.
+SPREAD_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "slo_violation_ratio": ("violation_std", "viol. sd", "{:.4f}"),
+    "fid": ("fid_std", "FID sd", "{:.2f}"),
+}
+
+
+def table_columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    """The table's columns: with a spread column after each averaged metric when rows span seeds."""
+    if not any(len(r.get("seeds") or ()) > 1 for r in rows):
+        return TABLE_COLUMNS
+    out: list[tuple[str, str, str]] = []
+    for column in TABLE_COLUMNS:
+        out.append(column)
+        if column[0] in SPREAD_COLUMNS:
+            out.append(SPREAD_COLUMNS[column[0]])
+    return tuple(out)
+
+
 #: What the short headers mean, printed under every table.
 TABLE_LEGEND = (
     "violations = (late + failed + rejected) / sent; degraded = light answers returned in time instead of "

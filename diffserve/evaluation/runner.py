@@ -1,7 +1,9 @@
-"""One benchmark run against a running server: send the load, measure, write every output.
+"""One benchmark run: send the load, measure, write every output.
 
-``bench run`` calls this once against a server the user started; ``bench compare`` calls it once
-per policy against a fresh emulated server.
+``bench run`` calls :func:`execute` once against a server the user started; ``bench compare``
+calls it once per policy and seed against a fresh emulated server, or runs the runtime in-process
+in virtual time (:mod:`diffserve.evaluation.inprocess`) and hands the result to
+:func:`write_outputs`, so both paths are scored and written by the same code.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from diffserve.schemas import CascadePair, ProfileFile
 @dataclass
 class RunSpec:
     label: str
-    load: LoadConfig
     arrivals: list[Arrival]
     prompts: list[str]
     profile: ProfileFile
     pair: CascadePair
     workers: int
+    slo_ms: float
+    speedup: float = 1.0
+    seed: int = 0
+    clock: str = "real"  # "real": HTTP on the wall clock; "virtual": in-process, virtual time
     quality_mode: QualityMode | None = None  # None: read the routing from the server's plan
 
 
@@ -46,9 +51,9 @@ def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[
     """The result row and the per-second timeline of a finished run."""
     pair = spec.pair
     quality = quality_function(pair, mode)
-    summary = score_records(result.records, pair, spec.load.slo_ms, mode)
-    tl = timeline(result.records, result.plans, slo_ms=spec.load.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality)
-    bound = bound_for_run(result.records, spec.profile, pair, spec.workers, spec.load.slo_ms)
+    summary = score_records(result.records, pair, spec.slo_ms, mode)
+    tl = timeline(result.records, result.plans, slo_ms=spec.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality)
+    bound = bound_for_run(result.records, spec.profile, pair, spec.workers, spec.slo_ms)
     tl["oracle_quality"] = bound.quality
     q_light = quality(0.0)
     row: dict[str, Any] = {
@@ -61,8 +66,10 @@ def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[
         "oracle_notes": bound.notes,
         "quality_mode": mode,
         "workers": spec.workers,
-        "slo_ms": spec.load.slo_ms,
-        "speedup": spec.load.speedup,
+        "slo_ms": spec.slo_ms,
+        "speedup": spec.speedup if spec.clock == "real" else None,
+        "clock": spec.clock,
+        "seed": spec.seed,
         "wall_s": round(result.wall_s, 2),
         "max_send_lag_ms": round(result.max_send_lag_ms, 1),
         "p99_send_lag_ms": round(result.p99_send_lag_ms, 1),
@@ -71,10 +78,15 @@ def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[
 
 
 def execute(
-    spec: RunSpec, output_dir: Path, *, on_done: Callable[[RequestRecord], None] | None = None
+    spec: RunSpec, load: LoadConfig, output_dir: Path, *, on_done: Callable[[RequestRecord], None] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the load, then write ``requests.jsonl``, ``plan_log.json``, ``timeline.json`` and ``timeline.png``."""
-    result = asyncio.run(run_open_loop(spec.load, spec.arrivals, spec.prompts, on_done=on_done))
+    """Send the load over HTTP, then write every output (see :func:`write_outputs`)."""
+    result = asyncio.run(run_open_loop(load, spec.arrivals, spec.prompts, seed=spec.seed, on_done=on_done))
+    return write_outputs(spec, result, output_dir)
+
+
+def write_outputs(spec: RunSpec, result: LoadResult, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score a finished run and write ``requests.jsonl``, ``plan_log.json``, ``timeline.json`` and ``timeline.png``."""
     mode = spec.quality_mode or _routing_mode(result)
     row, tl = analyse(spec, result, mode)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -259,12 +259,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
     @app.get("/v1/plan")
     async def get_plan(request: Request) -> dict[str, Any]:
         _check_admin(request)
-        return {
-            "plan": runtime.plan.model_dump(mode="json"),
-            "decisions": list(runtime.controller.decisions),
-            "pinned": runtime.controller.pinned,
-            "ledger": vars(runtime.ledger),
-        }
+        return runtime.plan_view()
 
     @app.put("/v1/plan")
     async def put_plan(request: Request) -> dict[str, Any]:

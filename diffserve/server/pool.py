@@ -37,26 +37,30 @@ class _NoHooks:
 
 
 class Notifier:
-    """Wake every waiter at once (new job, worker moved); cheaper than a Condition for sync callers."""
+    """Wake every waiter at once (new job, worker moved); cheaper than a Condition for sync callers.
+
+    Waiters are woken in the order they started waiting (a dict, not a set, whose order would
+    follow object addresses), so which worker slot takes a batch is reproducible run to run.
+    """
 
     def __init__(self) -> None:
-        self._waiters: set[asyncio.Future] = set()
+        self._waiters: dict[asyncio.Future, None] = {}
 
     def notify_all(self) -> None:
-        waiters, self._waiters = self._waiters, set()
+        waiters, self._waiters = self._waiters, {}
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
 
     async def wait(self, timeout_s: float | None = None) -> None:
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.add(fut)
+        self._waiters[fut] = None
         try:
             await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             pass
         finally:
-            self._waiters.discard(fut)
+            self._waiters.pop(fut, None)
 
 
 class Pool:

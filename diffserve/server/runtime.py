@@ -163,6 +163,16 @@ class Runtime:
         for p in plan.pools:
             self.metrics.batch_size_target.labels(p.model).set(p.batch_size)
 
+    def plan_view(self) -> dict:
+        """What ``GET /v1/plan`` answers (and what an in-process benchmark observes): the plan in
+        force, the controller's recent decisions and the request ledger, as JSON-ready values."""
+        return {
+            "plan": self.plan.model_dump(mode="json"),
+            "decisions": list(self.controller.decisions),
+            "pinned": self.controller.pinned,
+            "ledger": vars(self.ledger).copy(),
+        }
+
     def pin_plan(self, plan: PlanFile) -> None:
         self.apply_plan(plan)
         self.controller.pinned = True

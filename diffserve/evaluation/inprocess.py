@@ -1,0 +1,137 @@
+"""In-process runs: the server minus HTTP, on a virtual-time event loop.
+
+``bench compare --clock virtual`` builds the runtime exactly as ``diffserve serve`` does
+(:func:`diffserve.server.build.build_runtime`: the same files, initial plan, backend, router,
+pools, batcher and controller) and replays the arrivals into :meth:`Runtime.generate` through the
+same open-loop :func:`~diffserve.evaluation.loadgen.replay` that the HTTP generator uses, so the
+request log is the same :class:`RequestRecord` format and the same scoring applies.
+
+Everything runs on a :class:`~diffserve.server.virtualtime.VirtualTimeLoop`: the emulated GPUs
+sleep on model time, which the loop skips, so a run costs CPU, not wall time, and a seed fixes
+its result. What the HTTP path has and this one does not: request parsing and serialisation, the
+sockets, and the event-loop lag of a busy host (``max_send_lag_ms`` is 0 here by construction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from diffserve.evaluation.loadgen import LoadResult, replay
+from diffserve.evaluation.records import RequestRecord
+from diffserve.evaluation.sources import Arrival
+from diffserve.server.build import ServeOptions, build_runtime
+from diffserve.server.errors import ServeError
+from diffserve.server.router import ImageAnswer
+from diffserve.server.runtime import Runtime
+from diffserve.server.virtualtime import run_virtual, virtual_clock
+
+#: Model time charged for each controller re-plan: the solve runs inline on the loop's thread and
+#: its plan takes effect this long after the decision. 0 by default: a solve takes 50-80 ms of CPU
+#: on the reference profile, about 1% of the 5 s re-plan interval, and charging the host's measured
+#: CPU time would make a run depend on the host.
+DEFAULT_SOLVE_MS = 0.0
+
+
+@dataclass
+class InProcessLoad:
+    """How the in-process client behaves; the same bounds as the HTTP client's, in model time."""
+
+    slo_ms: float
+    timeout_factor: float = 3.0
+    size: tuple[int, int] = (512, 512)
+    plan_poll_model_s: float = 5.0
+
+    @property
+    def timeout_ms(self) -> float:
+        return self.timeout_factor * self.slo_ms
+
+
+def fill_answer(record: RequestRecord, answer: ImageAnswer) -> None:
+    """Copy an answer into the record with the precision the HTTP API sends (so logs compare)."""
+    record.model = answer.model
+    record.degraded = bool(answer.degraded)
+    record.confidence = None if answer.confidence is None else round(float(answer.confidence), 6)
+    record.latency_ms = round(answer.latency_ms, 3)
+    record.queue_ms = round(answer.queue_ms, 3)
+    record.compute_ms = round(answer.compute_ms, 3)
+
+
+def fill_error(record: RequestRecord, exc: ServeError) -> None:
+    """The status, message and Retry-After the API would have answered with."""
+    record.status = exc.status
+    record.error = exc.message[:300]
+    if exc.status in (429, 503):
+        record.retry_after = int(exc.retry_after_s or 1)
+
+
+async def drive(
+    runtime: Runtime,
+    load: InProcessLoad,
+    arrivals: list[Arrival],
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> LoadResult:
+    """Replay ``arrivals`` into a started runtime on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    timeout_s = load.timeout_ms / 1000.0
+
+    async def send(record: RequestRecord, prompt: str, request_seed: int) -> None:
+        try:
+            answers = await asyncio.wait_for(runtime.generate(prompt, n=1, seed=request_seed, size=load.size), timeout_s)
+        except asyncio.TimeoutError:
+            record.error = f"client timeout after {load.timeout_ms:.0f} model ms"
+        except ServeError as exc:
+            fill_error(record, exc)
+        except Exception:  # noqa: BLE001 - what the API's error boundary answers
+            record.status = 500
+            record.error = "internal server error while generating"
+        else:
+            record.status = 200
+            fill_answer(record, answers[0])
+
+    async def observe_plan() -> dict:
+        return runtime.plan_view()
+
+    return await replay(
+        arrivals, prompts, send, speedup=1.0, seed=seed, bound_s=2 * timeout_s + 5.0,
+        observe_plan=observe_plan, plan_poll_model_s=load.plan_poll_model_s,
+        clock=loop.time, sleep=asyncio.sleep, on_done=on_done,
+    )
+
+
+def run_in_process(
+    opts: ServeOptions,
+    arrivals: list[Arrival],
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    solve_ms: float = DEFAULT_SOLVE_MS,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> LoadResult:
+    """Build the runtime from ``opts`` as the server does, serve ``arrivals`` in virtual time, shut down.
+
+    ``wall_s`` of the result is the real time the run took; the trace's model time is in the
+    records. ``opts.speedup`` is ignored: in virtual time there is nothing to speed up.
+    """
+    load = InProcessLoad(slo_ms=opts.slo_ms)
+    started = time.perf_counter()
+
+    async def main() -> LoadResult:
+        # speedup 1: the loop's seconds are model seconds (the option only matters on a wall clock)
+        runtime, _origin = build_runtime(replace(opts, speedup=1.0), clock=virtual_clock())
+        await runtime.start()
+        try:
+            return await drive(runtime, load, arrivals, prompts, seed=seed, on_done=on_done)
+        finally:
+            await runtime.drain()
+            await runtime.stop()
+
+    result = run_virtual(main, executor_charge_ms=solve_ms)
+    result.wall_s = time.perf_counter() - started
+    return result
+
