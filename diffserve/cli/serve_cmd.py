@@ -48,23 +48,23 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_admin_exposure(host, admin_token)
-    sock = bind_socket(host, port)  # before any model loads: a port in use fails at once
-    bound = sock.getsockname()[1]
-    base = public_url or (f"http://{host}:{bound}" if is_loopback(host) else None)
 
     async def main() -> None:
-        runtime, origin = build_runtime(opts)
+        runtime, origin = build_runtime(opts)  # files, options and the plan; no model loads yet
+        sock = bind_socket(host, port)  # before any model loads: a port in use fails at once
+        bound = sock.getsockname()[1]
+        base = public_url or (f"http://{host}:{bound}" if is_loopback(host) else None)
         app = create_app(runtime, ApiSettings(admin_token=admin_token, public_url=base))
 
         def started(bound: int) -> None:
             _summary(runtime, origin, opts.backend, opts.speedup, f"http://{host}:{bound}")
 
-        await serve(app, runtime, host=host, port=bound, log_level=log_level.lower(), on_started=started, sock=sock)
+        try:
+            await serve(app, runtime, host=host, port=bound, log_level=log_level.lower(), on_started=started, sock=sock)
+        finally:
+            sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        sock.close()
+    asyncio.run(main())
 
 
 def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host: str, port: int,

@@ -160,7 +160,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        if 400 <= exc.status < 500 and exc.status != 429 and request.url.path == "/v1/images/generations":
+        if 400 <= exc.status < 500 and not exc.counted and request.url.path == "/v1/images/generations":
             runtime.metrics.rejected.labels("invalid").inc()
         return error_response(exc)
 
@@ -279,7 +279,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        down = getattr(runtime.backend, "workers_down", lambda: 0)()
+        down = runtime.workers_down()
         if runtime.ready:
             return JSONResponse({"status": "ready", "policy": runtime.plan.policy, "workers_down": down})
         why = "draining" if runtime.draining else "not ready"

@@ -19,6 +19,7 @@ class ServeError(Exception):
         self.retry_after_s = retry_after_s
         #: the label of ``diffserve_rejected_total`` when this error refuses a request at admission
         self.reason = reason or self.code or "error"
+        self.counted = False  # already in diffserve_rejected_total (the runtime counted it at admission)
 
 
 class InvalidRequest(ServeError):

@@ -25,7 +25,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from diffserve.errors import UserError
 from diffserve.schemas import CascadePair, ProfileFile
@@ -164,6 +164,7 @@ class ProcessBackend(Backend):
         ping_timeout_s: float = 5.0,
         max_restarts: int = 5,
         restart_backoff_s: tuple[float, float] = (1.0, 30.0),
+        backoff_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(models, n_workers)
         if max_restarts < 1:
@@ -175,6 +176,7 @@ class ProcessBackend(Backend):
         self.ping_timeout_s = ping_timeout_s
         self.max_restarts = max_restarts
         self.restart_backoff_s = restart_backoff_s
+        self._backoff_sleep = backoff_sleep
         self._procs = [_Proc(i, spec, start_timeout_s) for i in range(n_workers)]
         # one thread per worker for batches, one per worker for pings and restarts, one spare
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2 * n_workers + 1, thread_name_prefix="diffserve-worker-io")
@@ -278,7 +280,7 @@ class ProcessBackend(Backend):
             try:
                 for attempt in range(self.max_restarts):
                     if attempt:
-                        await asyncio.sleep(min(high, low * 2 ** (attempt - 1)))
+                        await self._backoff_sleep(min(high, low * 2 ** (attempt - 1)))
                     try:
                         await self._call(proc.kill)
                         await self._call(proc.start)

@@ -143,6 +143,10 @@ class Runtime:
     def queued(self) -> dict[str, int]:
         return {m: len(p) for m, p in self.pools.items()}
 
+    def workers_down(self) -> int:
+        """Workers not serving now: loading, restarting or given up (what /readyz reports)."""
+        return sum(1 for w in range(self.backend.n_workers) if not self.backend.serving(w))
+
     def queue_delay_ms(self) -> dict[str, float]:
         return {m: p.estimate_wait_ms(0) for m, p in self.pools.items()}
 
@@ -234,14 +238,22 @@ class Runtime:
         except ServeError as exc:
             self.ledger.rejected += n
             self.metrics.rejected.labels(exc.reason).inc(n)
+            exc.counted = True
             raise
         self.ledger.accepted += n
         self.metrics.accepted.inc(n)
         self._idle.clear()
         self.metrics.inflight.set(self.ledger.inflight)
+        settled: set[int] = set()
         try:
-            results = await asyncio.gather(*(self._one(f) for f in flights), return_exceptions=True)
+            results = await asyncio.gather(*(self._one(f, settled) for f in flights), return_exceptions=True)
         finally:
+            # a cancel can land before a flight's task first runs: it is still answered, as cancelled
+            for flight in flights:
+                if id(flight) not in settled:
+                    flight.first.drop_reason = "cancelled"
+                    flight.first.future.cancel()
+                    self._count(flight, settled, "cancelled")
             self.metrics.inflight.set(self.ledger.inflight)
             if self.ledger.inflight == 0:
                 self._idle.set()
@@ -261,21 +273,23 @@ class Runtime:
             )
         return Unavailable("the server is not ready: models are loading", retry_after_s=1, reason="not_ready")
 
-    async def _one(self, flight) -> ImageAnswer:
+    def _count(self, flight, settled: set[int], outcome: str) -> None:
+        settled.add(id(flight))
+        setattr(self.ledger, outcome, getattr(self.ledger, outcome) + 1)
+        self.metrics.requests.labels(outcome).inc()
+
+    async def _one(self, flight, settled: set[int]) -> ImageAnswer:
         try:
             answer = await self.router.complete(flight)
         except asyncio.CancelledError:
-            self.ledger.cancelled += 1
-            self.metrics.requests.labels("cancelled").inc()
+            self._count(flight, settled, "cancelled")
             raise
         except BaseException as exc:
-            self.ledger.failed += 1
-            self.metrics.requests.labels("failed").inc()
+            self._count(flight, settled, "failed")
             if not isinstance(exc, ServeError) or exc.status >= 500:
                 self.metrics.slo_violations.inc()
             raise
-        self.ledger.completed += 1
-        self.metrics.requests.labels("completed").inc()
+        self._count(flight, settled, "completed")
         return answer
 
 
