@@ -104,22 +104,31 @@ def runtime_limits(runtime: Runtime) -> HttpLimits:
     return http_limits(runtime.plan, s.slo_ms, s.drop_factor, runtime.clock.to_wall_s(s.slo_ms))
 
 
+def door_closed(runtime: Runtime) -> bool:
+    """The cheap check before parsing: a default request's first stage could not be admitted now
+    (its queue is full, or its wait already exceeds the SLO). A request that would be refused
+    anyway is refused for a few microseconds instead of a full parse."""
+    if not runtime.ready:
+        return False  # the app answers with the reason (loading, draining, restarting)
+    pool = runtime.pools[runtime.plan.light]
+    return pool.free == 0 or pool.estimate_wait_ms(1) > runtime.settings.slo_ms
+
+
 def shed_app(app, runtime: Runtime) -> ShedMiddleware:
     """``app`` behind the door-keeper: the bound follows the plan the controller applies."""
     return ShedMiddleware(
         app,
         limit=lambda: runtime_limits(runtime).concurrency,
+        full=lambda: door_closed(runtime),
         retry_after_s=lambda: max((p.retry_after_s() for p in runtime.pools.values()), default=1),
         on_shed=lambda: runtime.metrics.rejected.labels("overloaded").inc(),
     )
 
 
-async def serve(
-    app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning",
-    on_started: Callable[[int], None] | None = None, sock: socket.socket | None = None,
-) -> None:
+def uvicorn_config(app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+    """uvicorn for this runtime: the door-keeper in front, limits and read deadline from the plan."""
     limits = runtime_limits(runtime)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         shed_app(app, runtime),
         host=host,
         port=port,
@@ -132,6 +141,13 @@ async def serve(
         limit_concurrency=limits.backstop,
         timeout_graceful_shutdown=30,
     )
+
+
+async def serve(
+    app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning",
+    on_started: Callable[[int], None] | None = None, sock: socket.socket | None = None,
+) -> None:
+    config = uvicorn_config(app, runtime, host=host, port=port, log_level=log_level)
     server = DrainingServer(config, runtime)
     sock = sock or bind_socket(host, port)
     task = asyncio.create_task(server.serve(sockets=[sock]))

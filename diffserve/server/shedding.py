@@ -8,7 +8,8 @@ this reason). Three layers, cheapest first:
   from the protocol, before any ASGI code runs;
 - :class:`ShedMiddleware`: a pure ASGI wrapper that answers an image request 503 with
   ``Retry-After`` (sized from the real queues) while the app already holds as many requests as
-  the plan can finish within the hard limit; no body is read, nothing is parsed;
+  the plan can finish within the hard limit, or while the first stage's queue could not admit
+  one more (``full``); no body is read, nothing is parsed;
 - :class:`TimedH11Protocol`: a connection must deliver a request's headers and body within
   ``read_timeout_s``, or it is closed (slowloris); uvicorn itself only times idle keep-alives.
 
@@ -62,11 +63,13 @@ class ShedMiddleware:
         *,
         limit: Callable[[], int],
         retry_after_s: Callable[[], int],
+        full: Callable[[], bool] = lambda: False,
         on_shed: Callable[[], None] = lambda: None,
         paths: tuple[str, ...] = ("/v1/images/generations",),
     ) -> None:
         self.app = app
         self.limit = limit
+        self.full = full
         self.retry_after_s = retry_after_s
         self.on_shed = on_shed
         self.paths = paths
@@ -76,7 +79,7 @@ class ShedMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit():
+        if self.active >= self.limit() or self.full():
             self.on_shed()
             await self._refuse(send)
             return
