@@ -392,3 +392,88 @@ async def test_the_metrics_keep_the_ledger() -> None:
     assert _metric(rt, "diffserve_accepted_total") == sum(m.values()) == rt.ledger.accepted
     assert _metric(rt, "diffserve_rejected_total", reason="queue_full") == 1 == rt.ledger.rejected
     await rt.stop()
+
+
+# ---------------------------------------------------------------- the command line and the process
+def test_a_port_in_use_is_one_line_before_any_model_loads(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+    from diffserve.server.runtime import Runtime as RuntimeClass
+
+    async def never(self, reason: str = "") -> None:
+        raise AssertionError("the models were loaded although the port is taken")
+
+    monkeypatch.setattr(RuntimeClass, "start", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--policy", "static", "--workers", "2", "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert "already in use" in result.output and "Traceback" not in result.output
+
+
+def test_binding_beyond_loopback_needs_an_admin_token() -> None:
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "0"], env={"DIFFSERVE_ADMIN_TOKEN": ""})
+    assert result.exit_code == 2 and "--admin-token" in result.output
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_exits_at_once_with_json_answers(tmp_path, sig) -> None:
+    """A second SIGTERM exits without waiting for the drain bound; a double SIGINT gives no
+    plain-text 500: in-flight requests get a JSON 503."""
+    import subprocess
+    import sys
+    import time
+
+    from diffserve.fileio import write_model
+    from diffserve.ports import free_port
+
+    plan = tmp_path / "plan.yaml"
+    write_model(plan, hand_plan(4, 12, light="sd-turbo", heavy="sd-v1.5", threshold=0.1, policy="static"))
+    port = free_port()
+    # heavy images take 1.78 s of model time = 17.8 s of wall time at speedup 0.1; the drain bound is 2 x 60 s
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffserve.cli.main", "serve", "--plan", str(plan), "--policy", "static", "--speedup", "0.1",
+         "--slo", "60s", "--port", str(port), "--workers", "16"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                inflight = [asyncio.create_task(client.post(URL, json={"prompt": f"p{i}", "quality": "best"})) for i in range(4)]
+                for _ in range(600):
+                    if (await client.get("/v1/plan")).json()["ledger"]["accepted"] == 4:
+                        break
+                    await asyncio.sleep(0.05)
+                proc.send_signal(sig)
+                await asyncio.sleep(0.5)
+                proc.send_signal(sig)
+                return await asyncio.gather(*inflight, return_exceptions=True)
+
+        answers = asyncio.run(scenario())
+        assert proc.wait(timeout=30) == 0  # far below the 120 s drain bound
+        for a in answers:
+            assert not isinstance(a, BaseException), a
+            assert a.status_code == 503 and a.json()["error"]["code"] == "unavailable" and a.headers["retry-after"].isdigit()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
