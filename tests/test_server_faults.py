@@ -294,7 +294,7 @@ async def test_past_the_bound_image_requests_are_shed_before_parsing() -> None:
     shed = [await client.post(URL, content=b"not even json", headers={"content-type": "application/json"}) for _ in range(3)]
     for r in shed:
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"].isdigit()
-    assert rt.ledger.offered == 2  # the shed requests were never parsed nor offered
+    assert rt.ledger.accepted == 2 and rt.ledger.rejected == 3  # shed unparsed, yet counted as demand
     assert (await client.get("/readyz")).status_code == 200  # health checks are never shed
     assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 3
     backend.gate.set()

@@ -110,8 +110,21 @@ def door_closed(runtime: Runtime) -> bool:
     anyway is refused for a few microseconds instead of a full parse."""
     if not runtime.ready:
         return False  # the app answers with the reason (loading, draining, restarting)
-    pool = runtime.pools[runtime.plan.light]
-    return pool.free == 0 or pool.estimate_wait_ms(1) > runtime.settings.slo_ms
+    plan = runtime.plan
+    if plan.routing == "heavy-only" and plan.heavy:
+        first = [plan.heavy]
+    elif plan.routing == "random-split" and plan.heavy:
+        first = [plan.light, plan.heavy]  # closed only when neither could take it
+    else:
+        first = [plan.light]
+    return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > runtime.settings.slo_ms for m in first)
+
+
+def _count_shed(runtime: Runtime) -> None:
+    """A shed request is demand too: the controller's offered rate must see it to plan for it."""
+    runtime.ledger.offered += 1
+    runtime.ledger.rejected += 1
+    runtime.metrics.rejected.labels("overloaded").inc()
 
 
 def shed_app(app, runtime: Runtime) -> ShedMiddleware:
@@ -121,7 +134,7 @@ def shed_app(app, runtime: Runtime) -> ShedMiddleware:
         limit=lambda: runtime_limits(runtime).concurrency,
         full=lambda: door_closed(runtime),
         retry_after_s=lambda: max((p.retry_after_s() for p in runtime.pools.values()), default=1),
-        on_shed=lambda: runtime.metrics.rejected.labels("overloaded").inc(),
+        on_shed=lambda: _count_shed(runtime),
     )
 
 
