@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -151,6 +152,9 @@ def main() -> None:
     ap.add_argument("--output", "--out", dest="out", default=str(REPO / "bench" / "results" / "overload.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # one connection per request: thousands open at once; the server process inherits the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
     runs = [run(args.factor, args.duration, args.slo, args.clients, seed) for seed in range(args.seeds)]
     from diffserve.fileio import atomic_write_text
 

@@ -21,9 +21,10 @@ from diffserve.server.clock import Clock
 from diffserve.server.errors import ServeError, Unavailable
 from diffserve.server.launch import shed_app, uvicorn_config
 from diffserve.server.procbackend import WATCHDOG_FACTOR, WATCHDOG_FLOOR_S, ProcessBackend
-from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.runtime import Runtime
 from diffserve.server.shedding import READ_TIMEOUT_BOUNDS_S, http_limits, in_flight_bound
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+from diffserve.server.testing import GatedBackend, hand_plan
+from test_server_reliability import _runtime  # one runtime builder for the fault tests
 
 pytestmark = pytest.mark.anyio
 URL = "/v1/images/generations"
@@ -33,14 +34,6 @@ LIGHT_ONLY = dict(routing="light-only", heavy=None)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def _runtime(backend, plan, **settings) -> Runtime:
-    settings = {"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}
-    return Runtime(
-        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan, clock=getattr(backend, "clock", Clock(1.0)),
-        policy="static", settings=RuntimeSettings(**settings),
-    )
 
 
 def _client(app) -> httpx.AsyncClient:
