@@ -40,12 +40,12 @@ from diffserve.ports import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(plan_path: Path, workers: int, speedup: float) -> tuple[subprocess.Popen, str]:
+def start_server(plan_path: Path, workers: int, speedup: float, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffserve.cli.main", "serve", "--backend", "emulated", "--plan", str(plan_path),
          "--policy", "static", "--workers", str(workers), "--speedup", str(speedup), "--port", str(port),
-         "--max-queue", "512"],
+         "--max-queue", "512", *(extra or [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
     base = f"http://127.0.0.1:{port}"

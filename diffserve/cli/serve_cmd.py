@@ -38,24 +38,31 @@ def _summary(runtime, origin: str, backend: str, speedup: float, url: str) -> No
         warn_random_weights("the served models")
 
 
-def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_level: str) -> None:
+def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_level: str, public_url: Optional[str] = None) -> None:
     import asyncio
     import logging
 
     from diffserve.server.api import ApiSettings, create_app
     from diffserve.server.build import build_runtime
-    from diffserve.server.launch import serve
+    from diffserve.server.launch import bind_socket, check_admin_exposure, is_loopback, serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_admin_exposure(host, admin_token)
 
     async def main() -> None:
-        runtime, origin = build_runtime(opts)
-        app = create_app(runtime, ApiSettings(admin_token=admin_token))
+        runtime, origin = build_runtime(opts)  # files, options and the plan; no model loads yet
+        sock = bind_socket(host, port)  # before any model loads: a port in use fails at once
+        bound = sock.getsockname()[1]
+        base = public_url or (f"http://{host}:{bound}" if is_loopback(host) else None)
+        app = create_app(runtime, ApiSettings(admin_token=admin_token, public_url=base))
 
         def started(bound: int) -> None:
             _summary(runtime, origin, opts.backend, opts.speedup, f"http://{host}:{bound}")
 
-        await serve(app, runtime, host=host, port=port, log_level=log_level.lower(), on_started=started)
+        try:
+            await serve(app, runtime, host=host, port=bound, log_level=log_level.lower(), on_started=started, sock=sock)
+        finally:
+            sock.close()
 
     asyncio.run(main())
 
@@ -101,7 +108,8 @@ def register(app: typer.Typer) -> None:
         max_queue: Annotated[int, typer.Option(min=1, help="Bound of each pool's queue; beyond it requests get 429.")] = 256,
         queue_full_status: Annotated[int, typer.Option(help="Status for a full queue: 429 (default) or 503.")] = 429,
         max_batch_wait: Annotated[Optional[str], typer.Option(help="Longest wait for a fuller batch, model time (default: a quarter of the batch's latency, within the SLO slack).")] = None,
-        admin_token: Annotated[Optional[str], typer.Option(envvar="DIFFSERVE_ADMIN_TOKEN", help="Token for GET/PUT /v1/plan.")] = None,
+        admin_token: Annotated[Optional[str], typer.Option(envvar="DIFFSERVE_ADMIN_TOKEN", help="Token for GET/PUT /v1/plan; required when --host is not loopback.")] = None,
+        public_url: Annotated[Optional[str], typer.Option(help="Base of the links in `url` responses (e.g. https://images.example.com); default http://HOST:PORT on loopback, else server-relative paths. Never taken from the Host header.")] = None,
         hold_both: Annotated[bool, typer.Option("--hold-both/--one-model-per-worker", help="Emulated: each worker holds both models and switches at no cost (the paper's mode); otherwise a moved worker is unavailable for the model's load time.")] = True,
         host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
@@ -138,11 +146,14 @@ def register(app: typer.Typer) -> None:
         )
         if queue_full_status not in (429, 503):
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")
+        from diffserve.server.launch import check_admin_exposure
+
+        check_admin_exposure(host, admin_token)
         if engine == "ray":
             run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
                            host=host, port=port, admin_token=admin_token, log_level=log_level)
         elif engine == "embedded":
-            run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level)
+            run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level, public_url=public_url)
         else:
             raise UserError(f"--engine must be embedded or ray, got {engine!r}")
 

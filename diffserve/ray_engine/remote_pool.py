@@ -57,6 +57,7 @@ class RemotePool:
         self.latency_ms = latency_ms
         self.queue_full_error = queue_full_error
         self.workers = workers
+        self.down = 0  # the router's serving count; Ray Serve's health checks replace dead replicas
         self.busy = 0
         self.reserve_ms = 0.0
         self.drop_unmeetable = False  # the router degrades on its own deadline check

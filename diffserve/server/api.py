@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from diffserve.fileio import format_validation_error
 from diffserve.schemas import PlanFile
@@ -53,6 +55,10 @@ class ApiSettings:
     max_n: int = 10  # the spec's maximum; a server may set less
     admin_token: str | None = None
     image_ttl_s: float = 600.0
+    #: the base of ``url`` responses (``--public-url``); never taken from the request's Host header.
+    #: Without it a ``url`` is the server-relative path ``/v1/images/<id>.png``.
+    public_url: str | None = None
+    max_json_depth: int = 32
 
 
 def error_response(exc: ServeError) -> JSONResponse:
@@ -75,26 +81,56 @@ async def _read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise InvalidRequest("Content-Length is not a number") from None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # the client went away, or the read deadline closed a slow body: nobody hears this answer
+        raise InvalidRequest("the client disconnected before the body arrived") from None
     return b"".join(chunks)
 
 
-def _parse_json(body: bytes) -> Any:
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        item, d = level.pop()
+        depth = max(depth, d)
+        if isinstance(item, dict):
+            level.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            level.extend((v, d + 1) for v in item)
+    return depth
+
+
+def _parse_json(body: bytes, max_depth: int = 32) -> Any:
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest(f"the JSON body is nested too deeply; the limit is {max_depth} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         msg = str(exc) if "not valid JSON" in str(exc) else "the body is not valid JSON"
         raise InvalidRequest(msg) from None
+    if _json_depth(data) > max_depth:
+        raise InvalidRequest(f"the JSON body is nested too deeply; the limit is {max_depth} levels")
+    return data
+
+
+#: A 422 names at most this many problems, so that a body with thousands of bad keys gets a small answer.
+MAX_REPORTED_ERRORS = 5
 
 
 def _validation_error(exc: ValidationError) -> UnprocessableRequest:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    first = errors[0] if errors else {}
     param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return UnprocessableRequest(format_validation_error(exc), param=param)
+    if len(errors) <= MAX_REPORTED_ERRORS:
+        return UnprocessableRequest(format_validation_error(exc), param=param)
+    shown = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))[:64]}: {e.get('msg', 'invalid')}" for e in errors[:MAX_REPORTED_ERRORS])
+    return UnprocessableRequest(f"{shown}; and {len(errors) - MAX_REPORTED_ERRORS} more problems", param=param)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -126,6 +162,8 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        if 400 <= exc.status < 500 and not exc.counted and request.url.path == "/v1/images/generations":
+            runtime.metrics.rejected.labels("invalid").inc()
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -148,7 +186,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         if cfg.admin_token is None:
             return
         auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {cfg.admin_token}":
+        if not hmac.compare_digest(auth.encode("utf-8", "replace"), f"Bearer {cfg.admin_token}".encode("utf-8", "replace")):
             raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <token>")
 
     def _models() -> list[str]:
@@ -160,7 +198,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise InvalidRequest(f"Content-Type must be application/json, got {ctype or 'none'!r}")
-        data = _parse_json(body)
+        data = _parse_json(body, cfg.max_json_depth)
         if not isinstance(data, dict):
             raise InvalidRequest("the body must be a JSON object")
         try:
@@ -216,7 +254,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
             data = await encode_async(a.png, req.output_format, req.output_compression)
             if req.response_format == "url":
                 key = store.put(data, req.output_format)
-                items.append(image_item(a, url=str(request.base_url).rstrip("/") + f"/v1/images/{key}"))
+                items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
             else:
                 items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
         return JSONResponse(images_response(render, items))
@@ -244,7 +282,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        down = getattr(runtime.backend, "workers_down", lambda: 0)()
+        down = runtime.workers_down()
         if runtime.ready:
             return JSONResponse({"status": "ready", "policy": runtime.plan.policy, "workers_down": down})
         why = "draining" if runtime.draining else "not ready"
@@ -264,7 +302,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
     @app.put("/v1/plan")
     async def put_plan(request: Request) -> dict[str, Any]:
         _check_admin(request)
-        data = _parse_json(await _read_body(request, cfg.max_body_bytes * 4))
+        data = _parse_json(await _read_body(request, cfg.max_body_bytes * 4), cfg.max_json_depth)
         if isinstance(data, dict) and "plan" in data and "kind" not in data:
             data = data["plan"]
         try:

@@ -12,11 +12,14 @@ class ServeError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        #: the label of ``diffserve_rejected_total`` when this error refuses a request at admission
+        self.reason = reason or self.code or "error"
+        self.counted = False  # already in diffserve_rejected_total (the runtime counted it at admission)
 
 
 class InvalidRequest(ServeError):

@@ -3,20 +3,28 @@
 uvicorn alone stops listening at once and re-raises the signal after shutdown (exit status
 -15). Here the first SIGTERM/SIGINT marks the runtime draining (``/readyz`` and new requests get
 503), waits for in-flight images up to the drain bound, then lets uvicorn exit normally.
-A second signal exits at once.
+A second signal (either kind) exits at once: the drain ends, every image still in flight is
+answered 503 (JSON, never uvicorn's plain-text 500) and the worker processes are stopped.
+
+The listening socket is bound before any model loads (:func:`bind_socket`), so a port in use is a
+one-line error at once; the HTTP limits (:mod:`diffserve.server.shedding`) come from the plan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
-import signal
+import socket
 from types import FrameType
 from typing import Callable
 
 import uvicorn
 
+from diffserve.errors import UserError
 from diffserve.server.runtime import Runtime
+from diffserve.server.shedding import HttpLimits, ShedMiddleware, http_limits, timed_protocol
 
 log = logging.getLogger("diffserve.server")
 
@@ -35,8 +43,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_started or self._loop is None:
             self.should_exit = True
-            if sig == signal.SIGINT and self._drain_started:
-                self.force_exit = True
+            if self._loop is not None:
+                log.warning("signal %s again: answering everything in flight 503 and exiting now", sig)
+                self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.runtime.abort()))
             return
         self._drain_started = True
         self.runtime.draining = True
@@ -56,9 +65,84 @@ class DrainingServer(uvicorn.Server):
         return None
 
 
-async def serve(app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning", on_started: Callable[[int], None] | None = None) -> None:
-    config = uvicorn.Config(
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin_exposure(host: str, admin_token: str | None) -> None:
+    """The plan endpoints re-plan the cluster: beyond loopback they need a token."""
+    if admin_token is None and not is_loopback(host):
+        raise UserError(
+            f"--host {host} exposes PUT /v1/plan beyond this machine; set --admin-token (or DIFFSERVE_ADMIN_TOKEN), "
+            "or bind 127.0.0.1"
+        )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the port now, before the models load; a port in use is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use; choose another with --port (0 picks a free one)") from None
+        raise UserError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def runtime_limits(runtime: Runtime) -> HttpLimits:
+    s = runtime.settings
+    return http_limits(runtime.plan, s.slo_ms, s.drop_factor, runtime.clock.to_wall_s(s.slo_ms))
+
+
+def door_closed(runtime: Runtime) -> bool:
+    """The cheap check before parsing: a default request's first stage could not be admitted now
+    (its queue is full, or its wait already exceeds the SLO). A request that would be refused
+    anyway is refused for a few microseconds instead of a full parse."""
+    if not runtime.ready:
+        return False  # the app answers with the reason (loading, draining, restarting)
+    plan = runtime.plan
+    if plan.routing == "heavy-only" and plan.heavy:
+        first = [plan.heavy]
+    elif plan.routing == "random-split" and plan.heavy:
+        first = [plan.light, plan.heavy]  # closed only when neither could take it
+    else:
+        first = [plan.light]
+    return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > runtime.settings.slo_ms for m in first)
+
+
+def _count_shed(runtime: Runtime) -> None:
+    """A shed request is demand too: the controller's offered rate must see it to plan for it."""
+    runtime.ledger.offered += 1
+    runtime.ledger.rejected += 1
+    runtime.metrics.rejected.labels("overloaded").inc()
+
+
+def shed_app(app, runtime: Runtime) -> ShedMiddleware:
+    """``app`` behind the door-keeper: the bound follows the plan the controller applies."""
+    return ShedMiddleware(
         app,
+        limit=lambda: runtime_limits(runtime).concurrency,
+        full=lambda: door_closed(runtime),
+        retry_after_s=lambda: max((p.retry_after_s() for p in runtime.pools.values()), default=1),
+        on_shed=lambda: _count_shed(runtime),
+    )
+
+
+def uvicorn_config(app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+    """uvicorn for this runtime: the door-keeper in front, limits and read deadline from the plan."""
+    limits = runtime_limits(runtime)
+    return uvicorn.Config(
+        shed_app(app, runtime),
         host=host,
         port=port,
         log_level=log_level,
@@ -66,9 +150,20 @@ async def serve(app, runtime: Runtime, *, host: str, port: int, log_level: str =
         backlog=2048,
         timeout_keep_alive=30,
         lifespan="on",
+        http=timed_protocol(limits.read_timeout_s),
+        limit_concurrency=limits.backstop,
+        timeout_graceful_shutdown=30,
     )
+
+
+async def serve(
+    app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning",
+    on_started: Callable[[int], None] | None = None, sock: socket.socket | None = None,
+) -> None:
+    config = uvicorn_config(app, runtime, host=host, port=port, log_level=log_level)
     server = DrainingServer(config, runtime)
-    task = asyncio.create_task(server.serve())
+    sock = sock or bind_socket(host, port)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if server.started and on_started is not None:

@@ -30,14 +30,20 @@ class Metrics:
             "when streamed, otherwise the whole response",
             ["stream"], buckets=_LATENCY_BUCKETS_MS, registry=r,
         )
-        self.requests = Counter("diffserve_requests", "images by outcome", ["outcome"], registry=r)
+        self.accepted = Counter("diffserve_accepted", "images admitted (accepted = completed + failed + cancelled)", registry=r)
+        self.rejected = Counter("diffserve_rejected", "images refused before admission, by reason", ["reason"], registry=r)
+        self.requests = Counter("diffserve_requests", "admitted images by outcome: completed, failed, cancelled", ["outcome"], registry=r)
         self.answered_by = Counter("diffserve_answered_by", "images by the model that answered", ["model"], registry=r)
         self.deferred = Counter("diffserve_deferred", "images the discriminator sent to the heavy model", registry=r)
         self.scored = Counter("diffserve_scored", "light images scored by the discriminator", registry=r)
         self.degraded = Counter("diffserve_degraded", "light images returned because the heavy model could not make the deadline", registry=r)
         self.slo_violations = Counter("diffserve_slo_violations", "images answered late, failed or expired after admission", registry=r)
         self.dropped = Counter("diffserve_dropped", "jobs removed from a queue", ["model", "reason"], registry=r)
-        self.worker_crashes = Counter("diffserve_worker_crashes", "worker processes that died or hung", ["model"], registry=r)
+        self.worker_crashes = Counter(
+            "diffserve_worker_crashes", "worker processes that died or hung, busy or idle (model: the pool it served)", ["model"], registry=r
+        )
+        self.workers_down = Gauge("diffserve_workers_down", "assigned workers not serving (loading, restarting, given up)", ["model"], registry=r)
+        self.worker_gave_up = Counter("diffserve_worker_gave_up", "worker slots whose restarts failed too often", registry=r)
         self.threshold = Gauge("diffserve_threshold", "current discriminator threshold (-1 when none)", registry=r)
         self.deferral_rate = Gauge("diffserve_deferral_rate", "deferred / scored since start", registry=r)
         self.demand = Gauge("diffserve_demand_qps", "the controller's demand estimate (model-time QPS)", registry=r)

@@ -15,7 +15,7 @@ import collections
 from typing import Callable, Protocol
 
 from diffserve.server.clock import Clock
-from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadline
+from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
 
 #: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
@@ -87,6 +87,8 @@ class Pool:
         self.drop_unmeetable = drop_unmeetable
         self.reserve_ms = 0.0  # time kept for later stages when deciding to wait for a fuller batch
         self.workers = 0
+        self.down = 0  # assigned workers that cannot serve now (loading, restarting, given up)
+        self.restart_eta_ms = 0.0  # when the first of them should be back
         self.busy = 0
         self.set_batch_size(batch_size)
         self.set_max_queue(max_queue)
@@ -143,9 +145,15 @@ class Pool:
     def wake(self) -> None:
         self._notifier.notify_all()
 
+    @property
+    def serving_workers(self) -> int:
+        return max(0, self.workers - self.down)
+
     def estimate_wait_ms(self, extra: int = 1) -> float:
         """Model time until ``extra`` more jobs would finish here: queue drained in rounds of batches."""
-        workers = max(self.workers, 1)
+        if self.workers and not self.serving_workers:
+            return self.restart_eta_ms + self.latency_ms(1) * (len(self._queue) + extra)
+        workers = max(self.serving_workers, 1)
         bs = self.batch_size
         jobs_ahead = len(self._queue) + extra
         rounds = -(-jobs_ahead // (bs * workers))
@@ -166,7 +174,7 @@ class Pool:
         for job in self._queue:
             if job.future.done():
                 changed = True
-                self.hooks.dropped(self.model, "cancelled")
+                self.hooks.dropped(self.model, job.drop_reason)
             elif now >= job.deadline_ms:
                 changed = True
                 job.future.set_exception(DeadlineExceeded(f"deadline passed while queued for {self.model}"))
@@ -207,6 +215,27 @@ class Pool:
                 self.hooks.queue_changed(self.model, len(self._queue))
                 return batch
             await self._notifier.wait(None)
+
+    def fail_unservable(self) -> int:
+        """No worker serves this pool now: answer 503 at once every queued job that cannot wait
+        for the restart (its deadline comes before the restart plus one batch); returns how many."""
+        now = self.clock.now_ms()
+        ready_at = now + self.restart_eta_ms + self.latency_ms(1)
+        kept: collections.deque[Job] = collections.deque()
+        failed = 0
+        for job in self._queue:
+            if job.future.done() or job.deadline_ms >= ready_at:
+                kept.append(job)
+                continue
+            job.future.set_exception(Unavailable(
+                f"no {self.model} worker is up (restarting); retry later", retry_after_s=self.retry_after_s()
+            ))
+            self.hooks.dropped(self.model, "unservable")
+            failed += 1
+        if failed:
+            self._queue = kept
+            self.hooks.queue_changed(self.model, len(kept))
+        return failed
 
     def fail_all(self, exc_factory: Callable[[], Exception]) -> int:
         """Answer every queued job with an error (shutdown); returns how many."""

@@ -6,9 +6,14 @@ talks to it over a pipe from a dedicated thread. Faults:
 
 - the process dies mid-batch (segfault, OOM killer, SIGKILL): :class:`WorkerCrashed`; the worker
   set retries the batch once, and the process is restarted in the background meanwhile;
-- the process does not answer within the watchdog: it is killed and restarted, the batch gets
-  :class:`WorkerHung` (504).
+- the process does not answer within the watchdog (a multiple of the batch's profiled latency,
+  not the SLO): it is killed and restarted, the batch gets :class:`WorkerHung` (504);
+- the process dies or hangs while idle: a supervisor pings every worker each
+  ``supervise_interval_s`` and restarts what is dead or silent, whether or not traffic arrives.
 
+Restarts back off exponentially and give up on a slot, with an error in the log, after
+``max_restarts`` failed starts in a row. A slot counts as serving only while its process is
+loaded and answering, so ``/readyz`` and admission never count a loading or restarting worker.
 ``close`` stops every process and reaps it, so no child is left behind.
 """
 
@@ -20,7 +25,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from diffserve.errors import UserError
 from diffserve.schemas import CascadePair, ProfileFile
@@ -30,6 +35,11 @@ from diffserve.server.latency import LatencyTable, profile_tables
 from diffserve.server.stage import Backend, Job, StageOutput
 
 log = logging.getLogger("diffserve.server.procbackend")
+
+#: The watchdog gives a batch this many times its profiled latency, and never less than the floor
+#: (pipe and process overhead, a first call's warm-up): a hang is caught long before the SLO.
+WATCHDOG_FACTOR = 4.0
+WATCHDOG_FLOOR_S = 2.0
 
 
 class _Proc:
@@ -44,11 +54,14 @@ class _Proc:
         self.load_time_s = 0.0
         self.random_weights = False
         self.restarts = 0
-        self.lock = threading.Lock()
+        self.loaded = False  # the process said "ready" and has not died or been killed since
+        self.gave_up = False  # restarts failed too often: the slot stays down
+        self.lock = threading.Lock()  # one conversation on the pipe at a time (batch or ping)
 
     def start(self) -> None:
         from diffserve.server.procworker import worker_main
 
+        self.loaded = False
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, self.spec), daemon=True, name=f"diffserve-worker-{self.slot}")
@@ -67,6 +80,7 @@ class _Proc:
             self.kill()
             raise RuntimeError(f"worker {self.slot} failed to load: {msg[1]}")
         _, self.load_time_s, self.random_weights = msg
+        self.loaded = True
 
     @property
     def alive(self) -> bool:
@@ -77,21 +91,40 @@ class _Proc:
         return self.proc.pid if self.proc is not None else None
 
     def run(self, model: str, prompts: list[str], seeds: list[int], score: bool, watchdog_s: float) -> list[tuple[bytes, float | None]]:
-        try:
-            self.conn.send(("predict", model, prompts, seeds, score))
-            if not self.conn.poll(watchdog_s):
+        with self.lock:
+            try:
+                self.conn.send(("predict", model, prompts, seeds, score))
+                if not self.conn.poll(watchdog_s):
+                    self.kill()
+                    raise WorkerHung(f"worker {self.slot} gave no answer in {watchdog_s:.1f} s")
+                msg = self.conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                code = self.proc.exitcode if self.proc is not None else None
                 self.kill()
-                raise WorkerHung(f"worker {self.slot} gave no answer in {watchdog_s:.1f} s")
-            msg = self.conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
-            code = self.proc.exitcode if self.proc is not None else None
-            self.kill()
-            raise WorkerCrashed(f"worker {self.slot} exited (code {code})") from None
+                raise WorkerCrashed(f"worker {self.slot} exited (code {code})") from None
         if msg[0] == "fail":
             raise RuntimeError(msg[1])
         return msg[1]
 
+    def ping(self, timeout_s: float) -> bool:
+        """False when the idle process is dead or silent for ``timeout_s`` (it is killed then).
+
+        A process busy with a batch is not pinged: the batch's watchdog covers it."""
+        if not self.lock.acquire(blocking=False):
+            return True
+        try:
+            self.conn.send(("ping",))
+            if self.conn.poll(timeout_s) and self.conn.recv() == ("pong",):
+                return True
+        except (EOFError, OSError, BrokenPipeError):
+            pass
+        finally:
+            self.lock.release()
+        self.kill()
+        return False
+
     def kill(self) -> None:
+        self.loaded = False
         if self.proc is None:
             return
         if self.proc.is_alive():
@@ -127,14 +160,29 @@ class ProcessBackend(Backend):
         watchdog_s: float | None = None,
         start_timeout_s: float = 600.0,
         sizes: list[tuple[int, int]] | None = None,
+        supervise_interval_s: float = 1.0,
+        ping_timeout_s: float = 5.0,
+        max_restarts: int = 5,
+        restart_backoff_s: tuple[float, float] = (1.0, 30.0),
+        backoff_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(models, n_workers)
+        if max_restarts < 1:
+            raise ValueError(f"max_restarts must be >= 1, got {max_restarts!r}")
         self.spec = spec
         self._latency = latency_ms
         self.watchdog_s = watchdog_s
+        self.supervise_interval_s = supervise_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.max_restarts = max_restarts
+        self.restart_backoff_s = restart_backoff_s
+        self._backoff_sleep = backoff_sleep
         self._procs = [_Proc(i, spec, start_timeout_s) for i in range(n_workers)]
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=n_workers + 1, thread_name_prefix="diffserve-worker-io")
+        # one thread per worker for batches, one per worker for pings and restarts, one spare
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2 * n_workers + 1, thread_name_prefix="diffserve-worker-io")
         self._restarting: dict[int, asyncio.Task] = {}
+        self._supervisor: asyncio.Task | None = None
+        self._closing = False
         self._sizes = sizes or [(512, 512)]
         self._ready = False
         self.crashes = 0
@@ -153,11 +201,18 @@ class ProcessBackend(Backend):
     def ready(self) -> bool:
         return self._ready
 
+    def serving(self, worker: int) -> bool:
+        p = self._procs[worker]
+        return self._ready and p.loaded and p.alive and not p.gave_up and worker not in self._restarting
+
     def healthy(self) -> bool:
-        return self._ready and any(p.alive for p in self._procs)
+        return any(self.serving(w) for w in range(self.n_workers))
 
     def workers_down(self) -> int:
-        return sum(1 for p in self._procs if not p.alive)
+        return sum(1 for w in range(self.n_workers) if not self.serving(w))
+
+    def restart_eta_ms(self, worker: int) -> float:
+        return self._procs[worker].load_time_s * 1000.0
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -177,52 +232,102 @@ class ProcessBackend(Backend):
             raise UserError(f"worker processes failed to start: {errors[0]}")
         self.random_weights = any(p.random_weights for p in self._procs)
         self._ready = True
+        self._supervisor = asyncio.create_task(self._supervise(), name="diffserve-worker-supervisor")
 
     def _watchdog(self, model: str, n: int) -> float:
         if self.watchdog_s is not None:
             return self.watchdog_s
-        return max(30.0, 10 * self.batch_latency_ms(model, n) / 1000.0)
+        return max(WATCHDOG_FLOOR_S, WATCHDOG_FACTOR * self.batch_latency_ms(model, n) / 1000.0)
 
     async def available(self, worker: int) -> None:
         task = self._restarting.get(worker)
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
+    async def _supervise(self) -> None:
+        """Find dead and silent workers without waiting for traffic, and restart them."""
+        while not self._closing:
+            await asyncio.sleep(self.supervise_interval_s)
+            await self.check_workers()
+
+    async def check_workers(self) -> None:
+        """One supervisor round: a dead worker is lost as crashed, a silent idle one as hung."""
+        candidates = [w for w, p in enumerate(self._procs) if w not in self._restarting and not p.gave_up]
+        dead = [w for w in candidates if not self._procs[w].alive]
+        alive = [w for w in candidates if w not in dead]
+        answers = await asyncio.gather(*(self._call(self._procs[w].ping, self.ping_timeout_s) for w in alive))
+        for w in dead:
+            self._lost(w, "crashed")
+        for w, answered in zip(alive, answers):
+            if not answered:
+                self._lost(w, "hung")
+
+    def _lost(self, worker: int, event: str) -> None:
+        """A worker died or hung: count it once, tell the runtime, restart it in the background."""
+        if worker in self._restarting or self._closing or self._procs[worker].gave_up:
+            return
+        self.crashes += 1
+        self._procs[worker].loaded = False
+        log.warning("worker %d %s (pid %s); restarting it", worker, event, self._procs[worker].pid)
+        self._restart_later(worker)
+        self.on_worker_event(worker, event)
+
     def _restart_later(self, worker: int) -> None:
         proc = self._procs[worker]
+        low, high = self.restart_backoff_s
 
         async def restart() -> None:
             try:
-                await self._call(proc.start)
-                proc.restarts += 1
-                log.warning("worker %d restarted (pid %s)", worker, proc.pid)
-            except Exception:  # noqa: BLE001
-                log.exception("worker %d could not be restarted", worker)
+                for attempt in range(self.max_restarts):
+                    if attempt:
+                        await self._backoff_sleep(min(high, low * 2 ** (attempt - 1)))
+                    try:
+                        await self._call(proc.kill)
+                        await self._call(proc.start)
+                    except Exception as exc:  # noqa: BLE001 - retried with backoff, then given up loudly
+                        log.warning("worker %d: restart %d of %d failed: %s", worker, attempt + 1, self.max_restarts, exc)
+                        continue
+                    proc.restarts += 1
+                    log.warning("worker %d restarted (pid %s)", worker, proc.pid)
+                    return
+                proc.gave_up = True
+                log.error(
+                    "worker %d failed to restart %d times in a row; giving up on it (%d of %d workers still serve)",
+                    worker, self.max_restarts, self.n_workers - self.workers_down() - 1, self.n_workers,
+                )
             finally:
                 self._restarting.pop(worker, None)
+                if not self._closing:
+                    self.on_worker_event(worker, "restarted" if proc.loaded else "gave_up")
 
         self._restarting[worker] = asyncio.create_task(restart())
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         await self.available(worker)
         proc = self._procs[worker]
-        if not proc.alive:
-            self._restart_later(worker)
+        if not self.serving(worker):
+            self._lost(worker, "crashed")
             await self.available(worker)
-            if not proc.alive:
+            if not self.serving(worker):
                 raise WorkerCrashed(f"worker {worker} is down and could not be restarted")
         prompts = [j.prompt for j in jobs]
         seeds = [j.seed for j in jobs]
         score = any(j.score for j in jobs)
         try:
             result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)))
-        except (WorkerCrashed, WorkerHung):
-            self.crashes += 1
-            self._restart_later(worker)
+        except WorkerCrashed:
+            self._lost(worker, "crashed")
+            raise
+        except WorkerHung:
+            self._lost(worker, "hung")
             raise
         return [StageOutput(png, conf if j.score else None) for (png, conf), j in zip(result, jobs)]
 
     async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
         for task in list(self._restarting.values()):
             await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*(self._call(p.stop) for p in self._procs), return_exceptions=True)

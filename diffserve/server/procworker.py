@@ -5,7 +5,8 @@ torch loads inside :func:`make_runner`. Protocol (tuples over a ``multiprocessin
 
 - worker -> parent, once: ``("ready", load_time_s, random_weights)`` or ``("error", message)``;
 - parent -> worker: ``("predict", model, prompts, seeds, score)`` -> ``("ok", [(png, conf|None), ...])``
-  or ``("fail", message)``; ``("stop",)`` ends the loop.
+  or ``("fail", message)``; ``("ping",)`` -> ``("pong",)`` (the supervisor's liveness check);
+  ``("stop",)`` ends the loop.
 
 The ``fake`` runner exists for the fault tests: a prompt ``crash:PATH`` kills the process once
 (while PATH exists, it is deleted first), ``hang`` never returns, anything else sleeps the given
@@ -124,6 +125,9 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
             return  # the parent is gone
         if msg[0] == "stop":
             return
+        if msg[0] == "ping":
+            conn.send(("pong",))
+            continue
         _, model, prompts, seeds, score = msg
         try:
             result = runner.predict(model, prompts, seeds, score)

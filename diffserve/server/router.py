@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
-from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
+from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.metrics import Metrics
 from diffserve.server.pool import Pool
 from diffserve.server.scores import unit_hash
@@ -50,6 +50,7 @@ class Flight:
     deadline_ms: float
     hard_limit_ms: float
     first: Job
+    first_model: str = ""
     #: Called with the light image as soon as it exists, before the discriminator's decision is
     #: acted on: progressive delivery streams it as a partial image while the heavy stage runs.
     on_light: Callable[[StageResult], None] | None = None
@@ -104,12 +105,22 @@ class Router:
             need[self._model(r)] = need.get(self._model(r), 0) + 1
         for model, n in need.items():
             pool = self.pools[model]
+            fastest = pool.latency_ms(1)
+            if budget_ms < fastest:
+                raise InvalidRequest(
+                    f"slo_ms {budget_ms:g} is shorter than the fastest possible answer from {model} ({fastest:.0f} ms)",
+                    param="slo_ms",
+                    reason="invalid",
+                )
             if pool.workers == 0:
                 raise Unavailable(
                     f"no worker serves {model} in the current plan (routing {self.plan.routing}); "
                     "the controller re-plans as demand moves",
                     retry_after_s=pool.retry_after_s(),
+                    reason="no_worker",
                 )
+            if pool.workers - pool.down <= 0:
+                raise Unavailable(f"no {model} worker is up now (restarting)", retry_after_s=pool.retry_after_s(), reason="worker_down")
             if pool.free < n:
                 raise pool.queue_full_error(
                     f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s()
@@ -118,13 +129,14 @@ class Router:
                 raise Unavailable(
                     f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now",
                     retry_after_s=pool.retry_after_s(),
+                    reason="deadline",
                 )
         flights = []
         for (prompt, seed), route in zip(prompts, routes):
             job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=now, score=route == "cascade")
             self.pools[self._model(route)].submit(job)
             flights.append(
-                Flight(prompt, seed, size, route, now, deadline, now + self.drop_factor * budget_ms, job)
+                Flight(prompt, seed, size, route, now, deadline, now + self.drop_factor * budget_ms, job, self._model(route))
             )
         return flights
 
@@ -132,7 +144,11 @@ class Router:
     async def complete(self, flight: Flight) -> ImageAnswer:
         """Follow one image through its stages; cancelling this coroutine cancels its queued jobs."""
         try:
-            first = await self._await(flight.first, flight.hard_limit_ms)
+            try:
+                first = await self._await(flight.first, flight.hard_limit_ms)
+            except WouldMissDeadline:
+                # a heavy-first job (quality=best) that the pool dropped: it has no light image to fall back on
+                raise DeadlineExceeded(f"the {flight.first_model} pool could not start this request before its deadline") from None
             if flight.on_light is not None and flight.route != "heavy":
                 flight.on_light(first)
             if flight.route != "cascade":
@@ -180,11 +196,13 @@ class Router:
             done, _ = await asyncio.wait({job.future}, timeout=self.clock.to_wall_s(latest - self.clock.now_ms()))
             if not done:
                 if not job.started:
+                    job.drop_reason = "expired"
                     job.future.cancel()
                     raise DeadlineExceeded("the request could not start before its deadline")
                 timeout = self.clock.to_wall_s(hard_limit_ms - self.clock.now_ms())
                 done, _ = await asyncio.wait({job.future}, timeout=timeout)
                 if not done:
+                    job.drop_reason = "expired"
                     job.future.cancel()
                     raise DeadlineExceeded("the request did not finish before its deadline")
             return job.future.result()

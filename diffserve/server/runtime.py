@@ -102,6 +102,7 @@ class Runtime:
                 hooks=hooks,
             )
         self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
+        backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics
         )
@@ -122,8 +123,18 @@ class Runtime:
         self.plan = plan
         self.started = False
         self.draining = False
+        self._stopped = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._abort = asyncio.Event()
+
+    def _worker_event(self, worker: int, event: str) -> None:
+        """The backend lost or got back a worker: count it, re-count the pools' serving workers."""
+        if event in ("crashed", "hung"):
+            self.metrics.worker_crashes.labels(self.workers.assignment[worker] or "idle").inc()
+        elif event == "gave_up":
+            self.metrics.worker_gave_up.inc()
+        self.workers.health_changed(worker)
 
     # ---------------------------------------------------------------- controller target
     @property
@@ -132,6 +143,10 @@ class Runtime:
 
     def queued(self) -> dict[str, int]:
         return {m: len(p) for m, p in self.pools.items()}
+
+    def workers_down(self) -> int:
+        """Workers not serving now: loading, restarting or given up (what /readyz reports)."""
+        return sum(1 for w in range(self.backend.n_workers) if not self.backend.serving(w))
 
     def queue_delay_ms(self) -> dict[str, float]:
         return {m: p.estimate_wait_ms(0) for m, p in self.pools.items()}
@@ -197,13 +212,22 @@ class Runtime:
         bound = timeout_ms if timeout_ms is not None else (self.settings.drain_timeout_ms or 2 * self.settings.slo_ms)
         if self.ledger.inflight == 0:
             return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.clock.to_wall_s(bound))
-            return True
-        except asyncio.TimeoutError:
-            return False
+        idle = asyncio.ensure_future(self._idle.wait())
+        abort = asyncio.ensure_future(self._abort.wait())
+        await asyncio.wait({idle, abort}, timeout=self.clock.to_wall_s(bound), return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        abort.cancel()
+        return self.ledger.inflight == 0
+
+    async def abort(self) -> None:
+        """Stop now (a second signal): end the drain, answer everything in flight 503, stop workers."""
+        self._abort.set()
+        await self.stop()
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.draining = True
         await self.controller.stop()
         for pool in self.pools.values():
@@ -224,28 +248,36 @@ class Runtime:
         ``on_answer(index, answer)`` as soon as that image is final, before the others are.
         """
         self.ledger.offered += n
-        if not self.ready:
-            self.ledger.rejected += n
-            why = "draining" if self.draining else "not ready: models are loading"
-            raise Unavailable(f"the server is {why}", retry_after_s=1 if not self.draining else 5)
-        budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
         try:
+            if not self.ready:
+                raise self._not_ready()
+            budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
             flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget)
-        except ServeError:
+        except ServeError as exc:
             self.ledger.rejected += n
+            self.metrics.rejected.labels(exc.reason).inc(n)
+            exc.counted = True
             raise
         self.ledger.accepted += n
+        self.metrics.accepted.inc(n)
         self._idle.clear()
         self.metrics.inflight.set(self.ledger.inflight)
         if on_light is not None:
             for i, f in enumerate(flights):
                 f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
+        settled: set[int] = set()
         try:
             results = await asyncio.gather(
-                *(self._one(f, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
+                *(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
                 return_exceptions=True,
             )
         finally:
+            # a cancel can land before a flight's task first runs: it is still answered, as cancelled
+            for flight in flights:
+                if id(flight) not in settled:
+                    flight.first.drop_reason = "cancelled"
+                    flight.first.future.cancel()
+                    self._count(flight, settled, "cancelled")
             self.metrics.inflight.set(self.ledger.inflight)
             if self.ledger.inflight == 0:
                 self._idle.set()
@@ -254,21 +286,34 @@ class Runtime:
                 raise r
         return results  # type: ignore[return-value]
 
-    async def _one(self, flight, on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
+    def _not_ready(self) -> Unavailable:
+        if self.draining:
+            return Unavailable("the server is draining", retry_after_s=5, reason="draining")
+        if self.started and self.backend.ready:
+            eta_ms = min((self.backend.restart_eta_ms(w) for w in range(self.backend.n_workers)), default=0.0)
+            return Unavailable(
+                "the server is not ready: no worker is up (restarting)",
+                retry_after_s=max(1, int(self.clock.to_wall_s(eta_ms) + 0.999)), reason="worker_down",
+            )
+        return Unavailable("the server is not ready: models are loading", retry_after_s=1, reason="not_ready")
+
+    def _count(self, flight, settled: set[int], outcome: str) -> None:
+        settled.add(id(flight))
+        setattr(self.ledger, outcome, getattr(self.ledger, outcome) + 1)
+        self.metrics.requests.labels(outcome).inc()
+
+    async def _one(self, flight, settled: set[int], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
             answer = await self.router.complete(flight)
         except asyncio.CancelledError:
-            self.ledger.cancelled += 1
-            self.metrics.requests.labels("cancelled").inc()
+            self._count(flight, settled, "cancelled")
             raise
         except BaseException as exc:
-            self.ledger.failed += 1
-            self.metrics.requests.labels("failed").inc()
+            self._count(flight, settled, "failed")
             if not isinstance(exc, ServeError) or exc.status >= 500:
                 self.metrics.slo_violations.inc()
             raise
-        self.ledger.completed += 1
-        self.metrics.requests.labels("degraded" if answer.degraded else "completed").inc()
+        self._count(flight, settled, "completed")
         if on_answer is not None:
             on_answer(answer)
         return answer

@@ -111,7 +111,21 @@ def parse_size(text: str | None, supported: list[tuple[int, int]]) -> tuple[int,
     return size
 
 
+def check_text(value: str, param: str) -> None:
+    """Refuse what is not valid Unicode text (a lone surrogate such as ``"\\ud800"``, which JSON can
+    carry): the models' tokenizers cannot encode it, and it would fail the batch it runs in."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{param} must be valid UTF-8 text; it holds a lone surrogate at character {exc.start}", param=param
+        ) from None
+
+
 def check_limits(req: ImageGenerationRequest, *, max_prompt_chars: int, max_n: int) -> None:
+    check_text(req.prompt, "prompt")
+    if req.user is not None:
+        check_text(req.user, "user")
     if not req.prompt.strip():
         raise InvalidRequest("prompt must not be empty", param="prompt")
     if len(req.prompt) > max_prompt_chars:

@@ -13,6 +13,7 @@ import abc
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 _ids = itertools.count(1)
 
@@ -31,6 +32,9 @@ class Job:
     enqueued_ms: float = 0.0
     attempts: int = 0
     started: bool = False
+    #: why a withdrawn (cancelled) future left the queue: "cancelled" (the client went away) or
+    #: "expired" (the router withdrew it at its latest start); the pool's drop metric reads it
+    drop_reason: str = "cancelled"
     id: int = field(default_factory=lambda: next(_ids))
 
     @property
@@ -68,6 +72,9 @@ class Backend(abc.ABC):
     def __init__(self, models: list[str], n_workers: int) -> None:
         self.models = list(models)
         self.n_workers = n_workers
+        #: called with (worker, event) on "crashed", "hung", "restarted" and "gave_up", from the
+        #: event loop; the runtime counts crashes and re-counts the pools' serving workers with it
+        self.on_worker_event: Callable[[int, str], None] = lambda worker, event: None
 
     @abc.abstractmethod
     async def setup(self) -> None:
@@ -90,6 +97,14 @@ class Backend(abc.ABC):
 
     def healthy(self) -> bool:
         return True
+
+    def serving(self, worker: int) -> bool:
+        """Whether ``worker`` is loaded and answering now (not loading, restarting or given up)."""
+        return True
+
+    def restart_eta_ms(self, worker: int) -> float:
+        """Model time until a worker that is not serving should be back (its last load time)."""
+        return 0.0
 
     @property
     def ready(self) -> bool:

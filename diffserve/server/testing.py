@@ -62,6 +62,19 @@ class GatedBackend(Backend):
         self.fail_on: set[int] = set()  # call numbers (1-based) that raise RuntimeError
         self.crash_on: set[int] = set()  # call numbers that raise WorkerCrashed
         self.hang_on: set[int] = set()
+        self.down: set[int] = set()  # worker slots that are not serving (crashed, restarting)
+        self.poison: set[str] = set()  # prompts whose batch raises, as a bad input would in a model
+
+    def set_serving(self, worker: int, up: bool, event: str = "crashed") -> None:
+        """Fault injection: take ``worker`` down (a crash while idle) or bring it back."""
+        (self.down.discard if up else self.down.add)(worker)
+        self.on_worker_event(worker, "restarted" if up else event)
+
+    def serving(self, worker: int) -> bool:
+        return worker not in self.down
+
+    def healthy(self) -> bool:
+        return len(self.down) < self.n_workers
 
     async def setup(self) -> None:
         return None
@@ -81,9 +94,13 @@ class GatedBackend(Backend):
         if n in self.hang_on:
             await asyncio.Event().wait()
         if n in self.crash_on:
+            self.on_worker_event(worker, "crashed")
             raise WorkerCrashed(f"fake crash on call {n}")
         if n in self.fail_on:
             raise RuntimeError(f"fake failure on call {n}")
+        bad = [j.prompt for j in jobs if j.prompt in self.poison]
+        if bad:
+            raise UnicodeEncodeError("utf-8", bad[0], 0, 1, "surrogates not allowed")
         await self.clock.sleep_ms(self.latency[model])
         return [StageOutput(PNG_1x1, self.confidences.get(j.prompt, 1.0) if j.score else None) for j in jobs]
 

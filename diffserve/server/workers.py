@@ -4,7 +4,10 @@ Each slot runs one loop: take a batch from its pool, run it on the backend, reso
 The controller calls :meth:`WorkerSet.assign` with workers per model; a slot that must move
 finishes the batch it is running first, so re-planning never drops in-flight work. When a worker
 process dies mid-batch, the batch's jobs go back to the head of the queue once (any worker may
-take them, including the restarted one); a second crash answers 503.
+take them, including the restarted one); a second crash answers 503. A slot whose worker is not
+serving (loading, restarting, given up) takes no batch, and its pool does not count it, so the
+router's estimates and admission see only workers that can answer. When a batch of several raises,
+each job is run again alone: the request that caused the failure fails by itself.
 """
 
 from __future__ import annotations
@@ -59,15 +62,27 @@ class WorkerSet:
                         want[model] -= 1
                         break
         old, self.assignment = self.assignment, new
-        for model, pool in self.pools.items():
-            pool.workers = sum(1 for a in new if a == model)
-            if self.metrics:
-                self.metrics.workers.labels(model).set(pool.workers)
+        self.health_changed()
         for slot, (a, b) in enumerate(zip(old, new)):
             if a != b:
                 self._events[slot].set()
                 if a is not None:
                     self.pools[a].wake()
+
+    def health_changed(self, slot: int | None = None) -> None:
+        """Re-count each pool's serving workers (after a crash, restart or re-plan); wake ``slot``."""
+        for model, pool in self.pools.items():
+            slots = [s for s, a in enumerate(self.assignment) if a == model]
+            pool.workers = len(slots)
+            pool.down = sum(1 for s in slots if not self.backend.serving(s))
+            pool.restart_eta_ms = min((self.backend.restart_eta_ms(s) for s in slots), default=0.0)
+            if pool.workers and not pool.serving_workers:
+                pool.fail_unservable()
+            if self.metrics:
+                self.metrics.workers.labels(model).set(pool.workers)
+                self.metrics.workers_down.labels(model).set(pool.down)
+        if slot is not None:
+            self._events[slot].set()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(slot), name=f"worker-{slot}") for slot in range(self.n)]
@@ -96,6 +111,11 @@ class WorkerSet:
                 continue
             pool = self.pools[model]
             await self.backend.available(slot)
+            if not self.backend.serving(slot):
+                self._events[slot].clear()
+                if not self.backend.serving(slot) and not self._stopping:
+                    await self._events[slot].wait()  # set by health_changed when it is back
+                continue
             batch = await pool.take_batch(lambda: self.assignment[slot] == model and not self._stopping)
             if batch is None:
                 continue
@@ -119,8 +139,6 @@ class WorkerSet:
                 raise RuntimeError(f"backend returned {len(outputs)} outputs for a batch of {len(batch)}")
         except WorkerCrashed as exc:
             log.warning("worker %d crashed running %d %s jobs: %s", slot, len(batch), model, exc)
-            if self.metrics:
-                self.metrics.worker_crashes.labels(model).inc()
             for job in reversed(batch):
                 if job.future.done():
                     continue
@@ -133,14 +151,19 @@ class WorkerSet:
             return
         except WorkerHung:
             log.warning("worker %d hung on %d %s jobs; it was restarted", slot, len(batch), model)
-            if self.metrics:
-                self.metrics.worker_crashes.labels(model).inc()
             _fail(batch, lambda: DeadlineExceeded(f"the {model} worker did not answer in time; it was restarted"))
             return
         except asyncio.CancelledError:
             _fail(batch, lambda: Unavailable("the server is shutting down", retry_after_s=1))
             raise
         except Exception as exc:  # noqa: BLE001 - every future must be resolved, whatever the backend did
+            pending = [job for job in batch if not job.future.done()]
+            if len(pending) > 1:
+                # one request may have caused it: each runs again alone, so only that one fails
+                log.warning("batch of %d on %s failed (%s); running each request alone", len(batch), model, exc)
+                for job in pending:
+                    await self._run_batch(slot, pool, [job])
+                return
             log.exception("batch of %d on %s failed", len(batch), model)
             _fail(batch, lambda error=exc: error)
             return
