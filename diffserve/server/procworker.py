@@ -56,7 +56,7 @@ class DiffusersRunner:
         self.light = spec["light"]
         self.discriminator = None
         if spec.get("discriminator"):
-            from diffserve.cascade_builder.discriminator import load_discriminator
+            from diffserve.models.discriminator import load_discriminator
 
             self.discriminator = load_discriminator(spec["discriminator"], base=spec.get("cascade_path"))
         # when no discriminator artifact ships, confidences are replayed from the curve (grid, f_t)
