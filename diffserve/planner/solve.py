@@ -8,9 +8,9 @@ worker at its highest-throughput batch) with ``overload_factor = demand / capaci
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-
 
 from diffserve.errors import UserError
 from diffserve.planner.brute import enumerate_best
@@ -38,6 +38,27 @@ LATENCY_MODELS = ("queueing", "batch")
 
 #: Policies that keep a fixed plan for a whole run and therefore give it every worker.
 _STATIC_POLICIES = ("static", "clipper-light", "clipper-heavy")
+
+
+log = logging.getLogger("diffserve.planner")
+_said_no_solver: set[str] = set()
+
+
+def milp_solver(requested: str) -> str:
+    """The solver to run for ``requested``: a missing MILP solver falls back to enumeration (the same
+    optimum, slower on large clusters) and says so once per process, instead of failing the plan."""
+    if requested == "enumerate":
+        return requested
+    installed = available_solvers()
+    if requested == "auto" and installed:
+        return installed[0]
+    if requested in installed:
+        return requested
+    if requested not in _said_no_solver:
+        _said_no_solver.add(requested)
+        wanted = "no MILP solver is available" if requested == "auto" else f"the MILP solver {requested!r} is not available"
+        log.warning("%s (pip install highspy); planning by enumeration instead: the same optimum, slower on large clusters", wanted)
+    return "enumerate"
 
 
 def _feasible_batches(model: ModelProfile, memory_mb: float | None) -> list[int]:
@@ -173,10 +194,7 @@ def solve_plan(
         for p in pairs
     ]
     rank_across(tables)
-    used_solver = solver
-    if solver == "auto":
-        installed = available_solvers()
-        used_solver = installed[0] if installed else "enumerate"
+    used_solver = milp_solver(solver)
     if used_solver == "enumerate":
         choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
         status = "Optimal" if choice else "Infeasible"
