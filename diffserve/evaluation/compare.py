@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from diffserve.errors import UserError
+from diffserve.planner.policies import OURS, POLICIES
 from diffserve.ports import free_port
 from diffserve.evaluation import report
 from diffserve.evaluation.loadgen import LoadConfig
@@ -29,9 +30,6 @@ from diffserve.evaluation.runner import RunSpec, execute
 from diffserve.evaluation.sources import Arrival, window_rates
 from diffserve.schemas import CascadePair, ProfileFile
 
-#: Every policy ``bench compare`` knows, in the order the table lists them; ours last.
-POLICIES = ("clipper-light", "clipper-heavy", "static", "diffserve-paper", "proteus", "diffserve")
-OURS = "diffserve"
 #: Policies that model systems without a degrade mode.
 NO_DEGRADE = frozenset(POLICIES) - {OURS}
 #: Policies that reproduce the paper artifact's controller, which planned with batch latencies

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from diffserve.planner.queueing import pool_capacity_qps
 from diffserve.schemas import CascadePair, ProfileFile
 
 
@@ -42,7 +43,7 @@ def _throughputs(profile: ProfileFile, model: str) -> dict[int, tuple[float, flo
     out = {}
     for b in profile.model(model).feasible_batches():
         if b.median_ms:
-            out[b.batch_size] = (b.median_ms, b.batch_size * 1000.0 / b.median_ms)
+            out[b.batch_size] = (b.median_ms, pool_capacity_qps(b.median_ms, b.batch_size, 1))
     return out
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from diffserve.artifacts import load_cascade, load_plan, load_profile
 from diffserve.errors import UserError
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
+from diffserve.planner.policies import POLICIES
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
 from diffserve.server.runtime import Runtime, RuntimeSettings
@@ -16,8 +17,6 @@ from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
 
-#: The planner's policies; kept here too so that ``diffserve serve --help`` needs no planner import.
-KNOWN_POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
 BACKENDS = ("emulated", "diffusers")
 
 
@@ -51,8 +50,8 @@ class ServeOptions:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.policy not in KNOWN_POLICIES:
-            raise UserError(f"--policy must be one of {', '.join(KNOWN_POLICIES)}, got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.latency_model not in ("queueing", "batch"):
             raise UserError(f"--latency-model must be queueing or batch, got {self.latency_model!r}")
         if self.workers < 1:
