@@ -53,15 +53,22 @@ async def test_quality_fast_and_best_force_one_model_without_scoring() -> None:
     await rt.stop()
 
 
-async def test_random_split_follows_the_seeded_coin_and_never_scores() -> None:
+@pytest.mark.parametrize("run_seed", [0, 7])
+async def test_random_split_follows_the_seeded_coin_and_never_scores(run_seed) -> None:
     backend = GatedBackend()
-    rt = await _runtime(backend, hand_plan(1, 1, routing="random-split", heavy_fraction=0.3, threshold=None))
+    rt = await _runtime(backend, hand_plan(1, 1, routing="random-split", heavy_fraction=0.3, threshold=None), seed=run_seed)
     answers = [(await rt.generate(f"q{i}", seed=i))[0] for i in range(40)]
-    expected = ["heavy" if unit_hash("split", i, f"q{i}") < 0.3 else "light" for i in range(40)]
+    expected = ["heavy" if unit_hash("split", run_seed, i, f"q{i}") < 0.3 else "light" for i in range(40)]
     assert [a.model for a in answers] == expected
     assert {"light", "heavy"} == set(expected)
     assert all(a.confidence is None for a in answers)
     await rt.stop()
+
+
+def test_the_run_seed_changes_the_draws() -> None:
+    """Two run seeds split the same requests differently (else ``--seed`` would be ignored)."""
+    draws = {s: [unit_hash("split", s, i, f"q{i}") < 0.3 for i in range(40)] for s in (0, 7)}
+    assert draws[0] != draws[7]
 
 
 async def test_light_only_plan_never_touches_the_heavy_model() -> None:

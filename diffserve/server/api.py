@@ -175,7 +175,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
                 quality = "best"
             else:
                 raise InvalidRequest(f"unknown model {req.model!r}; use one of {', '.join(_models())}", param="model")
-        seed = req.seed if req.seed is not None else int(time.time_ns() % 2**31)
+        seed = req.seed if req.seed is not None else runtime.request_seed()
 
         gen = asyncio.create_task(
             runtime.generate(req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms)  # type: ignore[arg-type]

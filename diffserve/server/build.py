@@ -32,6 +32,8 @@ class ServeOptions:
     policy: str = "diffserve"
     demand_qps: float = 1.0
     replan_interval_ms: float = 5000.0
+    #: seeds everything random in a run (emulated confidences, random-split draws, the seed of a
+    #: request that names none), so two runs with one seed take the same decisions
     seed: int = 0
     degrade: bool = True
     max_queue: int = 256
@@ -112,6 +114,7 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
         max_queue=opts.max_queue,
         queue_full_status=opts.queue_full_status,
         max_batch_wait_ms=opts.max_batch_wait_ms,
+        seed=opts.seed,
         controller=ControllerSettings(
             interval_ms=opts.replan_interval_ms,
             ewma_alpha=opts.controller.ewma_alpha,
@@ -126,10 +129,12 @@ def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile,
     if opts.backend == "emulated":
         from diffserve.server.emulated import EmulatedBackend
 
-        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all)
+        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all, seed=opts.seed)
     from diffserve.server.procbackend import DiffusersBackend
 
-    return DiffusersBackend(profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker)
+    return DiffusersBackend(
+        profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker, seed=opts.seed
+    )
 
 
 def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Clock | None = None) -> tuple[Runtime, str]:
