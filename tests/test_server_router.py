@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from diffserve.server.clock import Clock
+from diffserve.server.virtualtime import VirtualTimeLoop
 from diffserve.server.errors import DeadlineExceeded, Unavailable
 from diffserve.server.runtime import Runtime, RuntimeSettings
 from diffserve.server.scores import unit_hash
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend():
+    # virtual time: a model-time deadline or batch latency is never eaten by a busy host
+    return "asyncio", {"loop_factory": VirtualTimeLoop}
 
 
 async def _runtime(backend: GatedBackend, plan, **settings) -> Runtime:

@@ -160,7 +160,9 @@ class Router:
             if self.degrade:
                 return self._answer(flight, light, None, degraded=True)
             raise
-        latest_start = flight.deadline_ms - (pool.latency_ms(1) if self.degrade else 0.0)
+        # under load the job runs in a full batch: starting by the deadline minus batch 1's latency
+        # would still finish late (the pool re-checks with the batch it actually forms)
+        latest_start = flight.deadline_ms - (pool.latency_ms(pool.batch_size) if self.degrade else 0.0)
         try:
             heavy = await self._await(job, flight.hard_limit_ms, latest_start)
         except (WouldMissDeadline, DeadlineExceeded):
