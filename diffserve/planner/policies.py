@@ -1,7 +1,8 @@
 """The policy names: the one list that the planner, the server's options and the benchmark share.
 
-Kept in a module of its own, with no imports, so that any layer can name the policies without
-pulling in the solver. Listed baselines first and ours last: the order tables and plots use.
+A module of its own with no imports, so that the server's options and the benchmark name the
+policies without reaching into the solver's code. Listed baselines first and ours last: the order
+tables and plots use.
 """
 
 from __future__ import annotations
