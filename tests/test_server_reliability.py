@@ -85,7 +85,9 @@ async def test_sigkill_under_load_loses_nothing() -> None:
 
 async def test_a_hung_worker_is_answered_504_by_the_watchdog_and_restarted() -> None:
     """F3."""
-    backend = _fake_processes(1, 0.0, watchdog_s=0.5)
+    # a hang trips any watchdog; 5 s (not 0.5) so that a fresh worker's first real batch on a
+    # loaded host never does (it takes milliseconds; under a CPU hog 0.5 s was seen to pass)
+    backend = _fake_processes(1, 0.0, watchdog_s=5.0)
     rt = _runtime(backend, hand_plan(1, 0, routing="light-only", heavy=None))
     await rt.start()
     try:
