@@ -36,6 +36,12 @@ class FakeRunner:
                     os._exit(3)
             if p == "hang":
                 time.sleep(3600)
+            if p.startswith("hold:"):  # a test's gate: say so (PATH.PID), then wait until PATH is gone
+                path = p.split(":", 1)[1]
+                open(f"{path}.{os.getpid()}", "w").close()
+                deadline = time.monotonic() + 120
+                while os.path.exists(path) and time.monotonic() < deadline:
+                    time.sleep(0.01)
         time.sleep(self.latency_s.get(model, 0.0))
         from diffserve.server.testing import PNG_1x1
 
