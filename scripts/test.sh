@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PYTHONU
 PYTHON=${PYTHON:-python}
 
 missing() {  # prints what this checkout's pyproject.toml declares (core, dev, ray) and the environment lacks
-  "$PYTHON" - <<'PY'
+  "$PYTHON" -I - <<'PY'
 import importlib.metadata as md
 import re
 

@@ -154,7 +154,8 @@ class ProcessBackend(Backend):
         return self._ready
 
     def healthy(self) -> bool:
-        return self._ready and any(p.alive for p in self._procs)
+        # a restarting worker's new process is alive while it still loads: it does not count yet
+        return self._ready and any(p.alive and slot not in self._restarting for slot, p in enumerate(self._procs))
 
     def workers_down(self) -> int:
         return sum(1 for p in self._procs if not p.alive)
