@@ -22,6 +22,7 @@ import numpy as np
 
 from diffserve.fileio import atomic_write_text
 from diffserve.planner import solve_plan
+from diffserve.planner.milp import available_solvers
 from diffserve.reference import reference_cascade, reference_profile
 from diffserve.schemas import CascadeFile
 
@@ -53,9 +54,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     profile = reference_profile()
     rows = []
+    solvers = [s for s in ("highs", "cbc") if s in available_solvers()] + ["enumerate"]
+    for missing in {"highs", "cbc"} - set(solvers):
+        print(f"{missing} is not installed here: not timed", file=sys.stderr)
     for name, sc in SCENARIOS.items():
         cascade = sc["cascade"]()
-        for solver in ("highs", "cbc", "enumerate"):
+        for solver in solvers:
             times, quality = [], []
             for demand in sc["demands"]:
                 t, plan = _time(

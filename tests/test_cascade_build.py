@@ -12,8 +12,8 @@ from PIL import Image
 
 from diffserve.artifacts import load_cascade
 from diffserve.cascade_builder.build import BuildOptions, build_cascade, split_prompts
-from diffserve.cascade_builder.clip import ClipConfig
-from diffserve.cascade_builder.discriminator import load_discriminator
+from diffserve.models.clip import ClipConfig
+from diffserve.models.discriminator import load_discriminator
 from diffserve.cascade_builder.imagecache import VariantCache, ensure_images
 from diffserve.datasets import Prompt, PromptSet, load_prompts
 from diffserve.errors import UserError
@@ -112,7 +112,8 @@ def _loader(levels: dict[str, int]):
 @pytest.mark.slow
 def test_build_cascade_with_heavy_images_as_positives(tmp_path) -> None:
     specs = [spec("light"), spec("mid", 2), spec("heavy", 8)]
-    load, made = _loader({"light": 0, "mid": 90, "heavy": 180})
+    levels = {"light": 0, "mid": 90, "heavy": 180}
+    load, made = _loader(levels)
     output = tmp_path / "out" / "cascade.yaml"
     options = BuildOptions(cache_dir=tmp_path / "cache", clip=TINY_CLIP, grid_points=21, keep_all_pairs=True,
                            images_per_prompt=2)
@@ -132,9 +133,15 @@ def test_build_cascade_with_heavy_images_as_positives(tmp_path) -> None:
         assert pair.n_eval_prompts == 4 and pair.discriminator.kind == "clip-logreg"
         assert pair.latency_ms == {pair.light: options.profile.models[pair.light].latency_ms(1),
                                    pair.heavy: options.profile.models[pair.heavy].latency_ms(1)}
+        # no real images: the positive class is the heavy model's images, the negative the light's
+        assert pair.discriminator.path.endswith(f"{pair.light}__vs__{pair.heavy}.joblib")
         disc = load_discriminator(pair.discriminator.path, base=output)
-        conf = disc.confidence([Image.new("RGB", (16, 16), (200, 200, 200))])
-        assert 0.0 <= conf[0] < 1.0
+        assert disc.positive == pair.heavy
+        seeds = list(range(1000, 1006))
+        light_like = disc.confidence(FakeModel(levels[pair.light]).generate(["x"] * 6, seeds))
+        heavy_like = disc.confidence(FakeModel(levels[pair.heavy]).generate(["x"] * 6, seeds))
+        assert all(0.0 <= c < 1.0 for c in [*light_like, *heavy_like])
+        assert heavy_like.mean() > light_like.mean()  # it scores the heavy model's images as the positives
     assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert output.with_name("cascade.details.json").is_file()
 
@@ -213,7 +220,7 @@ def test_backbone_weights_must_be_efficientnet(tmp_path) -> None:
 
     bogus = tmp_path / "w.pth"
     torch.save({"foo.weight": torch.zeros(2)}, bogus)
-    from diffserve.cascade_builder.discriminator import EfficientNetDiscriminator
+    from diffserve.models.discriminator import EfficientNetDiscriminator
 
     with pytest.raises(UserError, match="does not hold EfficientNet-V2-S weights"):
         EfficientNetDiscriminator.build(str(bogus))

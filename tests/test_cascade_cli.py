@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffserve.artifacts import load_cascade
-from diffserve.cascade_builder.discriminator import load_discriminator
+from diffserve.models.discriminator import load_discriminator
 from diffserve.cascade_builder.generation import open_images
 from diffserve.cascade_builder.scoring import QualityFile
 from diffserve.cli.main import app

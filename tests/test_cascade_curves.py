@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffserve.cascade_builder.clip import ClipConfig
+from diffserve.models.clip import ClipConfig
 from diffserve.cascade_builder.curves import (
     deferral_curve,
     mean_quality_curve,
@@ -16,11 +16,8 @@ from diffserve.cascade_builder.curves import (
     set_quality_curve,
     threshold_grid,
 )
-from diffserve.cascade_builder.discriminator import (
-    MAX_CONFIDENCE,
-    ClipLogRegDiscriminator,
-    classification_metrics,
-)
+from diffserve.cascade_builder.discriminator import classification_metrics, fit_clip_logreg
+from diffserve.models.discriminator import MAX_CONFIDENCE
 from diffserve.cascade_builder.pairs import CurvePoints, candidate_pairs, cost_curve, pareto_counts, select_pairs
 
 TINY_CLIP = ClipConfig(model="ViT-S-32", image_size=32)
@@ -96,7 +93,7 @@ def test_separable_synthetic_data_gives_high_auc() -> None:
     direction = rng.normal(size=32)
     pos = rng.normal(size=(200, 32)) + 2.5 * direction / np.linalg.norm(direction)
     neg = rng.normal(size=(200, 32)) - 2.5 * direction / np.linalg.norm(direction)
-    disc = ClipLogRegDiscriminator.fit(pos[:120], neg[:120], TINY_CLIP, positive_name="real")
+    disc = fit_clip_logreg(pos[:120], neg[:120], TINY_CLIP, positive_name="real")
     conf = np.concatenate([disc.confidence_from_features(pos[120:]), disc.confidence_from_features(neg[120:])])
     labels = np.concatenate([np.ones(80), np.zeros(80)])
     metrics = classification_metrics(conf, labels)
@@ -106,7 +103,7 @@ def test_separable_synthetic_data_gives_high_auc() -> None:
 
 def test_indistinguishable_data_gives_chance_auc() -> None:
     rng = np.random.default_rng(1)
-    disc = ClipLogRegDiscriminator.fit(rng.normal(size=(150, 16)), rng.normal(size=(150, 16)), TINY_CLIP, positive_name="real")
+    disc = fit_clip_logreg(rng.normal(size=(150, 16)), rng.normal(size=(150, 16)), TINY_CLIP, positive_name="real")
     pos, neg = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
     conf = np.concatenate([disc.confidence_from_features(pos), disc.confidence_from_features(neg)])
     auc = classification_metrics(conf, np.concatenate([np.ones(300), np.zeros(300)]))["auc"]

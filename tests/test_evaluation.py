@@ -134,13 +134,18 @@ def test_outcomes_and_violation_ratio_count_degraded_apart():
     assert s.goodput == pytest.approx(2 / 2)  # two answers within the SLO over two seconds
 
 
-def test_per_second_quality_is_request_weighted_and_differs_from_aggregate():
-    # second 0: 4 answers all heavy (f=1 -> 10); second 1: 1 answer light (f=0 -> 20)
+def test_per_second_quality_is_weighted_by_requests_sent_and_differs_from_aggregate():
+    # second 0: 4 answers all heavy (f=1 -> 10); second 1: 1 answer light (f=0 -> 20) and 3 refused
+    # requests, which produced no image. Each second weighs by the requests *sent* in it:
+    # (4*10 + 4*20) / 8 = 15; weighting by answers (the old reading) would give (4*10 + 1*20) / 5 = 12
     records = [_rec(i, 0, model="heavy") for i in range(4)] + [_rec(4, 1, model="light")]
+    records += [_rec(5 + i, 1, status=503) for i in range(3)]
     s = summarize(records, slo_ms=5000, light="light", heavy="heavy", quality=_linear)
-    assert s.fid == pytest.approx((4 * 10 + 1 * 20) / 5)
+    assert s.fid == pytest.approx((4 * 10 + 4 * 20) / 8)
+    assert s.fid_all_answers == pytest.approx((4 * 10 + 1 * 20) / 5)
     assert s.aggregate_fid == pytest.approx(_linear(4 / 5))
     assert s.light_fraction == pytest.approx(0.2)
+    assert s.n_rejected == 3
 
 
 def test_u_shaped_curve_aggregate_hides_bad_mixes():

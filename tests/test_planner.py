@@ -289,3 +289,29 @@ def test_a_pinned_threshold_is_kept_and_only_for_cascade_policies(ref):
         solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, policy="proteus", threshold=0.5)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, threshold=1.5)
+
+
+@pytest.mark.parametrize("routing, f, expect", [
+    ("cascade", 0.25, 40.0),        # the light pool sees every query (40), the heavy one a quarter (12 / 0.25 = 48)
+    ("random-split", 0.25, 48.0),   # light sees 3/4 (40 / 0.75 = 53.3), heavy 1/4 (48)
+    ("light-only", 0.7, 40.0),
+    ("heavy-only", 0.0, 12.0),
+    ("cascade", 0.0, 40.0),         # nothing deferred: the heavy pool does not limit
+])
+def test_plan_capacity_is_where_the_busiest_pool_fills(routing, f, expect):
+    from diffserve.planner.capacity import plan_capacity_qps
+
+    assert plan_capacity_qps(routing, f, 40.0, 12.0) == pytest.approx(expect)
+
+
+def test_every_plan_reports_the_shared_capacity_formula(ref):
+    from diffserve.evaluation.metrics import _plan_capacity
+    from diffserve.planner.capacity import plan_capacity_qps
+
+    for policy in POLICIES:
+        plan = solve_plan(*ref, demand_qps=12, slo_ms=SLO, workers=8, policy=policy)
+        caps = {p.model: p.capacity_qps for p in plan.pools}
+        expected = plan_capacity_qps(plan.routing, plan.heavy_fraction, caps.get(plan.light, 0.0), caps.get(plan.heavy, 0.0))
+        assert plan.predicted["capacity_qps"] == pytest.approx(expected, abs=1e-3)
+        # the benchmark's timeline reads the same number back from the plan the server reports
+        assert _plan_capacity(plan.model_dump(), plan.light, plan.heavy) == pytest.approx(expected, abs=1e-3)

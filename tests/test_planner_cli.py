@@ -56,3 +56,40 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_plan_without_a_milp_solver_enumerates_and_says_so_once(tmp_path, monkeypatch, caplog):
+    """A fresh machine without HiGHS or CBC still plans: by enumeration, with one warning."""
+    import diffserve.planner.solve as solve
+
+    monkeypatch.setattr(solve, "available_solvers", lambda: [])
+    monkeypatch.setattr(solve, "_said_no_solver", set())
+    out = tmp_path / "plan.yaml"
+    with caplog.at_level("WARNING", logger="diffserve.planner"):
+        for _ in range(2):
+            res = runner.invoke(app, ["plan", "--demand", "20", "--workers", "16", "--output", str(out)])
+            assert res.exit_code == 0, res.output
+    plan = load_plan(out)
+    assert plan.solver == "enumerate"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "diffserve.planner"]
+    assert len(warnings) == 1 and "no MILP solver is available" in warnings[0]
+    enumerated = solve.solve_plan(*_reference(), demand_qps=20, slo_ms=5000, workers=16, solver="enumerate")
+    assert plan.pools == enumerated.pools and plan.threshold == enumerated.threshold
+    # an explicitly named solver that is missing falls back the same way
+    assert solve.solve_plan(*_reference(), demand_qps=20, slo_ms=5000, workers=16, solver="highs").solver == "enumerate"
+
+
+def test_server_builds_without_a_milp_solver(monkeypatch):
+    """The server's initial plan and its controller use the same fallback, so serve starts."""
+    import diffserve.planner.solve as solve
+    from diffserve.server.build import ServeOptions, build_runtime
+
+    monkeypatch.setattr(solve, "available_solvers", lambda: [])
+    runtime, origin = build_runtime(ServeOptions(workers=16, demand_qps=10))
+    assert runtime.router.plan.solver == "enumerate" and "solved" in origin
+
+
+def _reference():
+    from diffserve.reference import reference_cascade, reference_profile
+
+    return reference_profile(), reference_cascade()

@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
-httpx = pytest.importorskip("httpx")
+import httpx  # noqa: E402
 
 #: Bounds on every wait in this module (wall seconds): nothing here may hang.
 WAIT_S = 60.0
@@ -67,7 +67,8 @@ def engine(cluster):
 
     from diffserve.ray_engine import RayOptions, deploy
 
-    opts = ServeOptions(backend="emulated", workers=3, speedup=2.0, demand_qps=1.0, replan_interval_ms=3.6e6, slo_ms=5000)
+    # a 60 s SLO: no deadline here may depend on how fast Ray notices a dead replica on a busy host
+    opts = ServeOptions(backend="emulated", workers=3, speedup=2.0, demand_qps=1.0, replan_interval_ms=3.6e6, slo_ms=60_000)
     deployed = deploy(opts, RayOptions(), port=0)
     client = httpx.Client(base_url=deployed.url, timeout=WAIT_S)
     wait_for(lambda: client.get("/readyz").status_code == 200, "readyz")
@@ -185,13 +186,9 @@ def test_killed_replica_is_restarted_and_no_request_is_lost(engine):
         time.sleep(0.2)  # let the ingress hand them to the replicas (no event to wait on across processes)
         os.kill(victim.pid, signal.SIGKILL)
         answers = [f.result(timeout=WAIT_S) for f in inflight]
-    codes = [a.status_code for a in answers]
-    # Every request was answered: a retry on a live replica (200), or a clear error: 503 (worker
-    # died twice) or 504 (the retry could not make the deadline). Never a hang, a 500 or a reset.
-    assert all(c in (200, 503, 504) for c in codes), codes
-    for a in answers:
-        if a.status_code != 200:
-            assert a.json()["error"]["type"] in ("server_unavailable", "timeout_error"), a.text
+    # Every request was answered with its image: the victim's jobs were re-sent to the live replica
+    # once, well within the deadline. (A 503 would mean a job met a dead replica twice, a 504 a lost retry.)
+    assert [a.status_code for a in answers] == [200] * n, [a.text for a in answers if a.status_code != 200]
     assert client.get("/v1/ray").json()["retries"][heavy] > retries_before  # the victim's jobs were re-sent
     replaced = wait_for(
         lambda: (lambda rs: rs if len(rs) == 2 and victim.pid not in {r.pid for r in rs} else None)(running(deployed, heavy)),
@@ -201,6 +198,7 @@ def test_killed_replica_is_restarted_and_no_request_is_lost(engine):
     assert generate(client, seed=999, quality="best").status_code == 200
     ledger = client.get("/v1/plan").json()["ledger"]
     assert ledger["accepted"] == ledger["completed"] + ledger["failed"] + ledger["cancelled"]
+    assert ledger["failed"] == 0
 
 
 def _queued(client, model: str) -> float:
@@ -256,7 +254,6 @@ def test_controller_moves_replicas_as_load_changes(engine):
 @pytest.mark.slow
 def test_diffusers_backend_on_ray_with_tiny_random_models(cluster, tmp_path):
     """Real (random-weight) tiny pipelines in pool replicas; the heavy replica answers a deferral."""
-    pytest.importorskip("diffserve.models")
     import io
 
     from PIL import Image

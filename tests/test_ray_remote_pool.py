@@ -154,7 +154,11 @@ async def test_estimate_wait_counts_rounds_of_batches_over_replicas():
     assert pool.estimate_wait_ms(1) == 100.0  # one job, one round of batch 1
     for i in range(4):
         pool.submit(job(i))
-    assert pool.estimate_wait_ms(1) == 2 * 200.0  # 5 jobs over 2 replicas x batch 2: 2 rounds
+    # 4 jobs fill both replicas' batches of 2: the 5th waits for them (200 ms), then runs alone (100 ms)
+    assert pool.estimate_wait_ms(1) == 200.0 + 100.0
+    for i in range(4, 6):
+        pool.submit(job(i))
+    assert pool.estimate_wait_ms(1) == 200.0 + 200.0  # the 2 queued and the new one: one round of batch 2
     gate.set()
     await pool.close()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffserve.cascade_builder.clip import ClipConfig, ClipEncoder, clip_score
+from diffserve.models.clip import ClipConfig, ClipEncoder, clip_score
 from diffserve.cascade_builder.fid import FidConfig, FidFeatures, fid, kid, set_distances
 from diffserve.cascade_builder.scoring import mean_ci95
 from diffserve.errors import UserError

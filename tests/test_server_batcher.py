@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from diffserve.server.clock import Clock
+from diffserve.server.virtualtime import VirtualTimeLoop
 from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadline
 from diffserve.server.pool import Pool
 from diffserve.server.stage import Job
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend():
+    # virtual time: a model-time deadline or batch latency is never eaten by a busy host
+    return "asyncio", {"loop_factory": VirtualTimeLoop}
 
 
 def _job(clock: Clock, prompt: str = "p", budget_ms: float = 1e7) -> Job:
@@ -76,6 +78,19 @@ async def test_unmeetable_jobs_fail_with_would_miss_when_asked() -> None:
     batch = await pool.take_batch()
     assert [j.prompt for j in batch] == ["ok"]
     assert isinstance(tight.future.exception(), WouldMissDeadline)
+
+
+async def test_unmeetable_is_judged_by_the_latency_of_the_batch_formed() -> None:
+    """Batch 1 (100 ms) would make a 250 ms deadline; the batch of 4 (400 ms) it runs in would not."""
+    clock = Clock(1.0)
+    pool = _pool(clock, batch_size=4, drop_unmeetable=True, max_batch_wait_ms=0, latency_ms=lambda bs: 100.0 * bs)
+    tight = [_job(clock, f"t{i}", budget_ms=250.0) for i in range(3)]
+    loose = _job(clock, "loose", budget_ms=10_000.0)
+    for j in (*tight, loose):
+        pool.submit(j)
+    batch = await pool.take_batch()
+    assert [j.prompt for j in batch] == ["loose"]
+    assert all(isinstance(j.future.exception(), WouldMissDeadline) for j in tight)
 
 
 async def test_waits_for_a_fuller_batch_only_within_the_cap() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from diffserve.server.clock import Clock
+from diffserve.server.virtualtime import VirtualTimeLoop
 from diffserve.server.controller import Controller, ControllerSettings
 from diffserve.server.metrics import Metrics
 from diffserve.server.runtime import Runtime, RuntimeSettings
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend():
+    # virtual time: a model-time deadline or batch latency is never eaten by a busy host
+    return "asyncio", {"loop_factory": VirtualTimeLoop}
 
 
 class FakeTarget:
@@ -132,18 +134,20 @@ async def test_replan_under_load_moves_workers_without_dropping_or_duplicating()
 
 
 async def test_controller_loop_runs_on_the_model_time_interval() -> None:
-    calls = []
+    """On virtual time: a re-plan at 5000, 10000, 15000 model ms, whatever the speedup, none between."""
+    clock = Clock(1e5)  # 5000 model ms = 50 wall ms: the interval is in model time, not wall time
     target = FakeTarget()
+    when: list[float] = []
     ctl = Controller(
         target, profile=tiny_profile(), cascade=tiny_cascade(), policy="diffserve", slo_ms=5000, workers=4,
-        clock=Clock(1e5), initial_demand_qps=1.0, settings=ControllerSettings(interval_ms=5000),
-        solver=lambda *a, **k: calls.append(k["demand_qps"]) or hand_plan(),
+        clock=clock, initial_demand_qps=1.0, settings=ControllerSettings(interval_ms=5000),
+        solver=lambda *a, **k: when.append(clock.now_ms()) or hand_plan(),
     )
     ctl.start()
-    while len(calls) < 3:
-        await asyncio.sleep(0.001)
+    await clock.sleep_ms(17_500)
     await ctl.stop()
-    assert len(target.applied) >= 3
+    assert when == pytest.approx([5000.0, 10000.0, 15000.0])
+    assert len(target.applied) == 3 and [d["time_ms"] for d in ctl.decisions] == pytest.approx(when)
 
 
 async def test_a_worker_that_must_load_a_model_is_unavailable_for_its_load_time() -> None:

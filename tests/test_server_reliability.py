@@ -64,17 +64,23 @@ async def test_a_batch_on_a_crashing_worker_is_retried_once_and_the_worker_resta
     assert not any(p.alive for p in backend._procs)  # no child left
 
 
-async def test_sigkill_under_load_loses_nothing() -> None:
+async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     """F1: SIGKILL a worker while it runs a batch; every request is answered exactly once."""
-    backend = _fake_processes(2, 0.3)
+    backend = _fake_processes(2, 0.0)
     rt = _runtime(backend, hand_plan(2, 0, light_batch=2, routing="light-only", heavy=None))
     await rt.start()
     try:
-        tasks = [asyncio.create_task(rt.generate(f"p{i}", seed=i)) for i in range(6)]
-        while not rt.workers.running:
-            await asyncio.sleep(0.005)
-        slot = next(iter(rt.workers.running))
-        os.kill(backend.pids()[slot], signal.SIGKILL)
+        gate = tmp_path / "gate"
+        gate.touch()  # every batch holds inside its worker process until the gate file goes
+        tasks = [asyncio.create_task(rt.generate(f"hold:{gate}", seed=i)) for i in range(6)]
+        held = gate.with_name(f"gate.{backend.pids()[0]}")
+        for _ in range(6000):  # bounded: 60 s
+            if held.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert held.exists(), "worker 0 never started its batch"
+        os.kill(backend.pids()[0], signal.SIGKILL)  # certainly mid-batch: it is holding
+        gate.unlink()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(not isinstance(r, BaseException) for r in results), results
         assert rt.metrics.worker_crashes.labels("light")._value.get() == 1
@@ -85,7 +91,9 @@ async def test_sigkill_under_load_loses_nothing() -> None:
 
 async def test_a_hung_worker_is_answered_504_by_the_watchdog_and_restarted() -> None:
     """F3."""
-    backend = _fake_processes(1, 0.0, watchdog_s=0.5)
+    # a hang trips any watchdog; 5 s (not 0.5) so that a fresh worker's first real batch on a
+    # loaded host never does (it takes milliseconds; under a CPU hog 0.5 s was seen to pass)
+    backend = _fake_processes(1, 0.0, watchdog_s=5.0)
     rt = _runtime(backend, hand_plan(1, 0, routing="light-only", heavy=None))
     await rt.start()
     try:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from diffserve.server.clock import Clock
+from diffserve.server.virtualtime import VirtualTimeLoop
 from diffserve.server.errors import DeadlineExceeded, Unavailable
 from diffserve.server.runtime import Runtime, RuntimeSettings
 from diffserve.server.scores import unit_hash
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend():
+    # virtual time: a model-time deadline or batch latency is never eaten by a busy host
+    return "asyncio", {"loop_factory": VirtualTimeLoop}
 
 
 async def _runtime(backend: GatedBackend, plan, **settings) -> Runtime:
@@ -53,15 +55,22 @@ async def test_quality_fast_and_best_force_one_model_without_scoring() -> None:
     await rt.stop()
 
 
-async def test_random_split_follows_the_seeded_coin_and_never_scores() -> None:
+@pytest.mark.parametrize("run_seed", [0, 7])
+async def test_random_split_follows_the_seeded_coin_and_never_scores(run_seed) -> None:
     backend = GatedBackend()
-    rt = await _runtime(backend, hand_plan(1, 1, routing="random-split", heavy_fraction=0.3, threshold=None))
+    rt = await _runtime(backend, hand_plan(1, 1, routing="random-split", heavy_fraction=0.3, threshold=None), seed=run_seed)
     answers = [(await rt.generate(f"q{i}", seed=i))[0] for i in range(40)]
-    expected = ["heavy" if unit_hash("split", i, f"q{i}") < 0.3 else "light" for i in range(40)]
+    expected = ["heavy" if unit_hash("split", run_seed, i, f"q{i}") < 0.3 else "light" for i in range(40)]
     assert [a.model for a in answers] == expected
     assert {"light", "heavy"} == set(expected)
     assert all(a.confidence is None for a in answers)
     await rt.stop()
+
+
+def test_the_run_seed_changes_the_draws() -> None:
+    """Two run seeds split the same requests differently (else ``--seed`` would be ignored)."""
+    draws = {s: [unit_hash("split", s, i, f"q{i}") < 0.3 for i in range(40)] for s in (0, 7)}
+    assert draws[0] != draws[7]
 
 
 async def test_light_only_plan_never_touches_the_heavy_model() -> None:

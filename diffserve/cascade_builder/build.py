@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from diffserve.cascade_builder.clip import clip_score, get_encoder
+from diffserve.models.clip import clip_score, get_encoder
 from diffserve.cascade_builder.curves import (
     deferral_curve,
     mean_quality_curve,
@@ -31,12 +31,8 @@ from diffserve.cascade_builder.curves import (
     set_quality_curve,
     threshold_grid,
 )
-from diffserve.cascade_builder.discriminator import (
-    ClipLogRegDiscriminator,
-    Discriminator,
-    EfficientNetDiscriminator,
-    classification_metrics,
-)
+from diffserve.cascade_builder.discriminator import classification_metrics, fit_clip_logreg, fit_efficientnet
+from diffserve.models.discriminator import ClipLogRegDiscriminator, Discriminator
 from diffserve.cascade_builder.fid import MIN_FID_SAMPLES, FidFeatures, fid, kid
 from diffserve.cascade_builder.generation import (
     ModelLoader,
@@ -133,6 +129,8 @@ def build_cascade(
     loader: ModelLoader,
     console: Console | None = None,
 ) -> CascadeFile:
+    """Build and write the cascade file. Its ``random_weights`` tells the caller to warn that the
+    quality figures came from random-weight networks (this stage does not know the CLI)."""
     console = console or Console(stderr=True)
     if len(specs) < 2:
         raise UserError(f"a cascade needs at least two models, got {len(specs)}")
@@ -291,7 +289,7 @@ def build_cascade(
         ],
     }
     atomic_write_text(output.with_name(output.stem + ".details.json"), json.dumps(details, indent=1))
-    _summary(console, results, curves, front, recommended, metric, any_random)
+    _summary(console, results, curves, front, recommended, metric)
     return cascade
 
 
@@ -350,7 +348,7 @@ def _train(
             pos_train, pos_val = real_feats[real["train"]], real_feats[real["val"]]
         else:
             pos_train, pos_val = feats[positive][split.train], feats[positive][split.val]
-        disc: Discriminator = ClipLogRegDiscriminator.fit(
+        disc: Discriminator = fit_clip_logreg(
             pos_train, feats[light][split.train], options.clip, positive_name=positive, seed=options.seed
         )
         disc.device = options.feature_device
@@ -366,7 +364,7 @@ def _train(
         neg_train = images[light].images(split.train)
         with progress_bar(console) as progress:
             task = progress.add_task(f"fine-tune EfficientNet-V2-S ({stem})", total=options.epochs * (len(pos_train) + len(neg_train)))
-            disc = EfficientNetDiscriminator.fit(
+            disc = fit_efficientnet(
                 pos_train, neg_train, positive_name=positive, backbone_weights=options.backbone_weights,
                 image_size=options.backbone_image_size, epochs=options.epochs, seed=options.seed,
                 progress=lambda n: progress.advance(task, n), device=options.feature_device,
@@ -384,7 +382,7 @@ def _train(
     return disc, metrics, path.relative_to(output.parent).as_posix(), disc_ms
 
 
-def _summary(console: Console, results: list[dict], curves: list[CurvePoints], front: list[str], recommended: str, metric: str, any_random: bool) -> None:
+def _summary(console: Console, results: list[dict], curves: list[CurvePoints], front: list[str], recommended: str, metric: str) -> None:
     from rich import box
 
     table = Table(
@@ -405,7 +403,3 @@ def _summary(console: Console, results: list[dict], curves: list[CurvePoints], f
             f"{r['q_oracle']:.3f}", f"{r['q_t'][k]:.3f}", f"{k / (len(r['q_t']) - 1):.2f}",
         )
     console.print(table)
-    if any_random:
-        from diffserve.cli._common import warn_random_weights
-
-        warn_random_weights("build-cascade (diffusion models, CLIP or FID features)")

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 from rich.console import Console
 
-from diffserve.cascade_builder.clip import ClipConfig, clip_score, get_encoder
+from diffserve.models.clip import ClipConfig, clip_score, get_encoder
 from diffserve.cascade_builder.fid import MIN_FID_SAMPLES, FidConfig, FidFeatures, set_distances
 from diffserve.cascade_builder.generation import (
     ModelLoader,

@@ -48,7 +48,7 @@ def _prompts(prompts: str, fmt: str, num: Optional[int], seed: int, coco_images:
 
 
 def _clip(model: str, pretrained: Optional[str], weights: Optional[Path], size: Optional[int], seed: int):
-    from diffserve.cascade_builder.clip import ClipConfig
+    from diffserve.models.clip import ClipConfig
     from diffserve.errors import UserError
 
     if pretrained and weights:
@@ -217,6 +217,8 @@ def build_cascade(
     _setup(threads)
     start = time.perf_counter()
     cascade = run_build(specs, prompt_set, output, options, _loader(device), console=err_console)
+    if cascade.random_weights:
+        warn_random_weights("build-cascade (diffusion models, CLIP or FID features)")
     best = cascade.recommended()
     console.print(
         f"cascade written to {output} ({len(cascade.pairs)} pair(s), recommended {best.name}); "

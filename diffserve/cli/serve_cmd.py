@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         policy: Annotated[str, typer.Option(help="diffserve | diffserve-paper | static | clipper-light | clipper-heavy | proteus.")] = "diffserve",
         demand: Annotated[float, typer.Option(help="Initial demand estimate in QPS (static: the demand its one plan is solved for).")] = 1.0,
         replan_interval: Annotated[str, typer.Option(help="Controller period, model time.")] = "5s",
-        seed: Annotated[int, typer.Option(help="Seed for the server's own randomness.")] = 0,
+        seed: Annotated[int, typer.Option(help="Seeds the run: emulated confidences, random-split draws, seeds of requests that name none.")] = 0,
         degrade: Annotated[bool, typer.Option("--degrade/--no-degrade", help="Return the light image (marked degraded) when the heavy model cannot make the deadline.")] = True,
         max_queue: Annotated[int, typer.Option(min=1, help="Bound of each pool's queue; beyond it requests get 429.")] = 256,
         queue_full_status: Annotated[int, typer.Option(help="Status for a full queue: 429 (default) or 503.")] = 429,

@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 from diffserve.errors import UserError
+from diffserve.planner.policies import OURS, POLICIES
 from diffserve.ports import free_port
 from diffserve.evaluation import report
 from diffserve.evaluation.inprocess import DEFAULT_SOLVE_MS, run_in_process
@@ -40,9 +41,6 @@ from diffserve.evaluation.sources import Arrival, demand_per_second, window_rate
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.build import ServeOptions
 
-#: Every policy ``bench compare`` knows, in the order the table lists them; ours last.
-POLICIES = ("clipper-light", "clipper-heavy", "static", "diffserve-paper", "proteus", "diffserve")
-OURS = "diffserve"
 #: Policies that model systems without a degrade mode.
 NO_DEGRADE = frozenset(POLICIES) - {OURS}
 #: Policies that reproduce the paper artifact's controller, which planned with batch latencies

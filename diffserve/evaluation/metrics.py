@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from diffserve.evaluation.loadgen import PlanObservation
 from diffserve.evaluation.quality import QualityMode, quality_function, quality_source
 from diffserve.evaluation.records import Outcome, RequestRecord
+from diffserve.planner.capacity import plan_capacity_qps
 from diffserve.schemas import CascadePair
 
 Quality = Callable[[float], float]
@@ -248,20 +249,11 @@ def _plan_at(plans: list[PlanObservation], at_ms: float) -> dict[str, Any] | Non
 
 
 def _plan_capacity(plan: dict[str, Any], light: str, heavy: str) -> float | None:
-    """Queries/s the plan can sustain: the light pool serves all, the heavy pool its fraction."""
+    """Queries/s the plan can sustain (the planner's formula, from the plan as the server reported it)."""
     pools = {p.get("model"): p for p in plan.get("pools", []) if isinstance(p, dict)}
     light_cap = float(pools[light].get("capacity_qps", 0.0)) if light in pools and pools[light].get("workers") else 0.0
     heavy_cap = float(pools[heavy].get("capacity_qps", 0.0)) if heavy in pools and pools[heavy].get("workers") else 0.0
-    routing = plan.get("routing", "cascade")
-    f = float(plan.get("heavy_fraction") or 0.0)
-    if routing == "light-only" or heavy_cap == 0:
-        return light_cap
-    if routing == "heavy-only" or light_cap == 0:
-        return heavy_cap
-    if routing == "random-split":
-        parts = [light_cap / (1 - f) if f < 1 else math.inf, heavy_cap / f if f > 0 else math.inf]
-        return min(parts)
-    return min(light_cap, heavy_cap / f if f > 0 else math.inf)
+    return plan_capacity_qps(plan.get("routing", "cascade"), float(plan.get("heavy_fraction") or 0.0), light_cap, heavy_cap)
 
 
 def timeline(

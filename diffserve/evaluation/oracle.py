@@ -50,6 +50,7 @@ from diffserve.errors import UserError
 from diffserve.evaluation.metrics import trace_seconds
 from diffserve.evaluation.records import Outcome, RequestRecord
 from diffserve.planner import quality as curves
+from diffserve.planner.queueing import pool_capacity_qps
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.latency import LatencyTable, profile_tables
 
@@ -78,7 +79,7 @@ def best_rate(table: LatencyTable, budget_ms: float) -> tuple[int, float]:
     for b in range(1, 4 * table.max_batch + 1):
         ms = table(b)
         if ms <= budget_ms:
-            best = max(best, (b, b * 1000.0 / ms), key=lambda x: x[1])
+            best = max(best, (b, pool_capacity_qps(ms, b, 1)), key=lambda x: x[1])
     return best
 
 

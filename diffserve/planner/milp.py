@@ -1,4 +1,4 @@
-"""The planning MILP, in PuLP (CBC bundled; HiGHS through highspy when installed).
+"""The planning MILP, in PuLP (HiGHS through highspy, a declared dependency; CBC where PuLP bundles it).
 
 For each cascade pair p (one-hot ``pair_p`` when the file has several):
 

@@ -8,20 +8,20 @@ worker at its highest-throughput batch) with ``overload_factor = demand / capaci
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-
 
 from diffserve.errors import UserError
 from diffserve.planner.brute import enumerate_best
 from diffserve.planner.instance import PairTable
+from diffserve.planner.capacity import plan_capacity_qps
+from diffserve.planner.policies import POLICIES, STATIC_POLICIES
 from diffserve.planner.milp import Choice, available_solvers, solve_milp
 from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
 from diffserve.planner.quality import heavy_quality, light_quality
 from diffserve.planner.tables import build_table, rank_across
 from diffserve.schemas import CascadeFile, CascadePair, ModelProfile, PlanFile, PoolPlan, ProfileFile
-
-POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
 
 #: Plans must hold the SLO at 1.2 x the demand estimate (the paper's controller used 20 %):
 #: demand moves within a re-planning window and the estimate lags it.
@@ -36,8 +36,27 @@ SOLVERS = ("auto", "highs", "cbc", "enumerate")
 #: paper's controller as ``diffserve-paper`` with ``batch``.
 LATENCY_MODELS = ("queueing", "batch")
 
-#: Policies that keep a fixed plan for a whole run and therefore give it every worker.
-_STATIC_POLICIES = ("static", "clipper-light", "clipper-heavy")
+
+
+log = logging.getLogger("diffserve.planner")
+_said_no_solver: set[str] = set()
+
+
+def milp_solver(requested: str) -> str:
+    """The solver to run for ``requested``: a missing MILP solver falls back to enumeration (the same
+    optimum, slower on large clusters) and says so once per process, instead of failing the plan."""
+    if requested == "enumerate":
+        return requested
+    installed = available_solvers()
+    if requested == "auto" and installed:
+        return installed[0]
+    if requested in installed:
+        return requested
+    if requested not in _said_no_solver:
+        _said_no_solver.add(requested)
+        wanted = "no MILP solver is available" if requested == "auto" else f"the MILP solver {requested!r} is not available"
+        log.warning("%s (pip install highspy); planning by enumeration instead: the same optimum, slower on large clusters", wanted)
+    return "enumerate"
 
 
 def _feasible_batches(model: ModelProfile, memory_mb: float | None) -> list[int]:
@@ -139,7 +158,7 @@ def solve_plan(
     start = time.perf_counter()
     pairs = _validate(profile, cascade, demand_qps, slo_ms, workers, policy, headroom, solver, pair)
     batches = _check_models(profile, pairs, slo_ms, worker_memory_mb)
-    spare = spare_workers or ("fill" if policy in _STATIC_POLICIES else "idle")
+    spare = spare_workers or ("fill" if policy in STATIC_POLICIES else "idle")
     if spare not in ("idle", "fill"):
         raise UserError(f"spare_workers must be 'idle' or 'fill', got {spare!r}")
     workers = int(workers)
@@ -151,7 +170,7 @@ def solve_plan(
     model = latency_model
     if model not in LATENCY_MODELS:
         raise UserError(f"latency_model must be one of {', '.join(LATENCY_MODELS)}, got {model!r}")
-    latency_first = policy in _STATIC_POLICIES
+    latency_first = policy in STATIC_POLICIES
     tables = [
         build_table(
             p,
@@ -173,10 +192,7 @@ def solve_plan(
         for p in pairs
     ]
     rank_across(tables)
-    used_solver = solver
-    if solver == "auto":
-        installed = available_solvers()
-        used_solver = installed[0] if installed else "enumerate"
+    used_solver = milp_solver(solver)
     if used_solver == "enumerate":
         choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
         status = "Optimal" if choice else "Infeasible"
@@ -305,14 +321,7 @@ def _plan_from_choice(tables: list[PairTable], choice: Choice, policy, demand, s
             )
         )
     caps = {p.model: p.capacity_qps for p in pool_plans}
-    cap_l, cap_h = caps.get(pair.light, 0.0), caps.get(pair.heavy, 0.0)
-    limits = []
-    light_share = 1.0 if tab.sequential else 1.0 - f
-    if light_share > 0:
-        limits.append(cap_l / light_share)
-    if f > 0:
-        limits.append(cap_h / f)
-    capacity = min(limits) if limits else 0.0
+    capacity = plan_capacity_qps(tab.routing, f, caps.get(pair.light, 0.0), caps.get(pair.heavy, 0.0))
     latency = stage_lat[0] + stage_lat[1] if tab.sequential else max(stage_lat)
     threshold = tab.thresholds[j]
     plan = PlanFile(

@@ -70,7 +70,7 @@ class ModelPool:
             device = "cuda" if ray.get_gpu_ids() else "cpu"
             self.backend = DiffusersBackend(
                 profile, _pair_for(cascade, plan), 1, self.clock, cascade_path=cascade_path,
-                threads=options.threads_per_worker, device=device,
+                threads=options.threads_per_worker, device=device, seed=options.seed,
             )
         else:
             one = dataclasses.replace(options, workers=1)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from diffserve.server.clock import Clock
 from diffserve.server.errors import QueueFull, Unavailable
+from diffserve.server.pool import estimate_wait_ms
 from diffserve.server.stage import Job, StageResult
 
 log = logging.getLogger("diffserve.ray_engine")
@@ -89,12 +90,15 @@ class RemotePool:
         return max(0, self.max_queue - len(self._outstanding))
 
     def estimate_wait_ms(self, extra: int = 1) -> float:
-        """Model time until ``extra`` more jobs would finish: everything outstanding, in batch rounds."""
+        """The in-process pool's estimate; the replicas' state is not visible from here, so the
+        outstanding jobs count as running batches (up to one full batch per replica) plus a queue."""
         workers = max(self.workers, 1)
-        bs = self.batch_size
-        ahead = len(self._outstanding) + extra
-        rounds = -(-ahead // (bs * workers))
-        return rounds * self.latency_ms(min(bs, max(1, ahead)))
+        outstanding = len(self._outstanding)
+        running = min(outstanding, workers * self.batch_size)
+        return estimate_wait_ms(
+            self.latency_ms, queued=outstanding - running, extra=extra, workers=workers, batch_size=self.batch_size,
+            all_busy=outstanding >= workers,
+        )
 
     def retry_after_s(self) -> int:
         return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))

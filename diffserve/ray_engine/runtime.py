@@ -92,6 +92,7 @@ class RayRuntime(Runtime):
             degrade=self.settings.degrade,
             drop_factor=self.settings.drop_factor,
             metrics=self.metrics,
+            seed=self.settings.seed,
         )
         self._scaling: set[asyncio.Task] = set()
         self.replica_targets: dict[str, int] = {}

@@ -215,7 +215,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
                 quality = "best"
             else:
                 raise InvalidRequest(f"unknown model {req.model!r}; use one of {', '.join(_models())}", param="model")
-        seed = req.seed if req.seed is not None else int(time.time_ns() % 2**31)
+        seed = req.seed if req.seed is not None else runtime.request_seed()
         if req.user is not None:
             log.debug("image request from user %r: n=%d quality=%s", req.user, req.n, quality)
         render = Rendering(req.prompt, size, quality, req.output_format, req.ignored())

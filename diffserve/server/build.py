@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from diffserve.artifacts import is_reference, load_cascade, load_plan, load_profile
 from diffserve.errors import UserError
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
+from diffserve.planner.policies import POLICIES
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
 from diffserve.server.runtime import Runtime, RuntimeSettings
@@ -16,8 +17,6 @@ from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
 
-#: The planner's policies; kept here too so that ``diffserve serve --help`` needs no planner import.
-KNOWN_POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
 BACKENDS = ("emulated", "diffusers")
 
 
@@ -33,6 +32,8 @@ class ServeOptions:
     policy: str = "diffserve"
     demand_qps: float = 1.0
     replan_interval_ms: float = 5000.0
+    #: seeds everything random in a run (emulated confidences, random-split draws, the seed of a
+    #: request that names none), so two runs with one seed take the same decisions
     seed: int = 0
     degrade: bool = True
     max_queue: int = 256
@@ -51,8 +52,8 @@ class ServeOptions:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.policy not in KNOWN_POLICIES:
-            raise UserError(f"--policy must be one of {', '.join(KNOWN_POLICIES)}, got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.latency_model not in ("queueing", "batch"):
             raise UserError(f"--latency-model must be queueing or batch, got {self.latency_model!r}")
         if self.workers < 1:
@@ -113,6 +114,7 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
         max_queue=opts.max_queue,
         queue_full_status=opts.queue_full_status,
         max_batch_wait_ms=opts.max_batch_wait_ms,
+        seed=opts.seed,
         controller=ControllerSettings(
             interval_ms=opts.replan_interval_ms,
             ewma_alpha=opts.controller.ewma_alpha,
@@ -127,10 +129,12 @@ def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile,
     if opts.backend == "emulated":
         from diffserve.server.emulated import EmulatedBackend
 
-        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all)
+        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all, seed=opts.seed)
     from diffserve.server.procbackend import DiffusersBackend
 
-    return DiffusersBackend(profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker)
+    return DiffusersBackend(
+        profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker, seed=opts.seed
+    )
 
 
 def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Clock | None = None) -> tuple[Runtime, str]:

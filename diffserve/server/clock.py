@@ -23,15 +23,15 @@ class Clock:
         self,
         speedup: float = 1.0,
         *,
-        wall: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not speedup > 0:
             raise UserError(f"speedup must be positive, got {speedup!r}")
         self.speedup = float(speedup)
-        self._wall = wall
+        self._wall = wall or _default_wall()
         self._sleep = sleep
-        self._t0 = wall()
+        self._t0 = self._wall()
 
     def now_ms(self) -> float:
         return (self._wall() - self._t0) * 1000.0 * self.speedup
@@ -44,3 +44,13 @@ class Clock:
 
     async def sleep_ms(self, model_ms: float) -> None:
         await self._sleep(self.to_wall_s(model_ms))
+
+
+def _default_wall() -> Callable[[], float]:
+    """The wall clock: ``time.monotonic``, or the loop's own time when made inside a virtual-time
+    loop (:mod:`diffserve.server.virtualtime`), so that sleeps and timestamps agree."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return time.monotonic
+    return loop.time if getattr(loop, "virtual_time", False) else time.monotonic

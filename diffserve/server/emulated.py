@@ -41,12 +41,13 @@ class EmulatedBackend(Backend):
         *,
         hold_all: bool = True,
         sizes: list[tuple[int, int]] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__([pair.light, pair.heavy], n_workers)
         self.clock = clock
         self.tables = profile_tables(profile, self.models)
         self.light = pair.light
-        self.scores = ScoreSampler(pair)
+        self.scores = ScoreSampler(pair, seed)
         self.discriminator_ms = pair.discriminator.latency_ms
         self.hold_all = hold_all
         self._held: dict[int, str | None] = {w: None for w in range(n_workers)}

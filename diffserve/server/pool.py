@@ -23,6 +23,19 @@ from diffserve.server.stage import Job
 AUTO_BATCH_WAIT_FRACTION = 0.25
 
 
+def estimate_wait_ms(
+    latency_ms: Callable[[int], float], *, queued: int, extra: int, workers: int, batch_size: int, all_busy: bool
+) -> float:
+    """Model time until ``extra`` more jobs behind ``queued`` would finish on ``workers``: after the
+    running batches when every worker is busy, then the queue drained in rounds of batches.
+    The one estimate both the in-process pool and the Ray engine's remote pool use."""
+    workers = max(workers, 1)
+    ahead = queued + extra
+    rounds = -(-ahead // (batch_size * workers))
+    busy_penalty = latency_ms(batch_size) if all_busy else 0.0
+    return busy_penalty + rounds * latency_ms(min(batch_size, max(1, ahead)))
+
+
 class PoolHooks(Protocol):
     def queue_changed(self, model: str, length: int) -> None: ...
     def dropped(self, model: str, reason: str) -> None: ...
@@ -150,15 +163,15 @@ class Pool:
         return max(0, self.workers - self.down)
 
     def estimate_wait_ms(self, extra: int = 1) -> float:
-        """Model time until ``extra`` more jobs would finish here: queue drained in rounds of batches."""
+        """Model time until ``extra`` more jobs would finish here (see :func:`estimate_wait_ms`);
+        with every assigned worker down, the restart comes first."""
         if self.workers and not self.serving_workers:
             return self.restart_eta_ms + self.latency_ms(1) * (len(self._queue) + extra)
-        workers = max(self.serving_workers, 1)
-        bs = self.batch_size
-        jobs_ahead = len(self._queue) + extra
-        rounds = -(-jobs_ahead // (bs * workers))
-        busy_penalty = self.latency_ms(bs) if self.busy >= workers else 0.0
-        return busy_penalty + rounds * self.latency_ms(min(bs, max(1, jobs_ahead)))
+        serving = max(self.serving_workers, 1)
+        return estimate_wait_ms(
+            self.latency_ms, queued=len(self._queue), extra=extra, workers=serving, batch_size=self.batch_size,
+            all_busy=self.busy >= serving,
+        )
 
     def retry_after_s(self) -> int:
         return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))
@@ -213,6 +226,10 @@ class Pool:
                 n = min(self.batch_size, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(n)]
                 self.hooks.queue_changed(self.model, len(self._queue))
+                if self.drop_unmeetable:
+                    batch = self._drop_late_in(batch)
+                    if not batch:
+                        continue
                 return batch
             await self._notifier.wait(None)
 
@@ -236,6 +253,19 @@ class Pool:
             self._queue = kept
             self.hooks.queue_changed(self.model, len(kept))
         return failed
+
+    def _drop_late_in(self, batch: list[Job]) -> list[Job]:
+        """Fail the jobs that would finish after their deadline in *this* batch (its latency, not
+        batch 1's): the router answers them with their light image instead of a late heavy one."""
+        finish = self.clock.now_ms() + self.latency_ms(len(batch))
+        kept = []
+        for job in batch:
+            if finish > job.deadline_ms:
+                job.future.set_exception(WouldMissDeadline(self.model))
+                self.hooks.dropped(self.model, "unmeetable")
+            else:
+                kept.append(job)
+        return kept
 
     def fail_all(self, exc_factory: Callable[[], Exception]) -> int:
         """Answer every queued job with an error (shutdown); returns how many."""

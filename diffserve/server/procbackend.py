@@ -349,6 +349,7 @@ class DiffusersBackend(ProcessBackend):
         cascade_path: str | None = None,
         threads: int = 1,
         device: str | None = "cpu",
+        seed: int = 0,
     ) -> None:
         models = [pair.light, pair.heavy]
         tables = profile_tables(profile, models)
@@ -367,7 +368,7 @@ class DiffusersBackend(ProcessBackend):
             "light": pair.light,
             "discriminator": disc.path if disc.kind != "replayed" else None,
             "cascade_path": cascade_path,
-            "replay": (list(pair.grid), list(pair.f_t)),
+            "replay": (list(pair.grid), list(pair.f_t), seed),  # ScoreSampler.from_curve's arguments
             "threads": threads,
             "device": device,
         }

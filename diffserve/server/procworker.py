@@ -37,6 +37,12 @@ class FakeRunner:
                     os._exit(3)
             if p == "hang":
                 time.sleep(3600)
+            if p.startswith("hold:"):  # a test's gate: say so (PATH.PID), then wait until PATH is gone
+                path = p.split(":", 1)[1]
+                open(f"{path}.{os.getpid()}", "w").close()
+                deadline = time.monotonic() + 120
+                while os.path.exists(path) and time.monotonic() < deadline:
+                    time.sleep(0.01)
         time.sleep(self.latency_s.get(model, 0.0))
         from diffserve.server.testing import PNG_1x1
 
@@ -57,7 +63,7 @@ class DiffusersRunner:
         self.light = spec["light"]
         self.discriminator = None
         if spec.get("discriminator"):
-            from diffserve.cascade_builder.discriminator import load_discriminator
+            from diffserve.models.discriminator import load_discriminator
 
             self.discriminator = load_discriminator(spec["discriminator"], base=spec.get("cascade_path"))
         # when no discriminator artifact ships, confidences are replayed from the curve (grid, f_t)

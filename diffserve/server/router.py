@@ -2,7 +2,7 @@
 
 Per image: ``quality=fast`` or a light-only plan -> light stage only; ``quality=best`` or a
 heavy-only plan -> heavy only; a random-split plan (Proteus) -> a seeded coin with the plan's
-heavy fraction; otherwise the light image is scored and returned when its confidence is at or
+heavy fraction (seeded by the run's seed); otherwise the light image is scored and returned when its confidence is at or
 above the threshold, else deferred to the heavy pool. A deferred image that can no longer make
 its deadline on the heavy model gets the light image back marked ``degraded`` (unless degrade is
 off). Every wait is bounded: at ``drop_factor x budget`` after arrival the answer is a 504.
@@ -66,8 +66,10 @@ class Router:
         degrade: bool = True,
         drop_factor: float = 1.5,
         metrics: Metrics | None = None,
+        seed: int = 0,
     ) -> None:
         self.pools = pools
+        self.seed = seed
         self.clock = clock
         self.degrade = degrade
         self.drop_factor = drop_factor
@@ -86,7 +88,7 @@ class Router:
         if plan.routing == "heavy-only":
             return "heavy"
         if plan.routing == "random-split":
-            return "heavy" if unit_hash("split", seed, prompt) < plan.heavy_fraction else "light"
+            return "heavy" if unit_hash("split", self.seed, seed, prompt) < plan.heavy_fraction else "light"
         return "cascade"
 
     def _model(self, route: Route) -> str:
@@ -179,7 +181,9 @@ class Router:
             if self.degrade:
                 return self._answer(flight, light, None, degraded=True)
             raise
-        latest_start = flight.deadline_ms - (pool.latency_ms(1) if self.degrade else 0.0)
+        # under load the job runs in a full batch: starting by the deadline minus batch 1's latency
+        # would still finish late (the pool re-checks with the batch it actually forms)
+        latest_start = flight.deadline_ms - (pool.latency_ms(pool.batch_size) if self.degrade else 0.0)
         try:
             heavy = await self._await(job, flight.hard_limit_ms, latest_start)
         except (WouldMissDeadline, DeadlineExceeded):

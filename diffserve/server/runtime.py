@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,6 +41,7 @@ class RuntimeSettings:
     max_batch_wait_ms: float | None = None
     drop_factor: float = 1.5
     drain_timeout_ms: float | None = None  # default: 2 x SLO
+    seed: int = 0  # the run's seed: routing draws and the seeds of requests that name none
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def __post_init__(self) -> None:
@@ -104,8 +106,10 @@ class Runtime:
         self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
         backend.on_worker_event = self._worker_event
         self.router = Router(
-            self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics
+            self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
+            seed=self.settings.seed,
         )
+        self._request_seeds = random.Random(self.settings.seed)
         self.controller = Controller(
             self,
             profile=profile,
@@ -236,6 +240,10 @@ class Runtime:
         await self.backend.close()
 
     # ---------------------------------------------------------------- requests
+    def request_seed(self) -> int:
+        """A seed for a request that names none: drawn from the run's seed, so a seeded run repeats."""
+        return self._request_seeds.randrange(2**31)
+
     async def generate(
         self, prompt: str, *, n: int = 1, seed: int = 0, size: tuple[int, int] = (512, 512), quality: Quality = "auto", slo_ms: float | None = None,
         on_light: Callable[[int, StageResult, float], None] | None = None,

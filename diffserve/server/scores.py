@@ -3,7 +3,8 @@
 The cascade file stores f(t): the fraction of queries whose confidence is below t. Drawing
 u ~ U(0, 1) and returning the smallest t with f(t) >= u gives P(confidence < t) = f(t), so the
 emulated server defers the same fraction of queries as the measured discriminator at every
-threshold. u is seeded by (seed, prompt) so that a repeated request gets the same answer.
+threshold. u is seeded by (run seed, request seed, prompt): a repeated request gets the same
+answer, and a run with another ``--seed`` draws another set of confidences.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ def unit_hash(*parts: object) -> float:
 
 
 class ScoreSampler:
-    def __init__(self, pair: CascadePair) -> None:
+    def __init__(self, pair: CascadePair, seed: int = 0) -> None:
         self.grid = list(pair.grid)
         self.f_t = list(pair.f_t)
+        self.seed = seed
 
     @classmethod
-    def from_curve(cls, grid: list[float], f_t: list[float]) -> "ScoreSampler":
+    def from_curve(cls, grid: list[float], f_t: list[float], seed: int = 0) -> "ScoreSampler":
         """From the bare curve (what a worker process is sent instead of the whole pair)."""
         sampler = cls.__new__(cls)
-        sampler.grid, sampler.f_t = list(grid), list(f_t)
+        sampler.grid, sampler.f_t, sampler.seed = list(grid), list(f_t), seed
         return sampler
 
     def inverse(self, u: float) -> float:
@@ -45,4 +47,4 @@ class ScoreSampler:
         return grid[-1]
 
     def confidence(self, prompt: str, seed: int) -> float:
-        return self.inverse(unit_hash("confidence", seed, prompt))
+        return self.inverse(unit_hash("confidence", self.seed, seed, prompt))

@@ -67,6 +67,10 @@ class _FastForwardSelector(selectors.DefaultSelector):  # type: ignore[misc,vali
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
     """An event loop whose clock starts at 0 and advances only when the loop would otherwise wait."""
 
+    #: Read by :class:`~diffserve.server.clock.Clock`: a clock made without a ``wall`` inside this
+    #: loop follows the loop's time, so sleeps and timestamps agree.
+    virtual_time = True
+
     def __init__(self, *, executor_charge_ms: float = 0.0) -> None:
         self._now = 0.0
         self.executor_charge_s = executor_charge_ms / 1000.0
