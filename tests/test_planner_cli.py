@@ -48,7 +48,7 @@ def test_sweep_table_and_plot(tmp_path):
         ([], "--demand"),
         (["--demand", "5", "--threshold", "2"], "threshold"),
         (["--sweep", "1:3", "--threshold", "0.5"], "--sweep"),
-        (["--demand", "5", "--latency-model", "psychic"], "latency_model"),
+        (["--demand", "5", "--latency-model", "psychic"], "latency model"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
@@ -56,3 +56,32 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def _same_plan(a, b) -> bool:
+    pools = lambda p: sorted((x.model, x.workers, x.batch_size) for x in p.pools)  # noqa: E731
+    return (a.routing, a.threshold, a.heavy_fraction, pools(a), a.predicted) == (b.routing, b.threshold, b.heavy_fraction, pools(b), b.predicted)
+
+
+@pytest.mark.parametrize(
+    "plan_flags, serve_options",
+    [
+        ([], {}),
+        (["--no-degrade"], {"degrade": False}),
+        (["--max-wait", "300ms", "--spare", "idle"], {"max_batch_wait_ms": 300.0, "spare_workers": "idle"}),
+        (["--policy", "diffserve-paper", "--latency-model", "batch", "--no-degrade"],
+         {"policy": "diffserve-paper", "latency_model": "batch", "degrade": False}),
+        (["--headroom", "1.5"], {"headroom": 1.5}),
+    ],
+)
+def test_plan_prints_the_plan_serve_would_run(tmp_path, plan_flags, serve_options):
+    """The planning contract: the same flags give `diffserve plan` and `diffserve serve` one plan."""
+    from diffserve.server.build import ServeOptions, initial_plan
+    from diffserve.reference import reference_cascade, reference_profile
+
+    out = tmp_path / "plan.yaml"
+    res = runner.invoke(app, ["plan", "--demand", "26", "--workers", "12", "-o", str(out), *plan_flags])
+    assert res.exit_code == 0, res.output
+    opts = ServeOptions(workers=12, demand_qps=26, **serve_options)
+    served, _ = initial_plan(opts, reference_profile(), reference_cascade(), None)
+    assert _same_plan(load_plan(out), served)

@@ -168,12 +168,14 @@ async def test_a_worker_that_must_load_a_model_is_unavailable_for_its_load_time(
 
 def test_the_planner_is_told_what_this_server_does():
     """Plans model the batcher that runs and the degrade mode that is on (see build.solver_options)."""
-    from diffserve.server.build import DEGRADE_QUANTILE, STRICT_QUANTILE, ServeOptions, solver_options
+    from diffserve.planner.settings import DEGRADE_QUANTILE, STRICT_QUANTILE
+    from diffserve.server.build import ServeOptions, solver_options
     from diffserve.server.pool import AUTO_BATCH_WAIT_FRACTION
 
-    ours = solver_options(ServeOptions())
-    assert ours["quantile"] == DEGRADE_QUANTILE and ours["max_wait_fraction"] == AUTO_BATCH_WAIT_FRACTION
-    assert ours["latency_model"] == "queueing" and "max_wait_ms" not in ours
-    strict = solver_options(ServeOptions(degrade=False, max_batch_wait_ms=100.0, latency_model="batch"))
-    assert strict["quantile"] == STRICT_QUANTILE and strict["max_wait_ms"] == 100.0
-    assert strict["latency_model"] == "batch" and "max_wait_fraction" not in strict
+    ours = solver_options(ServeOptions())["settings"]
+    assert ours.degrade and ours.stage_quantile == DEGRADE_QUANTILE and ours.max_wait_fraction == AUTO_BATCH_WAIT_FRACTION
+    assert ours.latency_model == "queueing" and ours.max_wait_ms is None and ours.degrade_objective("diffserve")
+    strict = solver_options(ServeOptions(degrade=False, max_batch_wait_ms=100.0, latency_model="batch"))["settings"]
+    assert strict.stage_quantile == STRICT_QUANTILE and strict.max_wait_ms == 100.0
+    assert strict.latency_model == "batch" and strict.max_wait_fraction is None
+    assert not strict.degrade_objective("diffserve")

@@ -19,8 +19,8 @@ from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadli
 from diffserve.server.stage import Job
 
 #: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
-#: the planner is told the same number so that it models the batcher that runs.
-AUTO_BATCH_WAIT_FRACTION = 0.25
+#: the planner's settings hold the number, so that it models the batcher that runs.
+from diffserve.planner.settings import BATCHER_WAIT_FRACTION as AUTO_BATCH_WAIT_FRACTION  # noqa: E402
 
 
 class PoolHooks(Protocol):
