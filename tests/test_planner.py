@@ -15,6 +15,7 @@ from diffserve.planner import POLICIES, cascade_quality, random_split_quality, s
 from diffserve.planner.brute import enumerate_best
 from diffserve.planner.milp import solve_milp
 from diffserve.planner.tables import build_table
+from diffserve.planner.queueing import deadline_miss_share, stage_estimate
 from diffserve.reference import reference_cascade, reference_profile
 from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
 
@@ -294,3 +295,76 @@ def test_a_pinned_threshold_is_kept_and_only_for_cascade_policies(ref):
         solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, policy="proteus", threshold=0.5)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         solve_plan(*ref, demand_qps=8, slo_ms=SLO, workers=16, threshold=1.5)
+
+
+def _small_pair(ref, disc_ms):
+    pair = ref[1].recommended()
+    idx = list(range(0, len(pair.grid), 20))
+    return pair.model_copy(update={
+        "grid": [pair.grid[i] for i in idx], "f_t": [pair.f_t[i] for i in idx], "q_t": [pair.q_t[i] for i in idx],
+        "discriminator": pair.discriminator.model_copy(update={"latency_ms": disc_ms}),
+    })
+
+
+@pytest.mark.parametrize("demand, workers, disc_ms", [(3, 4, 0.0), (7, 4, 5.0), (12, 6, 0.0), (2, 3, 20.0)])
+def test_served_objective_enumeration_is_exact(ref, demand, workers, disc_ms):
+    """The structured enumeration (one light batch per light worker count) against every plan."""
+    from diffserve.planner.degrade import QualityCurve, best_served_plan, served_quality
+    from diffserve.planner.settings import PlanSettings
+
+    profile = ref[0]
+    pair = _small_pair(ref, disc_ms)
+    light, heavy = profile.models[pair.light], profile.models[pair.heavy]
+    lb, hb = [b.batch_size for b in light.feasible_batches()], [b.batch_size for b in heavy.feasible_batches()]
+    settings = PlanSettings()
+    got = best_served_plan(pair, light, heavy, light_batches=lb, heavy_batches=hb, demand_qps=demand, slo_ms=SLO,
+                           workers=workers, settings=settings)
+    curve, rate = QualityCurve.of(pair), settings.headroom * demand
+    caps = dict(max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
+    best = math.inf
+    for f in sorted(set(pair.f_t)):
+        extra = disc_ms if f > 0 else 0.0
+        for kl in range(1, workers + 1):
+            for bl in lb:
+                s = light.latency_ms(bl) + bl * extra
+                if stage_estimate(s, bl, kl, rate, quantile=1 - settings.violation_budget, **caps).total_ms > SLO:
+                    continue
+                mean = stage_estimate(s, bl, kl, rate, quantile=None, **caps).total_ms
+                for kh in range(0, workers - kl + 1):
+                    for bh in hb:
+                        sh = heavy.latency_ms(bh)
+                        delta = float(deadline_miss_share(sh, bh, kh, rate * f, SLO - mean - sh))
+                        best = min(best, float(served_quality(curve, f, delta)))
+    assert got is not None and got.quality == pytest.approx(best, abs=1e-9)
+    assert got.light[1] + got.heavy[1] <= workers
+
+
+def test_served_quality_prices_degraded_answers_as_the_light_model(ref):
+    from diffserve.planner.degrade import QualityCurve, served_quality
+    from diffserve.planner.quality import cascade_quality, light_quality
+
+    pair = ref[1].recommended()
+    curve = QualityCurve.of(pair)
+    for f in (0.0, 0.2, 0.45, 0.6, 0.9, 1.0):
+        assert float(served_quality(curve, f, 0.0)) == pytest.approx(cascade_quality(pair, f), abs=1e-6)
+        assert float(served_quality(curve, f, 1.0)) == pytest.approx(light_quality(pair))
+    # 10 % of 60 % deferred degraded: worse than deferring 54 % cleanly (never a free light answer)
+    assert float(served_quality(curve, 0.6, 0.1)) > cascade_quality(pair, 0.54)
+
+
+def test_degrade_objective_runs_the_heavy_stage_hotter_and_says_what_it_sheds(ref):
+    strict = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, degrade=False)
+    served = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16)
+    assert served.heavy_fraction > strict.heavy_fraction
+    assert served.predicted["fid"] < strict.predicted["fid"]
+    assert 0 < served.predicted["degraded_share"] < 0.05
+    assert served.predicted["degraded_share"] == pytest.approx(served.heavy_fraction * served.predicted["deferred_degraded_share"], abs=1e-5)
+    with pytest.raises(UserError, match="enumeration"):
+        solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, solver="highs")
+    assert solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, solver="highs", degrade=False).solver == "pulp/highs"
+
+
+def test_an_overloaded_plan_reports_its_queueing_latency_and_shed_share(ref):
+    plan = solve_plan(*ref, demand_qps=500, slo_ms=SLO, workers=4)
+    assert plan.degraded and plan.predicted["latency_ms"] == SLO  # the queue fills up to the deadline
+    assert plan.predicted["shed_share"] == pytest.approx(1 - plan.predicted["capacity_qps"] / 500, abs=1e-6)
