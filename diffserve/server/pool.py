@@ -156,7 +156,8 @@ class Pool:
         if not self._queue:
             return
         now = self.clock.now_ms()
-        one = self.latency_ms(1)
+        # the head of the queue starts now in a batch of about this size (a lower bound later on)
+        one = self.latency_ms(min(self.batch_size, len(self._queue)))
         kept: collections.deque[Job] = collections.deque()
         changed = False
         for job in self._queue:

@@ -149,7 +149,7 @@ class Router:
         assert self.plan.heavy is not None
         pool = self.pools[self.plan.heavy]
         now = self.clock.now_ms()
-        if self.degrade and (pool.workers == 0 or now + pool.estimate_wait_ms() > flight.deadline_ms):
+        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
         job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
         try:
@@ -158,7 +158,8 @@ class Router:
             if self.degrade:
                 return self._answer(flight, light, None, degraded=True)
             raise
-        latest_start = flight.deadline_ms - (pool.latency_ms(1) if self.degrade else 0.0)
+        # a heavy batch that starts later than one batch latency before the deadline ends late
+        latest_start = flight.deadline_ms - (pool.latency_ms(pool.batch_size) if self.degrade else 0.0)
         try:
             heavy = await self._await(job, flight.hard_limit_ms, latest_start)
         except (WouldMissDeadline, DeadlineExceeded):
@@ -166,6 +167,16 @@ class Router:
                 return self._answer(flight, light, None, degraded=True)
             raise
         return self._answer(flight, heavy, light, degraded=False)
+
+    @staticmethod
+    def _earliest_heavy_finish_ms(pool: Pool) -> float:
+        """A lower bound on when a deferred job queued now could finish: the jobs ahead fill whole
+        rounds of batches even if every worker were free at once. Degrading early only on a
+        *certain* miss leaves the rest to the start deadline (``latest_start``), which is the
+        degraded-share model of the planner (diffserve/planner/queueing.py, deadline_miss_share);
+        a pessimistic estimate here would degrade queries that would have made it."""
+        rounds_ahead = len(pool) // (pool.batch_size * max(pool.workers, 1))
+        return (rounds_ahead + 1) * pool.latency_ms(pool.batch_size)
 
     async def _await(self, job: Job, hard_limit_ms: float, latest_start_ms: float | None = None) -> StageResult:
         """Wait for a stage: a job not started by ``latest_start_ms`` is withdrawn (504 or degrade);
