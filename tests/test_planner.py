@@ -333,7 +333,7 @@ def test_served_objective_enumeration_is_exact(ref, demand, workers, disc_ms):
                 for kh in range(0, workers - kl + 1):
                     for bh in hb:
                         sh = heavy.latency_ms(bh)
-                        delta = float(deadline_miss_share(sh, bh, kh, rate * f, SLO - mean - sh))
+                        delta = float(deadline_miss_share(sh, bh, kh, demand * f, SLO - mean - sh))
                         best = min(best, float(served_quality(curve, f, delta)))
     assert got is not None and got.quality == pytest.approx(best, abs=1e-9)
     assert got.light[1] + got.heavy[1] <= workers

@@ -272,12 +272,13 @@ def deadline_miss_share(
     """
     import numpy as np
 
-    rates, patience = np.broadcast_arrays(np.asarray(rate_qps, dtype=float), np.asarray(patience_ms, dtype=float))
-    out = np.zeros(rates.shape)
-    busy = rates > 1e-9
+    rates = np.asarray(rate_qps, dtype=float)
+    patience = np.asarray(patience_ms, dtype=float)
+    shape = np.broadcast_shapes(rates.shape, patience.shape)
+    busy = np.broadcast_to(rates > 1e-9, shape)
     if workers <= 0:
-        out[busy] = 1.0
-        return out
+        return np.where(busy, 1.0, 0.0)
+    # everything that depends on the rate only is computed before broadcasting against patience
     lam_b = rates / 1000.0 / batch  # batches per ms
     mu = 1.0 / service_ms
     a = lam_b * service_ms
@@ -291,5 +292,4 @@ def deadline_miss_share(
         ratio = np.where(np.abs(u) < 1e-12, 1.0, np.expm1(np.minimum(u, 700.0)) / np.where(u == 0, 1.0, u))
         miss = rho / (growth / blocking + rho * workers * mu * tau * ratio + rho)
     miss = np.where(patience < 0, 1.0, np.clip(miss, 0.0, 1.0))
-    out[busy] = miss[busy]
-    return out
+    return np.where(busy, miss, 0.0)

@@ -36,9 +36,6 @@ SOLVERS = ("auto", "highs", "cbc", "enumerate")
 
 #: Policies that keep a fixed plan for a whole run and therefore give it every worker.
 _STATIC_POLICIES = ("static", "clipper-light", "clipper-heavy")
-#: ``solve_plan`` keyword arguments that override a field of :class:`PlanSettings`.
-_SETTING_NAMES = ("headroom", "degrade", "quantile", "violation_budget", "max_wait_ms", "max_wait_fraction",
-                  "spare_workers", "latency_model")
 _UNSET = object()
 
 
@@ -249,7 +246,7 @@ def _served_plan(profile, pair: CascadePair, choice, demand, slo_ms, workers, se
     heavy_latency = 0.0
     if kh > 0:
         s_h = heavy.latency_ms(bh)
-        q_lat = stage_latency_ms(s_h, bh, kh, settings.headroom * demand * f, quantile=1.0 - settings.violation_budget,
+        q_lat = stage_latency_ms(s_h, bh, kh, demand * f, quantile=1.0 - settings.violation_budget,
                                  max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
         heavy_latency = min(q_lat, heavy_budget)  # a heavy image later than this is not waited for: degraded
         pools.append(PoolPlan(model=heavy.name, workers=kh, batch_size=bh, capacity_qps=round(pool_capacity_qps(s_h, bh, kh), 4),
@@ -280,9 +277,9 @@ def _served_plan(profile, pair: CascadePair, choice, demand, slo_ms, workers, se
         },
     )
     plan.notes.append(
-        f"objective = quality as served at {settings.headroom:g} x demand: {100 * degraded_share:.2f} % of answers degraded "
+        f"objective = quality as served at the demand estimate: {100 * degraded_share:.2f} % of answers degraded "
         f"(light image of a deferred query), scored as the light model alone; light stage held at "
-        f"p{100 * (1 - settings.violation_budget):g} within the SLO"
+        f"p{100 * (1 - settings.violation_budget):g} within the SLO at {settings.headroom:g} x demand"
     )
     plan.notes.append(_latency_note(settings, 1.0 - settings.violation_budget))
     return plan
