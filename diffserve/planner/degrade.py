@@ -39,7 +39,7 @@ from diffserve.planner.queueing import deadline_miss_share, stage_estimate
 from diffserve.planner.quality import light_quality
 from diffserve.planner.settings import PlanSettings
 from diffserve.planner.tables import _columns
-from diffserve.schemas import CascadePair, ModelProfile
+from diffserve.schemas import CascadePair, ModelProfile, PlanFile
 
 #: Two plans whose served quality differs by less than this are tied (then workers, then latency).
 QUALITY_TIE = 1e-9
@@ -221,3 +221,30 @@ def best_served_plan(
         if best is None or cand.key < best.key:
             best = cand
     return best
+
+
+def evaluate_served(
+    plan: PlanFile, pair: CascadePair, light: ModelProfile, heavy: ModelProfile, *, demand_qps: float, slo_ms: float,
+    settings: PlanSettings,
+) -> float | None:
+    """:func:`served_quality` of an existing cascade plan at another demand; ``None`` when its light
+    stage no longer holds the SLO there (the plan must change). The controller's hysteresis uses
+    this to ask whether moving workers to the new optimum is worth it."""
+    light_pool, heavy_pool = plan.pool(plan.light), plan.pool(plan.heavy) if plan.heavy else None
+    if light_pool is None or plan.routing not in ("cascade", "light-only"):
+        return None
+    f = plan.heavy_fraction if plan.routing == "cascade" else 0.0
+    extra = pair.discriminator.latency_ms if f > 0 else 0.0
+    b, k = light_pool.batch_size, light_pool.workers
+    s = light.latency_ms(b) + b * extra
+    caps = dict(max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
+    rate = settings.headroom * demand_qps
+    if not stage_estimate(s, b, k, rate, quantile=1.0 - settings.violation_budget, **caps).total_ms <= slo_ms:
+        return None
+    delta = 0.0
+    if f > 0:
+        mean = stage_estimate(s, b, k, rate, quantile=None, **caps).total_ms
+        bh, kh = (heavy_pool.batch_size, heavy_pool.workers) if heavy_pool else (1, 0)
+        s_h = heavy.latency_ms(bh)
+        delta = float(deadline_miss_share(s_h, bh, kh, demand_qps * f, slo_ms - mean - s_h))
+    return float(served_quality(QualityCurve.of(pair), f, delta))

@@ -109,6 +109,7 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
             interval_ms=opts.replan_interval_ms,
             ewma_alpha=opts.controller.ewma_alpha,
             safety=opts.controller.safety,
+            hysteresis=opts.controller.hysteresis,
             min_demand_qps=opts.controller.min_demand_qps,
         ),
     )
