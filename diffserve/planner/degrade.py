@@ -196,11 +196,11 @@ def best_served_plan(
                                             slo_ms - lo.mean_ms[kls], slo_ms=slo_ms)
         if not usable:
             continue
-        q = sign * served_quality(curve, fs[cols][None, None, None, :], delta)  # (b_h, k_h, k_l, j)
         k_h = np.arange(delta.shape[1])[None, :, None, None]
-        used = k_h + kls[None, None, :, None]
+        used = np.broadcast_to(k_h + kls[None, None, :, None], delta.shape)  # (b_h, k_h, k_l, j)
         ok = used <= workers
-        qkey = np.where(ok, q, np.inf)
+        qkey = np.full(delta.shape, np.inf)  # scored only where the workers fit
+        qkey[ok] = sign * served_quality(curve, np.broadcast_to(fs[cols], delta.shape)[ok], delta[ok])
         top = qkey.min()
         if not np.isfinite(top):
             continue
