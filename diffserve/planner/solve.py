@@ -17,21 +17,14 @@ from diffserve.planner.brute import enumerate_best
 from diffserve.planner.instance import PairTable
 from diffserve.planner.milp import Choice, available_solvers, solve_milp
 from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
-from diffserve.planner.quality import heavy_quality, light_quality
 from diffserve.planner.degrade import best_served_plan
-from diffserve.planner.settings import (
-    DEFAULT_HEADROOM,
-    LATENCY_MODELS,
-    STRICT_QUANTILE,
-    PlanSettings,
-)
+from diffserve.planner.quality import heavy_quality, light_quality
+from diffserve.planner.settings import PlanSettings
 from diffserve.planner.tables import build_table, rank_across
 from diffserve.schemas import CascadeFile, CascadePair, ModelProfile, PlanFile, PoolPlan, ProfileFile
 
 POLICIES = ("diffserve", "diffserve-paper", "static", "clipper-light", "clipper-heavy", "proteus")
 
-#: The stage quantile without degrade-to-light (kept under this name for callers).
-DEFAULT_QUANTILE = STRICT_QUANTILE
 SOLVERS = ("auto", "highs", "cbc", "enumerate")
 
 #: Policies that keep a fixed plan for a whole run and therefore give it every worker.
