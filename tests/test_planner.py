@@ -16,6 +16,7 @@ from diffserve.planner.brute import enumerate_best
 from diffserve.planner.milp import solve_milp
 from diffserve.planner.tables import build_table
 from diffserve.planner.queueing import deadline_miss_share, stage_estimate
+from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.reference import reference_cascade, reference_profile
 from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
 
@@ -333,7 +334,7 @@ def test_served_objective_enumeration_is_exact(ref, demand, workers, disc_ms):
                 for kh in range(0, workers - kl + 1):
                     for bh in hb:
                         sh = heavy.latency_ms(bh)
-                        delta = float(deadline_miss_share(sh, bh, kh, demand * f, SLO - mean - sh))
+                        delta = float(deadline_miss_share(sh, bh, kh, demand * f, SLO - mean - heavy_start_reserve_ms(sh)))
                         best = min(best, float(served_quality(curve, f, delta)))
     assert got is not None and got.quality == pytest.approx(best, abs=1e-9)
     assert got.light[1] + got.heavy[1] <= workers

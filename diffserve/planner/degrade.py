@@ -6,7 +6,8 @@ in time with its light image, marked degraded. So the two stages are held to dif
 * **light stage:** nothing rescues a late light image, so it must hold the SLO at the
   ``1 - violation_budget`` quantile (discriminator cost included) at ``headroom x demand``;
 * **heavy stage:** may run hot. A share ``delta`` of the deferred queries cannot start their heavy
-  batch by ``SLO - (mean light time) - s_h(b_h)`` after arrival and is degraded
+  batch by ``SLO - (mean light time) - 1.05 s_h(b_h)`` after arrival (the 5 % start guard of
+  :func:`~diffserve.planner.settings.heavy_start_reserve_ms`) and is degraded
   (:func:`~diffserve.planner.queueing.deadline_miss_share`, evaluated at ``f x demand``).
 
 Headroom protects what cannot be repaired: the light stage's tail (and its mean, which sets the
@@ -37,7 +38,7 @@ import numpy as np
 
 from diffserve.planner.queueing import deadline_miss_share, stage_estimate
 from diffserve.planner.quality import light_quality
-from diffserve.planner.settings import PlanSettings
+from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
 from diffserve.planner.tables import _columns
 from diffserve.schemas import CascadePair, ModelProfile, PlanFile
 
@@ -133,13 +134,13 @@ def degraded_share_grid(
     budget_ms: np.ndarray, *, slo_ms: float,
 ) -> tuple[list[int], np.ndarray]:
     """delta[b, k_h, i, j]: deferred share degraded by heavy option (b, k_h) at heavy rate j when
-    the heavy stage has ``budget_ms[i]`` (SLO minus the light time) left. Batches slower than the
-    SLO alone are skipped."""
+    the heavy stage has ``budget_ms[i]`` (SLO minus the light time) left: its batch must start
+    :func:`heavy_start_reserve_ms` before the deadline. Batches slower than the SLO are skipped."""
     usable = [b for b in batches if model.latency_ms(b) < slo_ms]
     out = np.ones((len(usable), max_heavy_workers + 1, len(budget_ms), len(rates_qps)))
     for bi, b in enumerate(usable):
         s = model.latency_ms(b)
-        patience = (budget_ms - s)[:, None]
+        patience = (budget_ms - heavy_start_reserve_ms(s))[:, None]
         for k in range(0, max_heavy_workers + 1):
             out[bi, k] = deadline_miss_share(s, b, k, rates_qps[None, :], patience)
     return usable, out
@@ -246,5 +247,5 @@ def evaluate_served(
         mean = stage_estimate(s, b, k, rate, quantile=None, **caps).total_ms
         bh, kh = (heavy_pool.batch_size, heavy_pool.workers) if heavy_pool else (1, 0)
         s_h = heavy.latency_ms(bh)
-        delta = float(deadline_miss_share(s_h, bh, kh, demand_qps * f, slo_ms - mean - s_h))
+        delta = float(deadline_miss_share(s_h, bh, kh, demand_qps * f, slo_ms - mean - heavy_start_reserve_ms(s_h)))
     return float(served_quality(QualityCurve.of(pair), f, delta))

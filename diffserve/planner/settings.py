@@ -20,6 +20,11 @@ from diffserve.errors import UserError
 DEFAULT_HEADROOM = 1.2
 #: The server's batcher waits for a fuller batch at most this fraction of the batch's latency.
 BATCHER_WAIT_FRACTION = 0.25
+#: A deferred query's heavy batch must start this fraction of the batch's latency earlier than
+#: ``deadline - batch latency``: a GPU batch runs a little longer than its profiled mean now and
+#: then, and the event loop starts it a little late. The router withdraws (degrades) a queued
+#: heavy job at that point, and the planner's degraded-share model uses the same patience.
+START_GUARD_FRACTION = 0.05
 #: Expected SLO violations a degrade-aware plan may cause (late light images; a deferred query
 #: that cannot make its deadline is answered in time with its light image, which costs quality,
 #: not a violation). The light stage is held at the (1 - budget) quantile.
@@ -31,6 +36,13 @@ STRICT_QUANTILE = 0.99
 DEGRADE_QUANTILE = 0.90
 LATENCY_MODELS = ("queueing", "batch")
 SPARE_MODES = ("idle", "fill")
+
+
+def heavy_start_reserve_ms(batch_latency_ms: float) -> float:
+    """How long before its deadline a deferred query's heavy batch must start: its latency plus
+    the start guard. The router and the heavy pool withdraw a queued deferred job at this point
+    (it is answered with its light image); the planner's degraded-share model uses the same."""
+    return batch_latency_ms * (1.0 + START_GUARD_FRACTION)
 
 
 @dataclass(frozen=True)

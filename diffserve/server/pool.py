@@ -21,6 +21,7 @@ from diffserve.server.stage import Job
 #: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
 #: the planner's settings hold the number, so that it models the batcher that runs.
 from diffserve.planner.settings import BATCHER_WAIT_FRACTION as AUTO_BATCH_WAIT_FRACTION  # noqa: E402
+from diffserve.planner.settings import heavy_start_reserve_ms  # noqa: E402
 
 
 class PoolHooks(Protocol):
@@ -168,7 +169,7 @@ class Pool:
                 changed = True
                 job.future.set_exception(DeadlineExceeded(f"deadline passed while queued for {self.model}"))
                 self.hooks.dropped(self.model, "expired")
-            elif self.drop_unmeetable and now + one > job.deadline_ms:
+            elif self.drop_unmeetable and now + heavy_start_reserve_ms(one) > job.deadline_ms:
                 changed = True
                 job.future.set_exception(WouldMissDeadline(self.model))
                 self.hooks.dropped(self.model, "unmeetable")

@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
+from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
@@ -158,8 +159,8 @@ class Router:
             if self.degrade:
                 return self._answer(flight, light, None, degraded=True)
             raise
-        # a heavy batch that starts later than one batch latency before the deadline ends late
-        latest_start = flight.deadline_ms - (pool.latency_ms(pool.batch_size) if self.degrade else 0.0)
+        # a heavy batch that starts later than this ends late: withdraw the job and degrade instead
+        latest_start = flight.deadline_ms - (heavy_start_reserve_ms(pool.latency_ms(pool.batch_size)) if self.degrade else 0.0)
         try:
             heavy = await self._await(job, flight.hard_limit_ms, latest_start)
         except (WouldMissDeadline, DeadlineExceeded):
