@@ -6,7 +6,7 @@ in time with its light image, marked degraded. So the two stages are held to dif
 * **light stage:** nothing rescues a late light image, so it must hold the SLO at the
   ``1 - violation_budget`` quantile (discriminator cost included) at ``headroom x demand``;
 * **heavy stage:** may run hot. A share ``delta`` of the deferred queries cannot start their heavy
-  batch by ``SLO - (mean light time) - 1.05 s_h(b_h)`` after arrival (the 5 % start guard of
+  batch by ``SLO - (mean light time) - 1.01 s_h(b_h)`` after arrival (the 1 % start guard of
   :func:`~diffserve.planner.settings.heavy_start_reserve_ms`) and is degraded
   (:func:`~diffserve.planner.queueing.deadline_miss_share`, evaluated at ``f x demand``).
 

@@ -24,7 +24,7 @@ BATCHER_WAIT_FRACTION = 0.25
 #: ``deadline - batch latency``: a GPU batch runs a little longer than its profiled mean now and
 #: then, and the event loop starts it a little late. The router withdraws (degrades) a queued
 #: heavy job at that point, and the planner's degraded-share model uses the same patience.
-START_GUARD_FRACTION = 0.05
+START_GUARD_FRACTION = 0.01
 #: Expected SLO violations a degrade-aware plan may cause (late light images; a deferred query
 #: that cannot make its deadline is answered in time with its light image, which costs quality,
 #: not a violation). The light stage is held at the (1 - budget) quantile.

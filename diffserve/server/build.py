@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 from diffserve.artifacts import load_cascade, load_plan, load_profile
 from diffserve.errors import UserError
+from diffserve.planner.settings import PlanSettings, plan_settings
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
 from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.planner.settings import PlanSettings, plan_settings
 from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")

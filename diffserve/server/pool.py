@@ -14,14 +14,14 @@ import asyncio
 import collections
 from typing import Callable, Protocol
 
+from diffserve.planner.settings import BATCHER_WAIT_FRACTION, heavy_start_reserve_ms
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadline
 from diffserve.server.stage import Job
 
 #: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
 #: the planner's settings hold the number, so that it models the batcher that runs.
-from diffserve.planner.settings import BATCHER_WAIT_FRACTION as AUTO_BATCH_WAIT_FRACTION  # noqa: E402
-from diffserve.planner.settings import heavy_start_reserve_ms  # noqa: E402
+AUTO_BATCH_WAIT_FRACTION = BATCHER_WAIT_FRACTION
 
 
 class PoolHooks(Protocol):
