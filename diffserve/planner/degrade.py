@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffserve.planner.queueing import deadline_miss_share, stage_estimate
-from diffserve.planner.quality import light_quality
+from diffserve.planner.quality import heavy_quality, light_quality
 from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
 from diffserve.planner.tables import _columns
 from diffserve.schemas import CascadePair, ModelProfile, PlanFile
@@ -59,8 +59,6 @@ class QualityCurve:
 
     @classmethod
     def of(cls, pair: CascadePair) -> "QualityCurve":
-        from diffserve.planner.quality import heavy_quality
-
         fs, qs = [], []
         for f, q in zip(pair.f_t, pair.q_t):
             if fs and f <= fs[-1]:
@@ -101,7 +99,6 @@ class LightOptions:
     batch: np.ndarray
     mean_ms: np.ndarray  # inf where no batch holds the tail check
     tail_ms: np.ndarray
-    service_ms: np.ndarray
 
 
 def light_stage_options(
@@ -115,7 +112,6 @@ def light_stage_options(
     best_b = np.zeros(workers + 1, dtype=int)
     mean = np.full(workers + 1, np.inf)
     tail = np.full(workers + 1, np.inf)
-    service = np.zeros(workers + 1)
     caps = dict(max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
     for k in range(1, workers + 1):
         for b in batches:
@@ -125,8 +121,8 @@ def light_stage_options(
                 continue
             m = stage_estimate(s, b, k, rate, quantile=None, **caps).total_ms
             if (m, t) < (mean[k], tail[k]):
-                best_b[k], mean[k], tail[k], service[k] = b, m, t, s
-    return LightOptions(best_b, mean, tail, service)
+                best_b[k], mean[k], tail[k] = b, m, t
+    return LightOptions(best_b, mean, tail)
 
 
 def degraded_share_grid(
@@ -187,7 +183,10 @@ def best_served_plan(
     best: ServedChoice | None = None
     heavy_rates = demand_qps * fs
     for extra, lo in opts.items():
-        cols = np.flatnonzero((fs <= 0.0) if (extra == 0.0 and disc > 0) else (fs > 0.0) if disc > 0 else np.ones_like(fs, bool))
+        if disc > 0:  # the discriminator's cost applies to the columns that defer anything
+            cols = np.flatnonzero(fs > 0.0) if extra > 0 else np.flatnonzero(fs <= 0.0)
+        else:
+            cols = np.arange(len(fs))
         if cols.size == 0:
             continue
         kls = np.flatnonzero(np.isfinite(lo.mean_ms))
