@@ -310,7 +310,7 @@ def _small_pair(ref, disc_ms):
 @pytest.mark.parametrize("demand, workers, disc_ms", [(3, 4, 0.0), (7, 4, 5.0), (12, 6, 0.0), (2, 3, 20.0)])
 def test_served_objective_enumeration_is_exact(ref, demand, workers, disc_ms):
     """The structured enumeration (one light batch per light worker count) against every plan."""
-    from diffserve.planner.degrade import QualityCurve, best_served_plan, served_quality
+    from diffserve.planner.degrade import QUALITY_TIE, QualityCurve, best_served_plan, served_quality
     from diffserve.planner.settings import PlanSettings
 
     profile = ref[0]
@@ -336,7 +336,7 @@ def test_served_objective_enumeration_is_exact(ref, demand, workers, disc_ms):
                         sh = heavy.latency_ms(bh)
                         delta = float(deadline_miss_share(sh, bh, kh, demand * f, SLO - mean - heavy_start_reserve_ms(sh)))
                         best = min(best, float(served_quality(curve, f, delta)))
-    assert got is not None and got.quality == pytest.approx(best, abs=1e-9)
+    assert got is not None and best - 1e-9 <= got.quality <= best + QUALITY_TIE * abs(best)  # FID: lower is better
     assert got.light[1] + got.heavy[1] <= workers
 
 

@@ -42,8 +42,10 @@ from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
 from diffserve.planner.tables import _columns
 from diffserve.schemas import CascadePair, ModelProfile, PlanFile
 
-#: Two plans whose served quality differs by less than this are tied (then workers, then latency).
-QUALITY_TIE = 1e-9
+#: Two plans whose served quality differs by less than this fraction are tied (then workers, then
+#: latency): 1e-4 of an FID of 17 is 0.002, far below what a measured curve resolves, so an extra
+#: GPU bought for a smaller gain is no gain (``--spare idle`` leaves it idle).
+QUALITY_TIE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def best_served_plan(
 ) -> ServedChoice | None:
     """Exact best plan under :func:`served_quality`; ``None`` when no light stage holds the SLO.
 
-    Ties (quality within :data:`QUALITY_TIE`): fewer workers (``spare_workers="idle"``) or more
+    Ties (quality within a fraction :data:`QUALITY_TIE`): fewer workers (``spare_workers="idle"``) or more
     (``"fill"``: spare heavy workers lower delta), then lower expected latency.
     """
     ts, fs, _qs, _keys, _routing, _seq, _disc = _columns(pair, "diffserve", threshold)
@@ -204,7 +206,7 @@ def best_served_plan(
         top = qkey.min()
         if not np.isfinite(top):
             continue
-        tied = qkey <= top + QUALITY_TIE
+        tied = qkey <= top + QUALITY_TIE * abs(top)
         wkey = np.where(tied, -used if fill else used, np.iinfo(np.int64).max)
         tied &= wkey == wkey.min()
         s_h = np.array([heavy.latency_ms(b) for b in usable])[:, None, None, None]
