@@ -15,6 +15,8 @@ from diffserve.planner import POLICIES, cascade_quality, random_split_quality, s
 from diffserve.planner.brute import enumerate_best
 from diffserve.planner.milp import solve_milp
 from diffserve.planner.tables import build_table
+from diffserve.planner.queueing import deadline_miss_share, stage_estimate
+from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.reference import reference_cascade, reference_profile
 from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
 
@@ -136,10 +138,11 @@ def test_all_heavy_cannot_hold_the_slo_above_17_qps_on_16_workers(ref):
 
 
 def test_beats_the_paper_policy_wherever_they_differ(ref):
+    """Same constraints (every stage within the SLO, no degrade), quality against largest t."""
     differ = 0
     for demand in (2, 4, 8, 12, 16, 20, 24, 28, 32):
-        ours = solve_plan(*ref, demand_qps=demand, slo_ms=SLO, workers=16)
-        paper = solve_plan(*ref, demand_qps=demand, slo_ms=SLO, workers=16, policy="diffserve-paper")
+        ours = solve_plan(*ref, demand_qps=demand, slo_ms=SLO, workers=16, degrade=False)
+        paper = solve_plan(*ref, demand_qps=demand, slo_ms=SLO, workers=16, policy="diffserve-paper", degrade=False)
         assert ours.predicted["fid"] <= paper.predicted["fid"] + 1e-9
         if ours.heavy_fraction != paper.heavy_fraction:
             differ += 1
@@ -229,8 +232,11 @@ def test_yaml_round_trip(ref, tmp_path):
     write_model(tmp_path / "plan.yaml", plan)
     again = load_plan(tmp_path / "plan.yaml")
     assert again == plan
-    assert set(again.predicted) == {"fid", "capacity_qps", "latency_ms"}
-    assert again.solver.startswith("pulp/") and again.solve_time_ms > 0
+    assert set(again.predicted) == {"fid", "capacity_qps", "light_capacity_qps", "latency_ms", "degraded_share",
+                                    "deferred_degraded_share"}
+    assert again.solver == "enumerate" and again.solve_time_ms > 0
+    paper = solve_plan(*ref, demand_qps=20, slo_ms=SLO, workers=16, policy="diffserve-paper")
+    assert set(paper.predicted) == {"fid", "capacity_qps", "latency_ms"} and paper.solver.startswith("pulp/")
 
 
 def test_every_policy_solves(ref):
@@ -248,9 +254,10 @@ def test_worker_memory_says_whether_a_worker_holds_both_models():
         for batch in model.batches:
             if batch.feasible:
                 batch.peak_memory_mb = 1000.0 * batch.batch_size
-    roomy = solve_plan(profile, reference_cascade(), demand_qps=10, slo_ms=5000, workers=16, worker_memory_mb=20000)
+    common = dict(demand_qps=10, slo_ms=5000, workers=16, degrade=False)
+    roomy = solve_plan(profile, reference_cascade(), worker_memory_mb=20000, **common)
     assert any("holds both models" in note for note in roomy.notes)
-    tight = solve_plan(profile, reference_cascade(), demand_qps=10, slo_ms=5000, workers=16, worker_memory_mb=4000)
+    tight = solve_plan(profile, reference_cascade(), worker_memory_mb=4000, **common)
     assert any("cannot hold both models" in note for note in tight.notes)
     assert all(p.batch_size * 1000 <= 4000 for p in tight.pools)
 
@@ -263,7 +270,7 @@ def test_the_artifact_latency_model_ignores_waits_and_defers_more(ref):
         assert pool.latency_ms == pytest.approx(profile.model(pool.model).latency_ms(pool.batch_size))
     assert batch_only.heavy_fraction > queueing.heavy_fraction
     assert any("artifact" in note for note in batch_only.notes)
-    with pytest.raises(UserError, match="latency_model"):
+    with pytest.raises(UserError, match="latency model"):
         solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, latency_model="guess")
 
 
@@ -274,7 +281,7 @@ def test_a_capped_batcher_wait_is_modelled(ref):
     capped = stage_estimate(3680, 4, 3, 1.0, max_wait_fraction=0.25)
     assert uncapped.fill_ms > 0.25 * 3680 and capped.fill_ms == pytest.approx(0.25 * 3680)
     looser = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, max_wait_fraction=0.25)
-    strict = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16)
+    strict = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, max_wait_fraction=None)
     assert looser.predicted["fid"] <= strict.predicted["fid"]
     assert any("0.25 x the batch latency" in note for note in looser.notes)
 
@@ -315,3 +322,76 @@ def test_every_plan_reports_the_shared_capacity_formula(ref):
         assert plan.predicted["capacity_qps"] == pytest.approx(expected, abs=1e-3)
         # the benchmark's timeline reads the same number back from the plan the server reports
         assert _plan_capacity(plan.model_dump(), plan.light, plan.heavy) == pytest.approx(expected, abs=1e-3)
+
+
+def _small_pair(ref, disc_ms):
+    pair = ref[1].recommended()
+    idx = list(range(0, len(pair.grid), 20))
+    return pair.model_copy(update={
+        "grid": [pair.grid[i] for i in idx], "f_t": [pair.f_t[i] for i in idx], "q_t": [pair.q_t[i] for i in idx],
+        "discriminator": pair.discriminator.model_copy(update={"latency_ms": disc_ms}),
+    })
+
+
+@pytest.mark.parametrize("demand, workers, disc_ms", [(3, 4, 0.0), (7, 4, 5.0), (12, 6, 0.0), (2, 3, 20.0)])
+def test_served_objective_enumeration_is_exact(ref, demand, workers, disc_ms):
+    """The structured enumeration (one light batch per light worker count) against every plan."""
+    from diffserve.planner.degrade import QUALITY_TIE, QualityCurve, best_served_plan, served_quality
+    from diffserve.planner.settings import PlanSettings
+
+    profile = ref[0]
+    pair = _small_pair(ref, disc_ms)
+    light, heavy = profile.models[pair.light], profile.models[pair.heavy]
+    lb, hb = [b.batch_size for b in light.feasible_batches()], [b.batch_size for b in heavy.feasible_batches()]
+    settings = PlanSettings()
+    got = best_served_plan(pair, light, heavy, light_batches=lb, heavy_batches=hb, demand_qps=demand, slo_ms=SLO,
+                           workers=workers, settings=settings)
+    curve, rate = QualityCurve.of(pair), settings.headroom * demand
+    caps = dict(max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
+    best = math.inf
+    for f in sorted(set(pair.f_t)):
+        extra = disc_ms if f > 0 else 0.0
+        for kl in range(1, workers + 1):
+            for bl in lb:
+                s = light.latency_ms(bl) + bl * extra
+                if stage_estimate(s, bl, kl, rate, quantile=1 - settings.violation_budget, **caps).total_ms > SLO:
+                    continue
+                mean = stage_estimate(s, bl, kl, rate, quantile=None, **caps).total_ms
+                for kh in range(0, workers - kl + 1):
+                    for bh in hb:
+                        sh = heavy.latency_ms(bh)
+                        delta = float(deadline_miss_share(sh, bh, kh, demand * f, SLO - mean - heavy_start_reserve_ms(sh)))
+                        best = min(best, float(served_quality(curve, f, delta)))
+    assert got is not None and best - 1e-9 <= got.quality <= best + QUALITY_TIE * abs(best)  # FID: lower is better
+    assert got.light[1] + got.heavy[1] <= workers
+
+
+def test_served_quality_prices_degraded_answers_as_the_light_model(ref):
+    from diffserve.planner.degrade import QualityCurve, served_quality
+    from diffserve.planner.quality import cascade_quality, light_quality
+
+    pair = ref[1].recommended()
+    curve = QualityCurve.of(pair)
+    for f in (0.0, 0.2, 0.45, 0.6, 0.9, 1.0):
+        assert float(served_quality(curve, f, 0.0)) == pytest.approx(cascade_quality(pair, f), abs=1e-6)
+        assert float(served_quality(curve, f, 1.0)) == pytest.approx(light_quality(pair))
+    # 10 % of 60 % deferred degraded: worse than deferring 54 % cleanly (never a free light answer)
+    assert float(served_quality(curve, 0.6, 0.1)) > cascade_quality(pair, 0.54)
+
+
+def test_degrade_objective_runs_the_heavy_stage_hotter_and_says_what_it_sheds(ref):
+    strict = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, degrade=False)
+    served = solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16)
+    assert served.heavy_fraction > strict.heavy_fraction
+    assert served.predicted["fid"] < strict.predicted["fid"]
+    assert 0 < served.predicted["degraded_share"] < 0.05
+    assert served.predicted["degraded_share"] == pytest.approx(served.heavy_fraction * served.predicted["deferred_degraded_share"], abs=1e-5)
+    with pytest.raises(UserError, match="enumeration"):
+        solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, solver="highs")
+    assert solve_plan(*ref, demand_qps=28, slo_ms=SLO, workers=16, solver="highs", degrade=False).solver == "pulp/highs"
+
+
+def test_an_overloaded_plan_reports_its_queueing_latency_and_shed_share(ref):
+    plan = solve_plan(*ref, demand_qps=500, slo_ms=SLO, workers=4)
+    assert plan.degraded and plan.predicted["latency_ms"] == SLO  # the queue fills up to the deadline
+    assert plan.predicted["shed_share"] == pytest.approx(1 - plan.predicted["capacity_qps"] / 500, abs=1e-6)

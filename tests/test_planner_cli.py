@@ -48,7 +48,7 @@ def test_sweep_table_and_plot(tmp_path):
         ([], "--demand"),
         (["--demand", "5", "--threshold", "2"], "threshold"),
         (["--sweep", "1:3", "--threshold", "0.5"], "--sweep"),
-        (["--demand", "5", "--latency-model", "psychic"], "latency_model"),
+        (["--demand", "5", "--latency-model", "psychic"], "latency model"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
@@ -67,16 +67,16 @@ def test_plan_without_a_milp_solver_enumerates_and_says_so_once(tmp_path, monkey
     out = tmp_path / "plan.yaml"
     with caplog.at_level("WARNING", logger="diffserve.planner"):
         for _ in range(2):
-            res = runner.invoke(app, ["plan", "--demand", "20", "--workers", "16", "--output", str(out)])
+            res = runner.invoke(app, ["plan", "--demand", "20", "--workers", "16", "--no-degrade", "--output", str(out)])
             assert res.exit_code == 0, res.output
     plan = load_plan(out)
     assert plan.solver == "enumerate"
     warnings = [r.getMessage() for r in caplog.records if r.name == "diffserve.planner"]
     assert len(warnings) == 1 and "no MILP solver is available" in warnings[0]
-    enumerated = solve.solve_plan(*_reference(), demand_qps=20, slo_ms=5000, workers=16, solver="enumerate")
+    enumerated = solve.solve_plan(*_reference(), demand_qps=20, slo_ms=5000, workers=16, solver="enumerate", degrade=False)
     assert plan.pools == enumerated.pools and plan.threshold == enumerated.threshold
     # an explicitly named solver that is missing falls back the same way
-    assert solve.solve_plan(*_reference(), demand_qps=20, slo_ms=5000, workers=16, solver="highs").solver == "enumerate"
+    assert solve.solve_plan(*_reference(), demand_qps=20, slo_ms=5000, workers=16, solver="highs", degrade=False).solver == "enumerate"
 
 
 def test_server_builds_without_a_milp_solver(monkeypatch):
@@ -85,7 +85,8 @@ def test_server_builds_without_a_milp_solver(monkeypatch):
     from diffserve.server.build import ServeOptions, build_runtime
 
     monkeypatch.setattr(solve, "available_solvers", lambda: [])
-    runtime, origin = build_runtime(ServeOptions(workers=16, demand_qps=10))
+    # the paper's policy plans with the MILP (ours, degrade on, enumerates by design)
+    runtime, origin = build_runtime(ServeOptions(workers=16, demand_qps=10, policy="diffserve-paper"))
     assert runtime.router.plan.solver == "enumerate" and "solved" in origin
 
 
@@ -93,3 +94,32 @@ def _reference():
     from diffserve.reference import reference_cascade, reference_profile
 
     return reference_profile(), reference_cascade()
+
+
+def _same_plan(a, b) -> bool:
+    pools = lambda p: sorted((x.model, x.workers, x.batch_size) for x in p.pools)  # noqa: E731
+    return (a.routing, a.threshold, a.heavy_fraction, pools(a), a.predicted) == (b.routing, b.threshold, b.heavy_fraction, pools(b), b.predicted)
+
+
+@pytest.mark.parametrize(
+    "plan_flags, serve_options",
+    [
+        ([], {}),
+        (["--no-degrade"], {"degrade": False}),
+        (["--max-wait", "300ms", "--spare", "idle"], {"max_batch_wait_ms": 300.0, "spare_workers": "idle"}),
+        (["--policy", "diffserve-paper", "--latency-model", "batch", "--no-degrade"],
+         {"policy": "diffserve-paper", "latency_model": "batch", "degrade": False}),
+        (["--headroom", "1.5"], {"headroom": 1.5}),
+    ],
+)
+def test_plan_prints_the_plan_serve_would_run(tmp_path, plan_flags, serve_options):
+    """The planning contract: the same flags give `diffserve plan` and `diffserve serve` one plan."""
+    from diffserve.server.build import ServeOptions, initial_plan
+    from diffserve.reference import reference_cascade, reference_profile
+
+    out = tmp_path / "plan.yaml"
+    res = runner.invoke(app, ["plan", "--demand", "26", "--workers", "12", "-o", str(out), *plan_flags])
+    assert res.exit_code == 0, res.output
+    opts = ServeOptions(workers=12, demand_qps=26, **serve_options)
+    served, _ = initial_plan(opts, reference_profile(), reference_cascade(), None)
+    assert _same_plan(load_plan(out), served)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffserve.planner.queueing import erlang_c, stage_estimate, stage_latency_array, stage_latency_ms
+from diffserve.planner.queueing import deadline_miss_share, erlang_c, stage_estimate, stage_latency_array, stage_latency_ms
 from diffserve.planner.simulate import simulate_pool
 from diffserve.reference import reference_profile
 
@@ -69,3 +69,40 @@ def test_array_and_scalar_latency_agree_for_every_option(options):
     rates = np.array([0.0, 0.5, 3.0, 9.0, 16.0, 30.0])
     expected = [stage_latency_ms(3680, 4, 8, r, **options) for r in rates]
     assert np.allclose(stage_latency_array(3680, 4, 8, rates, **options), expected)
+
+
+# ---------------------------------------------------------------- degraded share (degrade-to-light)
+# (batch, workers, rate qps, patience ms): light load, near capacity, above it; small and large pools.
+MISS_CASES = [(1, 4, 1.8, 1000.0), (2, 8, 3.4, 1500.0), (4, 8, 8.0, 800.0), (4, 16, 16.0, 1000.0), (4, 16, 19.0, 1000.0),
+              (4, 4, 4.5, 1000.0), (1, 2, 1.2, 3000.0), (2, 12, 10.0, 2000.0), (4, 12, 14.0, 1200.0)]
+
+
+@pytest.mark.parametrize("batch, workers, rate, patience", MISS_CASES)
+def test_deadline_miss_share_matches_the_simulated_pool(batch, workers, rate, patience):
+    """The planner's degraded share against a measured run of the same batcher (the heavy pool:
+    wait at most a quarter of the batch latency, leave unserved when not started in time).
+
+    Tolerance: 0.015 absolute + 35 % of the measured share. The model treats batches as full and
+    arrivals as Poisson; small pools near capacity (4 workers, rho ~ 1) are its worst case."""
+    service = _service("sd-v1.5")
+    sim = simulate_pool(rate_qps=rate, workers=workers, batch=batch, service_ms=service,
+                        max_wait_ms=0.25 * service(batch), patience_ms=patience, n_requests=20_000, seed=3)
+    pred = float(deadline_miss_share(service(batch), batch, workers, rate, patience))
+    assert abs(pred - sim.miss_share) <= 0.015 + 0.35 * sim.miss_share
+
+
+def test_deadline_miss_share_limits():
+    from diffserve.planner.queueing import erlang_b_array
+
+    s, b, k = 3680.0, 4, 8
+    a = 10.0 / 1000 / b * s  # offered load in batch-servers at 10 qps
+    # no patience: an arrival is served only if a worker is free, i.e. Erlang-B loss
+    assert float(deadline_miss_share(s, b, k, 10.0, 0.0)) == pytest.approx(float(erlang_b_array(k, np.array(a))))
+    # above capacity with long patience the excess is shed: 1 - capacity / rate
+    cap = k * b * 1000 / s
+    assert float(deadline_miss_share(s, b, k, 1.5 * cap, 1e7)) == pytest.approx(1 - 1 / 1.5, abs=1e-3)
+    assert float(deadline_miss_share(s, b, k, 0.5 * cap, 1e7)) < 1e-9
+    assert float(deadline_miss_share(s, b, k, 5.0, -1.0)) == 1.0  # the batch alone is too slow
+    assert float(deadline_miss_share(s, b, 0, 5.0, 1000.0)) == 1.0 and float(deadline_miss_share(s, b, k, 0.0, 0.0)) == 0.0
+    shares = deadline_miss_share(s, b, k, np.linspace(1.0, 1.3 * cap, 40), 1000.0)
+    assert np.all(np.diff(shares) >= -1e-12)  # continuous and rising through rho = 1

@@ -220,7 +220,9 @@ def test_controller_moves_replicas_as_load_changes(engine):
 
     deployed, _ = engine
     serve.delete(deployed.app_name)  # one app owns the route "/"; this is the module's last test
-    opts = ServeOptions(backend="emulated", workers=4, speedup=2.0, demand_qps=0.5, replan_interval_ms=2000, slo_ms=5000)
+    # spare workers idle, so that the pools visibly grow with the load (with "fill" every worker is busy from the start)
+    opts = ServeOptions(backend="emulated", workers=4, speedup=2.0, demand_qps=0.5, replan_interval_ms=2000, slo_ms=5000,
+                        spare_workers="idle")
     live = deploy(opts, RayOptions(), port=0)
     with httpx.Client(base_url=live.url, timeout=WAIT_S) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200, "readyz")

@@ -176,7 +176,7 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
 
     monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
     profile, cascade = load_profile("reference"), load_cascade("reference")
-    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8)
+    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8, spare_workers="idle")  # leaves workers idle
     pair = cascade.recommended()
     clock = Clock(1.0)
     catalogue = rt.CatalogueBackend(profile, pair, 8, clock, [(512, 512)])

@@ -173,12 +173,57 @@ async def test_a_worker_that_must_load_a_model_is_unavailable_for_its_load_time(
 
 def test_the_planner_is_told_what_this_server_does():
     """Plans model the batcher that runs and the degrade mode that is on (see build.solver_options)."""
-    from diffserve.server.build import DEGRADE_QUANTILE, STRICT_QUANTILE, ServeOptions, solver_options
+    from diffserve.planner.settings import DEGRADE_QUANTILE, STRICT_QUANTILE
+    from diffserve.server.build import ServeOptions, solver_options
     from diffserve.server.pool import AUTO_BATCH_WAIT_FRACTION
 
-    ours = solver_options(ServeOptions())
-    assert ours["quantile"] == DEGRADE_QUANTILE and ours["max_wait_fraction"] == AUTO_BATCH_WAIT_FRACTION
-    assert ours["latency_model"] == "queueing" and "max_wait_ms" not in ours
-    strict = solver_options(ServeOptions(degrade=False, max_batch_wait_ms=100.0, latency_model="batch"))
-    assert strict["quantile"] == STRICT_QUANTILE and strict["max_wait_ms"] == 100.0
-    assert strict["latency_model"] == "batch" and "max_wait_fraction" not in strict
+    ours = solver_options(ServeOptions())["settings"]
+    assert ours.degrade and ours.stage_quantile == DEGRADE_QUANTILE and ours.max_wait_fraction == AUTO_BATCH_WAIT_FRACTION
+    assert ours.latency_model == "queueing" and ours.max_wait_ms is None and ours.degrade_objective("diffserve")
+    strict = solver_options(ServeOptions(degrade=False, max_batch_wait_ms=100.0, latency_model="batch"))["settings"]
+    assert strict.stage_quantile == STRICT_QUANTILE and strict.max_wait_ms == 100.0
+    assert strict.latency_model == "batch" and strict.max_wait_fraction is None
+    assert not strict.degrade_objective("diffserve")
+
+
+async def test_hysteresis_keeps_the_running_plan_unless_moving_workers_pays() -> None:
+    from diffserve.planner import solve_plan
+    from diffserve.planner.degrade import evaluate_served
+    from diffserve.planner.settings import PlanSettings
+    from diffserve.reference import reference_cascade, reference_profile
+
+    profile, cascade, settings = reference_profile(), reference_cascade(), PlanSettings()
+    running = solve_plan(profile, cascade, demand_qps=20, slo_ms=5000, workers=16)
+    pair = cascade.recommended()
+    offers = {}
+
+    def solver(profile, cascade, *, demand_qps, slo_ms, workers, policy, settings):
+        moved = running.model_copy(deep=True)
+        moved.pools[0].workers += 1
+        moved.pools[1].workers -= 1
+        moved.predicted["fid"] = offers["fid"]
+        return moved
+
+    wall, target = FakeWall(), FakeTarget()
+    ctl = Controller(
+        target, profile=profile, cascade=cascade, policy="diffserve", slo_ms=5000, workers=16,
+        clock=Clock(1.0, wall=wall), initial_demand_qps=20.0, settings=ControllerSettings(), solver=solver,
+        solver_options={"settings": settings},
+    )
+    ctl.record_initial(running, "initial plan")
+    now = evaluate_served(running, pair, profile.models[pair.light], profile.models[pair.heavy], demand_qps=20.0,
+                          slo_ms=5000, settings=settings)
+    wall.t, target.offered = 5.0, 100  # 20 QPS: the estimate stays at 20
+    offers["fid"] = now - 0.001  # a worker move for 0.001 FID: not worth it
+    decision = await ctl.step()
+    assert not target.applied and decision["reason"].startswith("kept the running plan")
+    wall.t, target.offered = 10.0, 200
+    offers["fid"] = now - 0.5
+    decision = await ctl.step()
+    assert target.applied and decision["applied"]
+    # a plan whose light stage no longer holds the SLO is replaced whatever the gain
+    ctl.current, target.applied = running, []
+    wall.t, target.offered = 15.0, 200 + 5 * 400
+    offers["fid"] = 30.0
+    await ctl.step()
+    assert target.applied

@@ -114,6 +114,25 @@ async def test_queued_deferral_degrades_when_its_latest_start_passes() -> None:
     await rt.stop()
 
 
+async def test_early_degrade_needs_a_certain_miss() -> None:
+    """A deferred query is degraded before queueing only when even free workers could not finish
+    it in time: the jobs ahead fill whole rounds of batches. Busy workers may free at any moment,
+    so they add nothing; the start deadline (latest_start) handles the rest."""
+    from diffserve.server.pool import Pool
+    from diffserve.server.router import Router
+    from diffserve.server.stage import Job
+
+    clock = Clock(1.0)
+    pool = Pool("heavy", clock=clock, latency_ms=lambda n: 1000.0 * n, batch_size=2)
+    pool.workers, pool.busy = 2, 2  # every worker busy
+    assert Router._earliest_heavy_finish_ms(pool) == 2000.0  # one batch of 2
+    for i in range(3):
+        pool.submit(Job(f"q{i}", i, (512, 512), 1e9, 0.0))
+    assert Router._earliest_heavy_finish_ms(pool) == 2000.0  # 3 ahead: still the first round
+    pool.submit(Job("q3", 3, (512, 512), 1e9, 0.0))
+    assert Router._earliest_heavy_finish_ms(pool) == 4000.0  # 4 ahead fill a round of 2 workers x 2
+
+
 async def test_without_degrade_a_queued_request_gets_504_and_never_runs() -> None:
     """L2: the deadline passes while queued."""
     backend = GatedBackend(clock=Clock(10), latency_ms={"light": 100.0, "heavy": 1000.0}, confidences={"A": 0.0, "B": 0.0})

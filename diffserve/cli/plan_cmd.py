@@ -23,11 +23,12 @@ def plan(
     workers: Annotated[int, typer.Option("--workers", "-w", help="Workers (GPUs) available.")] = 16,
     policy: Annotated[str, typer.Option("--policy", help="diffserve | diffserve-paper | static | clipper-light | clipper-heavy | proteus")] = "diffserve",
     headroom: Annotated[Optional[float], typer.Option("--headroom", help="Plan for this multiple of the demand (default 1.2).")] = None,
+    degrade: Annotated[bool, typer.Option("--degrade/--no-degrade", help="The server answers a deferred query that would be late with its light image (as `serve --degrade`); diffserve then maximises the quality as served.")] = True,
     solver: Annotated[str, typer.Option("--solver", help="auto | highs | cbc | enumerate")] = "auto",
     pair: Annotated[Optional[str], typer.Option("--pair", help="Restrict to one cascade pair, e.g. sd-turbo->sd-v1.5.")] = None,
-    max_wait: Annotated[Optional[str], typer.Option("--max-wait", help="Batcher's max wait for a full batch (default: uncapped, conservative).")] = None,
+    max_wait: Annotated[Optional[str], typer.Option("--max-wait", "--max-batch-wait", help="Batcher's max wait for a fuller batch, as serve's --max-batch-wait (default: a quarter of the batch's latency).")] = None,
     memory_mb: Annotated[Optional[float], typer.Option("--worker-memory-mb", help="Memory per worker; larger batches are dropped.")] = None,
-    spare: Annotated[Optional[str], typer.Option("--spare", help="idle | fill: what to do with workers the plan does not need.")] = None,
+    spare: Annotated[str, typer.Option("--spare", help="fill (as serve: spare workers join the pools) | idle.")] = "fill",
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan.")] = Path("plan.yaml"),
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="Sweep demand LOW:HIGH (1 qps steps) instead of one plan.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: PNG of predicted quality vs demand.")] = None,
@@ -38,7 +39,8 @@ def plan(
     from diffserve.artifacts import load_cascade, load_profile
     from diffserve.errors import UserError
     from diffserve.fileio import write_model
-    from diffserve.planner import DEFAULT_HEADROOM, solve_plan
+    from diffserve.planner import solve_plan
+    from diffserve.planner.settings import plan_settings
     from diffserve.units import parse_duration_ms, parse_range
 
     slo_ms = parse_duration_ms(slo, name="--slo")
@@ -46,11 +48,9 @@ def plan(
     prof, casc = load_profile(profile), load_cascade(cascade)
     if prof.random_weights or casc.random_weights:
         warn_random_weights("the profile or cascade")
-    options = dict(
-        slo_ms=slo_ms, workers=workers, headroom=DEFAULT_HEADROOM if headroom is None else headroom,
-        solver=solver, pair=pair, max_wait_ms=wait_ms, worker_memory_mb=memory_mb, spare_workers=spare,
-        latency_model=latency_model,
-    )
+    settings = plan_settings(degrade=degrade, max_batch_wait_ms=wait_ms, spare_workers=spare, latency_model=latency_model,
+                             headroom=headroom)
+    options = dict(slo_ms=slo_ms, workers=workers, settings=settings, solver=solver, pair=pair, worker_memory_mb=memory_mb)
     if sweep is not None:
         if threshold is not None:
             raise UserError("--threshold pins one plan's threshold; it cannot be combined with --sweep")

@@ -115,6 +115,8 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
         log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "warning",
         latency_model: Annotated[str, typer.Option(help="Planner's latency model: queueing (batch + fill wait + queueing) or batch (the paper artifact's: batch latency only).")] = "queueing",
+        spare: Annotated[str, typer.Option(help="fill (spare workers join the pools) | idle; `diffserve plan --spare` is the same setting.")] = "fill",
+        headroom: Annotated[Optional[float], typer.Option(help="Plan for this multiple of the demand estimate (default 1.2).")] = None,
         engine: Annotated[str, typer.Option(help="embedded (one process, FastAPI + uvicorn) or ray (Ray Serve deployments; needs the 'ray' extra).")] = "embedded",
         address: Annotated[str, typer.Option(help="Ray engine: 'local' starts Ray here, 'auto' joins this node's cluster, or ray://HOST:10001.")] = "local",
         ray_num_cpus: Annotated[float, typer.Option(min=0, help="Ray engine: CPUs reserved per pool replica (fractional is fine for emulated).")] = 0.1,
@@ -143,6 +145,8 @@ def register(app: typer.Typer) -> None:
             max_batch_wait_ms=None if max_batch_wait is None else _nonneg_duration(max_batch_wait),
             hold_all=hold_both,
             latency_model=latency_model,
+            spare_workers=spare,
+            headroom=headroom,
         )
         if queue_full_status not in (429, 503):
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")

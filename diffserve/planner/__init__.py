@@ -9,6 +9,8 @@ See docs/planning.md for the model (MILP, queueing estimate, degraded mode, poli
 """
 
 from diffserve.planner.quality import cascade_quality, random_split_quality
-from diffserve.planner.solve import DEFAULT_HEADROOM, POLICIES, solve_plan
+from diffserve.planner.settings import DEFAULT_HEADROOM, PlanSettings, plan_settings
+from diffserve.planner.solve import POLICIES, solve_plan
 
-__all__ = ["POLICIES", "DEFAULT_HEADROOM", "solve_plan", "cascade_quality", "random_split_quality"]
+__all__ = ["POLICIES", "DEFAULT_HEADROOM", "PlanSettings", "plan_settings", "solve_plan", "cascade_quality",
+           "random_split_quality"]

@@ -230,3 +230,66 @@ def stage_latency_array(
     busy_out[stable] = service_ms + fill + queue
     out[busy] = busy_out
     return out
+
+
+def erlang_b_array(servers: int, offered_load: "np.ndarray") -> "np.ndarray":
+    """Erlang-B blocking probability for many offered loads (the stable recursion, no factorials)."""
+    import numpy as np
+
+    out = np.ones_like(np.asarray(offered_load, dtype=float))
+    for n in range(1, servers + 1):
+        out = offered_load * out / (n + offered_load * out)
+    return out
+
+
+def deadline_miss_share(
+    service_ms: float,
+    batch: int,
+    workers: int,
+    rate_qps: "np.ndarray | float",
+    patience_ms: "np.ndarray | float",
+) -> "np.ndarray":
+    """Share of a pool's arrivals that cannot *start* within ``patience_ms`` of arriving.
+
+    This is the degraded share of deferred queries: a deferred query whose heavy batch cannot start
+    by ``deadline - s(b)`` is answered with its light image, and it leaves the queue without using
+    a worker. That is a queue with impatient customers (deterministic patience), for which the
+    M/M/k+D model (Baccelli & Hebuterne) has a closed form; we apply it to full batches (arrival
+    rate ``lam/b``, service ``s(b)``) and, as Allen-Cunneen does for the wait itself, shrink every
+    wait by ``(c_a^2 + c_s^2) / 2 = 1 / (2b)`` (Erlang-b inter-batch times, deterministic
+    service), i.e. evaluate the M/M/k formula at patience ``2b x``:
+
+    ``P(miss) = rho / (e^u / B + rho k mu tau (e^u - 1)/u + rho)``, with ``a = lam s / b``,
+    ``rho = a / k``, ``mu = 1/s``, ``beta = k mu - lam/b``, ``tau = 2b x``, ``u = beta tau`` and
+    ``B = ErlangB(k - 1, a)``.
+
+    It is continuous through ``rho = 1`` and needs no steady state: ``x = 0`` gives Erlang-B loss,
+    ``x -> inf`` gives 0 below capacity and ``1 - 1/rho`` above it (the excess is shed), and for
+    ``rho < 1`` and large ``x`` it is ``ErlangC * exp(-x / theta)`` up to normalisation, the tail
+    of the Allen-Cunneen wait of :func:`stage_estimate`. ``x < 0`` (the batch alone is too slow)
+    misses always. Broadcasts over ``rate_qps`` and ``patience_ms``. Checked against
+    :func:`diffserve.planner.simulate.simulate_pool` with ``patience_ms`` in the tests.
+    """
+    import numpy as np
+
+    rates = np.asarray(rate_qps, dtype=float)
+    patience = np.asarray(patience_ms, dtype=float)
+    shape = np.broadcast_shapes(rates.shape, patience.shape)
+    busy = np.broadcast_to(rates > 1e-9, shape)
+    if workers <= 0:
+        return np.where(busy, 1.0, 0.0)
+    # everything that depends on the rate only is computed before broadcasting against patience
+    lam_b = rates / 1000.0 / batch  # batches per ms
+    mu = 1.0 / service_ms
+    a = lam_b * service_ms
+    rho = a / workers
+    blocking = erlang_b_array(workers - 1, a) if workers > 1 else np.ones_like(a)
+    tau = 2.0 * batch * np.maximum(patience, 0.0)
+    beta = workers * mu - lam_b
+    u = beta * tau
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        growth = np.exp(np.minimum(u, 700.0))
+        ratio = np.where(np.abs(u) < 1e-12, 1.0, np.expm1(np.minimum(u, 700.0)) / np.where(u == 0, 1.0, u))
+        miss = rho / (growth / blocking + rho * workers * mu * tau * ratio + rho)
+    miss = np.where(patience < 0, 1.0, np.clip(miss, 0.0, 1.0))
+    return np.where(busy, miss, 0.0)

@@ -4,6 +4,10 @@ Poisson arrivals (seeded) into a FIFO queue served by ``workers`` identical work
 worker takes up to ``batch`` queued requests; with ``max_wait_ms`` > 0 it waits for a full batch
 until the oldest queued request has waited that long (``None``: until the batch is full). A batch
 of ``n`` takes ``service_ms(n)``. This is the batcher the planner assumes.
+
+With ``patience_ms`` a request that has not started within that long of arriving leaves the queue
+unserved (the heavy pool's deferred query answered with its light image); the batcher never waits
+for a fuller batch past the oldest request's patience. ``miss_share`` is the share that left.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class SimResult:
     p99_ms: float
     mean_batch: float
     n: int
+    miss_share: float = 0.0
 
 
 def simulate_pool(
@@ -34,12 +39,17 @@ def simulate_pool(
     n_requests: int = 20_000,
     warmup: int = 1_000,
     seed: int = 0,
+    patience_ms: float | None = None,
 ) -> SimResult:
     """Simulate ``n_requests`` arrivals; latency statistics skip the first ``warmup`` requests."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1000.0 / rate_qps, size=n_requests)).tolist()
-    wait_cap = float("inf") if max_wait_ms is None else float(max_wait_ms)
     inf = float("inf")
+    wait_cap = inf if max_wait_ms is None else float(max_wait_ms)
+    patience = inf if patience_ms is None else float(patience_ms)
+    if patience < wait_cap:
+        wait_cap = patience  # never wait for a fuller batch past the oldest request's start deadline
+    missed = [False] * n_requests
     latency = [0.0] * n_requests
     queue: deque[int] = deque()
     busy: list[float] = []  # finish times of running batches (a heap)
@@ -60,6 +70,10 @@ def simulate_pool(
         elif t_arr <= now:
             queue.append(i)
             i += 1
+        while free > 0 and queue and now > arrivals[queue[0]] + patience:
+            j = queue.popleft()  # cannot start in time any more: leaves unserved
+            missed[j] = True
+            served += 1
         while free > 0 and queue:
             full = len(queue) >= batch
             due = now >= arrivals[queue[0]] + wait_cap or i >= n_requests
@@ -74,10 +88,12 @@ def simulate_pool(
             heapq.heappush(busy, finish)
             free -= 1
             batches += 1
-    kept = np.asarray(latency[warmup:])
+    lost = np.asarray(missed[warmup:])
+    kept = np.asarray(latency[warmup:])[~lost]
     return SimResult(
-        mean_ms=float(kept.mean()),
-        p99_ms=float(np.quantile(kept, 0.99)),
-        mean_batch=n_requests / batches,
+        mean_ms=float(kept.mean()) if kept.size else float("nan"),
+        p99_ms=float(np.quantile(kept, 0.99)) if kept.size else float("nan"),
+        mean_batch=(n_requests - int(np.sum(missed))) / max(batches, 1),
         n=len(kept),
+        miss_share=float(lost.mean()),
     )

@@ -19,24 +19,14 @@ from diffserve.planner.capacity import plan_capacity_qps
 from diffserve.planner.policies import POLICIES, STATIC_POLICIES
 from diffserve.planner.milp import Choice, available_solvers, solve_milp
 from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
+from diffserve.planner.degrade import best_served_plan
 from diffserve.planner.quality import heavy_quality, light_quality
+from diffserve.planner.settings import PlanSettings
 from diffserve.planner.tables import build_table, rank_across
 from diffserve.schemas import CascadeFile, CascadePair, ModelProfile, PlanFile, PoolPlan, ProfileFile
 
-#: Plans must hold the SLO at 1.2 x the demand estimate (the paper's controller used 20 %):
-#: demand moves within a re-planning window and the estimate lags it.
-DEFAULT_HEADROOM = 1.2
-#: The SLO is checked on the predicted 99th percentile of each stage.
-DEFAULT_QUANTILE = 0.99
 SOLVERS = ("auto", "highs", "cbc", "enumerate")
-
-#: Latency models: ``queueing`` (ours: batch latency + batch-fill wait + queueing wait, see
-#: queueing.py) or ``batch`` (the paper artifact's controller: a stage takes its batch latency
-#: whenever capacity covers headroom x demand; no queueing model). The benchmark reproduces the
-#: paper's controller as ``diffserve-paper`` with ``batch``.
-LATENCY_MODELS = ("queueing", "batch")
-
-
+_UNSET = object()
 
 log = logging.getLogger("diffserve.planner")
 _said_no_solver: set[str] = set()
@@ -68,7 +58,7 @@ def _feasible_batches(model: ModelProfile, memory_mb: float | None) -> list[int]
     return sizes
 
 
-def _validate(profile, cascade, demand_qps, slo_ms, workers, policy, headroom, solver, pair):
+def _validate(profile, cascade, demand_qps, slo_ms, workers, policy, solver, pair):
     if policy not in POLICIES:
         raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
     if solver not in SOLVERS:
@@ -79,8 +69,6 @@ def _validate(profile, cascade, demand_qps, slo_ms, workers, policy, headroom, s
         raise UserError(f"SLO must be a positive duration, got {slo_ms!r} ms")
     if int(workers) != workers or workers < 1:
         raise UserError(f"workers must be a whole number >= 1, got {workers!r}")
-    if not math.isfinite(headroom) or headroom < 1.0:
-        raise UserError(f"headroom must be >= 1 (1.2 = plan for 20 % more than the demand), got {headroom!r}")
     pairs = list(cascade.pairs)
     if pair is not None:
         names = [p.name for p in pairs]
@@ -131,45 +119,72 @@ def solve_plan(
     slo_ms: float,
     workers: int,
     policy: str = "diffserve",
-    headroom: float = DEFAULT_HEADROOM,
+    settings: PlanSettings | None = None,
     solver: str = "auto",
     pair: str | None = None,
-    max_wait_ms: float | None = None,
-    max_wait_fraction: float | None = None,
-    latency_model: str = "queueing",
     threshold: float | None = None,
-    quantile: float = DEFAULT_QUANTILE,
     worker_memory_mb: float | None = None,
-    spare_workers: str | None = None,
     time_limit_s: float = 10.0,
+    headroom=_UNSET,
+    degrade=_UNSET,
+    quantile=_UNSET,
+    violation_budget=_UNSET,
+    max_wait_ms=_UNSET,
+    max_wait_fraction=_UNSET,
+    spare_workers=_UNSET,
+    latency_model=_UNSET,
 ) -> PlanFile:
     """Best plan for ``policy`` at ``demand_qps`` under ``slo_ms`` on ``workers`` workers.
 
-    Options: ``pair`` ("light->heavy") restricts the choice of cascade; ``max_wait_ms`` caps the
-    batcher's wait for a full batch (``None``: the conservative full-batch bound, see
-    docs/planning.md); ``max_wait_fraction`` caps it at that fraction of each batch's latency (the
-    server's batcher: 0.25); ``latency_model`` = "queueing" (default) or "batch" (the paper
-    artifact's: batch latency only); ``threshold`` pins a cascade policy's threshold (the nearest
-    grid point; workers and batch sizes are still optimised); ``worker_memory_mb`` drops batch sizes whose peak memory does not fit;
-    ``spare_workers`` = "idle" (default for dynamic policies: the tie-break prefers fewer workers)
-    or "fill" (default for static ones: hand the unused workers to the pools, which only lowers
-    latency); ``solver``: auto | highs | cbc | enumerate.
+    ``settings`` is the planning contract (:class:`~diffserve.planner.settings.PlanSettings`;
+    default: the settings of a default ``diffserve serve``); the keyword arguments named like its
+    fields override one field each. ``pair`` ("light->heavy") restricts the choice of cascade;
+    ``threshold`` pins a cascade policy's threshold (the nearest grid point; workers and batch
+    sizes are still optimised); ``worker_memory_mb`` drops batch sizes whose peak memory does not
+    fit; ``solver``: auto | highs | cbc | enumerate. ``diffserve`` with degrade on (and the
+    queueing model) maximises the quality as served (:mod:`diffserve.planner.degrade`), which is
+    solved by exact structured enumeration; every other policy by the MILP or its enumerator.
     """
+    given = {name: value for name, value in (
+        ("headroom", headroom), ("degrade", degrade), ("quantile", quantile), ("violation_budget", violation_budget),
+        ("max_wait_ms", max_wait_ms), ("max_wait_fraction", max_wait_fraction), ("spare_workers", spare_workers),
+        ("latency_model", latency_model)) if value is not _UNSET}
+    settings = (settings or PlanSettings()).replace(**given) if given else (settings or PlanSettings())
     start = time.perf_counter()
-    pairs = _validate(profile, cascade, demand_qps, slo_ms, workers, policy, headroom, solver, pair)
+    pairs = _validate(profile, cascade, demand_qps, slo_ms, workers, policy, solver, pair)
     batches = _check_models(profile, pairs, slo_ms, worker_memory_mb)
-    spare = spare_workers or ("fill" if policy in STATIC_POLICIES else "idle")
-    if spare not in ("idle", "fill"):
-        raise UserError(f"spare_workers must be 'idle' or 'fill', got {spare!r}")
+    spare = settings.spare_workers or ("fill" if policy in STATIC_POLICIES else "idle")
     workers = int(workers)
     if threshold is not None:
         if policy not in ("diffserve", "static", "diffserve-paper"):
             raise UserError(f"a pinned threshold needs a cascade policy (diffserve, static, diffserve-paper), not {policy!r}")
         if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
             raise UserError(f"threshold must lie in [0, 1], got {threshold!r}")
-    model = latency_model
-    if model not in LATENCY_MODELS:
-        raise UserError(f"latency_model must be one of {', '.join(LATENCY_MODELS)}, got {model!r}")
+    if settings.degrade_objective(policy):
+        if solver in ("highs", "cbc"):
+            raise UserError(
+                f"--solver {solver}: the degrade-aware objective of policy diffserve is solved exactly by enumeration; "
+                "the MILP solvers apply to the other policies and to --no-degrade"
+            )
+        plan, used_solver = _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings.replace(spare_workers=spare),
+                                          threshold), "enumerate"
+    else:
+        plan, used_solver = _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, spare, settings,
+                                            solver, threshold, time_limit_s)
+    plan.solver = f"pulp/{used_solver}" if used_solver in ("highs", "cbc") else used_solver
+    plan.solve_time_ms = round((time.perf_counter() - start) * 1000.0, 3)
+    if any(profile.models[n].random_weights for p in pairs for n in (p.light, p.heavy)) or cascade.random_weights:
+        plan.notes.append("profile or cascade came from RANDOM-WEIGHT models: quality figures are not real")
+    if worker_memory_mb is not None:
+        both = _both_fit_note(profile, plan, worker_memory_mb)
+        if both is not None:
+            plan.notes.append(both)
+    return plan
+
+
+def _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, spare, settings: PlanSettings,
+                    solver, threshold, time_limit_s) -> tuple[PlanFile, str]:
+    """Every stage's quantile within the SLO, best rank (quality or, for the paper's policy, t): MILP."""
     latency_first = policy in STATIC_POLICIES
     tables = [
         build_table(
@@ -182,11 +197,11 @@ def solve_plan(
             demand_qps=float(demand_qps),
             slo_ms=slo_ms,
             workers=workers,
-            headroom=headroom,
-            max_wait_ms=max_wait_ms,
-            max_wait_fraction=max_wait_fraction,
-            queueing=model == "queueing",
-            quantile=quantile,
+            headroom=settings.headroom,
+            max_wait_ms=settings.max_wait_ms,
+            max_wait_fraction=settings.max_wait_fraction,
+            queueing=settings.queueing,
+            quantile=settings.stage_quantile,
             threshold=threshold,
         )
         for p in pairs
@@ -195,7 +210,6 @@ def solve_plan(
     used_solver = milp_solver(solver)
     if used_solver == "enumerate":
         choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
-        status = "Optimal" if choice else "Infeasible"
     else:
         choice, status = solve_milp(
             tables, workers=workers, slo_ms=slo_ms, solver=used_solver, time_limit_s=time_limit_s,
@@ -205,33 +219,90 @@ def solve_plan(
             # A solver failure must not stall the controller: fall back to enumeration.
             choice = enumerate_best(tables, workers=workers, slo_ms=slo_ms, latency_first=latency_first)
             used_solver = f"{used_solver} ({status}); enumerate"
-    settings = dict(headroom=headroom, max_wait_ms=max_wait_ms, max_wait_fraction=max_wait_fraction,
-                    queueing=model == "queueing", quantile=quantile)
     if choice is None:
-        plan = _degraded_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings)
-    else:
-        plan = _plan_from_choice(tables, choice, policy, demand_qps, slo_ms, workers, spare, settings)
-    plan.solver = f"pulp/{used_solver}" if used_solver in ("highs", "cbc") else used_solver
-    plan.solve_time_ms = round((time.perf_counter() - start) * 1000.0, 3)
-    if any(profile.models[n].random_weights for p in pairs for n in (p.light, p.heavy)) or cascade.random_weights:
-        plan.notes.append("profile or cascade came from RANDOM-WEIGHT models: quality figures are not real")
-    if worker_memory_mb is not None:
-        both = _both_fit_note(profile, plan, worker_memory_mb)
-        if both is not None:
-            plan.notes.append(both)
+        return _degraded_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings), used_solver
+    return _plan_from_choice(tables, choice, policy, demand_qps, slo_ms, workers, spare, settings), used_solver
+
+
+def _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings: PlanSettings, threshold) -> PlanFile:
+    """Policy ``diffserve`` with degrade on: the best expected quality as served (degrade.py)."""
+    best, best_pair = None, None
+    for p in pairs:
+        choice = best_served_plan(
+            p, profile.models[p.light], profile.models[p.heavy], light_batches=batches[p.light],
+            heavy_batches=batches[p.heavy], demand_qps=float(demand_qps), slo_ms=slo_ms, workers=workers,
+            settings=settings, threshold=threshold,
+        )
+        if choice is not None and (best is None or choice.key < best.key):
+            best, best_pair = choice, p
+    if best is None:
+        return _degraded_plan(profile, pairs, batches, "diffserve", demand_qps, slo_ms, workers, settings)
+    return _served_plan(profile, best_pair, best, demand_qps, slo_ms, workers, settings)
+
+
+def _served_plan(profile, pair: CascadePair, choice, demand, slo_ms, workers, settings: PlanSettings) -> PlanFile:
+    light, heavy = profile.models[pair.light], profile.models[pair.heavy]
+    f = choice.heavy_fraction
+    (bl, kl), (bh, kh) = choice.light, choice.heavy
+    pools = []
+    disc = pair.discriminator.latency_ms if f > 0 else 0.0
+    s_l = light.latency_ms(bl) + bl * disc
+    pools.append(PoolPlan(model=light.name, workers=kl, batch_size=bl, capacity_qps=round(pool_capacity_qps(s_l, bl, kl), 4),
+                          latency_ms=round(choice.light_tail_ms, 3)))
+    heavy_budget = slo_ms - choice.light_mean_ms
+    heavy_latency = 0.0
+    if kh > 0:
+        s_h = heavy.latency_ms(bh)
+        q_lat = stage_latency_ms(s_h, bh, kh, demand * f, quantile=1.0 - settings.violation_budget,
+                                 max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
+        heavy_latency = min(q_lat, heavy_budget)  # a heavy image later than this is not waited for: degraded
+        pools.append(PoolPlan(model=heavy.name, workers=kh, batch_size=bh, capacity_qps=round(pool_capacity_qps(s_h, bh, kh), 4),
+                              latency_ms=round(heavy_latency, 3)))
+    cap_l = pools[0].capacity_qps
+    cap_h = pools[1].capacity_qps if kh > 0 else 0.0
+    full_quality_capacity = min(cap_l, cap_h / f) if f > 0 else cap_l
+    degraded_share = f * choice.deferred_degraded
+    plan = PlanFile(
+        policy="diffserve",
+        routing="cascade" if f > 0 else "light-only",
+        light=pair.light,
+        heavy=pair.heavy,
+        threshold=choice.threshold,
+        heavy_fraction=round(f, 6),
+        pools=pools,
+        demand_qps=float(demand),
+        slo_ms=float(slo_ms),
+        workers_available=workers,
+        metric=pair.metric,
+        predicted={
+            pair.metric: round(choice.quality, 4),
+            "capacity_qps": round(full_quality_capacity, 4),
+            "light_capacity_qps": round(cap_l, 4),
+            "latency_ms": round(choice.light_tail_ms + (heavy_latency if f > 0 else 0.0), 3),
+            "degraded_share": round(degraded_share, 6),
+            "deferred_degraded_share": round(choice.deferred_degraded, 6),
+        },
+    )
+    plan.notes.append(
+        f"objective = quality as served at the demand estimate: {100 * degraded_share:.2f} % of answers degraded "
+        f"(light image of a deferred query), scored as the light model alone; light stage held at "
+        f"p{100 * (1 - settings.violation_budget):g} within the SLO at {settings.headroom:g} x demand"
+    )
+    plan.notes.append(_latency_note(settings, 1.0 - settings.violation_budget))
     return plan
 
 
-def _latency_note(settings: dict) -> str:
-    if not settings["queueing"]:
-        return f"latency = batch latency only, capacity >= {settings['headroom']:g} x demand (the paper artifact's model)"
+def _latency_note(settings: PlanSettings, quantile: float | None = None) -> str:
+    if not settings.queueing:
+        return f"latency = batch latency only, capacity >= {settings.headroom:g} x demand (the paper artifact's model)"
     caps = []
-    if settings["max_wait_ms"] is not None:
-        caps.append(f"{settings['max_wait_ms']:g} ms")
-    if settings["max_wait_fraction"] is not None:
-        caps.append(f"{settings['max_wait_fraction']:g} x the batch latency")
+    if settings.max_wait_ms is not None:
+        caps.append(f"{settings.max_wait_ms:g} ms")
+    if settings.max_wait_fraction is not None:
+        caps.append(f"{settings.max_wait_fraction:g} x the batch latency")
     wait = "capped at " + " and ".join(caps) if caps else "uncapped"
-    return f"latency = predicted p{settings['quantile'] * 100:g} at {settings['headroom']:g} x demand (batch-fill wait {wait})"
+    q = settings.stage_quantile if quantile is None else quantile
+    return f"latency = predicted p{q * 100:g} at {settings.headroom:g} x demand (batch-fill wait {wait})"
 
 
 def _both_fit_note(profile: ProfileFile, plan: PlanFile, memory_mb: float) -> str | None:
@@ -255,11 +326,11 @@ def _both_fit_note(profile: ProfileFile, plan: PlanFile, memory_mb: float) -> st
     return f"a worker cannot hold both models ({parts} > {memory_mb:g} MB): moving a worker costs the model's load time"
 
 
-def _stage_latency(model: ModelProfile, batch: int, k: int, rate: float, extra: float, settings) -> float:
+def _stage_latency(model: ModelProfile, batch: int, k: int, rate: float, extra: float, settings: PlanSettings) -> float:
     s = model.latency_ms(batch) + batch * extra
     return stage_latency_ms(
-        s, batch, k, settings["headroom"] * rate, quantile=settings["quantile"], max_wait_ms=settings["max_wait_ms"],
-        max_wait_fraction=settings["max_wait_fraction"], queueing=settings["queueing"],
+        s, batch, k, settings.headroom * rate, quantile=settings.stage_quantile, max_wait_ms=settings.max_wait_ms,
+        max_wait_fraction=settings.max_wait_fraction, queueing=settings.queueing,
     )
 
 
@@ -370,6 +441,11 @@ def _degraded_plan(profile, pairs, batches, policy, demand, slo_ms, workers, set
     lat = _stage_latency(model, b, workers, demand, 0.0, settings)
     overload = demand / cap if cap > 0 else float("inf")
     role = "heavy" if heavy_only else "light"
+    # Above capacity the queue grows until admission control refuses what cannot finish in time:
+    # the answered requests wait up to the SLO and the excess is shed (a violation each).
+    shed = max(0.0, 1.0 - cap / demand) if demand > 0 else 0.0
+    if not math.isfinite(lat):
+        lat = float(slo_ms)
     plan = PlanFile(
         policy=policy,
         routing="heavy-only" if heavy_only else "light-only",
@@ -383,26 +459,27 @@ def _degraded_plan(profile, pairs, batches, policy, demand, slo_ms, workers, set
                 workers=workers,
                 batch_size=b,
                 capacity_qps=round(cap, 4),
-                latency_ms=round(lat, 3) if math.isfinite(lat) else round(model.latency_ms(b), 3),
+                latency_ms=round(lat, 3),
             )
         ],
         demand_qps=float(demand),
         slo_ms=float(slo_ms),
         workers_available=workers,
         metric=pair.metric,
-        predicted={pair.metric: round(quality, 4), "capacity_qps": round(cap, 4),
-                   "latency_ms": round(lat, 3) if math.isfinite(lat) else float(model.latency_ms(b))},
+        predicted={pair.metric: round(quality, 4), "capacity_qps": round(cap, 4), "latency_ms": round(lat, 3),
+                   "shed_share": round(shed, 6)},
         degraded=True,
         overload_factor=round(overload, 4),
     )
     if overload > 1:
         plan.notes.append(
             f"DEGRADED: demand {demand:g} qps is {overload:.2f}x the {cap:.1f} qps the {role} model alone can serve "
-            f"on {workers} workers at batch {b}; {demand - cap:.1f} qps will miss the SLO"
+            f"on {workers} workers at batch {b}; {demand - cap:.1f} qps ({100 * shed:.1f} %) will be shed, "
+            f"and the rest wait up to the SLO"
         )
     else:
         plan.notes.append(
-            f"DEGRADED: no {policy} plan holds the {slo_ms:g} ms SLO at {settings['headroom']:g} x {demand:g} qps "
+            f"DEGRADED: no {policy} plan holds the {slo_ms:g} ms SLO at {settings.headroom:g} x {demand:g} qps "
             f"with the queueing margin; serving the {role} model alone at batch {b} "
             f"(capacity {cap:.1f} qps, demand is {overload:.2f}x of it)"
         )

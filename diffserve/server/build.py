@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from diffserve.artifacts import is_reference, load_cascade, load_plan, load_profile
 from diffserve.errors import UserError
+from diffserve.planner.settings import PlanSettings, plan_settings
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.planner.policies import POLICIES
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
 from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.server.pool import AUTO_BATCH_WAIT_FRACTION
 from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
@@ -47,6 +47,8 @@ class ServeOptions:
     #: the planner's latency model: "queueing" (ours) or "batch" (the paper artifact's: batch
     #: latency only, no queueing), which the benchmark uses to reproduce the paper's controller
     latency_model: str = "queueing"
+    #: plan for this multiple of the demand estimate (``None``: the planner's default, 1.2)
+    headroom: float | None = None
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def validate(self) -> None:
@@ -83,27 +85,17 @@ def initial_plan(
     return plan, f"solved for {opts.demand_qps:g} QPS ({opts.policy})"
 
 
-#: The stage-latency quantile the plans must hold within the SLO. Without degrade-to-light a stage's
-#: tail is a violation, so plans hold the p99; with it, a heavy query in the tail is answered in time
-#: with its light image (counted as degraded), so the tail costs some quality and no SLO, and plans
-#: hold the p90, deferring more queries to the heavy model.
-STRICT_QUANTILE = 0.99
-DEGRADE_QUANTILE = 0.90
+def plan_settings_for(opts: ServeOptions) -> PlanSettings:
+    """The planning contract of this server: ``diffserve plan`` builds the same from the same flags."""
+    return plan_settings(
+        degrade=opts.degrade, max_batch_wait_ms=opts.max_batch_wait_ms, spare_workers=opts.spare_workers,
+        latency_model=opts.latency_model, headroom=opts.headroom,
+    )
 
 
 def solver_options(opts: ServeOptions) -> dict:
-    """What the planner must know about this server: its batcher's wait cap and spare workers."""
-    options: dict = {
-        "quantile": DEGRADE_QUANTILE if opts.degrade else STRICT_QUANTILE,
-        "latency_model": opts.latency_model,
-    }
-    if opts.spare_workers:
-        options["spare_workers"] = opts.spare_workers
-    if opts.max_batch_wait_ms is None:
-        options["max_wait_fraction"] = AUTO_BATCH_WAIT_FRACTION
-    else:
-        options["max_wait_ms"] = opts.max_batch_wait_ms
-    return options
+    """What the planner must know about this server (its first plan and every re-plan)."""
+    return {"settings": plan_settings_for(opts)}
 
 
 def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
@@ -119,6 +111,7 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
             interval_ms=opts.replan_interval_ms,
             ewma_alpha=opts.controller.ewma_alpha,
             safety=opts.controller.safety,
+            hysteresis=opts.controller.hysteresis,
             min_demand_qps=opts.controller.min_demand_qps,
         ),
     )

@@ -7,8 +7,14 @@ admitted or not), smooths it with an EWMA, takes the larger of the smoothed and 
 the planner (``solve_plan``) in a thread so a slow solve never stalls the event loop. A failed
 solve keeps the last good plan and counts it. Every decision is logged with its inputs.
 
+Re-plan hysteresis (policy ``diffserve`` with the degrade-aware objective): a new plan that
+moves workers between models is applied only when it beats the running plan, re-scored at the new
+demand, by more than ``hysteresis`` (relative quality; 0.2 %) or when the running plan's light
+stage no longer holds the SLO. Threshold and batch changes are free and always applied; a moved
+worker may cost a model load, and noise in a 5 s rate estimate should not shuffle the cluster.
+
 Defaults (documented in docs/serving.md, not tuned to any trace): interval 5 s, EWMA alpha 0.5,
-safety factor 1.0 (the planner's headroom is 1.2), demand floor 0.5 QPS.
+safety factor 1.0 (the planner's headroom is 1.2), demand floor 0.5 QPS, hysteresis 0.2 %.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class ControllerSettings:
     safety: float = 1.0
     min_demand_qps: float = 0.5
     max_decisions: int = 200
+    #: relative quality gain a worker move must bring (degrade-aware ``diffserve`` only; 0 = off)
+    hysteresis: float = 0.002
 
     def __post_init__(self) -> None:
         if self.interval_ms <= 0:
@@ -45,6 +53,8 @@ class ControllerSettings:
             raise ValueError(f"ewma alpha must be in (0, 1], got {self.ewma_alpha!r}")
         if self.safety < 1:
             raise ValueError(f"safety factor must be >= 1, got {self.safety!r}")
+        if not 0 <= self.hysteresis < 1:
+            raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis!r}")
 
 
 class Target(Protocol):
@@ -95,6 +105,7 @@ class Controller:
         self.demand_qps = initial_demand_qps
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.settings.max_decisions)
         self.pinned = False
+        self.current: PlanFile | None = None  # the plan last applied
         self._last_t = clock.now_ms()
         self._last_offered = 0
         self._task: asyncio.Task | None = None
@@ -165,6 +176,11 @@ class Controller:
                 self.metrics.replans.labels("failed").inc()
             return self._record(demand, None, solve_ms, applied=False, reason=f"solver failed: {exc}", inputs=inputs)
         solve_ms = (time.perf_counter() - t0) * 1000
+        kept = self._not_worth_moving(plan, demand)
+        if kept is not None:
+            if self.metrics:
+                self.metrics.replans.labels("kept").inc()
+            return self._record(demand, self.current, solve_ms, applied=False, reason=kept, inputs=inputs)
         try:
             self.target.apply_plan(plan)
         except Exception as exc:  # noqa: BLE001
@@ -172,9 +188,34 @@ class Controller:
             if self.metrics:
                 self.metrics.replans.labels("failed").inc()
             return self._record(demand, plan, solve_ms, applied=False, reason=f"apply failed: {exc}", inputs=inputs)
+        self.current = plan
         if self.metrics:
             self.metrics.replans.labels("applied").inc()
         return self._record(demand, plan, solve_ms, applied=True, reason="periodic re-plan", inputs=inputs)
+
+    def _not_worth_moving(self, plan: PlanFile, demand: float) -> str | None:
+        """The reason to keep the running plan, or ``None`` to apply ``plan`` (see the module doc)."""
+        current, settings = self.current, self.solver_options.get("settings")
+        if current is None or self.settings.hysteresis <= 0 or settings is None or not settings.degrade_objective(self.policy):
+            return None
+        moves = {p.model: p.workers for p in plan.pools} != {p.model: p.workers for p in current.pools}
+        if not moves or current.metric != plan.metric or plan.metric not in plan.predicted or not current.heavy:
+            return None
+        from diffserve.planner.degrade import evaluate_served
+
+        try:
+            pair = self.cascade.pair(current.light, current.heavy)
+        except KeyError:
+            return None
+        now = evaluate_served(current, pair, self.profile.models[current.light], self.profile.models[current.heavy],
+                              demand_qps=demand, slo_ms=self.slo_ms, settings=settings)
+        if now is None:
+            return None
+        new = plan.predicted[plan.metric]
+        gain = (now - new) if pair.lower_is_better else (new - now)
+        if gain > self.settings.hysteresis * abs(new):
+            return None
+        return f"kept the running plan: moving workers gains {gain:.4f} {plan.metric}, under the {self.settings.hysteresis:g} hysteresis"
 
     def _record(
         self, demand: float, plan: PlanFile | None, solve_ms: float, *, applied: bool, reason: str, inputs: dict[str, Any]
@@ -197,6 +238,7 @@ class Controller:
         return decision
 
     def record_initial(self, plan: PlanFile, reason: str) -> None:
+        self.current = plan
         self._record(plan.demand_qps, plan, plan.solve_time_ms, applied=True, reason=reason, inputs={})
 
     def start(self) -> None:

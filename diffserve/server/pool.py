@@ -14,13 +14,14 @@ import asyncio
 import collections
 from typing import Callable, Protocol
 
+from diffserve.planner.settings import BATCHER_WAIT_FRACTION, heavy_start_reserve_ms
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
 
 #: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
-#: the planner is told the same number so that it models the batcher that runs.
-AUTO_BATCH_WAIT_FRACTION = 0.25
+#: the planner's settings hold the number, so that it models the batcher that runs.
+AUTO_BATCH_WAIT_FRACTION = BATCHER_WAIT_FRACTION
 
 
 def estimate_wait_ms(
@@ -181,7 +182,8 @@ class Pool:
         if not self._queue:
             return
         now = self.clock.now_ms()
-        one = self.latency_ms(1)
+        # the head of the queue starts now in a batch of about this size (a lower bound later on)
+        one = self.latency_ms(min(self.batch_size, len(self._queue)))
         kept: collections.deque[Job] = collections.deque()
         changed = False
         for job in self._queue:
@@ -192,7 +194,7 @@ class Pool:
                 changed = True
                 job.future.set_exception(DeadlineExceeded(f"deadline passed while queued for {self.model}"))
                 self.hooks.dropped(self.model, "expired")
-            elif self.drop_unmeetable and now + one > job.deadline_ms:
+            elif self.drop_unmeetable and now + heavy_start_reserve_ms(one) > job.deadline_ms:
                 changed = True
                 job.future.set_exception(WouldMissDeadline(self.model))
                 self.hooks.dropped(self.model, "unmeetable")

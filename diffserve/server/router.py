@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, WouldMissDeadline
@@ -172,7 +173,7 @@ class Router:
         assert self.plan.heavy is not None
         pool = self.pools[self.plan.heavy]
         now = self.clock.now_ms()
-        if self.degrade and (pool.workers == 0 or now + pool.estimate_wait_ms() > flight.deadline_ms):
+        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
         job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
         try:
@@ -181,9 +182,8 @@ class Router:
             if self.degrade:
                 return self._answer(flight, light, None, degraded=True)
             raise
-        # under load the job runs in a full batch: starting by the deadline minus batch 1's latency
-        # would still finish late (the pool re-checks with the batch it actually forms)
-        latest_start = flight.deadline_ms - (pool.latency_ms(pool.batch_size) if self.degrade else 0.0)
+        # a heavy batch that starts later than this ends late: withdraw the job and degrade instead
+        latest_start = flight.deadline_ms - (heavy_start_reserve_ms(pool.latency_ms(pool.batch_size)) if self.degrade else 0.0)
         try:
             heavy = await self._await(job, flight.hard_limit_ms, latest_start)
         except (WouldMissDeadline, DeadlineExceeded):
@@ -191,6 +191,16 @@ class Router:
                 return self._answer(flight, light, None, degraded=True)
             raise
         return self._answer(flight, heavy, light, degraded=False)
+
+    @staticmethod
+    def _earliest_heavy_finish_ms(pool: Pool) -> float:
+        """A lower bound on when a deferred job queued now could finish: the jobs ahead fill whole
+        rounds of batches even if every worker were free at once. Degrading early only on a
+        *certain* miss leaves the rest to the start deadline (``latest_start``), which is the
+        degraded-share model of the planner (diffserve/planner/queueing.py, deadline_miss_share);
+        a pessimistic estimate here would degrade queries that would have made it."""
+        rounds_ahead = len(pool) // (pool.batch_size * max(pool.workers, 1))
+        return (rounds_ahead + 1) * pool.latency_ms(pool.batch_size)
 
     async def _await(self, job: Job, hard_limit_ms: float, latest_start_ms: float | None = None) -> StageResult:
         """Wait for a stage: a job not started by ``latest_start_ms`` is withdrawn (504 or degrade);
