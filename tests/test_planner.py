@@ -234,7 +234,7 @@ def test_yaml_round_trip(ref, tmp_path):
     assert again == plan
     assert set(again.predicted) == {"fid", "capacity_qps", "light_capacity_qps", "latency_ms", "degraded_share",
                                     "deferred_degraded_share"}
-    assert again.solver == "enumerate" and again.solve_time_ms > 0
+    assert again.solver == "structured" and again.solve_time_ms > 0
     paper = solve_plan(*ref, demand_qps=20, slo_ms=SLO, workers=16, policy="diffserve-paper")
     assert set(paper.predicted) == {"fid", "capacity_qps", "latency_ms"} and paper.solver.startswith("pulp/")
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffserve.planner.queueing import deadline_miss_share, stage_estimate
+from diffserve.planner.queueing import deadline_miss_share, stage_estimate, stage_totals_by_workers
 from diffserve.planner.quality import heavy_quality, light_quality
 from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
 from diffserve.planner.tables import _columns
@@ -115,15 +115,13 @@ def light_stage_options(
     mean = np.full(workers + 1, np.inf)
     tail = np.full(workers + 1, np.inf)
     caps = dict(max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
-    for k in range(1, workers + 1):
-        for b in batches:
-            s = model.latency_ms(b) + b * per_image_extra_ms
-            t = stage_estimate(s, b, k, rate, quantile=q, **caps).total_ms
-            if not t <= slo_ms:
-                continue
-            m = stage_estimate(s, b, k, rate, quantile=None, **caps).total_ms
-            if (m, t) < (mean[k], tail[k]):
-                best_b[k], mean[k], tail[k] = b, m, t
+    for b in batches:
+        s = model.latency_ms(b) + b * per_image_extra_ms
+        t = stage_totals_by_workers(s, b, workers, rate, quantile=q, **caps)
+        m = stage_totals_by_workers(s, b, workers, rate, quantile=None, **caps)
+        better = (t <= slo_ms) & ((m < mean) | ((m == mean) & (t < tail)))
+        better[0] = False
+        best_b[better], mean[better], tail[better] = b, m[better], t[better]
     return LightOptions(best_b, mean, tail)
 
 

@@ -273,23 +273,109 @@ def deadline_miss_share(
     import numpy as np
 
     rates = np.asarray(rate_qps, dtype=float)
-    patience = np.asarray(patience_ms, dtype=float)
-    shape = np.broadcast_shapes(rates.shape, patience.shape)
-    busy = np.broadcast_to(rates > 1e-9, shape)
     if workers <= 0:
-        return np.where(busy, 1.0, 0.0)
+        shape = np.broadcast_shapes(rates.shape, np.shape(patience_ms))
+        return np.where(np.broadcast_to(rates > 1e-9, shape), 1.0, 0.0)
+    a = rates / 1000.0 / batch * service_ms
+    blocking = erlang_b_array(workers - 1, a) if workers > 1 else np.ones_like(a)
+    return miss_share_given_blocking(service_ms, batch, workers, rates, patience_ms, blocking)
+
+
+def erlang_b_table(max_servers: int, offered_load: "np.ndarray") -> "np.ndarray":
+    """``table[n] = erlang_b_array(n, offered_load)`` for n = 0..max_servers, in one recursion.
+
+    The same operations in the same order as :func:`erlang_b_array`, so every entry is bit-equal
+    to it; the scaling planner reads a pool's blocking at any worker count from here."""
+    import numpy as np
+
+    a = np.asarray(offered_load, dtype=float)
+    out = np.empty((max_servers + 1,) + a.shape)
+    cur = np.ones_like(a)
+    out[0] = cur
+    for n in range(1, max_servers + 1):
+        cur = a * cur / (n + a * cur)
+        out[n] = cur
+    return out
+
+
+def miss_share_given_blocking(
+    service_ms: float,
+    batch: int,
+    workers: "np.ndarray | int",
+    rate_qps: "np.ndarray | float",
+    patience_ms: "np.ndarray | float",
+    blocking: "np.ndarray",
+) -> "np.ndarray":
+    """:func:`deadline_miss_share` with ``blocking = ErlangB(workers - 1, a)`` given (``workers``
+    may be an array here: the scaling planner evaluates many pool sizes at once). Workers <= 0
+    miss everything that arrives."""
+    import numpy as np
+
+    rates = np.asarray(rate_qps, dtype=float)
+    patience = np.asarray(patience_ms, dtype=float)
+    k = np.asarray(workers)
+    shape = np.broadcast_shapes(rates.shape, patience.shape, k.shape, np.shape(blocking))
+    busy = np.broadcast_to(rates > 1e-9, shape)
     # everything that depends on the rate only is computed before broadcasting against patience
     lam_b = rates / 1000.0 / batch  # batches per ms
     mu = 1.0 / service_ms
     a = lam_b * service_ms
-    rho = a / workers
-    blocking = erlang_b_array(workers - 1, a) if workers > 1 else np.ones_like(a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = a / k
     tau = 2.0 * batch * np.maximum(patience, 0.0)
-    beta = workers * mu - lam_b
+    beta = k * mu - lam_b
     u = beta * tau
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         growth = np.exp(np.minimum(u, 700.0))
         ratio = np.where(np.abs(u) < 1e-12, 1.0, np.expm1(np.minimum(u, 700.0)) / np.where(u == 0, 1.0, u))
-        miss = rho / (growth / blocking + rho * workers * mu * tau * ratio + rho)
+        miss = rho / (growth / blocking + rho * k * mu * tau * ratio + rho)
     miss = np.where(patience < 0, 1.0, np.clip(miss, 0.0, 1.0))
+    miss = np.where(k <= 0, 1.0, miss)
     return np.where(busy, miss, 0.0)
+
+
+def stage_totals_by_workers(
+    service_ms: float,
+    batch: int,
+    max_workers: int,
+    rate_qps: float,
+    *,
+    quantile: float | None,
+    max_wait_ms: float | None = None,
+    max_wait_fraction: float | None = None,
+) -> "np.ndarray":
+    """``stage_estimate(service_ms, batch, k, rate_qps, ...).total_ms`` for every k = 0..max_workers
+    (index k; k = 0 is infinite), with one Erlang recursion instead of one per k.
+
+    The planner asks this for every worker count of a cluster of hundreds of GPUs; the formulas
+    are :func:`stage_estimate`'s, which a test checks entry by entry."""
+    import numpy as np
+
+    out = np.full(max_workers + 1, INF)
+    if rate_qps <= 1e-9:
+        out[:] = 0.0
+        return out
+    lam = rate_qps / 1000.0
+    a = lam * service_ms / batch
+    k = np.arange(1, max_workers + 1)
+    rho = lam * service_ms / (k * batch)
+    stable = rho < 1.0
+    cap = wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction)
+    fill = (batch - 1) / (2.0 * lam) if quantile is None else fill_quantile_units(batch, quantile) / lam
+    fill = min(fill, cap)
+    blocking = np.empty(max_workers)
+    b = 1.0
+    for n in range(1, max_workers + 1):
+        b = a * b / (n + a * b)
+        blocking[n - 1] = b
+    r = a / k
+    c = blocking / (1.0 - r + r * blocking)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        theta = service_ms / (2.0 * batch * (k - a))
+        if quantile is None:
+            queue = c * theta
+        else:
+            tail = 1.0 - quantile
+            queue = np.where(c > tail, theta * np.log(np.maximum(c, tail) / tail), 0.0)
+    out[1:] = np.where(stable, service_ms + fill + queue, INF)
+    return out

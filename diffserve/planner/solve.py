@@ -20,6 +20,7 @@ from diffserve.planner.policies import POLICIES, STATIC_POLICIES
 from diffserve.planner.milp import Choice, available_solvers, solve_milp
 from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
 from diffserve.planner.degrade import best_served_plan
+from diffserve.planner.served_fast import fast_served_plan
 from diffserve.planner.quality import heavy_quality, light_quality
 from diffserve.planner.settings import PlanSettings
 from diffserve.planner.tables import build_table, rank_across
@@ -143,7 +144,8 @@ def solve_plan(
     sizes are still optimised); ``worker_memory_mb`` drops batch sizes whose peak memory does not
     fit; ``solver``: auto | highs | cbc | enumerate. ``diffserve`` with degrade on (and the
     queueing model) maximises the quality as served (:mod:`diffserve.planner.degrade`), which is
-    solved by exact structured enumeration; every other policy by the MILP or its enumerator.
+    solved exactly by :mod:`diffserve.planner.served_fast` (``solver="enumerate"``: by the full
+    enumeration); every other policy by the MILP or its enumerator.
     """
     given = {name: value for name, value in (
         ("headroom", headroom), ("degrade", degrade), ("quantile", quantile), ("violation_budget", violation_budget),
@@ -166,8 +168,9 @@ def solve_plan(
                 f"--solver {solver}: the degrade-aware objective of policy diffserve is solved exactly by enumeration; "
                 "the MILP solvers apply to the other policies and to --no-degrade"
             )
-        plan, used_solver = _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings.replace(spare_workers=spare),
-                                          threshold), "enumerate"
+        used_solver = "enumerate" if solver == "enumerate" else "structured"
+        plan = _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings.replace(spare_workers=spare),
+                             threshold, full_enumeration=solver == "enumerate")
     else:
         plan, used_solver = _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, spare, settings,
                                             solver, threshold, time_limit_s)
@@ -224,11 +227,18 @@ def _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers
     return _plan_from_choice(tables, choice, policy, demand_qps, slo_ms, workers, spare, settings), used_solver
 
 
-def _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings: PlanSettings, threshold) -> PlanFile:
-    """Policy ``diffserve`` with degrade on: the best expected quality as served (degrade.py)."""
+def _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings: PlanSettings, threshold,
+                  full_enumeration: bool = False) -> PlanFile:
+    """Policy ``diffserve`` with degrade on: the best expected quality as served (degrade.py).
+
+    Several pairs (``--cascade reference-pool``): each pair's optimum over its own workers, batches
+    and threshold, and the best of those; the pair is one more decision variable of the same key.
+    ``full_enumeration`` (``--solver enumerate``) runs the W^2 referee instead of the structured
+    solver (served_fast.py); both give the same optimum."""
     best, best_pair = None, None
+    solve_pair = best_served_plan if full_enumeration else fast_served_plan
     for p in pairs:
-        choice = best_served_plan(
+        choice = solve_pair(
             p, profile.models[p.light], profile.models[p.heavy], light_batches=batches[p.light],
             heavy_batches=batches[p.heavy], demand_qps=float(demand_qps), slo_ms=slo_ms, workers=workers,
             settings=settings, threshold=threshold,
