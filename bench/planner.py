@@ -1,26 +1,33 @@
-"""Solve-time benchmark of ``diffserve plan``: median/p99 per solver, enumeration for comparison.
+"""Solve-time benchmark of ``diffserve plan`` from 16 to 1,024 workers: median/p99 per solver, a plot.
 
-Scenarios:
-* ``reference``: A100 profile, SD-Turbo -> SD v1.5 (201 thresholds), 16 workers, 5 s SLO.
-* ``pool``: 5 model variants, the paper's 3 pairs (SD-Turbo/SDXS -> SD v1.5 and SDXL-Lightning ->
-  SDXL), 64 workers, all planned for a 15 s SLO. Every f(t) is the empirical CDF of the artifact's
-  discriminator scores (201 thresholds); SDXL-Lightning replays the SDXS scores, as the paper did
-  (see ``diffserve.reference``). Q(t) is the paper's FID-vs-light-fraction table at 1 - f(t).
+Scenarios (emulated: the A100 profile and the artifact's scores, see ``diffserve.reference``):
+* ``reference``: SD-Turbo -> SD v1.5 (201 thresholds), 16 workers, 5 s SLO.
+* ``pool-W`` for W = 16, 64, 256, 1,024: 5 model variants, the paper's 3 pairs (SD-Turbo/SDXS ->
+  SD v1.5 and SDXL-Lightning -> SDXL), all planned for a 15 s SLO, demand W x (0.125, 0.5, 1, 1.5,
+  2) QPS. Every f(t) is the empirical CDF of the artifact's discriminator scores; SDXL-Lightning
+  replays the SDXS scores, as the paper did.
 
-Objectives: ``served`` is the default (policy diffserve, degrade on: quality as served, solved by
-structured enumeration); ``slo-only`` is ``--no-degrade`` (every stage within the SLO), solved by
-HiGHS, CBC and the brute-force enumerator.
+Solvers: ``structured`` is the default objective (policy diffserve, degrade on: quality as served,
+``planner/served_fast.py``); ``enumerate`` is the same objective by the full W^2 enumeration (its
+referee, up to 64 workers); ``slo-only`` rows are ``--no-degrade`` (every stage within the SLO),
+solved by HiGHS, CBC and the brute-force enumerator up to 64 workers (their tables alone grow as
+W^2 thresholds).
 
-Usage: python bench/planner.py [--repeats 30] [--output bench/results/planner.json]
+Writes ``{"scenarios": [{"name", "workers", "pairs", "objective", "solver", "median_ms", "p99_ms",
+"plans"}]}`` to ``--output`` and the plot of solve time against workers next to it (.png).
+
+Usage: python bench/planner.py [--repeats 20] [--output bench/results/planner.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -30,16 +37,24 @@ from diffserve.planner.milp import available_solvers
 from diffserve.reference import reference_cascade, reference_profile
 from diffserve.schemas import CascadeFile
 
+POOL_WORKERS = (16, 64, 256, 1024)
+PER_WORKER_QPS = (0.125, 0.5, 1.0, 1.5, 2.0)
+#: The full enumeration and the SLO-only solvers grow as W^2; past this they take seconds to minutes.
+SLOW_SOLVERS_UP_TO = 64
+
 
 def pool_cascade() -> CascadeFile:
     pairs = reference_cascade("reference-pool").pairs + reference_cascade("reference-sdxl").pairs
     return CascadeFile(pairs=pairs, source="the paper's three cascades (diffserve.reference)")
 
 
-SCENARIOS = {
-    "reference": dict(cascade=reference_cascade, workers=16, slo_ms=5000.0, demands=(4, 8, 16, 24, 32)),
-    "pool": dict(cascade=pool_cascade, workers=64, slo_ms=15000.0, demands=(8, 32, 64, 96, 128)),
-}
+def scenarios() -> list[dict]:
+    out = [dict(name="reference", cascade=reference_cascade(), workers=16, slo_ms=5000.0, demands=(4, 8, 16, 24, 32))]
+    pool = pool_cascade()
+    for w in POOL_WORKERS:
+        out.append(dict(name=f"pool-{w}", cascade=pool, workers=w, slo_ms=15000.0,
+                        demands=tuple(round(w * q, 3) for q in PER_WORKER_QPS)))
+    return out
 
 
 def _time(fn, repeats):
@@ -51,45 +66,85 @@ def _time(fn, repeats):
     return out, result
 
 
+def _runs(sc: dict, milp: list[str]) -> list[tuple[str, str, bool]]:
+    """(objective, solver argument, degrade) per timed solver of a scenario."""
+    runs = [("served", "auto", True)]
+    if sc["workers"] <= SLOW_SOLVERS_UP_TO:
+        runs.append(("served", "enumerate", True))
+        runs += [("slo-only", s, False) for s in milp + ["enumerate"]]
+    return runs
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        if r["name"].startswith("pool-"):
+            series.setdefault(f"{r['objective']}: {r['solver']}", []).append((r["workers"], r["median_ms"], r["p99_ms"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        xs, med, p99 = zip(*pts)
+        line, = ax.plot(xs, med, marker="o", label=label)
+        ax.plot(xs, p99, linestyle=":", color=line.get_color())
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(1000, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers (3 pairs, 5 model variants)")
+    ax.set_ylabel("solve time, ms (solid: median, dotted: p99)")
+    ax.set_title("diffserve plan: solve time against cluster size (emulated A100 profile)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20, help="solves per (scenario, demand, solver)")
+    parser.add_argument("--repeats", type=int, default=20, help="solves per (scenario, demand, solver); slow solvers a third")
     parser.add_argument("--output", default="bench/results/planner.json")
     args = parser.parse_args(argv)
     profile = reference_profile()
     rows = []
-    solvers = [s for s in ("highs", "cbc") if s in available_solvers()] + ["enumerate"]
-    for missing in {"highs", "cbc"} - set(solvers):
+    milp = [s for s in ("highs", "cbc") if s in available_solvers()]
+    for missing in {"highs", "cbc"} - set(milp):
         print(f"{missing} is not installed here: not timed", file=sys.stderr)
-    for name, sc in SCENARIOS.items():
-        cascade = sc["cascade"]()
-        # diffserve's default objective (degrade on: quality as served) is solved by structured
-        # enumeration; the SLO-only objective (--no-degrade) by each installed MILP solver or its enumerator
-        for objective, solver in [("served", "auto")] + [("slo-only", s) for s in solvers]:
-            times, quality = [], []
+    for sc in scenarios():
+        for objective, solver, degrade in _runs(sc, milp):
+            slow = solver in ("cbc", "highs") or (solver == "enumerate" and degrade)
+            repeats = max(3, args.repeats // 3) if slow else args.repeats
+            times, plans = [], []
             for demand in sc["demands"]:
-                t, plan = _time(
-                    lambda: solve_plan(profile, cascade, demand_qps=demand, slo_ms=sc["slo_ms"], workers=sc["workers"], solver=solver,
-                                       degrade=objective == "served"),
-                    args.repeats if solver != "cbc" else max(3, args.repeats // 3),
-                )
+                t, plan = _time(lambda: solve_plan(profile, sc["cascade"], demand_qps=demand, slo_ms=sc["slo_ms"],
+                                                   workers=sc["workers"], solver=solver, degrade=degrade), repeats)
                 times += t
-                quality.append({"demand_qps": demand, "pair": f"{plan.light}->{plan.heavy}", "threshold": plan.threshold,
-                                "heavy_fraction": plan.heavy_fraction, "fid": plan.predicted.get("fid"), "degraded": plan.degraded,
-                                "degraded_share": plan.predicted.get("degraded_share", 0.0)})
+                plans.append({"demand_qps": demand, "pair": f"{plan.light}->{plan.heavy}", "threshold": plan.threshold,
+                              "heavy_fraction": plan.heavy_fraction, "fid": plan.predicted.get("fid"), "degraded": plan.degraded,
+                              "degraded_share": plan.predicted.get("degraded_share", 0.0)})
             rows.append({
-                "scenario": name, "objective": objective, "solver": plan.solver, "workers": sc["workers"], "pairs": len(cascade.pairs),
-                "solves": len(times), "median_ms": round(statistics.median(times), 2),
-                "p99_ms": round(float(np.quantile(times, 0.99)), 2), "plans": quality,
+                "name": sc["name"], "workers": sc["workers"], "pairs": len(sc["cascade"].pairs), "objective": objective,
+                "solver": plan.solver, "solves": len(times), "median_ms": round(statistics.median(times), 2),
+                "p99_ms": round(float(np.quantile(times, 0.99)), 2), "plans": plans,
             })
+            print(f"  {sc['name']:10} {objective:8} {plan.solver:11} median {rows[-1]['median_ms']:.1f} ms", file=sys.stderr)
+    output = Path(args.output)
     result = {"benchmark": "planner solve time (solve_plan end to end: tables + solver + plan)",
-              "machine_cpus": __import__("os").cpu_count(), "results": rows}
-    atomic_write_text(args.output, json.dumps(result, indent=2))
-    print(f"{'scenario':10} {'objective':9} {'solver':11} {'median ms':>10} {'p99 ms':>8}  FID by demand")
+              "machine_cpus": os.cpu_count(), "emulated": "A100 profile and discriminator scores of the paper's artifact",
+              "scenarios": rows}
+    atomic_write_text(output, json.dumps(result, indent=2))
+    plot = output.with_suffix(".png")
+    _plot(rows, plot)
+    print(f"{'scenario':10} {'workers':>7} {'pairs':>5} {'objective':8} {'solver':11} {'median ms':>10} {'p99 ms':>9}  FID by demand")
     for r in rows:
-        fids = " ".join(f"{p['demand_qps']}:{p['fid']:.2f}{'!' if p['degraded'] else ''}" for p in r["plans"])
-        print(f"{r['scenario']:10} {r['objective']:9} {r['solver']:11} {r['median_ms']:10.1f} {r['p99_ms']:8.1f}  {fids}")
-    print(f"written to {args.output}")
+        fids = " ".join(f"{p['demand_qps']:g}:{p['fid']:.2f}{'!' if p['degraded'] else ''}" for p in r["plans"])
+        print(f"{r['name']:10} {r['workers']:7d} {r['pairs']:5d} {r['objective']:8} {r['solver']:11} {r['median_ms']:10.1f} "
+              f"{r['p99_ms']:9.1f}  {fids}")
+    print(f"written to {output} and {plot}")
     return 0
 
 
