@@ -227,3 +227,81 @@ async def test_hysteresis_keeps_the_running_plan_unless_moving_workers_pays() ->
     offers["fid"] = 30.0
     await ctl.step()
     assert target.applied
+
+
+async def test_a_move_that_loads_a_model_must_repay_the_load() -> None:
+    """Where workers hold one model each, a move is applied only when its gain over the horizon
+    repays the quality lost while the incoming workers load; a new light model that no worker
+    holds yet is not switched to while the running plan holds the SLO."""
+    from diffserve.planner import solve_plan
+    from diffserve.planner.degrade import evaluate_served
+    from diffserve.planner.settings import PlanSettings
+    from diffserve.reference import reference_cascade, reference_profile
+
+    profile, pool, settings = reference_profile(), reference_cascade("reference-pool"), PlanSettings()
+    running = solve_plan(profile, pool, demand_qps=20, slo_ms=5000, workers=16, pair="sd-turbo->sd-v1.5")
+    sdxs = solve_plan(profile, pool, demand_qps=20, slo_ms=5000, workers=16, pair="sdxs->sd-v1.5")
+    pair = pool.pair(running.light, running.heavy)
+    now = evaluate_served(running, pair, profile.models[pair.light], profile.models[pair.heavy], demand_qps=20.0,
+                          slo_ms=5000, settings=settings)
+    offer = {}
+
+    def solver(profile, cascade, *, demand_qps, slo_ms, workers, policy, settings):
+        return offer["plan"]
+
+    def controller(switch_cost: bool, horizon_s: float = 60.0):
+        wall, target = FakeWall(), FakeTarget()
+        ctl = Controller(
+            target, profile=profile, cascade=pool, policy="diffserve", slo_ms=5000, workers=16,
+            clock=Clock(1.0, wall=wall), initial_demand_qps=20.0, solver=solver, solver_options={"settings": settings},
+            settings=ControllerSettings(switch_cost=switch_cost, switch_horizon_s=horizon_s),
+        )
+        ctl.record_initial(running, "initial plan")
+        wall.t, target.offered = 5.0, 100  # 20 QPS
+        return ctl, target
+
+    better_pair = sdxs.model_copy(deep=True)
+    better_pair.predicted["fid"] = now - 0.5
+    offer["plan"] = better_pair
+    ctl, target = controller(switch_cost=False)  # every worker holds every model: switching is free
+    assert (await ctl.step())["applied"] and target.applied[-1].light == "sdxs"
+    ctl, target = controller(switch_cost=True)
+    decision = await ctl.step()
+    assert not target.applied and "cannot hold the SLO without them" in decision["reason"]
+
+    # within the pair: one more light worker, which must load sd-turbo first
+    moved = running.model_copy(deep=True)
+    moved.pools[0].workers += 1
+    moved.pools[1].workers -= 1
+    moved.predicted["fid"] = now - 0.05
+    offer["plan"] = moved
+    load_s = profile.models["sd-turbo"].load_time_s
+    ctl, target = controller(switch_cost=True, horizon_s=60.0)
+    assert (await ctl.step())["applied"]
+    ctl, target = controller(switch_cost=True, horizon_s=load_s * 1.01)  # no time left to repay the load
+    decision = await ctl.step()
+    assert not target.applied and "load" in decision["reason"]
+
+
+async def test_a_pool_server_runs_every_model_and_switches_the_pair() -> None:
+    """``--cascade reference-pool`` on the emulated backend: both light models have pools and their
+    own discriminator scores, and a plan for the other pair is applied and answered by it."""
+    from diffserve.planner import solve_plan
+    from diffserve.reference import reference_cascade, reference_profile
+    from diffserve.server.build import ServeOptions, build_runtime
+
+    runtime, _ = build_runtime(ServeOptions(workers=16, demand_qps=8, cascade="reference-pool"))
+    assert set(runtime.pools) == {"sd-turbo", "sdxs", "sd-v1.5"} and runtime.plan.light == "sd-turbo"
+    await runtime.start()
+    try:
+        first = await runtime.generate("a red bicycle", quality="fast")
+        assert first[0].model == "sd-turbo"
+        other = solve_plan(reference_profile(), reference_cascade("reference-pool"), demand_qps=8, slo_ms=5000, workers=16,
+                           pair="sdxs->sd-v1.5")
+        runtime.apply_plan(other)
+        answers = await runtime.generate("a red bicycle", n=4)
+        assert {a.model for a in answers} <= {"sdxs", "sd-v1.5"}  # the new pair answers, light or deferred
+        fast = await runtime.generate("a blue boat", quality="fast")
+        assert fast[0].model == "sdxs" and fast[0].confidence is None
+    finally:
+        await runtime.stop()

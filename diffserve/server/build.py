@@ -113,6 +113,8 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
             safety=opts.controller.safety,
             hysteresis=opts.controller.hysteresis,
             min_demand_qps=opts.controller.min_demand_qps,
+            # a moved worker loads its model only where workers do not hold every model
+            switch_cost=opts.backend == "emulated" and not opts.hold_all,
         ),
     )
 
@@ -122,7 +124,8 @@ def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile,
     if opts.backend == "emulated":
         from diffserve.server.emulated import EmulatedBackend
 
-        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all, seed=opts.seed)
+        return EmulatedBackend(profile, pair, opts.workers, clock, hold_all=opts.hold_all, seed=opts.seed,
+                               other_pairs=cascade.pairs)
     from diffserve.server.procbackend import DiffusersBackend
 
     return DiffusersBackend(

@@ -13,6 +13,13 @@ demand, by more than ``hysteresis`` (relative quality; 0.2 %) or when the runnin
 stage no longer holds the SLO. Threshold and batch changes are free and always applied; a moved
 worker may cost a model load, and noise in a 5 s rate estimate should not shuffle the cluster.
 
+Switching cost (``switch_cost``: on where a moved worker must load its new model, i.e. the
+emulated backend with ``--one-model-per-worker``; off where every worker holds every model, the
+default): a move that passes the hysteresis is applied only when its gain over the next
+``switch_horizon_s`` (60 s) repays the quality lost while the incoming workers load (the profile's
+``load_time_s``); see :meth:`Controller._not_worth_loading`. With a cascade of several pairs
+(``--cascade reference-pool``) the plan may change the pair; the same rule decides.
+
 Defaults (documented in docs/serving.md, not tuned to any trace): interval 5 s, EWMA alpha 0.5,
 safety factor 1.0 (the planner's headroom is 1.2), demand floor 0.5 QPS, hysteresis 0.2 %.
 """
@@ -45,6 +52,12 @@ class ControllerSettings:
     max_decisions: int = 200
     #: relative quality gain a worker move must bring (degrade-aware ``diffserve`` only; 0 = off)
     hysteresis: float = 0.002
+    #: a worker that changes model loads it first (the backend does not hold every model on every
+    #: worker): weigh that load time against the gain (see :meth:`Controller._not_worth_loading`)
+    switch_cost: bool = False
+    #: how long a new plan is expected to run, over which its gain must repay the load (12 re-plan
+    #: intervals of 5 s: a re-plan answers demand that moves on the scale of a minute)
+    switch_horizon_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.interval_ms <= 0:
@@ -55,6 +68,8 @@ class ControllerSettings:
             raise ValueError(f"safety factor must be >= 1, got {self.safety!r}")
         if not 0 <= self.hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis!r}")
+        if self.switch_horizon_s <= 0:
+            raise ValueError(f"switch horizon must be positive, got {self.switch_horizon_s!r} s")
 
 
 class Target(Protocol):
@@ -213,9 +228,53 @@ class Controller:
             return None
         new = plan.predicted[plan.metric]
         gain = (now - new) if pair.lower_is_better else (new - now)
-        if gain > self.settings.hysteresis * abs(new):
+        if gain <= self.settings.hysteresis * abs(new):
+            return f"kept the running plan: moving workers gains {gain:.4f} {plan.metric}, under the {self.settings.hysteresis:g} hysteresis"
+        if self.settings.switch_cost:
+            return self._not_worth_loading(plan, demand, now, gain, settings)
+        return None
+
+    def _not_worth_loading(self, plan: PlanFile, demand: float, now: float, gain: float, settings) -> str | None:
+        """Where a moved worker must load its new model first, apply ``plan`` only when its gain,
+        over the horizon it is expected to run, repays the quality lost while the workers load.
+
+        For the ``L`` seconds of the slowest load the new plan runs without its incoming workers
+        (quality ``during``, from :func:`~diffserve.planner.degrade.evaluate_served`); then it
+        gains ``gain`` per answer over the rest of the horizon ``H``. Apply when
+        ``gain (H - L) > (now - during) L`` (in the metric's better direction). A transition whose
+        light stage cannot hold the SLO while loading (e.g. a new light model that no worker holds
+        yet) is not taken while the running plan still holds the SLO: the running plan is only
+        abandoned for it when it fails itself (``evaluate_served`` ``None``, handled by the caller).
+        """
+        from diffserve.planner.degrade import evaluate_served
+
+        current = self.current
+        assert current is not None
+        before = {p.model: p.workers for p in current.pools}
+        incoming = {p.model: p.workers - before.get(p.model, 0) for p in plan.pools if p.workers > before.get(p.model, 0)}
+        if not incoming:
             return None
-        return f"kept the running plan: moving workers gains {gain:.4f} {plan.metric}, under the {self.settings.hysteresis:g} hysteresis"
+        load_s = max(self.profile.models[m].load_time_s or 0.0 for m in incoming)
+        horizon = self.settings.switch_horizon_s
+        if load_s <= 0:
+            return None
+        pair = self.cascade.pair(plan.light, plan.heavy) if plan.heavy else None
+        loading = plan.model_copy(update={"pools": [p.model_copy(update={"workers": p.workers - incoming.get(p.model, 0)})
+                                                    for p in plan.pools]})
+        during = None
+        if pair is not None and loading.pool(plan.light) is not None and loading.pool(plan.light).workers > 0:
+            during = evaluate_served(loading, pair, self.profile.models[plan.light], self.profile.models[plan.heavy],
+                                     demand_qps=demand, slo_ms=self.slo_ms, settings=settings)
+        moved = sum(incoming.values())
+        if during is None:
+            return (f"kept the running plan: {moved} workers would load {', '.join(incoming)} for {load_s:g} s, "
+                    f"and the new plan's light stage cannot hold the SLO without them")
+        lower = pair.lower_is_better if pair else True
+        loss = (during - now) if lower else (now - during)
+        if gain * max(horizon - load_s, 0.0) > loss * load_s:
+            return None
+        return (f"kept the running plan: moving {moved} workers gains {gain:.4f} {plan.metric} for {horizon:g} s "
+                f"but loses {loss:.4f} for the {load_s:g} s load")
 
     def _record(
         self, demand: float, plan: PlanFile | None, solve_ms: float, *, applied: bool, reason: str, inputs: dict[str, Any]

@@ -42,13 +42,22 @@ class EmulatedBackend(Backend):
         hold_all: bool = True,
         sizes: list[tuple[int, int]] | None = None,
         seed: int = 0,
+        other_pairs: list[CascadePair] = (),
     ) -> None:
-        super().__init__([pair.light, pair.heavy], n_workers)
+        # ``other_pairs``: a cascade of several pairs (``--cascade reference-pool``) runs every
+        # model of every pair, so that the controller can switch the pair; each light model has
+        # its own discriminator scores and cost.
+        pairs = [pair, *(p for p in other_pairs if (p.light, p.heavy) != (pair.light, pair.heavy))]
+        models = list(dict.fromkeys(m for p in pairs for m in (p.light, p.heavy)))
+        super().__init__(models, n_workers)
         self.clock = clock
         self.tables = profile_tables(profile, self.models)
         self.light = pair.light
         self.scores = ScoreSampler(pair, seed)
         self.discriminator_ms = pair.discriminator.latency_ms
+        self._lights = {}
+        for p in reversed(pairs):  # the first pair wins where two share a light model
+            self._lights[p.light] = (ScoreSampler(p, seed), p.discriminator.latency_ms)
         self.hold_all = hold_all
         self._held: dict[int, str | None] = {w: None for w in range(n_workers)}
         self._sizes = sizes or [(512, 512), (256, 256)]
@@ -59,7 +68,7 @@ class EmulatedBackend(Backend):
         return None
 
     def batch_latency_ms(self, model: str, batch_size: int) -> float:
-        extra = self.discriminator_ms * batch_size if model == self.light else 0.0
+        extra = self._lights[model][1] * batch_size if model in self._lights else 0.0
         return self.tables[model](batch_size) + extra
 
     def supported_sizes(self) -> list[tuple[int, int]]:
@@ -73,10 +82,13 @@ class EmulatedBackend(Backend):
         self._held[worker] = model
         return load_ms
 
+    def _scores_of(self, model: str) -> ScoreSampler:
+        return self._lights[model][0] if model in self._lights else self.scores
+
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         self.calls += 1
         await self.clock.sleep_ms(self.batch_latency_ms(model, len(jobs)))
         png = self._png[model]
         return [
-            StageOutput(png=png, confidence=self.scores.confidence(j.prompt, j.seed) if j.score else None) for j in jobs
+            StageOutput(png=png, confidence=self._scores_of(model).confidence(j.prompt, j.seed) if j.score else None) for j in jobs
         ]
