@@ -96,6 +96,13 @@ class CompareSpec:
         return round(max(value, 0.1), 3)
 
 
+def _other_pairs(spec: CompareSpec) -> tuple[CascadePair, ...]:
+    """The cascade's pairs besides the scored one: a pool's controller may switch to them."""
+    from diffserve.artifacts import load_cascade
+
+    return tuple(p for p in load_cascade(spec.cascade_spec).pairs if (p.light, p.heavy) != (spec.pair.light, spec.pair.heavy))
+
+
 def serve_options(spec: CompareSpec, policy: str, seed: int) -> ServeOptions:
     """The server a policy runs on, whichever the clock: both paths are built from these options."""
     return ServeOptions(
@@ -364,6 +371,7 @@ def run_compare(
                 label=policy, arrivals=arrivals, prompts=spec.prompts, profile=spec.profile, pair=spec.pair,
                 workers=spec.workers, slo_ms=spec.slo_ms, speedup=spec.speedup, seed=seed, clock=spec.clock,
                 quality_mode="random-split" if policy == "proteus" else "cascade",
+                other_pairs=_other_pairs(spec),
             )
             started = time.monotonic()
             on_start = (lambda n=name, k=len(arrivals): on_policy_start(n, k)) if on_policy_start else (lambda: None)

@@ -16,7 +16,8 @@ from typing import Any
 
 from diffserve.evaluation import report
 from diffserve.evaluation.loadgen import LoadConfig, LoadResult, run_open_loop
-from diffserve.evaluation.metrics import score_records, timeline
+from diffserve.evaluation.metrics import timeline
+from diffserve.evaluation.pairs import score_pool_records
 from diffserve.evaluation.oracle import bound_for_run, fraction_of_bound, improvement_captured
 from diffserve.evaluation.quality import QualityMode, quality_function
 from diffserve.evaluation.records import RequestRecord, write_jsonl
@@ -37,6 +38,8 @@ class RunSpec:
     seed: int = 0
     clock: str = "real"  # "real": HTTP on the wall clock; "virtual": in-process, virtual time
     quality_mode: QualityMode | None = None  # None: read the routing from the server's plan
+    #: the cascade's other pairs, which a controller may switch to (scored by evaluation/pairs.py)
+    other_pairs: tuple[CascadePair, ...] = ()
 
 
 def _routing_mode(result: LoadResult) -> QualityMode:
@@ -51,7 +54,7 @@ def analyse(spec: RunSpec, result: LoadResult, mode: QualityMode) -> tuple[dict[
     """The result row and the per-second timeline of a finished run."""
     pair = spec.pair
     quality = quality_function(pair, mode)
-    summary = score_records(result.records, pair, spec.slo_ms, mode)
+    summary = score_pool_records(result.records, result.plans, [pair, *spec.other_pairs], spec.slo_ms, mode)
     tl = timeline(result.records, result.plans, slo_ms=spec.slo_ms, light=pair.light, heavy=pair.heavy, quality=quality)
     bound = bound_for_run(result.records, spec.profile, pair, spec.workers, spec.slo_ms)
     tl["oracle_quality"] = bound.quality
