@@ -26,8 +26,8 @@ alone (the conservative reading; they are the *hard* queries), never as free lig
 Structure makes the enumeration exact and small: for a light worker count ``k_l`` only the light
 option with the smallest mean time matters (it maximises the heavy stage's budget; feasibility is
 the tail check above), and every heavy option ``(b_h, k_h)`` with ``k_h <= W - k_l`` is scored at
-every threshold column. The i13 scaling planner should reuse :func:`served_quality` and
-:func:`light_stage_options` / :func:`degraded_share_grid` rather than re-deriving them.
+every threshold column. This enumeration is the referee (``--solver enumerate``); the default solver,
+:mod:`diffserve.planner.served_fast`, reaches the same optimum in time linear in the workers.
 """
 
 from __future__ import annotations
