@@ -303,5 +303,17 @@ async def test_a_pool_server_runs_every_model_and_switches_the_pair() -> None:
         assert {a.model for a in answers} <= {"sdxs", "sd-v1.5"}  # the new pair answers, light or deferred
         fast = await runtime.generate("a blue boat", quality="fast")
         assert fast[0].model == "sdxs" and fast[0].confidence is None
+        # switching back while light jobs queue: the old light pool loses its workers, and its
+        # queued jobs are handed to the new light model instead of waiting out their deadlines
+        back = solve_plan(reference_profile(), reference_cascade("reference-pool"), demand_qps=8, slo_ms=5000, workers=16,
+                          pair="sd-turbo->sd-v1.5")
+        burst = [asyncio.create_task(runtime.generate(f"prompt {i}", quality="fast")) for i in range(40)]
+        await asyncio.sleep(0)
+        queued = len(runtime.pools["sdxs"])
+        assert queued > 0
+        runtime.apply_plan(back)
+        assert len(runtime.pools["sdxs"]) == 0
+        answers = [a[0] for a in await asyncio.gather(*burst)]  # none times out unstarted
+        assert sum(a.model == "sd-turbo" for a in answers) >= queued
     finally:
         await runtime.stop()

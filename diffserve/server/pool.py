@@ -156,6 +156,22 @@ class Pool:
         self.hooks.queue_changed(self.model, len(self._queue))
         self._notifier.notify_all()
 
+    def hand_over(self, other: "Pool") -> int:
+        """Move every queued job, in order, to ``other`` (a pool that replaces this one: the
+        plan switched to another light model); their futures go with them. Returns how many."""
+        moved = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():
+                continue
+            job.enqueued_ms = job.enqueued_ms or self.clock.now_ms()
+            other._queue.append(job)
+            moved += 1
+        self.hooks.queue_changed(self.model, 0)
+        other.hooks.queue_changed(other.model, len(other._queue))
+        other._notifier.notify_all()
+        return moved
+
     def wake(self) -> None:
         self._notifier.notify_all()
 

@@ -176,6 +176,11 @@ class Runtime:
             self.backend.batch_latency_ms(plan.heavy, heavy_pool.batch_size) if plan.heavy and heavy_pool and plan.routing == "cascade" else 0.0
         )
         self.workers.assign({p.model: p.workers for p in plan.pools})
+        old_light = self.pools.get(self.plan.light) if getattr(self, "plan", None) is not None else None
+        if old_light is not None and plan.light != old_light.model and old_light.workers == 0 and len(old_light):
+            # the plan switched the light model (a cascade of several pairs) and no worker serves
+            # the old one any more: its queued first-stage jobs run on the new light model
+            old_light.hand_over(self.pools[plan.light])
         self.router.plan = plan
         self.plan = plan
         self.metrics.threshold.set(plan.threshold if plan.threshold is not None else -1)
