@@ -164,7 +164,6 @@ class Pool:
             job = self._queue.popleft()
             if job.future.done():
                 continue
-            job.enqueued_ms = job.enqueued_ms or self.clock.now_ms()
             other._queue.append(job)
             moved += 1
         self.hooks.queue_changed(self.model, 0)
