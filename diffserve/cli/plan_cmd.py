@@ -24,7 +24,7 @@ def plan(
     policy: Annotated[str, typer.Option("--policy", help="diffserve | diffserve-paper | static | clipper-light | clipper-heavy | proteus")] = "diffserve",
     headroom: Annotated[Optional[float], typer.Option("--headroom", help="Plan for this multiple of the demand (default 1.2).")] = None,
     degrade: Annotated[bool, typer.Option("--degrade/--no-degrade", help="The server answers a deferred query that would be late with its light image (as `serve --degrade`); diffserve then maximises the quality as served.")] = True,
-    solver: Annotated[str, typer.Option("--solver", help="auto | highs | cbc | enumerate")] = "auto",
+    solver: Annotated[str, typer.Option("--solver", help="auto | highs | cbc | enumerate (our default objective: auto = the structured solver, enumerate = the full enumeration it equals)")] = "auto",
     pair: Annotated[Optional[str], typer.Option("--pair", help="Restrict to one cascade pair, e.g. sd-turbo->sd-v1.5.")] = None,
     max_wait: Annotated[Optional[str], typer.Option("--max-wait", "--max-batch-wait", help="Batcher's max wait for a fuller batch, as serve's --max-batch-wait (default: a quarter of the batch's latency).")] = None,
     memory_mb: Annotated[Optional[float], typer.Option("--worker-memory-mb", help="Memory per worker; larger batches are dropped.")] = None,
