@@ -41,14 +41,17 @@ def _thinned(pair, step: int, disc_ms: float):
     light_subset=st.integers(1, 6),
     heavy_subset=st.integers(1, 6),
     pinned=st.sampled_from([None, 0.3, 0.8]),
+    max_wait_ms=st.sampled_from([None, 0.0, 400.0]),
 )
 def test_structured_solver_equals_the_enumeration(name, step, disc_ms, workers, per_worker, spare, headroom, light_subset,
-                                                  heavy_subset, pinned):
+                                                  heavy_subset, pinned, max_wait_ms):
     pair = _thinned(PAIRS[name], step, disc_ms)
     light, heavy = PROFILE.models[pair.light], PROFILE.models[pair.heavy]
     lb = [b.batch_size for b in light.feasible_batches()][:light_subset]
     hb = [b.batch_size for b in heavy.feasible_batches()][-heavy_subset:]
-    plan_settings = PlanSettings(spare_workers=spare, headroom=headroom)
+    # None: the server's batcher (a quarter of the batch latency); a number: a fixed cap
+    plan_settings = PlanSettings(spare_workers=spare, headroom=headroom, max_wait_ms=max_wait_ms,
+                                 max_wait_fraction=None if max_wait_ms is not None else 0.25)
     kwargs = dict(light_batches=lb, heavy_batches=hb, demand_qps=per_worker * workers, slo_ms=SLO[name], workers=workers,
                   settings=plan_settings, threshold=pinned)
     want = best_served_plan(pair, light, heavy, **kwargs)

@@ -127,18 +127,21 @@ def light_stage_options(
 
 def degraded_share_grid(
     model: ModelProfile, batches: list[int], max_heavy_workers: int, rates_qps: np.ndarray,
-    budget_ms: np.ndarray, *, slo_ms: float,
+    budget_ms: np.ndarray, *, slo_ms: float, settings: PlanSettings | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """delta[b, k_h, i, j]: deferred share degraded by heavy option (b, k_h) at heavy rate j when
     the heavy stage has ``budget_ms[i]`` (SLO minus the light time) left: its batch must start
-    :func:`heavy_start_reserve_ms` before the deadline. Batches slower than the SLO are skipped."""
+    :func:`heavy_start_reserve_ms` before the deadline. Batches slower than the SLO are skipped.
+    ``settings`` gives the batcher's wait cap (default: the server's batcher)."""
+    settings = settings or PlanSettings()
     usable = [b for b in batches if model.latency_ms(b) < slo_ms]
     out = np.ones((len(usable), max_heavy_workers + 1, len(budget_ms), len(rates_qps)))
     for bi, b in enumerate(usable):
         s = model.latency_ms(b)
         patience = (budget_ms - heavy_start_reserve_ms(s))[:, None]
         for k in range(0, max_heavy_workers + 1):
-            out[bi, k] = deadline_miss_share(s, b, k, rates_qps[None, :], patience)
+            out[bi, k] = deadline_miss_share(s, b, k, rates_qps[None, :], patience, max_wait_ms=settings.max_wait_ms,
+                                             max_wait_fraction=settings.max_wait_fraction)
     return usable, out
 
 
@@ -193,7 +196,7 @@ def best_served_plan(
         if kls.size == 0:
             continue
         usable, delta = degraded_share_grid(heavy, heavy_batches, workers - int(kls.min()), heavy_rates[cols],
-                                            slo_ms - lo.mean_ms[kls], slo_ms=slo_ms)
+                                            slo_ms - lo.mean_ms[kls], slo_ms=slo_ms, settings=settings)
         if not usable:
             continue
         k_h = np.arange(delta.shape[1])[None, :, None, None]
@@ -223,13 +226,14 @@ def best_served_plan(
     return best
 
 
-def evaluate_served(
+def plan_deferred_degraded_share(
     plan: PlanFile, pair: CascadePair, light: ModelProfile, heavy: ModelProfile, *, demand_qps: float, slo_ms: float,
     settings: PlanSettings,
 ) -> float | None:
-    """:func:`served_quality` of an existing cascade plan at another demand; ``None`` when its light
-    stage no longer holds the SLO there (the plan must change). The controller's hysteresis uses
-    this to ask whether moving workers to the new optimum is worth it."""
+    """The degraded share ``delta`` of deferred queries that the model predicts for an existing
+    cascade plan at ``demand_qps`` (0 when nothing is deferred); ``None`` when its light stage no
+    longer holds the SLO there. ``tests/test_degraded_share_runtime.py`` checks it against the
+    runtime serving the pinned plan."""
     light_pool, heavy_pool = plan.pool(plan.light), plan.pool(plan.heavy) if plan.heavy else None
     if light_pool is None or plan.routing not in ("cascade", "light-only"):
         return None
@@ -241,10 +245,23 @@ def evaluate_served(
     rate = settings.headroom * demand_qps
     if not stage_estimate(s, b, k, rate, quantile=1.0 - settings.violation_budget, **caps).total_ms <= slo_ms:
         return None
-    delta = 0.0
-    if f > 0:
-        mean = stage_estimate(s, b, k, rate, quantile=None, **caps).total_ms
-        bh, kh = (heavy_pool.batch_size, heavy_pool.workers) if heavy_pool else (1, 0)
-        s_h = heavy.latency_ms(bh)
-        delta = float(deadline_miss_share(s_h, bh, kh, demand_qps * f, slo_ms - mean - heavy_start_reserve_ms(s_h)))
+    if f <= 0:
+        return 0.0
+    mean = stage_estimate(s, b, k, rate, quantile=None, **caps).total_ms
+    bh, kh = (heavy_pool.batch_size, heavy_pool.workers) if heavy_pool else (1, 0)
+    s_h = heavy.latency_ms(bh)
+    return float(deadline_miss_share(s_h, bh, kh, demand_qps * f, slo_ms - mean - heavy_start_reserve_ms(s_h), **caps))
+
+
+def evaluate_served(
+    plan: PlanFile, pair: CascadePair, light: ModelProfile, heavy: ModelProfile, *, demand_qps: float, slo_ms: float,
+    settings: PlanSettings,
+) -> float | None:
+    """:func:`served_quality` of an existing cascade plan at another demand; ``None`` when its light
+    stage no longer holds the SLO there (the plan must change). The controller's hysteresis uses
+    this to ask whether moving workers to the new optimum is worth it."""
+    delta = plan_deferred_degraded_share(plan, pair, light, heavy, demand_qps=demand_qps, slo_ms=slo_ms, settings=settings)
+    if delta is None:
+        return None
+    f = plan.heavy_fraction if plan.routing == "cascade" else 0.0
     return float(served_quality(QualityCurve.of(pair), f, delta))

@@ -108,13 +108,15 @@ def fast_served_plan(
         kls = _distinct_light_counts(lo)
         if kls.size == 0:
             continue
-        cand = _best_in_group(curve, sign, fill, fs, ts, cols, lo, kls, usable, s_h, demand_qps, slo_ms, workers)
+        caps = dict(max_wait_ms=settings.max_wait_ms, max_wait_fraction=settings.max_wait_fraction)
+        cand = _best_in_group(curve, sign, fill, fs, ts, cols, lo, kls, usable, s_h, demand_qps, slo_ms, workers, caps)
         if cand is not None and (best is None or cand.key < best.key):
             best = cand
     return best
 
 
-def _best_in_group(curve, sign, fill, fs, ts, cols, lo: LightOptions, kls, usable, s_h, demand, slo_ms, workers):
+def _best_in_group(curve, sign, fill, fs, ts, cols, lo: LightOptions, kls, usable, s_h, demand, slo_ms, workers, caps):
+    """The enumeration's choice within one group of thresholds; ``caps``: the batcher's wait cap."""
     f = fs[cols]
     rates = demand * f
     budget = slo_ms - lo.mean_ms[kls]  # (n_l,)
@@ -126,7 +128,7 @@ def _best_in_group(curve, sign, fill, fs, ts, cols, lo: LightOptions, kls, usabl
         table = erlang_b_table(max(max_heavy - 1, 0), rates / 1000.0 / b * s)  # (max_heavy, n_j)
         tables.append(table)
         patience = (budget - heavy_start_reserve_ms(s))[:, None]
-        delta = _delta_grid(s, b, kh_full, rates[None, :], patience, table)
+        delta = _delta_grid(s, b, kh_full, rates[None, :], patience, table, caps)
         qfull.append(sign * served_quality(curve, np.broadcast_to(f, delta.shape), delta))
     qkey = np.stack(qfull)  # (b_h, k_l, j)
     top = float(qkey.min())
@@ -135,7 +137,7 @@ def _best_in_group(curve, sign, fill, fs, ts, cols, lo: LightOptions, kls, usabl
     tied = qkey <= top + QUALITY_TIE * abs(top)
     used = np.full(qkey.shape, workers, dtype=np.int64)
     if not fill:
-        fewest = _fewest_heavy(curve, sign, top, tied, f, rates, kls, budget, usable, s_h, tables, workers)
+        fewest = _fewest_heavy(curve, sign, top, tied, f, rates, kls, budget, usable, s_h, tables, workers, caps)
         used = np.where(tied, fewest + kls[None, :, None], np.iinfo(np.int64).max)
         tied &= used == used.min()
     wkey = -used if fill else used
@@ -145,7 +147,7 @@ def _best_in_group(curve, sign, fill, fs, ts, cols, lo: LightOptions, kls, usabl
     kl, j = int(kls[li]), int(cols[ji])
     kh = int(used[bi, li, ji]) - kl
     s = float(s_h[bi])
-    delta = float(deadline_miss_share(s, usable[bi], kh, rates[ji], budget[li] - heavy_start_reserve_ms(s)))
+    delta = float(deadline_miss_share(s, usable[bi], kh, rates[ji], budget[li] - heavy_start_reserve_ms(s), **caps))
     return ServedChoice(
         column=j, threshold=ts[j], heavy_fraction=float(fs[j]), light=(int(lo.batch[kl]), kl), heavy=(usable[bi], kh),
         quality=float(sign * top), deferred_degraded=delta, light_mean_ms=float(lo.mean_ms[kl]),
@@ -153,15 +155,15 @@ def _best_in_group(curve, sign, fill, fs, ts, cols, lo: LightOptions, kls, usabl
     )
 
 
-def _delta_grid(service_ms, batch, heavy_workers, rates, patience, table):
+def _delta_grid(service_ms, batch, heavy_workers, rates, patience, table, caps):
     """Degraded share for heavy pool sizes ``heavy_workers`` (n_l, 1) at ``rates`` (1, n_j), the
     blocking read from the Erlang-B ``table`` (row n: n + 1 workers; one column per rate)."""
     row = np.clip(heavy_workers - 1, 0, table.shape[0] - 1)
     blocking = table[row, np.arange(table.shape[1])]
-    return miss_share_given_blocking(service_ms, batch, heavy_workers, rates, patience, blocking)
+    return miss_share_given_blocking(service_ms, batch, heavy_workers, rates, patience, blocking, **caps)
 
 
-def _fewest_heavy(curve, sign, top, tied, f, rates, kls, budget, usable, s_h, tables, workers):
+def _fewest_heavy(curve, sign, top, tied, f, rates, kls, budget, usable, s_h, tables, workers, caps):
     """For each tied (b_h, k_l, j): the fewest heavy workers whose quality stays within the tie
     (bisection: the quality as served only gets worse with fewer heavy workers)."""
     limit = top + QUALITY_TIE * abs(top)
@@ -179,7 +181,7 @@ def _fewest_heavy(curve, sign, top, tied, f, rates, kls, budget, usable, s_h, ta
             active = hi_k - lo_k > 1
             mid = (lo_k + hi_k) // 2
             blocking = table[np.clip(mid - 1, 0, table.shape[0] - 1), ji]
-            d = miss_share_given_blocking(s, b, mid, rj, patience, blocking)
+            d = miss_share_given_blocking(s, b, mid, rj, patience, blocking, **caps)
             inside = sign * served_quality(curve, fj, d) <= limit
             hi_k = np.where(active & inside, mid, hi_k)
             lo_k = np.where(active & ~inside, mid, lo_k)
