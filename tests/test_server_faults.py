@@ -139,6 +139,40 @@ async def test_restarts_back_off_and_give_up_loudly(caplog) -> None:
         await rt.stop()
 
 
+async def test_a_worker_that_keeps_dying_is_given_up_after_a_crash_loop(caplog) -> None:
+    """A worker that starts fine but keeps dying is not restarted forever: ``max_deaths`` deaths
+    within ``death_window_s`` (a fake clock) give the slot up; deaths spread wider are restarted."""
+    now = [0.0]
+    backend = _processes(2, max_deaths=2, death_window_s=60.0, now=lambda: now[0])
+    rt = _runtime(backend, hand_plan(2, 0, **LIGHT_ONLY))
+    await rt.start()
+
+    async def kill_slot_0() -> None:
+        os.kill(backend.pids()[0], signal.SIGKILL)
+        backend._procs[0].proc.join(timeout=30)
+        await backend.check_workers()
+        await backend.available(0)
+
+    try:
+        await kill_slot_0()  # t = 0: first death, restarted
+        now[0] = 100.0
+        await kill_slot_0()  # the first death left the window: restarted again
+        assert not backend._procs[0].gave_up and backend.serving(0)
+        now[0] = 110.0
+        await kill_slot_0()  # two deaths within 60 s: a crash loop
+        assert backend._procs[0].gave_up and not backend._procs[0].alive
+        assert "crash loop" in caplog.text
+        assert _metric(rt, "diffserve_worker_gave_up_total") == 1
+        assert _metric(rt, "diffserve_worker_crashes_total", model="light") == 3
+        await backend.check_workers()  # a given-up slot is not restarted again
+        assert 0 not in backend._restarting
+        assert rt.ready and rt.workers_down() == 1  # the other worker still serves
+        [answer] = await rt.generate("still served")
+        assert answer.model == "light"
+    finally:
+        await rt.stop()
+
+
 def test_the_watchdog_derives_from_the_profiled_latency_not_the_slo() -> None:
     backend = ProcessBackend(["light", "heavy"], 1, {"kind": "fake"}, {"light": 100.0, "heavy": 20_000.0})
     assert backend._watchdog("light", 1) == WATCHDOG_FLOOR_S
