@@ -22,7 +22,7 @@ from diffserve.server.errors import ServeError, Unavailable
 from diffserve.server.launch import shed_app, uvicorn_config
 from diffserve.server.procbackend import WATCHDOG_FACTOR, WATCHDOG_FLOOR_S, ProcessBackend
 from diffserve.server.runtime import Runtime
-from diffserve.server.shedding import READ_TIMEOUT_BOUNDS_S, http_limits, in_flight_bound
+from diffserve.server.shedding import ARRIVAL_KEY, READ_TIMEOUT_BOUNDS_S, HttpLimits, http_limits, in_flight_bound, listen_backlog, timed_protocol
 from diffserve.server.testing import GatedBackend, hand_plan
 from test_server_reliability import _runtime  # one runtime builder for the fault tests
 
@@ -327,6 +327,102 @@ async def test_past_the_bound_image_requests_are_shed_before_parsing() -> None:
     backend.gate.set()
     assert [(await t).status_code for t in held] == [200, 200]
     await rt.stop()
+
+
+def _arrived(app, seconds_ago: float):
+    """``app`` as if the server had first seen each request ``seconds_ago`` (the protocol's stamp)."""
+    import time
+
+    async def stamped(scope, receive, send):
+        if scope["type"] == "http":
+            scope[ARRIVAL_KEY] = time.monotonic() - seconds_ago
+        await app(scope, receive, send)
+
+    return stamped
+
+
+async def test_the_deadline_runs_from_the_first_sight_of_the_request_not_admission() -> None:
+    """Time a request spent in the server before admission (event loop, parsing) counts against its
+    SLO: admission judges what is left, and the answer's latency includes it."""
+    backend = GatedBackend(n_workers=1, clock=Clock(1.0), latency_ms={"light": 1.0, "heavy": 10.0})
+    rt = _runtime(backend, hand_plan(1, 0, **LIGHT_ONLY), slo_ms=5000.0)
+    app = create_app(rt, manage_lifecycle=False)
+    await rt.start()
+    try:
+        late = await _client(_arrived(app, 10.0)).post(URL, json={"prompt": "waited past its SLO"})
+        assert late.status_code == 503 and late.headers["retry-after"].isdigit()
+        assert _metric(rt, "diffserve_rejected_total", reason="deadline") == 1 and backend.calls == []
+        ok = await _client(_arrived(app, 1.0)).post(URL, json={"prompt": "waited one second"})
+        assert ok.status_code == 200
+        assert ok.json()["data"][0]["diffserve"]["latency_ms"] >= 1000.0  # from first sight, not admission
+        # the door-keeper checks the same thing before parsing: no time left, no read
+        shed = await _client(_arrived(shed_app(app, rt), 10.0)).post(URL, content=b"never parsed")
+        assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
+        assert rt.ledger.accepted == 1 and rt.ledger.offered == 3
+    finally:
+        await rt.stop()
+
+
+def test_the_listen_backlog_is_the_backstop_capped_by_the_kernel() -> None:
+    limits = HttpLimits(concurrency=100, backstop=264, read_timeout_s=2.0)
+    assert listen_backlog(limits, somaxconn=4096) == 264
+    assert listen_backlog(limits, somaxconn=128) == 128
+
+
+@pytest.mark.e2e
+def test_the_backstop_answers_json_503_and_the_deadline_starts_at_the_connection() -> None:
+    """Past the backstop every request gets the shed JSON 503 with Retry-After (not uvicorn's plain
+    text); below it, a request's latency counts from when its connection was accepted."""
+    import time
+
+    import uvicorn
+
+    rt = _runtime(GatedBackend(clock=Clock(1.0), latency_ms={"light": 1.0, "heavy": 10.0}), hand_plan(1, 0, **LIGHT_ONLY), slo_ms=5000.0)
+    config = uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)
+    config.http = timed_protocol(2.0, backstop=1, refuse=config.app.refuse)  # one connection at a time
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2000):
+            if server.started:
+                break
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        body = json.dumps({"prompt": "a"}).encode()
+        post = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode() + body
+
+        def answer(sock: socket.socket) -> bytes:
+            sock.settimeout(30)  # a liveness bound only
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+            return raw
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            while len(server.server_state.connections) < 1:  # accepted: the deadline starts here
+                time.sleep(0.01)
+            time.sleep(0.3)
+            sock.sendall(post)
+            head, payload = answer(sock).split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert json.loads(payload)["data"][0]["diffserve"]["latency_ms"] >= 300.0
+        while server.server_state.connections:
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port)) as idle, socket.create_connection(("127.0.0.1", port)) as sock:
+            while len(server.server_state.connections) < 2:
+                time.sleep(0.01)
+            sock.sendall(post)
+            head, payload = answer(sock).split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 503")
+            headers = head.decode().lower()
+            assert "retry-after: " in headers and "connection: close" in headers and "application/json" in headers
+            assert json.loads(payload)["error"]["code"] == "overloaded"
+        assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
 
 
 def test_http_limits_follow_the_plan_capacity() -> None:

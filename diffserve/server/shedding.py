@@ -4,14 +4,23 @@ Past its capacity, a server that parses every request before refusing it spends 
 refusals, and the work it admitted misses its SLO (Triton and Ray Serve refuse at the door for
 this reason). Three layers, cheapest first:
 
-- uvicorn's ``limit_concurrency`` (a backstop, twice the app bound): past it uvicorn answers 503
-  from the protocol, before any ASGI code runs;
+- a backstop in the protocol (twice the app bound, in connections and tasks): past it every
+  request gets the same JSON 503 with ``Retry-After`` as a shed one, with ``Connection: close``
+  (uvicorn's own ``limit_concurrency`` answer is plain text without ``Retry-After``);
 - :class:`ShedMiddleware`: a pure ASGI wrapper that answers an image request 503 with
   ``Retry-After`` (sized from the real queues) while the app already holds as many requests as
   the plan can finish within the hard limit, or while the first stage's queue could not admit
-  one more (``full``); no body is read, nothing is parsed;
+  one more in the time the request has left (``full``); no body is read, nothing is parsed;
 - :class:`TimedH11Protocol`: a connection must deliver a request's headers and body within
   ``read_timeout_s``, or it is closed (slowloris); uvicorn itself only times idle keep-alives.
+
+A request's deadline starts at the earliest moment the server sees it, not at admission: the
+protocol stamps ``scope[ARRIVAL_KEY]`` when the connection is accepted (first request) or when
+the request's first byte arrives (later requests on a kept-alive connection), and the middleware
+stamps requests that reach it without one. Time spent waiting in the event loop and in parsing
+is then part of the SLO, and admission judges the budget that is left. What happens before the
+server accepts the connection (the kernel's accept queue, SYN retries) it cannot see; the listen
+backlog (:func:`listen_backlog`) bounds that wait.
 
 The bound follows Little's law: the plan's capacity (images/s, model time) times the longest an
 image may stay (``drop_factor x SLO``) is what the plan can have in flight; more only waits.
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,12 +43,36 @@ from diffserve.schemas import PlanFile
 MIN_CONCURRENCY = 16
 #: Reading a request never gets less or more than this, whatever the SLO (wall seconds).
 READ_TIMEOUT_BOUNDS_S = (2.0, 10.0)
+#: The ASGI scope key holding the request's arrival (``time.monotonic()`` seconds).
+ARRIVAL_KEY = "diffserve.arrival_s"
+SHED_BODY = json.dumps({"error": {
+    "message": "the server is at capacity; retry after the Retry-After interval",
+    "type": "server_unavailable", "param": None, "code": "overloaded",
+}}).encode()
+
+
+def waited_s(scope: dict, now: Callable[[], float] = time.monotonic) -> float:
+    """Wall seconds since the server first saw this request (0 when nothing stamped it)."""
+    arrival = scope.get(ARRIVAL_KEY)
+    return 0.0 if arrival is None else max(0.0, now() - arrival)
+
+
+async def send_shed(send: Callable, retry_after_s: int, *, close: bool = False) -> None:
+    """The one JSON 503 of the door-keepers: OpenAI-shaped, with ``Retry-After``."""
+    headers = [
+        (b"content-type", b"application/json"), (b"content-length", str(len(SHED_BODY)).encode()),
+        (b"retry-after", str(max(1, int(retry_after_s))).encode()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": SHED_BODY})
 
 
 @dataclass(frozen=True)
 class HttpLimits:
     concurrency: int  # image requests the app holds at once; more are shed by the middleware
-    backstop: int  # uvicorn's limit_concurrency (connections and tasks)
+    backstop: int  # connections and tasks; past it the protocol answers every request 503
     read_timeout_s: float  # headers and body of one request must arrive within this (wall time)
 
 
@@ -54,6 +88,21 @@ def http_limits(plan: PlanFile, slo_ms: float, drop_factor: float, slo_wall_s: f
     return HttpLimits(concurrency=bound, backstop=2 * bound + 64, read_timeout_s=min(high, max(low, slo_wall_s)))
 
 
+def listen_backlog(limits: HttpLimits, somaxconn: int | None = None) -> int:
+    """The kernel's accept queue: room for one backstop's worth of connections, and no more.
+
+    A connection in that queue waits where the server cannot see it, so its deadline cannot
+    count the wait; a queue far longer than what the server admits at once only holds
+    connections that will be refused anyway, later. Linux caps it at ``net.core.somaxconn``."""
+    if somaxconn is None:
+        try:
+            with open("/proc/sys/net/core/somaxconn") as f:
+                somaxconn = int(f.read())
+        except (OSError, ValueError):
+            somaxconn = 4096
+    return max(MIN_CONCURRENCY, min(limits.backstop, somaxconn))
+
+
 class ShedMiddleware:
     """Answer image requests 503 at the door while ``limit()`` of them are already in the app."""
 
@@ -63,7 +112,7 @@ class ShedMiddleware:
         *,
         limit: Callable[[], int],
         retry_after_s: Callable[[], int],
-        full: Callable[[], bool] = lambda: False,
+        full: Callable[[float], bool] = lambda waited_s: False,
         on_shed: Callable[[], None] = lambda: None,
         paths: tuple[str, ...] = ("/v1/images/generations",),
     ) -> None:
@@ -79,9 +128,9 @@ class ShedMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit() or self.full():
-            self.on_shed()
-            await self._refuse(send)
+        scope.setdefault(ARRIVAL_KEY, time.monotonic())
+        if self.active >= self.limit() or self.full(waited_s(scope)):
+            await self.refuse(scope, send)
             return
         self.active += 1
         try:
@@ -89,32 +138,58 @@ class ShedMiddleware:
         finally:
             self.active -= 1
 
-    async def _refuse(self, send: Callable) -> None:
-        body = json.dumps({"error": {
-            "message": "the server is at capacity; retry after the Retry-After interval",
-            "type": "server_unavailable", "param": None, "code": "overloaded",
-        }}).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(max(1, int(self.retry_after_s()))).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+    async def refuse(self, scope: dict, send: Callable, *, close: bool = False) -> None:
+        """Shed this request: counted (image requests only) and answered 503 unread."""
+        if scope.get("path") in self.paths:
+            self.on_shed()
+        await send_shed(send, self.retry_after_s(), close=close)
 
 
 class TimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus a read deadline: a request's headers and body must arrive within
-    ``read_timeout_s`` of its first byte (or of the connection opening), else the connection closes."""
+    ``read_timeout_s`` of its first byte (or of the connection opening), else the connection closes.
+
+    It also stamps each request's arrival into its scope (:data:`ARRIVAL_KEY`), and answers every
+    request with the JSON 503 of ``refuse`` while more than ``backstop`` connections or tasks are
+    open."""
 
     read_timeout_s: float = 10.0
+    backstop: int | None = None
+    refuse: Callable[..., Any] | None = None  # ``ShedMiddleware.refuse``
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.backstop is not None and self.refuse is not None:
+            self.app = self._guarded(self.app)
+
+    def _guarded(self, app: Any) -> Callable:
+        refuse, backstop = type(self).refuse, self.backstop
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            # this request's connection and task are already counted, hence ">"
+            if scope["type"] == "http" and (len(self.connections) > backstop or len(self.tasks) > backstop):
+                await refuse(scope, send, close=True)
+                return
+            await app(scope, receive, send)
+
+        return guarded
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._arrival: float | None = time.monotonic()
         self._read_timer: Any = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._arrival is None:
+            self._arrival = time.monotonic()  # a later request on a kept-alive connection
         if self._read_timer is None and self.conn.their_state is h11.IDLE:
             self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+        had = getattr(self, "scope", None)
         super().data_received(data)
+        scope = getattr(self, "scope", None)
+        if scope is not None and scope is not had and self._arrival is not None:
+            scope.setdefault(ARRIVAL_KEY, self._arrival)  # the task that reads it has not run yet
+            self._arrival = None
         if self._read_timer is not None and self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
             self._read_timer.cancel()
             self._read_timer = None
@@ -131,6 +206,9 @@ class TimedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def timed_protocol(read_timeout_s: float) -> type[TimedH11Protocol]:
-    """The protocol class uvicorn builds per connection, with this read deadline."""
-    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": float(read_timeout_s)})
+def timed_protocol(
+    read_timeout_s: float, *, backstop: int | None = None, refuse: Callable[..., Any] | None = None,
+) -> type[TimedH11Protocol]:
+    """The protocol class uvicorn builds per connection, with this read deadline and backstop."""
+    attrs = {"read_timeout_s": float(read_timeout_s), "backstop": backstop, "refuse": staticmethod(refuse) if refuse else None}
+    return type("TimedH11Protocol", (TimedH11Protocol,), attrs)
