@@ -372,14 +372,16 @@ def test_the_listen_backlog_is_the_backstop_capped_by_the_kernel() -> None:
 @pytest.mark.e2e
 def test_the_backstop_answers_json_503_and_the_deadline_starts_at_the_connection() -> None:
     """Past the backstop every request gets the shed JSON 503 with Retry-After (not uvicorn's plain
-    text); below it, a request's latency counts from when its connection was accepted."""
+    text); below it, a request's latency counts from when its connection was accepted; with the
+    door closed, the protocol refuses an image request from its first bytes, before parsing."""
     import time
 
     import uvicorn
 
     rt = _runtime(GatedBackend(clock=Clock(1.0), latency_ms={"light": 1.0, "heavy": 10.0}), hand_plan(1, 0, **LIGHT_ONLY), slo_ms=5000.0)
     config = uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)
-    config.http = timed_protocol(2.0, backstop=1, refuse=config.app.refuse)  # one connection at a time
+    door = config.app
+    config.http = timed_protocol(2.0, backstop=1, door=door)  # one connection at a time
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -420,6 +422,16 @@ def test_the_backstop_answers_json_503_and_the_deadline_starts_at_the_connection
             assert "retry-after: " in headers and "connection: close" in headers and "application/json" in headers
             assert json.loads(payload)["error"]["code"] == "overloaded"
         assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 1
+        while server.server_state.connections:
+            time.sleep(0.01)
+        door.limit = lambda: 0  # the door is closed: the protocol answers from the first bytes
+        before = len(server.server_state.tasks)
+        shed = httpx.post(f"http://127.0.0.1:{port}{URL}", content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
+        assert shed.headers["retry-after"].isdigit() and shed.headers["connection"] == "close"
+        assert len(server.server_state.tasks) == before and rt.ledger.offered == 3  # counted, no task, not parsed
+        assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 2
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200  # health is never shed
     finally:
         server.should_exit = True
         thread.join(timeout=20)

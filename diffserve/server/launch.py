@@ -154,7 +154,7 @@ def uvicorn_config(app, runtime: Runtime, *, host: str, port: int, log_level: st
         backlog=listen_backlog(limits),
         timeout_keep_alive=30,
         lifespan="on",
-        http=timed_protocol(limits.read_timeout_s, backstop=limits.backstop, refuse=door.refuse),
+        http=timed_protocol(limits.read_timeout_s, backstop=limits.backstop, door=door),
         limit_concurrency=None,
         timeout_graceful_shutdown=30,
     )

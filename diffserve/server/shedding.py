@@ -13,6 +13,11 @@ this reason). Three layers, cheapest first:
   one more in the time the request has left (``full``); no body is read, nothing is parsed;
 - :class:`TimedH11Protocol`: a connection must deliver a request's headers and body within
   ``read_timeout_s``, or it is closed (slowloris); uvicorn itself only times idle keep-alives.
+  It also asks the middleware's question itself when a request's first bytes arrive: an image
+  request that the door would refuse is answered with prepared bytes before h11 parses it and
+  before any task exists. Past capacity most arrivals are refusals, and each one the event loop
+  handles cheaply is time left for the admitted ones (this is what keeps a 3x overload within
+  the SLO on a shared 2-core machine; see docs/serving.md).
 
 A request's deadline starts at the earliest moment the server sees it, not at admission: the
 protocol stamps ``scope[ARRIVAL_KEY]`` when the connection is accepted (first request) or when
@@ -55,6 +60,14 @@ def waited_s(scope: dict, now: Callable[[], float] = time.monotonic) -> float:
     """Wall seconds since the server first saw this request (0 when nothing stamped it)."""
     arrival = scope.get(ARRIVAL_KEY)
     return 0.0 if arrival is None else max(0.0, now() - arrival)
+
+
+def shed_response(retry_after_s: int) -> bytes:
+    """The shed 503 as raw HTTP/1.1 bytes, for the protocol's refusal before parsing."""
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n" % (len(SHED_BODY), max(1, int(retry_after_s)))
+    ) + SHED_BODY
 
 
 async def send_shed(send: Callable, retry_after_s: int, *, close: bool = False) -> None:
@@ -129,7 +142,7 @@ class ShedMiddleware:
             await self.app(scope, receive, send)
             return
         scope.setdefault(ARRIVAL_KEY, time.monotonic())
-        if self.active >= self.limit() or self.full(waited_s(scope)):
+        if self.closed(waited_s(scope)):
             await self.refuse(scope, send)
             return
         self.active += 1
@@ -137,6 +150,18 @@ class ShedMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+    def closed(self, waited_s: float) -> bool:
+        """Would an image request that has spent ``waited_s`` in the server be shed now?"""
+        return self.active >= self.limit() or self.full(waited_s)
+
+    def matches(self, data: bytes) -> bool:
+        """Do these first bytes of a request start an image request (``POST <path>``)?"""
+        for path in self.paths:
+            prefix = b"POST " + path.encode()
+            if data.startswith(prefix) and data[len(prefix):len(prefix) + 1] in (b" ", b"?"):
+                return True
+        return False
 
     async def refuse(self, scope: dict, send: Callable, *, close: bool = False) -> None:
         """Shed this request: counted (image requests only) and answered 503 unread."""
@@ -155,15 +180,16 @@ class TimedH11Protocol(H11Protocol):
 
     read_timeout_s: float = 10.0
     backstop: int | None = None
-    refuse: Callable[..., Any] | None = None  # ``ShedMiddleware.refuse``
+    door: ShedMiddleware | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.backstop is not None and self.refuse is not None:
+        self._answered = False  # refused before parsing: what else arrives is discarded
+        if self.backstop is not None and self.door is not None:
             self.app = self._guarded(self.app)
 
     def _guarded(self, app: Any) -> Callable:
-        refuse, backstop = type(self).refuse, self.backstop
+        refuse, backstop = self.door.refuse, self.backstop  # type: ignore[union-attr]
 
         async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
             # this request's connection and task are already counted, hence ">"
@@ -180,8 +206,12 @@ class TimedH11Protocol(H11Protocol):
         self._read_timer: Any = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return
         if self.conn.their_state is h11.IDLE and self._arrival is None:
             self._arrival = time.monotonic()  # a later request on a kept-alive connection
+        if self._refused_unparsed(data):
+            return
         if self._read_timer is None and self.conn.their_state is h11.IDLE:
             self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
         had = getattr(self, "scope", None)
@@ -194,6 +224,22 @@ class TimedH11Protocol(H11Protocol):
             self._read_timer.cancel()
             self._read_timer = None
 
+    def _refused_unparsed(self, data: bytes) -> bool:
+        """Shed an image request from its first bytes, as the middleware would, without h11."""
+        door = self.door
+        if door is None or self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0] or not door.matches(data):
+            return False
+        if not door.closed(time.monotonic() - (self._arrival or time.monotonic())):
+            return False
+        door.on_shed()
+        self._answered = True
+        self.transport.write(shed_response(door.retry_after_s()))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer, then closes; the rest of its body is discarded
+        else:
+            self.transport.close()
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._read_timer is not None:
             self._read_timer.cancel()
@@ -202,13 +248,11 @@ class TimedH11Protocol(H11Protocol):
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+        if (self._answered or self.conn.their_state in (h11.IDLE, h11.SEND_BODY)) and not self.transport.is_closing():
             self.transport.close()
 
 
-def timed_protocol(
-    read_timeout_s: float, *, backstop: int | None = None, refuse: Callable[..., Any] | None = None,
-) -> type[TimedH11Protocol]:
-    """The protocol class uvicorn builds per connection, with this read deadline and backstop."""
-    attrs = {"read_timeout_s": float(read_timeout_s), "backstop": backstop, "refuse": staticmethod(refuse) if refuse else None}
+def timed_protocol(read_timeout_s: float, *, backstop: int | None = None, door: ShedMiddleware | None = None) -> type[TimedH11Protocol]:
+    """The protocol class uvicorn builds per connection: this read deadline, backstop and door."""
+    attrs = {"read_timeout_s": float(read_timeout_s), "backstop": backstop, "door": door}
     return type("TimedH11Protocol", (TimedH11Protocol,), attrs)
