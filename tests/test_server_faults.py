@@ -19,7 +19,7 @@ import pytest
 from diffserve.server.api import ApiSettings, create_app
 from diffserve.server.clock import Clock
 from diffserve.server.errors import ServeError, Unavailable
-from diffserve.server.launch import shed_app, uvicorn_config
+from diffserve.server.launch import run_event_loop, shed_app, uvicorn_config
 from diffserve.server.procbackend import WATCHDOG_FACTOR, WATCHDOG_FLOOR_S, ProcessBackend
 from diffserve.server.runtime import Runtime
 from diffserve.server.shedding import ARRIVAL_KEY, READ_TIMEOUT_BOUNDS_S, HttpLimits, http_limits, in_flight_bound, listen_backlog, timed_protocol
@@ -361,6 +361,18 @@ async def test_the_deadline_runs_from_the_first_sight_of_the_request_not_admissi
         assert rt.ledger.accepted == 1 and rt.ledger.offered == 3
     finally:
         await rt.stop()
+
+
+def test_the_server_loop_is_uvloop_when_installed() -> None:
+    """Refusals are mostly accepts and transports: the server runs them on uvloop's C loop."""
+    uvloop = pytest.importorskip("uvloop")
+    seen = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    run_event_loop(main())
+    assert seen == [uvloop.Loop]
 
 
 def test_the_listen_backlog_is_the_backstop_capped_by_the_kernel() -> None:

@@ -20,7 +20,7 @@ this reason). Three layers, cheapest first:
   the SLO on a shared 2-core machine; see docs/serving.md).
 
 A request's deadline starts at the earliest moment the server sees it, not at admission: the
-protocol stamps ``scope[ARRIVAL_KEY]`` when the connection is accepted (first request) or when
+protocol stamps ``scope[ARRIVAL_KEY]`` when it is built for an accepted connection (first request) or when
 the request's first byte arrives (later requests on a kept-alive connection), and the middleware
 stamps requests that reach it without one. Time spent waiting in the event loop and in parsing
 is then part of the SLO, and admission judges the budget that is left. What happens before the
@@ -184,6 +184,8 @@ class TimedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # asyncio builds the protocol as it accepts the socket, one loop turn before connection_made
+        self._arrival: float | None = time.monotonic()
         self._answered = False  # refused before parsing: what else arrives is discarded
         if self.backstop is not None and self.door is not None:
             self.app = self._guarded(self.app)
@@ -202,7 +204,6 @@ class TimedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arrival: float | None = time.monotonic()
         self._read_timer: Any = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
 
     def data_received(self, data: bytes) -> None:
