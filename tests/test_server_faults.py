@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import threading
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from diffserve.server.launch import run_event_loop, shed_app, uvicorn_config
 from diffserve.server.procbackend import WATCHDOG_FACTOR, WATCHDOG_FLOOR_S, ProcessBackend
 from diffserve.server.runtime import Runtime
 from diffserve.server.shedding import ARRIVAL_KEY, READ_TIMEOUT_BOUNDS_S, HttpLimits, http_limits, in_flight_bound, listen_backlog, timed_protocol
-from diffserve.server.testing import GatedBackend, hand_plan
+from diffserve.server.testing import GatedBackend, hand_plan, server_in_thread
 from test_server_reliability import _runtime  # one runtime builder for the fault tests
 
 pytestmark = pytest.mark.anyio
@@ -388,20 +387,11 @@ def test_the_backstop_answers_json_503_and_the_deadline_starts_at_the_connection
     door closed, the protocol refuses an image request from its first bytes, before parsing."""
     import time
 
-    import uvicorn
-
     rt = _runtime(GatedBackend(clock=Clock(1.0), latency_ms={"light": 1.0, "heavy": 10.0}), hand_plan(1, 0, **LIGHT_ONLY), slo_ms=5000.0)
     config = uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)
     door = config.app
     config.http = timed_protocol(2.0, backstop=1, door=door)  # one connection at a time
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(2000):
-            if server.started:
-                break
-            time.sleep(0.01)
+    with server_in_thread(config) as server:
         port = server.servers[0].sockets[0].getsockname()[1]
         body = json.dumps({"prompt": "a"}).encode()
         post = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -444,9 +434,6 @@ def test_the_backstop_answers_json_503_and_the_deadline_starts_at_the_connection
         assert len(server.server_state.tasks) == before and rt.ledger.offered == 3  # counted, no task, not parsed
         assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 2
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200  # health is never shed
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def test_http_limits_follow_the_plan_capacity() -> None:
@@ -462,28 +449,14 @@ def test_http_limits_follow_the_plan_capacity() -> None:
                                      b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"])
 def test_a_slow_client_is_disconnected_at_the_read_deadline(partial: bytes) -> None:
     """Defect 6 (slowloris): headers or body that do not arrive in time close the connection."""
-    import time
-
-    import uvicorn
-
     rt = _runtime(GatedBackend(clock=Clock(1.0)), hand_plan(1, 1), slo_ms=2000.0)  # read deadline: 2 s
-    server = uvicorn.Server(uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(2000):
-            if server.started:
-                break
-            time.sleep(0.01)
+    with server_in_thread(uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)) as server:
         port = server.servers[0].sockets[0].getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(partial)
             sock.settimeout(30)  # a liveness bound, far above the deadline under test
             assert READ_TIMEOUT_BOUNDS_S[0] < 30
             assert sock.recv(100) == b""  # closed by the server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 # ---------------------------------------------------------------- input and the control plane
