@@ -98,7 +98,7 @@ async def closed_loop(host: str, port: int, clients: int, duration_s: float) -> 
 
 async def open_loop(
     host: str, port: int, qps: float, duration_s: float, timeout_s: float, seed: int, sent: Callable[[], None] = lambda: None,
-) -> list[dict]:
+) -> dict:
     rng, payload, tasks = random.Random(seed), _request(host, port), []
     lags: list[float] = []
     ticker = asyncio.create_task(_lag_ticker(lags))

@@ -16,8 +16,7 @@ this reason). Three layers, cheapest first:
   It also asks the middleware's question itself when a request's first bytes arrive: an image
   request that the door would refuse is answered with prepared bytes before h11 parses it and
   before any task exists. Past capacity most arrivals are refusals, and each one the event loop
-  handles cheaply is time left for the admitted ones (this is what keeps a 3x overload within
-  the SLO on a shared 2-core machine; see docs/serving.md).
+  handles cheaply is time left for the admitted ones (measured in docs/serving.md).
 
 A request's deadline starts at the earliest moment the server sees it, not at admission: the
 protocol stamps ``scope[ARRIVAL_KEY]`` when it is built for an accepted connection (first request) or when
