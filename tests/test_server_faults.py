@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import threading
 
 import httpx
 import pytest
@@ -19,11 +18,11 @@ import pytest
 from diffserve.server.api import ApiSettings, create_app
 from diffserve.server.clock import Clock
 from diffserve.server.errors import ServeError, Unavailable
-from diffserve.server.launch import shed_app, uvicorn_config
+from diffserve.server.launch import run_event_loop, shed_app, uvicorn_config
 from diffserve.server.procbackend import WATCHDOG_FACTOR, WATCHDOG_FLOOR_S, ProcessBackend
 from diffserve.server.runtime import Runtime
-from diffserve.server.shedding import READ_TIMEOUT_BOUNDS_S, http_limits, in_flight_bound
-from diffserve.server.testing import GatedBackend, hand_plan
+from diffserve.server.shedding import ARRIVAL_KEY, READ_TIMEOUT_BOUNDS_S, HttpLimits, http_limits, in_flight_bound, listen_backlog, timed_protocol
+from diffserve.server.testing import GatedBackend, hand_plan, server_in_thread
 from test_server_reliability import _runtime  # one runtime builder for the fault tests
 
 pytestmark = pytest.mark.anyio
@@ -132,6 +131,40 @@ async def test_restarts_back_off_and_give_up_loudly(caplog) -> None:
         assert waits == [0.5, 1.0]  # three attempts, two waits between them
         assert backend._procs[0].gave_up and "giving up" in caplog.text
         assert _metric(rt, "diffserve_worker_gave_up_total") == 1
+        assert rt.ready and rt.workers_down() == 1  # the other worker still serves
+        [answer] = await rt.generate("still served")
+        assert answer.model == "light"
+    finally:
+        await rt.stop()
+
+
+async def test_a_worker_that_keeps_dying_is_given_up_after_a_crash_loop(caplog) -> None:
+    """A worker that starts fine but keeps dying is not restarted forever: ``max_deaths`` deaths
+    within ``death_window_s`` (a fake clock) give the slot up; deaths spread wider are restarted."""
+    now = [0.0]
+    backend = _processes(2, max_deaths=2, death_window_s=60.0, now=lambda: now[0])
+    rt = _runtime(backend, hand_plan(2, 0, **LIGHT_ONLY))
+    await rt.start()
+
+    async def kill_slot_0() -> None:
+        os.kill(backend.pids()[0], signal.SIGKILL)
+        backend._procs[0].proc.join(timeout=30)
+        await backend.check_workers()
+        await backend.available(0)
+
+    try:
+        await kill_slot_0()  # t = 0: first death, restarted
+        now[0] = 100.0
+        await kill_slot_0()  # the first death left the window: restarted again
+        assert not backend._procs[0].gave_up and backend.serving(0)
+        now[0] = 110.0
+        await kill_slot_0()  # two deaths within 60 s: a crash loop
+        assert backend._procs[0].gave_up and not backend._procs[0].alive
+        assert "crash loop" in caplog.text
+        assert _metric(rt, "diffserve_worker_gave_up_total") == 1
+        assert _metric(rt, "diffserve_worker_crashes_total", model="light") == 3
+        await backend.check_workers()  # a given-up slot is not restarted again
+        assert 0 not in backend._restarting
         assert rt.ready and rt.workers_down() == 1  # the other worker still serves
         [answer] = await rt.generate("still served")
         assert answer.model == "light"
@@ -295,6 +328,114 @@ async def test_past_the_bound_image_requests_are_shed_before_parsing() -> None:
     await rt.stop()
 
 
+def _arrived(app, seconds_ago: float):
+    """``app`` as if the server had first seen each request ``seconds_ago`` (the protocol's stamp)."""
+    import time
+
+    async def stamped(scope, receive, send):
+        if scope["type"] == "http":
+            scope[ARRIVAL_KEY] = time.monotonic() - seconds_ago
+        await app(scope, receive, send)
+
+    return stamped
+
+
+async def test_the_deadline_runs_from_the_first_sight_of_the_request_not_admission() -> None:
+    """Time a request spent in the server before admission (event loop, parsing) counts against its
+    SLO: admission judges what is left, and the answer's latency includes it."""
+    backend = GatedBackend(n_workers=1, clock=Clock(1.0), latency_ms={"light": 1.0, "heavy": 10.0})
+    rt = _runtime(backend, hand_plan(1, 0, **LIGHT_ONLY), slo_ms=5000.0)
+    app = create_app(rt, manage_lifecycle=False)
+    await rt.start()
+    try:
+        late = await _client(_arrived(app, 10.0)).post(URL, json={"prompt": "waited past its SLO"})
+        assert late.status_code == 503 and late.headers["retry-after"].isdigit()
+        assert _metric(rt, "diffserve_rejected_total", reason="deadline") == 1 and backend.calls == []
+        ok = await _client(_arrived(app, 1.0)).post(URL, json={"prompt": "waited one second"})
+        assert ok.status_code == 200
+        assert ok.json()["data"][0]["diffserve"]["latency_ms"] >= 1000.0  # from first sight, not admission
+        # the door-keeper checks the same thing before parsing: no time left, no read
+        shed = await _client(_arrived(shed_app(app, rt), 10.0)).post(URL, content=b"never parsed")
+        assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
+        assert rt.ledger.accepted == 1 and rt.ledger.offered == 3
+    finally:
+        await rt.stop()
+
+
+def test_the_server_loop_is_uvloop_when_installed() -> None:
+    """Refusals are mostly accepts and transports: the server runs them on uvloop's C loop."""
+    uvloop = pytest.importorskip("uvloop")
+    seen = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    run_event_loop(main())
+    assert seen == [uvloop.Loop]
+
+
+def test_the_listen_backlog_is_the_backstop_capped_by_the_kernel() -> None:
+    limits = HttpLimits(concurrency=100, backstop=264, read_timeout_s=2.0)
+    assert listen_backlog(limits, somaxconn=4096) == 264
+    assert listen_backlog(limits, somaxconn=128) == 128
+
+
+@pytest.mark.e2e
+def test_the_backstop_answers_json_503_and_the_deadline_starts_at_the_connection() -> None:
+    """Past the backstop every request gets the shed JSON 503 with Retry-After (not uvicorn's plain
+    text); below it, a request's latency counts from when its connection was accepted; with the
+    door closed, the protocol refuses an image request from its first bytes, before parsing."""
+    import time
+
+    rt = _runtime(GatedBackend(clock=Clock(1.0), latency_ms={"light": 1.0, "heavy": 10.0}), hand_plan(1, 0, **LIGHT_ONLY), slo_ms=5000.0)
+    config = uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)
+    door = config.app
+    config.http = timed_protocol(2.0, backstop=1, door=door)  # one connection at a time
+    with server_in_thread(config) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        body = json.dumps({"prompt": "a"}).encode()
+        post = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode() + body
+
+        def answer(sock: socket.socket) -> bytes:
+            sock.settimeout(30)  # a liveness bound only
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+            return raw
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            while len(server.server_state.connections) < 1:  # accepted: the deadline starts here
+                time.sleep(0.01)
+            time.sleep(0.3)
+            sock.sendall(post)
+            head, payload = answer(sock).split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert json.loads(payload)["data"][0]["diffserve"]["latency_ms"] >= 300.0
+        while server.server_state.connections:
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port)) as idle, socket.create_connection(("127.0.0.1", port)) as sock:
+            while len(server.server_state.connections) < 2:
+                time.sleep(0.01)
+            sock.sendall(post)
+            head, payload = answer(sock).split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 503")
+            headers = head.decode().lower()
+            assert "retry-after: " in headers and "connection: close" in headers and "application/json" in headers
+            assert json.loads(payload)["error"]["code"] == "overloaded"
+        assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 1
+        while server.server_state.connections:
+            time.sleep(0.01)
+        door.limit = lambda: 0  # the door is closed: the protocol answers from the first bytes
+        before = len(server.server_state.tasks)
+        shed = httpx.post(f"http://127.0.0.1:{port}{URL}", content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
+        assert shed.headers["retry-after"].isdigit() and shed.headers["connection"] == "close"
+        assert len(server.server_state.tasks) == before and rt.ledger.offered == 3  # counted, no task, not parsed
+        assert _metric(rt, "diffserve_rejected_total", reason="overloaded") == 2
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200  # health is never shed
+
+
 def test_http_limits_follow_the_plan_capacity() -> None:
     small, big = hand_plan(1, 0, **LIGHT_ONLY), hand_plan(4, 0, **LIGHT_ONLY)
     big.pools[0].capacity_qps = 4 * small.pools[0].capacity_qps
@@ -308,28 +449,14 @@ def test_http_limits_follow_the_plan_capacity() -> None:
                                      b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"])
 def test_a_slow_client_is_disconnected_at_the_read_deadline(partial: bytes) -> None:
     """Defect 6 (slowloris): headers or body that do not arrive in time close the connection."""
-    import time
-
-    import uvicorn
-
     rt = _runtime(GatedBackend(clock=Clock(1.0)), hand_plan(1, 1), slo_ms=2000.0)  # read deadline: 2 s
-    server = uvicorn.Server(uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(2000):
-            if server.started:
-                break
-            time.sleep(0.01)
+    with server_in_thread(uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)) as server:
         port = server.servers[0].sockets[0].getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(partial)
             sock.settimeout(30)  # a liveness bound, far above the deadline under test
             assert READ_TIMEOUT_BOUNDS_S[0] < 30
             assert sock.recv(100) == b""  # closed by the server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 # ---------------------------------------------------------------- input and the control plane

@@ -44,7 +44,7 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
 
     from diffserve.server.api import ApiSettings, create_app
     from diffserve.server.build import build_runtime
-    from diffserve.server.launch import bind_socket, check_admin_exposure, is_loopback, serve
+    from diffserve.server.launch import bind_socket, check_admin_exposure, is_loopback, run_event_loop, serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_admin_exposure(host, admin_token)
@@ -64,7 +64,7 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
         finally:
             sock.close()
 
-    asyncio.run(main())
+    run_event_loop(main())
 
 
 def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host: str, port: int,

@@ -18,13 +18,13 @@ import ipaddress
 import logging
 import socket
 from types import FrameType
-from typing import Callable
+from typing import Any, Callable, Coroutine
 
 import uvicorn
 
 from diffserve.errors import UserError
 from diffserve.server.runtime import Runtime
-from diffserve.server.shedding import HttpLimits, ShedMiddleware, http_limits, timed_protocol
+from diffserve.server.shedding import HttpLimits, ShedMiddleware, http_limits, listen_backlog, timed_protocol
 
 log = logging.getLogger("diffserve.server")
 
@@ -104,10 +104,11 @@ def runtime_limits(runtime: Runtime) -> HttpLimits:
     return http_limits(runtime.plan, s.slo_ms, s.drop_factor, runtime.clock.to_wall_s(s.slo_ms))
 
 
-def door_closed(runtime: Runtime) -> bool:
+def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
     """The cheap check before parsing: a default request's first stage could not be admitted now
-    (its queue is full, or its wait already exceeds the SLO). A request that would be refused
-    anyway is refused for a few microseconds instead of a full parse."""
+    (its queue is full, or its wait exceeds what is left of the SLO after the ``waited_s`` it has
+    already spent inside the server). A request that would be refused anyway is refused for a few
+    microseconds instead of a full parse."""
     if not runtime.ready:
         return False  # the app answers with the reason (loading, draining, restarting)
     plan = runtime.plan
@@ -117,7 +118,8 @@ def door_closed(runtime: Runtime) -> bool:
         first = [plan.light, plan.heavy]  # closed only when neither could take it
     else:
         first = [plan.light]
-    return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > runtime.settings.slo_ms for m in first)
+    left_ms = runtime.settings.slo_ms - runtime.clock.to_model_ms(waited_s)
+    return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > left_ms for m in first)
 
 
 def _count_shed(runtime: Runtime) -> None:
@@ -132,28 +134,45 @@ def shed_app(app, runtime: Runtime) -> ShedMiddleware:
     return ShedMiddleware(
         app,
         limit=lambda: runtime_limits(runtime).concurrency,
-        full=lambda: door_closed(runtime),
+        full=lambda waited_s: door_closed(runtime, waited_s),
         retry_after_s=lambda: max((p.retry_after_s() for p in runtime.pools.values()), default=1),
         on_shed=lambda: _count_shed(runtime),
     )
 
 
 def uvicorn_config(app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
-    """uvicorn for this runtime: the door-keeper in front, limits and read deadline from the plan."""
+    """uvicorn for this runtime: the door-keeper in front; limits, backlog and read deadline from
+    the plan. The backstop lives in the protocol (JSON 503s), so uvicorn's own limit stays off."""
     limits = runtime_limits(runtime)
+    door = shed_app(app, runtime)
     return uvicorn.Config(
-        shed_app(app, runtime),
+        door,
         host=host,
         port=port,
         log_level=log_level,
         access_log=False,
-        backlog=2048,
+        backlog=listen_backlog(limits),
         timeout_keep_alive=30,
         lifespan="on",
-        http=timed_protocol(limits.read_timeout_s),
-        limit_concurrency=limits.backstop,
+        http=timed_protocol(limits.read_timeout_s, backstop=limits.backstop, door=door),
+        limit_concurrency=None,
         timeout_graceful_shutdown=30,
     )
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server's loop: uvloop when it is installed, else asyncio's own.
+
+    Past capacity most of the server's work is accepting connections and refusing them; uvloop
+    does the accepting, the transports and the timers in C, so each refusal costs the loop less
+    and admitted work waits less behind refusals (measured in docs/serving.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 async def serve(

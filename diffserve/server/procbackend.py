@@ -12,7 +12,9 @@ talks to it over a pipe from a dedicated thread. Faults:
   ``supervise_interval_s`` and restarts what is dead or silent, whether or not traffic arrives.
 
 Restarts back off exponentially and give up on a slot, with an error in the log, after
-``max_restarts`` failed starts in a row. A slot counts as serving only while its process is
+``max_restarts`` failed starts in a row, or when a worker that starts fine keeps dying: ``max_deaths``
+deaths (crashes or hangs) within ``death_window_s`` is a crash loop, and restarting it forever would
+only keep failing the batches sent to it. A slot counts as serving only while its process is
 loaded and answering, so ``/readyz`` and admission never count a loading or restarting worker.
 ``close`` stops every process and reaps it, so no child is left behind.
 """
@@ -25,6 +27,8 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 from diffserve.errors import UserError
@@ -55,7 +59,8 @@ class _Proc:
         self.random_weights = False
         self.restarts = 0
         self.loaded = False  # the process said "ready" and has not died or been killed since
-        self.gave_up = False  # restarts failed too often: the slot stays down
+        self.gave_up = False  # restarts failed too often, or it kept dying: the slot stays down
+        self.deaths: deque[float] = deque()  # when it died or hung, within the crash-loop window
         self.lock = threading.Lock()  # one conversation on the pipe at a time (batch or ping)
 
     def start(self) -> None:
@@ -165,10 +170,18 @@ class ProcessBackend(Backend):
         max_restarts: int = 5,
         restart_backoff_s: tuple[float, float] = (1.0, 30.0),
         backoff_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_deaths: int = 5,
+        death_window_s: float = 300.0,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(models, n_workers)
         if max_restarts < 1:
             raise ValueError(f"max_restarts must be >= 1, got {max_restarts!r}")
+        if max_deaths < 1 or not death_window_s > 0:
+            raise ValueError(f"max_deaths must be >= 1 and death_window_s > 0, got {max_deaths!r}, {death_window_s!r}")
+        self.max_deaths = max_deaths
+        self.death_window_s = death_window_s
+        self._now = now
         self.spec = spec
         self._latency = latency_ms
         self.watchdog_s = watchdog_s
@@ -268,9 +281,16 @@ class ProcessBackend(Backend):
             return
         self.crashes += 1
         self._procs[worker].loaded = False
+        self._record_death(self._procs[worker])
         log.warning("worker %d %s (pid %s); restarting it", worker, event, self._procs[worker].pid)
         self._restart_later(worker)
         self.on_worker_event(worker, event)
+
+    def _record_death(self, proc: _Proc) -> None:
+        t = self._now()
+        proc.deaths.append(t)
+        while proc.deaths and proc.deaths[0] <= t - self.death_window_s:
+            proc.deaths.popleft()
 
     def _restart_later(self, worker: int) -> None:
         proc = self._procs[worker]
@@ -278,6 +298,14 @@ class ProcessBackend(Backend):
 
         async def restart() -> None:
             try:
+                if len(proc.deaths) >= self.max_deaths:
+                    await self._call(proc.kill)  # a hung one is still there
+                    proc.gave_up = True
+                    log.error(
+                        "worker %d died %d times within %.0f s (a crash loop); giving up on it (%d of %d workers still serve)",
+                        worker, len(proc.deaths), self.death_window_s, self.n_workers - self.workers_down(), self.n_workers,
+                    )
+                    return
                 for attempt in range(self.max_restarts):
                     if attempt:
                         await self._backoff_sleep(min(high, low * 2 ** (attempt - 1)))
@@ -293,7 +321,7 @@ class ProcessBackend(Backend):
                 proc.gave_up = True
                 log.error(
                     "worker %d failed to restart %d times in a row; giving up on it (%d of %d workers still serve)",
-                    worker, self.max_restarts, self.n_workers - self.workers_down() - 1, self.n_workers,
+                    worker, self.max_restarts, self.n_workers - self.workers_down(), self.n_workers,
                 )
             finally:
                 self._restarting.pop(worker, None)

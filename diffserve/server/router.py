@@ -98,10 +98,16 @@ class Router:
             return self.plan.heavy
         return self.plan.light
 
-    def admit(self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float) -> list[Flight]:
-        """Queue the first stage of every image, or none of them: raises 429/503 at once."""
+    def admit(
+        self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float,
+        arrival_ms: float | None = None,
+    ) -> list[Flight]:
+        """Queue the first stage of every image, or none of them: raises 429/503 at once.
+
+        The budget runs from ``arrival_ms`` (default: now); time already spent counts against it."""
         now = self.clock.now_ms()
-        deadline = now + budget_ms
+        arrival = now if arrival_ms is None else min(now, arrival_ms)
+        deadline = arrival + budget_ms
         routes = [self.route_for(p, s, quality) for p, s in prompts]
         need: dict[str, int] = {}
         for r in routes:
@@ -136,10 +142,10 @@ class Router:
                 )
         flights = []
         for (prompt, seed), route in zip(prompts, routes):
-            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=now, score=route == "cascade")
+            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade")
             self.pools[self._model(route)].submit(job)
             flights.append(
-                Flight(prompt, seed, size, route, now, deadline, now + self.drop_factor * budget_ms, job, self._model(route))
+                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route))
             )
         return flights
 

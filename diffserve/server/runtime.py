@@ -253,8 +253,12 @@ class Runtime:
         self, prompt: str, *, n: int = 1, seed: int = 0, size: tuple[int, int] = (512, 512), quality: Quality = "auto", slo_ms: float | None = None,
         on_light: Callable[[int, StageResult, float], None] | None = None,
         on_answer: Callable[[int, ImageAnswer], None] | None = None,
+        arrival_ms: float | None = None,
     ) -> list[ImageAnswer]:
         """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
+
+        ``arrival_ms`` (model time, default now) is when the server first saw the request: the
+        deadline runs from there, so admission judges only the budget that is left.
 
         For progressive delivery, ``on_light(index, light_result, elapsed_ms)`` is called as soon
         as image ``index`` has its light image (``elapsed_ms``: model time since arrival) and
@@ -265,7 +269,7 @@ class Runtime:
             if not self.ready:
                 raise self._not_ready()
             budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
-            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget)
+            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms)
         except ServeError as exc:
             self.ledger.rejected += n
             self.metrics.rejected.labels(exc.reason).inc(n)

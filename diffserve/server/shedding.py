@@ -4,14 +4,27 @@ Past its capacity, a server that parses every request before refusing it spends 
 refusals, and the work it admitted misses its SLO (Triton and Ray Serve refuse at the door for
 this reason). Three layers, cheapest first:
 
-- uvicorn's ``limit_concurrency`` (a backstop, twice the app bound): past it uvicorn answers 503
-  from the protocol, before any ASGI code runs;
+- a backstop in the protocol (twice the app bound, in connections and tasks): past it every
+  request gets the same JSON 503 with ``Retry-After`` as a shed one, with ``Connection: close``
+  (uvicorn's own ``limit_concurrency`` answer is plain text without ``Retry-After``);
 - :class:`ShedMiddleware`: a pure ASGI wrapper that answers an image request 503 with
   ``Retry-After`` (sized from the real queues) while the app already holds as many requests as
   the plan can finish within the hard limit, or while the first stage's queue could not admit
-  one more (``full``); no body is read, nothing is parsed;
+  one more in the time the request has left (``full``); no body is read, nothing is parsed;
 - :class:`TimedH11Protocol`: a connection must deliver a request's headers and body within
   ``read_timeout_s``, or it is closed (slowloris); uvicorn itself only times idle keep-alives.
+  It also asks the middleware's question itself when a request's first bytes arrive: an image
+  request that the door would refuse is answered with prepared bytes before h11 parses it and
+  before any task exists. Past capacity most arrivals are refusals, and each one the event loop
+  handles cheaply is time left for the admitted ones (measured in docs/serving.md).
+
+A request's deadline starts at the earliest moment the server sees it, not at admission: the
+protocol stamps ``scope[ARRIVAL_KEY]`` when it is built for an accepted connection (first request) or when
+the request's first byte arrives (later requests on a kept-alive connection), and the middleware
+stamps requests that reach it without one. Time spent waiting in the event loop and in parsing
+is then part of the SLO, and admission judges the budget that is left. What happens before the
+server accepts the connection (the kernel's accept queue, SYN retries) it cannot see; the listen
+backlog (:func:`listen_backlog`) bounds that wait.
 
 The bound follows Little's law: the plan's capacity (images/s, model time) times the longest an
 image may stay (``drop_factor x SLO``) is what the plan can have in flight; more only waits.
@@ -21,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,12 +47,44 @@ from diffserve.schemas import PlanFile
 MIN_CONCURRENCY = 16
 #: Reading a request never gets less or more than this, whatever the SLO (wall seconds).
 READ_TIMEOUT_BOUNDS_S = (2.0, 10.0)
+#: The ASGI scope key holding the request's arrival (``time.monotonic()`` seconds).
+ARRIVAL_KEY = "diffserve.arrival_s"
+SHED_BODY = json.dumps({"error": {
+    "message": "the server is at capacity; retry after the Retry-After interval",
+    "type": "server_unavailable", "param": None, "code": "overloaded",
+}}).encode()
+
+
+def waited_s(scope: dict, now: Callable[[], float] = time.monotonic) -> float:
+    """Wall seconds since the server first saw this request (0 when nothing stamped it)."""
+    arrival = scope.get(ARRIVAL_KEY)
+    return 0.0 if arrival is None else max(0.0, now() - arrival)
+
+
+def shed_response(retry_after_s: int) -> bytes:
+    """The shed 503 as raw HTTP/1.1 bytes, for the protocol's refusal before parsing."""
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n" % (len(SHED_BODY), max(1, int(retry_after_s)))
+    ) + SHED_BODY
+
+
+async def send_shed(send: Callable, retry_after_s: int, *, close: bool = False) -> None:
+    """The one JSON 503 of the door-keepers: OpenAI-shaped, with ``Retry-After``."""
+    headers = [
+        (b"content-type", b"application/json"), (b"content-length", str(len(SHED_BODY)).encode()),
+        (b"retry-after", str(max(1, int(retry_after_s))).encode()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": SHED_BODY})
 
 
 @dataclass(frozen=True)
 class HttpLimits:
     concurrency: int  # image requests the app holds at once; more are shed by the middleware
-    backstop: int  # uvicorn's limit_concurrency (connections and tasks)
+    backstop: int  # connections and tasks; past it the protocol answers every request 503
     read_timeout_s: float  # headers and body of one request must arrive within this (wall time)
 
 
@@ -54,6 +100,21 @@ def http_limits(plan: PlanFile, slo_ms: float, drop_factor: float, slo_wall_s: f
     return HttpLimits(concurrency=bound, backstop=2 * bound + 64, read_timeout_s=min(high, max(low, slo_wall_s)))
 
 
+def listen_backlog(limits: HttpLimits, somaxconn: int | None = None) -> int:
+    """The kernel's accept queue: room for one backstop's worth of connections, and no more.
+
+    A connection in that queue waits where the server cannot see it, so its deadline cannot
+    count the wait; a queue far longer than what the server admits at once only holds
+    connections that will be refused anyway, later. Linux caps it at ``net.core.somaxconn``."""
+    if somaxconn is None:
+        try:
+            with open("/proc/sys/net/core/somaxconn") as f:
+                somaxconn = int(f.read())
+        except (OSError, ValueError):
+            somaxconn = 4096
+    return max(MIN_CONCURRENCY, min(limits.backstop, somaxconn))
+
+
 class ShedMiddleware:
     """Answer image requests 503 at the door while ``limit()`` of them are already in the app."""
 
@@ -63,7 +124,7 @@ class ShedMiddleware:
         *,
         limit: Callable[[], int],
         retry_after_s: Callable[[], int],
-        full: Callable[[], bool] = lambda: False,
+        full: Callable[[float], bool] = lambda waited_s: False,
         on_shed: Callable[[], None] = lambda: None,
         paths: tuple[str, ...] = ("/v1/images/generations",),
     ) -> None:
@@ -79,9 +140,9 @@ class ShedMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit() or self.full():
-            self.on_shed()
-            await self._refuse(send)
+        scope.setdefault(ARRIVAL_KEY, time.monotonic())
+        if self.closed(waited_s(scope)):
+            await self.refuse(scope, send)
             return
         self.active += 1
         try:
@@ -89,35 +150,95 @@ class ShedMiddleware:
         finally:
             self.active -= 1
 
-    async def _refuse(self, send: Callable) -> None:
-        body = json.dumps({"error": {
-            "message": "the server is at capacity; retry after the Retry-After interval",
-            "type": "server_unavailable", "param": None, "code": "overloaded",
-        }}).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(max(1, int(self.retry_after_s()))).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+    def closed(self, waited_s: float) -> bool:
+        """Would an image request that has spent ``waited_s`` in the server be shed now?"""
+        return self.active >= self.limit() or self.full(waited_s)
+
+    def matches(self, data: bytes) -> bool:
+        """Do these first bytes of a request start an image request (``POST <path>``)?"""
+        for path in self.paths:
+            prefix = b"POST " + path.encode()
+            if data.startswith(prefix) and data[len(prefix):len(prefix) + 1] in (b" ", b"?"):
+                return True
+        return False
+
+    async def refuse(self, scope: dict, send: Callable, *, close: bool = False) -> None:
+        """Shed this request: counted (image requests only) and answered 503 unread."""
+        if scope.get("path") in self.paths:
+            self.on_shed()
+        await send_shed(send, self.retry_after_s(), close=close)
 
 
 class TimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus a read deadline: a request's headers and body must arrive within
-    ``read_timeout_s`` of its first byte (or of the connection opening), else the connection closes."""
+    ``read_timeout_s`` of its first byte (or of the connection opening), else the connection closes.
+
+    It also stamps each request's arrival into its scope (:data:`ARRIVAL_KEY`), and answers every
+    request with the JSON 503 of ``refuse`` while more than ``backstop`` connections or tasks are
+    open."""
 
     read_timeout_s: float = 10.0
+    backstop: int | None = None
+    door: ShedMiddleware | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # asyncio builds the protocol as it accepts the socket, one loop turn before connection_made
+        self._arrival: float | None = time.monotonic()
+        self._answered = False  # refused before parsing: what else arrives is discarded
+        if self.backstop is not None and self.door is not None:
+            self.app = self._guarded(self.app)
+
+    def _guarded(self, app: Any) -> Callable:
+        refuse, backstop = self.door.refuse, self.backstop  # type: ignore[union-attr]
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            # this request's connection and task are already counted, hence ">"
+            if scope["type"] == "http" and (len(self.connections) > backstop or len(self.tasks) > backstop):
+                await refuse(scope, send, close=True)
+                return
+            await app(scope, receive, send)
+
+        return guarded
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._read_timer: Any = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return
+        if self.conn.their_state is h11.IDLE and self._arrival is None:
+            self._arrival = time.monotonic()  # a later request on a kept-alive connection
+        if self._refused_unparsed(data):
+            return
         if self._read_timer is None and self.conn.their_state is h11.IDLE:
             self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+        had = getattr(self, "scope", None)
         super().data_received(data)
+        scope = getattr(self, "scope", None)
+        if scope is not None and scope is not had and self._arrival is not None:
+            scope.setdefault(ARRIVAL_KEY, self._arrival)  # the task that reads it has not run yet
+            self._arrival = None
         if self._read_timer is not None and self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
             self._read_timer.cancel()
             self._read_timer = None
+
+    def _refused_unparsed(self, data: bytes) -> bool:
+        """Shed an image request from its first bytes, as the middleware would, without h11."""
+        door = self.door
+        if door is None or self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0] or not door.matches(data):
+            return False
+        if not door.closed(time.monotonic() - (self._arrival or time.monotonic())):
+            return False
+        door.on_shed()
+        self._answered = True
+        self.transport.write(shed_response(door.retry_after_s()))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer, then closes; the rest of its body is discarded
+        else:
+            self.transport.close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._read_timer is not None:
@@ -127,10 +248,11 @@ class TimedH11Protocol(H11Protocol):
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+        if (self._answered or self.conn.their_state in (h11.IDLE, h11.SEND_BODY)) and not self.transport.is_closing():
             self.transport.close()
 
 
-def timed_protocol(read_timeout_s: float) -> type[TimedH11Protocol]:
-    """The protocol class uvicorn builds per connection, with this read deadline."""
-    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": float(read_timeout_s)})
+def timed_protocol(read_timeout_s: float, *, backstop: int | None = None, door: ShedMiddleware | None = None) -> type[TimedH11Protocol]:
+    """The protocol class uvicorn builds per connection: this read deadline, backstop and door."""
+    attrs = {"read_timeout_s": float(read_timeout_s), "backstop": backstop, "door": door}
+    return type("TimedH11Protocol", (TimedH11Protocol,), attrs)

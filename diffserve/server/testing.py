@@ -12,7 +12,7 @@ import contextlib
 import json
 import threading
 import time
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from diffserve.schemas import (
     BatchProfile,
@@ -152,7 +152,18 @@ def uvicorn_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve ``app`` on an ephemeral loopback port in a thread; yields the base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False, lifespan="on"))
+    config = uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False, lifespan="on")
+    with server_in_thread(config) as server:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def server_in_thread(config) -> Iterator[Any]:
+    """Run a ``uvicorn.Config`` in a thread; yields the started ``uvicorn.Server`` (its port and
+    its connection and task sets are there)."""
+    import uvicorn
+
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -160,9 +171,8 @@ def uvicorn_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://{host}:{port}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=20)
