@@ -52,9 +52,7 @@ class EmulatedBackend(Backend):
         super().__init__(models, n_workers)
         self.clock = clock
         self.tables = profile_tables(profile, self.models)
-        self.light = pair.light
         self.scores = ScoreSampler(pair, seed)
-        self.discriminator_ms = pair.discriminator.latency_ms
         self._lights = {}
         for p in reversed(pairs):  # the first pair wins where two share a light model
             self._lights[p.light] = (ScoreSampler(p, seed), p.discriminator.latency_ms)
