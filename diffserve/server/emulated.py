@@ -8,6 +8,7 @@ PNG (solid colour per model) so that clients can decode what they get.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
@@ -42,7 +43,7 @@ class EmulatedBackend(Backend):
         hold_all: bool = True,
         sizes: list[tuple[int, int]] | None = None,
         seed: int = 0,
-        other_pairs: list[CascadePair] = (),
+        other_pairs: "Sequence[CascadePair]" = (),
     ) -> None:
         # ``other_pairs``: a cascade of several pairs (``--cascade reference-pool``) runs every
         # model of every pair, so that the controller can switch the pair; each light model has
