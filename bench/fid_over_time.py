@@ -13,7 +13,7 @@ sample standard deviation over seeds.
 
 Writes JSON (default bench/results/fid_over_time.json) and a PNG, prints a short table:
 
-    python bench/fid_over_time.py /tmp/bench-4to32 --policies diffserve,diffserve-paper --png docs/img/fid-over-time-4to32.png
+    python bench/fid_over_time.py /tmp/bench-4to32 --policies diffserve,diffserve-paper --png docs/img/compare-4to32.png
 """
 
 from __future__ import annotations
