@@ -75,6 +75,18 @@ def test_seconds_are_weighted_by_requests_sent():
     assert s.seconds_without_quality == 0
 
 
+def test_time_to_first_image_is_summarised_only_for_streamed_answers():
+    """ttfi percentiles come from answered requests that carry ttfi_ms; a run that did not stream has none."""
+    plain = issue_example()
+    assert score(plain).ttfi_p50_ms is None and score(plain).ttfi_p99_ms is None
+    streamed = [answer(i, 0, "H", latency=3000.0) for i in range(4)] + [refused(4, 0, 503)]
+    for r, first in zip(streamed, (100.0, 200.0, 300.0, 400.0, 50.0)):
+        r.ttfi_ms = first  # the refused request's figure must not count: it got no image
+    summary = score(streamed)
+    assert summary.ttfi_p50_ms == approx(250.0)
+    assert summary.ttfi_p99_ms == approx(397.0)  # numpy's linear interpolation between 300 and 400
+
+
 def test_late_answers_are_violations_not_quality():
     all_late = [answer(i, i % 2, "H", latency=SLO + 1000) for i in range(6)]
     s = score(all_late)

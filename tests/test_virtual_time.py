@@ -195,6 +195,34 @@ def test_in_process_run_logs_every_request_in_model_time():
     assert ledger["accepted"] == ledger["completed"] + ledger["failed"] + ledger["cancelled"]
 
 
+def test_in_process_streaming_records_time_to_first_image():
+    """With stream=True a deferred query's first image is its light one, long before its final answer;
+    without it nothing is recorded, and streaming changes no decision of the run."""
+    from diffserve.evaluation.inprocess import run_in_process
+
+    arrivals = _bursty_arrivals()
+    plain = run_in_process(_options(), arrivals, ["p"], seed=0)
+    streamed = run_in_process(_options(), arrivals, ["p"], seed=0, stream=True)
+    assert all(r.ttfi_ms is None for r in plain.records)
+    assert [(r.status, r.model, r.latency_ms) for r in streamed.records] == [(r.status, r.model, r.latency_ms) for r in plain.records]
+    answered = [r for r in streamed.records if r.status == 200]
+    assert answered and all(r.ttfi_ms is not None and 0 < r.ttfi_ms <= r.latency_ms for r in answered)
+    heavy = [r for r in answered if r.model == "sd-v1.5"]
+    assert heavy and all(r.ttfi_ms < r.latency_ms for r in heavy)
+    light = [r for r in answered if r.model == "sd-turbo" and not r.degraded]
+    assert light and all(r.ttfi_ms == pytest.approx(r.latency_ms, abs=1e-2) for r in light)
+
+
+def test_in_process_streaming_without_a_light_stage_times_the_final_image():
+    """clipper-heavy has no light image to send first: its first image is the final one, as over HTTP."""
+    from diffserve.evaluation.inprocess import run_in_process
+
+    arrivals = [Arrival(i * 500.0, i) for i in range(10)]
+    result = run_in_process(_options("clipper-heavy", workers=2), arrivals, ["p"], seed=0, stream=True)
+    answered = [r for r in result.records if r.status == 200]
+    assert answered and all(r.ttfi_ms == r.latency_ms for r in answered)
+
+
 def test_in_process_errors_are_recorded_as_the_api_would_answer():
     """clipper-heavy on one worker at 30 q/s: the queue overflows and admission refuses with 503/429."""
     from diffserve.evaluation.inprocess import run_in_process
@@ -234,6 +262,24 @@ def test_compare_virtual_with_seeds_reports_mean_and_spread(tmp_path):
     assert logs[0] != logs[1]
     assert rows["clipper-light"]["fid_std"] == 0.0  # one model, one quality, whatever the seed
     assert "FID sd" in (out / "results.md").read_text()
+
+
+def test_compare_stream_reports_time_to_first_image(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+
+    out = tmp_path / "cmp"
+    args = ["bench", "compare", "--poisson", "10", "--duration", "10s", "--workers", "2", "--policies", "diffserve", "--output"]
+    result = CliRunner().invoke(app, [*args, str(out), "--stream"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "results.json").read_text())["policies"][0]
+    assert 0 < row["ttfi_p50_ms"] <= row["ttfi_p99_ms"] <= row["latency_p99_ms"]
+    assert "TTFI p99 ms" in (out / "results.md").read_text()
+    result = CliRunner().invoke(app, [*args, str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "plain" / "results.json").read_text())["policies"][0]
+    assert row["ttfi_p99_ms"] is None and "TTFI" not in (tmp_path / "plain" / "results.md").read_text().split("\n\n")[1]
 
 
 def test_sweep_writes_one_table_and_plot(tmp_path):

@@ -167,6 +167,7 @@ def compare_cmd(
     solve_time: Annotated[str, typer.Option("--solve-time", help="--clock virtual: model time each controller re-plan takes to apply (0 = at once).")] = "0ms",
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all six, ours last).")] = "",
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
+    stream: Annotated[bool, typer.Option("--stream", help="Ask for progressive delivery (stream: true, partial_images: 1) and report time to first image.")] = False,
     output: OutputOpt = Path("bench-compare"),
 ) -> None:
     """Run the same arrivals against each policy on a fresh emulated server and compare them."""
@@ -207,7 +208,7 @@ def compare_cmd(
         pair=_pair_of(casc), workers=worker_list[0], slo_ms=slo_list[0], speedup=speedup,
         output=output, seed=seed, replan_interval_ms=parse_duration_ms(replan_interval, name="--replan-interval"),
         policies=chosen, trace_label=source_label, clock=clock, seeds=tuple(range(seed, seed + seeds)),
-        arrivals_for_seed=None if trace is not None else (lambda s: arrivals_of(s)[0]), solve_ms=solve_ms,
+        arrivals_for_seed=None if trace is not None else (lambda s: arrivals_of(s)[0]), solve_ms=solve_ms, stream=stream,
     )
     span_s = arrivals[-1].time_ms / 1000.0
     n_runs = len(chosen) * seeds * len(worker_list) * len(slo_list)

@@ -74,6 +74,8 @@ class CompareSpec:
     arrivals_for_seed: Callable[[int], list[Arrival]] | None = None
     #: virtual clock: model time each controller solve takes (see inprocess.DEFAULT_SOLVE_MS)
     solve_ms: float = DEFAULT_SOLVE_MS
+    #: progressive delivery (``stream: true, partial_images: 1``): rows add ``ttfi_p50_ms``/``ttfi_p99_ms``
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
@@ -244,7 +246,7 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r.get(key) for r in runs]
         row[spread] = None if any(v is None for v in values) else round(_std(values), 6)
     row["per_seed"] = [
-        {k: r.get(k) for k in ("seed", "slo_violation_ratio", "fid", "degraded_ratio", "goodput", "light_fraction", "wall_s")}
+        {k: r.get(k) for k in ("seed", "slo_violation_ratio", "fid", "degraded_ratio", "goodput", "light_fraction", "ttfi_p99_ms", "wall_s")}
         for r in runs
     ]
     return row
@@ -328,7 +330,8 @@ def _run_real(
     with ServerProcess(cmd, url, folder / "server.log") as server:
         ready_s = server.wait_ready(spec.ready_timeout_s)
         on_start()
-        row, tl = execute(run, LoadConfig(url=url, speedup=spec.speedup, slo_ms=spec.slo_ms), folder, on_done=on_done)
+        load = LoadConfig(url=url, speedup=spec.speedup, slo_ms=spec.slo_ms, stream=spec.stream)
+        row, tl = execute(run, load, folder, on_done=on_done)
         exit_code = server.stop(spec.stop_timeout_s)
     row.update(server_ready_s=round(ready_s, 2), server_exit_code=exit_code, server_command=" ".join(cmd[1:]))
     return row, tl
@@ -339,7 +342,9 @@ def _run_virtual(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     on_start()
     opts = serve_options(spec, run.label, run.seed)
-    result = run_in_process(opts, run.arrivals, run.prompts, seed=run.seed, solve_ms=spec.solve_ms, on_done=on_done)
+    result = run_in_process(
+        opts, run.arrivals, run.prompts, seed=run.seed, solve_ms=spec.solve_ms, on_done=on_done, stream=spec.stream
+    )
     row, tl = write_outputs(run, result, folder)
     row.update(solve_ms_charged=spec.solve_ms, server_command="in-process, virtual time: serve " + " ".join(serve_flags(opts)))
     return row, tl

@@ -43,6 +43,8 @@ class InProcessLoad:
     timeout_factor: float = 3.0
     size: tuple[int, int] = (512, 512)
     plan_poll_model_s: float = 5.0
+    #: progressive delivery, as ``stream: true, partial_images: 1`` over HTTP: record ``ttfi_ms``
+    stream: bool = False
 
     @property
     def timeout_ms(self) -> float:
@@ -81,8 +83,16 @@ async def drive(
     timeout_s = load.timeout_ms / 1000.0
 
     async def send(record: RequestRecord, prompt: str, request_seed: int) -> None:
+        def on_light(_index: int, _light: object, elapsed_ms: float) -> None:
+            # the light image goes out as partial 0 the moment it exists (server/streaming.py)
+            if record.ttfi_ms is None:
+                record.ttfi_ms = round(elapsed_ms, 3)
+
         try:
-            answers = await asyncio.wait_for(runtime.generate(prompt, n=1, seed=request_seed, size=load.size), timeout_s)
+            answers = await asyncio.wait_for(
+                runtime.generate(prompt, n=1, seed=request_seed, size=load.size, on_light=on_light if load.stream else None),
+                timeout_s,
+            )
         except asyncio.TimeoutError:
             record.error = f"client timeout after {load.timeout_ms:.0f} model ms"
         except ServeError as exc:
@@ -93,6 +103,8 @@ async def drive(
         else:
             record.status = 200
             fill_answer(record, answers[0])
+            if load.stream and record.ttfi_ms is None:  # no partial (a heavy-only route): the final image is the first
+                record.ttfi_ms = record.latency_ms
 
     async def observe_plan() -> dict:
         return runtime.plan_view()
@@ -112,13 +124,15 @@ def run_in_process(
     seed: int = 0,
     solve_ms: float = DEFAULT_SOLVE_MS,
     on_done: Callable[[RequestRecord], None] | None = None,
+    stream: bool = False,
 ) -> LoadResult:
     """Build the runtime from ``opts`` as the server does, serve ``arrivals`` in virtual time, shut down.
 
     ``wall_s`` of the result is the real time the run took; the trace's model time is in the
-    records. ``opts.speedup`` is ignored: in virtual time there is nothing to speed up.
+    records. ``opts.speedup`` is ignored: in virtual time there is nothing to speed up. ``stream``
+    asks for progressive delivery as an HTTP client would and records each answer's time to first image.
     """
-    load = InProcessLoad(slo_ms=opts.slo_ms)
+    load = InProcessLoad(slo_ms=opts.slo_ms, stream=stream)
     started = time.perf_counter()
 
     async def main() -> LoadResult:

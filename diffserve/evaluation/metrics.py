@@ -76,6 +76,9 @@ class Summary(BaseModel):
     latency_p99_ms: float | None
     latency_max_ms: float | None
     client_latency_p99_ms: float | None
+    #: streamed runs only (None otherwise): model ms from arrival to the first image event, answered requests
+    ttfi_p50_ms: float | None = None
+    ttfi_p99_ms: float | None = None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -185,6 +188,7 @@ def summarize(
     heavy_fraction = c.heavy_any.sum() / answered if answered else None
     latencies = [r.effective_latency_ms for r in records if r.status == 200 and r.effective_latency_ms is not None]
     client = [r.client_latency_ms for r in records if r.status == 200 and r.client_latency_ms is not None]
+    ttfi = [r.ttfi_ms for r in records if r.status == 200 and r.ttfi_ms is not None]
     client_violations = sum(r.outcome(slo_ms, client_view=True).violates for r in records)
     good = count[Outcome.OK] + count[Outcome.DEGRADED]
     violations = count[Outcome.LATE] + count[Outcome.REJECTED] + count[Outcome.FAILED]
@@ -217,6 +221,8 @@ def summarize(
         latency_p99_ms=_percentile(latencies, 99),
         latency_max_ms=_round(max(latencies) if latencies else None, 3),
         client_latency_p99_ms=_percentile(client, 99),
+        ttfi_p50_ms=_percentile(ttfi, 50),
+        ttfi_p99_ms=_percentile(ttfi, 99),
     )
 
 

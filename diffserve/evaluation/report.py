@@ -35,23 +35,33 @@ SPREAD_COLUMNS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: Time-to-first-image columns, shown when the run streamed (``bench compare --stream``).
+TTFI_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("ttfi_p50_ms", "TTFI p50 ms", "{:.0f}"),
+    ("ttfi_p99_ms", "TTFI p99 ms", "{:.0f}"),
+)
+
+
 def table_columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
-    """The table's columns: with a spread column after each averaged metric when rows span seeds."""
+    """The table's columns: with a spread column after each averaged metric when rows span seeds,
+    and time to first image when the run streamed."""
+    streamed = TTFI_COLUMNS if any(r.get("ttfi_p99_ms") is not None for r in rows) else ()
     if not any(len(r.get("seeds") or ()) > 1 for r in rows):
-        return TABLE_COLUMNS
+        return TABLE_COLUMNS + streamed
     out: list[tuple[str, str, str]] = []
     for column in TABLE_COLUMNS:
         out.append(column)
         if column[0] in SPREAD_COLUMNS:
             out.append(SPREAD_COLUMNS[column[0]])
-    return tuple(out)
+    return (*out, *streamed)
 
 
 #: What the short headers mean, printed under every table.
 TABLE_LEGEND = (
     "violations = (late + failed + rejected) / sent; degraded = light answers returned in time instead of "
     "the heavy one (apart); FID/s = per-second FID, request-weighted (headline); FID agg = FID of the whole "
-    "mix; light = fraction answered by the light model; vs oracle = oracle FID / FID (1 = the clairvoyant bound)"
+    "mix; light = fraction answered by the light model; vs oracle = oracle FID / FID (1 = the clairvoyant bound); "
+    "TTFI = time to first image with --stream (model ms)"
 )
 
 
