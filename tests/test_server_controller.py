@@ -175,10 +175,10 @@ def test_the_planner_is_told_what_this_server_does():
     """Plans model the batcher that runs and the degrade mode that is on (see build.solver_options)."""
     from diffserve.planner.settings import DEGRADE_QUANTILE, STRICT_QUANTILE
     from diffserve.server.build import ServeOptions, solver_options
-    from diffserve.server.pool import AUTO_BATCH_WAIT_FRACTION
+    from diffserve.planner.settings import BATCHER_WAIT_FRACTION
 
     ours = solver_options(ServeOptions())["settings"]
-    assert ours.degrade and ours.stage_quantile == DEGRADE_QUANTILE and ours.max_wait_fraction == AUTO_BATCH_WAIT_FRACTION
+    assert ours.degrade and ours.stage_quantile == DEGRADE_QUANTILE and ours.max_wait_fraction == BATCHER_WAIT_FRACTION
     assert ours.latency_model == "queueing" and ours.max_wait_ms is None and ours.degrade_objective("diffserve")
     strict = solver_options(ServeOptions(degrade=False, max_batch_wait_ms=100.0, latency_model="batch"))["settings"]
     assert strict.stage_quantile == STRICT_QUANTILE and strict.max_wait_ms == 100.0
