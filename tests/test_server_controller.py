@@ -333,6 +333,9 @@ def test_a_backend_of_one_pair_replans_on_that_pair():
     plan, cascade, profile = runtime.plan, load_cascade("reference-pool"), load_profile("reference")
     lock = pair_lock(cascade, plan, [plan.light, plan.heavy])
     assert lock == {"pair": cascade.pair(plan.light, plan.heavy).name}
+    sdxs = next(p for p in cascade.pairs if p.light == "sdxs")
+    one_model = plan.model_copy(update={"light": "sd-v1.5", "heavy": None})  # both pairs hold sd-v1.5
+    assert pair_lock(cascade, one_model, [sdxs.light, sdxs.heavy]) == {"pair": sdxs.name}  # the one it loaded
     free = solve_plan(profile, cascade, demand_qps=64, slo_ms=2000, workers=2, **solver_options(opts))
     held = solve_plan(profile, cascade, demand_qps=64, slo_ms=2000, workers=2, **solver_options(opts), **lock)
     assert free.light != plan.light  # unrestricted, the re-plan would need a model this backend lacks

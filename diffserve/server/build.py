@@ -109,7 +109,10 @@ def pair_lock(cascade: CascadeFile, plan: PlanFile, models: Iterable[str]) -> di
     have = set(models)
     if all({p.light, p.heavy} <= have for p in cascade.pairs):
         return {}
-    return {"pair": _pair_for(cascade, plan).name}
+    pair = _pair_for(cascade, plan)
+    if not {pair.light, pair.heavy} <= have:  # a hand-written one-model plan: the pair the backend loaded
+        pair = next((p for p in cascade.pairs if {p.light, p.heavy} <= have), pair)
+    return {"pair": pair.name}
 
 
 def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
