@@ -297,3 +297,24 @@ async def test_a_model_failure_is_a_sanitised_500_and_the_server_stays_healthy()
     assert (await client.post(URL, json={"prompt": "p"})).status_code == 200
     assert rt.ledger.failed == 1 and rt.ledger.completed == 1
     await rt.stop()
+
+
+async def test_a_model_of_another_pair_is_refused_naming_the_models_the_plan_serves() -> None:
+    """A pool cascade runs every pair's models (and /v1/models lists them), but a request can name
+    only the plan's: the 400 says so instead of offering a model it would refuse."""
+    from diffserve.server.build import ServeOptions, build_runtime
+
+    rt, _ = build_runtime(ServeOptions(cascade="reference-pool", workers=4, demand_qps=1))
+    assert rt.plan.light == "sd-turbo" and "sdxs" in rt.backend.models
+    app = create_app(rt, ApiSettings(), manage_lifecycle=False)
+    await rt.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            other = await client.post(URL, json={"prompt": "a", "model": "sdxs"})
+            unknown = await client.post(URL, json={"prompt": "a", "model": "dall-e-3"})
+    finally:
+        await rt.stop()
+    assert other.status_code == unknown.status_code == 400
+    assert "not in the current plan" in other.json()["error"]["message"]
+    for r in (other, unknown):
+        assert r.json()["error"]["message"].endswith("use one of diffserve, sd-turbo, sd-v1.5")

@@ -11,8 +11,8 @@ from diffserve.server.virtualtime import VirtualTimeLoop
 from diffserve.server.errors import DeadlineExceeded, QueueFull, WouldMissDeadline
 from diffserve.server.pool import Pool
 from diffserve.server.stage import Job
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
-from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_runtime
+from diffserve.server.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -138,10 +138,7 @@ async def test_take_batch_returns_none_when_the_worker_moves() -> None:
 
 
 async def _runtime(backend: GatedBackend, plan, **settings) -> Runtime:
-    rt = Runtime(
-        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan, clock=backend.clock,
-        policy="static", settings=RuntimeSettings(**{"slo_ms": 1e7, **settings}),
-    )
+    rt = tiny_runtime(backend, plan, **{"max_batch_wait_ms": None, **settings})  # the automatic batcher
     await rt.start()
     return rt
 

@@ -175,10 +175,10 @@ def test_the_planner_is_told_what_this_server_does():
     """Plans model the batcher that runs and the degrade mode that is on (see build.solver_options)."""
     from diffserve.planner.settings import DEGRADE_QUANTILE, STRICT_QUANTILE
     from diffserve.server.build import ServeOptions, solver_options
-    from diffserve.server.pool import AUTO_BATCH_WAIT_FRACTION
+    from diffserve.planner.settings import BATCHER_WAIT_FRACTION
 
     ours = solver_options(ServeOptions())["settings"]
-    assert ours.degrade and ours.stage_quantile == DEGRADE_QUANTILE and ours.max_wait_fraction == AUTO_BATCH_WAIT_FRACTION
+    assert ours.degrade and ours.stage_quantile == DEGRADE_QUANTILE and ours.max_wait_fraction == BATCHER_WAIT_FRACTION
     assert ours.latency_model == "queueing" and ours.max_wait_ms is None and ours.degrade_objective("diffserve")
     strict = solver_options(ServeOptions(degrade=False, max_batch_wait_ms=100.0, latency_model="batch"))["settings"]
     assert strict.stage_quantile == STRICT_QUANTILE and strict.max_wait_ms == 100.0
@@ -317,3 +317,36 @@ async def test_a_pool_server_runs_every_model_and_switches_the_pair() -> None:
         assert sum(a.model == "sd-turbo" for a in answers) >= queued
     finally:
         await runtime.stop()
+
+
+def test_a_backend_of_one_pair_replans_on_that_pair():
+    """The emulated backend runs every pair of a pool cascade, so re-plans may switch the pair;
+    a backend that loaded one pair (diffusers, Ray) is held to it, or every re-plan that picked
+    another pair would be refused and the server would stop adapting (build.pair_lock)."""
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.planner import solve_plan
+    from diffserve.server.build import ServeOptions, build_runtime, pair_lock, solver_options
+
+    opts = ServeOptions(cascade="reference-pool", workers=2, slo_ms=2000, demand_qps=16)
+    runtime, _ = build_runtime(opts)
+    assert "pair" not in runtime.controller.solver_options
+    plan, cascade, profile = runtime.plan, load_cascade("reference-pool"), load_profile("reference")
+    lock = pair_lock(cascade, plan, [plan.light, plan.heavy])
+    assert lock == {"pair": cascade.pair(plan.light, plan.heavy).name}
+    sdxs = next(p for p in cascade.pairs if p.light == "sdxs")
+    one_model = plan.model_copy(update={"light": "sd-v1.5", "heavy": None})  # both pairs hold sd-v1.5
+    assert pair_lock(cascade, one_model, [sdxs.light, sdxs.heavy]) == {"pair": sdxs.name}  # the one it loaded
+    free = solve_plan(profile, cascade, demand_qps=64, slo_ms=2000, workers=2, **solver_options(opts))
+    held = solve_plan(profile, cascade, demand_qps=64, slo_ms=2000, workers=2, **solver_options(opts), **lock)
+    assert free.light != plan.light  # unrestricted, the re-plan would need a model this backend lacks
+    assert (held.light, held.heavy) == (plan.light, plan.heavy)
+
+
+def test_serve_options_controller_settings_reach_the_runtime():
+    from diffserve.server.build import ServeOptions, runtime_settings
+
+    opts = ServeOptions(replan_interval_ms=2000, hold_all=False,
+                        controller=ControllerSettings(switch_horizon_s=30.0, max_decisions=7, hysteresis=0.01))
+    got = runtime_settings(opts).controller
+    assert (got.interval_ms, got.switch_cost) == (2000, True)
+    assert (got.switch_horizon_s, got.max_decisions, got.hysteresis) == (30.0, 7, 0.01)

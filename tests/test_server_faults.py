@@ -543,6 +543,15 @@ def test_binding_beyond_loopback_needs_an_admin_token() -> None:
     assert result.exit_code == 2 and "--admin-token" in result.output
 
 
+def test_public_url_under_the_ray_engine_is_a_user_error_not_ignored() -> None:
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--engine", "ray", "--public-url", "https://images.example.com", "--port", "0"])
+    assert result.exit_code == 2 and "--public-url" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

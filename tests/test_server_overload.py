@@ -16,7 +16,7 @@ import pytest
 from diffserve.server.api import create_app
 from diffserve.server.errors import DeadlineExceeded, Unavailable
 from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_runtime
 from diffserve.server.virtualtime import VirtualTimeLoop
 
 pytestmark = pytest.mark.anyio
@@ -28,11 +28,7 @@ def anyio_backend():
 
 
 async def _runtime(backend: GatedBackend, plan, **settings) -> Runtime:
-    settings = {"max_batch_wait_ms": 0, **settings}
-    rt = Runtime(
-        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan, clock=backend.clock,
-        policy="static", settings=RuntimeSettings(**settings),
-    )
+    rt = tiny_runtime(backend, plan, **{"slo_ms": RuntimeSettings().slo_ms, **settings})  # the server's default SLO
     await rt.start()
     return rt
 

@@ -17,9 +17,8 @@ from diffserve.fileio import write_model
 from diffserve.ports import free_port
 from diffserve.server.errors import DeadlineExceeded, Unavailable
 from diffserve.server.procbackend import ProcessBackend
-from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.server.clock import Clock
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+from diffserve.server.runtime import Runtime
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -30,11 +29,7 @@ def anyio_backend() -> str:
 
 
 def _runtime(backend, plan, **settings) -> Runtime:
-    settings = {"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}
-    return Runtime(
-        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan, clock=getattr(backend, "clock", Clock(1.0)),
-        policy="static", settings=RuntimeSettings(**settings),
-    )
+    return tiny_runtime(backend, plan, **settings)
 
 
 def _fake_processes(n: int, latency_s: float, watchdog_s: float | None = None) -> ProcessBackend:

@@ -9,9 +9,9 @@ import pytest
 from diffserve.server.clock import Clock
 from diffserve.server.virtualtime import VirtualTimeLoop
 from diffserve.server.errors import DeadlineExceeded, Unavailable
-from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.runtime import Runtime
 from diffserve.server.scores import unit_hash
-from diffserve.server.testing import GatedBackend, hand_plan, tiny_cascade, tiny_profile
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -23,11 +23,7 @@ def anyio_backend():
 
 
 async def _runtime(backend: GatedBackend, plan, **settings) -> Runtime:
-    settings = {"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}
-    rt = Runtime(
-        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan, clock=backend.clock,
-        policy="static", settings=RuntimeSettings(**settings),
-    )
+    rt = tiny_runtime(backend, plan, **settings)
     await rt.start()
     return rt
 

@@ -15,8 +15,8 @@ import pytest
 from diffserve.server.api import create_app
 from diffserve.server.clock import Clock
 from diffserve.server.openai_spec import SPEC_PATH, validate
-from diffserve.server.runtime import Runtime, RuntimeSettings
-from diffserve.server.testing import GatedBackend, hand_plan, parse_sse, tiny_cascade, tiny_profile, uvicorn_in_loop
+from diffserve.server.runtime import Runtime
+from diffserve.server.testing import GatedBackend, hand_plan, parse_sse, tiny_runtime, uvicorn_in_loop
 
 pytestmark = pytest.mark.anyio
 URL = "/v1/images/generations"
@@ -31,10 +31,7 @@ def anyio_backend() -> str:
 
 
 def _runtime(backend: GatedBackend, plan=None, **settings) -> Runtime:
-    return Runtime(
-        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan or hand_plan(1, 1), clock=backend.clock,
-        policy="static", settings=RuntimeSettings(**{"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}),
-    )
+    return tiny_runtime(backend, plan, **settings)
 
 
 async def _events(response: httpx.Response):

@@ -154,6 +154,8 @@ def register(app: typer.Typer) -> None:
 
         check_admin_exposure(host, admin_token)
         if engine == "ray":
+            if public_url is not None:
+                raise UserError("--public-url applies to the embedded engine; under --engine ray, url answers are server-relative")
             run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
                            host=host, port=port, admin_token=admin_token, log_level=log_level)
         elif engine == "embedded":

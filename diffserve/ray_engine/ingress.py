@@ -31,7 +31,7 @@ class Ingress:
         sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         from diffserve.server.clock import Clock
-        from diffserve.server.build import runtime_settings, solver_options
+        from diffserve.server.build import pair_lock, runtime_settings, solver_options
         from diffserve.server.runtime import _pair_for
 
         from diffserve.ray_engine.runtime import CatalogueBackend, RayRuntime
@@ -53,7 +53,7 @@ class Ingress:
             clock=clock,
             policy=options.policy,
             settings=runtime_settings(options),
-            solver_options=solver_options(options),
+            solver_options={**solver_options(options), **pair_lock(cascade, plan, catalogue.models)},
         )
         self.admin_token = admin_token
         self.pid = os.getpid()

@@ -215,7 +215,10 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
             elif req.model == runtime.router.plan.heavy:
                 quality = "best"
             else:
-                raise InvalidRequest(f"unknown model {req.model!r}; use one of {', '.join(_models())}", param="model")
+                serving = ", ".join(m for m in (CASCADE_MODEL, runtime.router.plan.light, runtime.router.plan.heavy) if m)
+                if req.model in runtime.backend.models:  # a pool cascade runs every pair's models; the plan uses one pair
+                    raise InvalidRequest(f"model {req.model!r} is not in the current plan; use one of {serving}", param="model")
+                raise InvalidRequest(f"unknown model {req.model!r}; use one of {serving}", param="model")
         seed = req.seed if req.seed is not None else runtime.request_seed()
         if req.user is not None:
             log.debug("image request from user %r: n=%d quality=%s", req.user, req.n, quality)

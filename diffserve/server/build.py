@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from diffserve.artifacts import is_reference, load_cascade, load_plan, load_profile
@@ -12,7 +14,7 @@ from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.planner.policies import POLICIES
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
-from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.runtime import Runtime, RuntimeSettings, _pair_for
 from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
@@ -98,6 +100,21 @@ def solver_options(opts: ServeOptions) -> dict:
     return {"settings": plan_settings_for(opts)}
 
 
+def pair_lock(cascade: CascadeFile, plan: PlanFile, models: Iterable[str]) -> dict:
+    """Re-plans keep the plan's pair where the backend runs only that pair's models.
+
+    The emulated backend runs every pair of the cascade, so its controller may switch the pair.
+    The diffusers backend and the Ray engine load one pair; a re-plan on another pair would be
+    refused at every interval and the server would stop adapting to demand."""
+    have = set(models)
+    if all({p.light, p.heavy} <= have for p in cascade.pairs):
+        return {}
+    pair = _pair_for(cascade, plan)
+    if not {pair.light, pair.heavy} <= have:  # a hand-written one-model plan: the pair the backend loaded
+        pair = next((p for p in cascade.pairs if {p.light, p.heavy} <= have), pair)
+    return {"pair": pair.name}
+
+
 def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
     """The runtime's settings from the CLI options (both engines build theirs here)."""
     return RuntimeSettings(
@@ -107,12 +124,9 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
         queue_full_status=opts.queue_full_status,
         max_batch_wait_ms=opts.max_batch_wait_ms,
         seed=opts.seed,
-        controller=ControllerSettings(
+        controller=dataclasses.replace(
+            opts.controller,
             interval_ms=opts.replan_interval_ms,
-            ewma_alpha=opts.controller.ewma_alpha,
-            safety=opts.controller.safety,
-            hysteresis=opts.controller.hysteresis,
-            min_demand_qps=opts.controller.min_demand_qps,
             # a moved worker loads its model only where workers do not hold every model
             switch_cost=opts.backend == "emulated" and not opts.hold_all,
         ),
@@ -148,6 +162,7 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
         raise UserError(str(exc).strip('"')) from None
     runtime = Runtime(
         backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy,
-        settings=runtime_settings(opts), solver=solver, solver_options=solver_options(opts),
+        settings=runtime_settings(opts), solver=solver,
+        solver_options={**solver_options(opts), **pair_lock(cascade, plan, backend.models)},
     )
     return runtime, origin

@@ -1,6 +1,6 @@
-"""The published OpenAI Images schemas, read from ``../shared/reference/openai-images/schemas.json``.
+"""The published OpenAI Images schemas, read from ``shared/reference/openai-images/schemas.json``.
 
-Used by the conformance tests and the streaming bench to check every body and event we send
+Used by the conformance and streaming tests to check every body and event we send
 against the spec itself (never a copy of it in this repo). Validation uses ``jsonschema``; the
 spec's OpenAPI-only keywords (``nullable``, ``discriminator``) are ignored by it, which only
 loosens request checks, never response ones.
@@ -14,9 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from diffserve.errors import UserError
+from diffserve.reference_dir import reference_dir
 
-#: Relative to the repository root: CI keeps ``shared/`` beside the clone.
-SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "openai-images" / "schemas.json"
+#: The artifact's sibling in ``shared/reference``, found as the artifact is (``DIFFSERVE_REFERENCE_DIR``
+#: or a ``shared/`` above the working directory or the package); CI keeps ``shared/`` beside the clone.
+_RELATIVE = Path("openai-images") / "schemas.json"
+
+
+def _spec_path() -> Path:
+    try:
+        return reference_dir().parent / _RELATIVE
+    except UserError:
+        return Path(__file__).resolve().parents[2].parent / "shared" / "reference" / _RELATIVE
+
+
+SPEC_PATH = _spec_path()
 
 
 @lru_cache(maxsize=1)

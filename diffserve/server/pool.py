@@ -19,10 +19,6 @@ from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
 
-#: The batcher waits at most this fraction of a batch's latency for a fuller batch (by default);
-#: the planner's settings hold the number, so that it models the batcher that runs.
-AUTO_BATCH_WAIT_FRACTION = BATCHER_WAIT_FRACTION
-
 
 def estimate_wait_ms(
     latency_ms: Callable[[int], float], *, queued: int, extra: int, workers: int, batch_size: int, all_busy: bool
@@ -128,9 +124,11 @@ class Pool:
 
     @property
     def max_batch_wait_ms(self) -> float:
+        """The wait for a fuller batch: the fixed cap, else the planner's fraction of the batch's
+        latency (one number in planner/settings.py, so the plans model the batcher that runs)."""
         if self._max_wait is not None:
             return self._max_wait
-        return 0.0 if self.batch_size <= 1 else AUTO_BATCH_WAIT_FRACTION * self.latency_ms(self.batch_size)
+        return 0.0 if self.batch_size <= 1 else BATCHER_WAIT_FRACTION * self.latency_ms(self.batch_size)
 
     # ---------------------------------------------------------------- queue
     def __len__(self) -> int:

@@ -207,3 +207,16 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
         fields = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((fields["event"], json.loads(fields["data"])))
     return events
+
+
+def tiny_runtime(backend: Backend, plan: PlanFile | None = None, **settings: Any):
+    """A ``static``-policy runtime on the tiny zoo (not started): the one builder of the serving
+    tests. Settings default to an SLO far beyond any test (1e7 ms) and no wait for a fuller batch;
+    a test that needs either passes its own."""
+    from diffserve.server.runtime import Runtime, RuntimeSettings  # runtime imports the backends, not this
+
+    return Runtime(
+        backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan or hand_plan(1, 1),
+        clock=getattr(backend, "clock", None) or Clock(1.0), policy="static",
+        settings=RuntimeSettings(**{"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}),
+    )
