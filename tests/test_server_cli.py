@@ -65,7 +65,41 @@ def test_quickstart_pins_the_median_threshold_only_for_random_weight_cascades(tm
     assert _demo_threshold(tmp_path / "real.yaml") == []
     cascade.random_weights = True
     write_model(tmp_path / "random.yaml", cascade)
-    flag, value = _demo_threshold(tmp_path / "random.yaml")
+    flag, value, objective = _demo_threshold(tmp_path / "random.yaml")
     pair = cascade.recommended()
     assert flag == "--threshold" and pair.deferral_at(float(value)) >= 0.5
     assert pair.deferral_at(float(value) - 0.005) < 0.5  # the first grid point deferring half
+    assert objective == "--no-degrade"
+
+
+def test_the_quickstart_plan_gives_the_heavy_model_workers_even_where_noise_favours_the_light_one() -> None:
+    """Random weights can make the light model look better than the heavy one: the degrade-aware
+    objective may then answer deferred queries degraded and give the heavy pool nothing (seen on the
+    tiny zoo), so the demo plans its pinned threshold with --no-degrade, which must serve the
+    deferred half on the heavy model whatever the curve says."""
+    from diffserve.planner import solve_plan
+    from diffserve.reference import reference_cascade, reference_profile
+
+    cascade = reference_cascade()
+    pair = cascade.recommended()
+    light_wins = pair.model_copy(update={"q_t": [16.0 + 4.0 * f for f in pair.f_t]})  # FID rises with deferral
+    cascade = cascade.model_copy(update={"pairs": [light_wins]})
+    t = next(t for t, f in zip(pair.grid, pair.f_t) if f >= 0.5)
+    args = dict(demand_qps=0.5, slo_ms=30_000, workers=2, spare_workers="fill", threshold=t)
+    demo = solve_plan(reference_profile(), cascade, **args, degrade=False)
+    assert demo.pool(pair.heavy) is not None and demo.pool(pair.heavy).workers >= 1 and demo.heavy_fraction >= 0.5
+
+
+def test_a_plan_pinned_at_start_is_never_replanned() -> None:
+    """The quickstart's demo plan (pin_plan): the controller measures demand but keeps the plan."""
+    import asyncio
+
+    from diffserve.server.build import ServeOptions, build_runtime
+
+    runtime, origin = build_runtime(ServeOptions(workers=16, demand_qps=1, pin_plan=True))
+    before = runtime.plan
+    decision = asyncio.run(runtime.controller.step())
+    assert decision["applied"] is False and decision["reason"] == f"plan pinned at start ({origin})"
+    assert runtime.plan is before
+    free, _ = build_runtime(ServeOptions(workers=16, demand_qps=1))
+    assert free.controller.pinned is False

@@ -177,6 +177,7 @@ def register(app: typer.Typer) -> None:
         serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the server at the end.")] = True,
     ) -> None:
         """The whole flow on the built-in tiny zoo: profile -> build-cascade -> plan -> serve (real, RANDOM-weight models)."""
+        from diffserve.artifacts import load_cascade
         from diffserve.server.build import ServeOptions
 
         parse_duration_ms(slo, name="--slo")
@@ -186,10 +187,15 @@ def register(app: typer.Typer) -> None:
                           f"--cascade {cascade_path} --plan {plan_path} --workers {workers} --slo {slo}", soft_wrap=True)
             return
         console.print("[bold]\\[4/4] serve[/]: loading the models in the worker processes ...")
+        # on random weights the demo's pinned threshold is the point: keep that plan for the run
+        # (the controller would re-plan onto the light model alone, whose noise "wins")
+        demo = load_cascade(cascade_path).random_weights
         opts = ServeOptions(
             backend="diffusers", profile=profile_path, cascade=cascade_path, plan=plan_path, workers=workers,
-            slo_ms=parse_duration_ms(slo, name="--slo"), demand_qps=demand, replan_interval_ms=30_000,
+            slo_ms=parse_duration_ms(slo, name="--slo"), demand_qps=demand, replan_interval_ms=30_000, pin_plan=demo,
         )
+        if demo:
+            console.print("[yellow]random-weight models:[/] the demo keeps this plan (no re-planning); PUT /v1/plan changes it")
         run_server(opts, host=host, port=port, admin_token=None, log_level="warning")
 
 
@@ -231,7 +237,9 @@ def _demo_threshold(cascade_path) -> list[str]:
 
     Their quality curve is noise (the light model may well "beat" the heavy one), so the planner's
     honest answer could be the light model alone and the demo would never show the cascade. Pinning
-    t where half the queries are deferred shows both paths; the console says so.
+    t where half the queries are deferred shows both paths; the console says so. The first plan is
+    solved with ``--no-degrade``: under the degrade-aware objective the same noise could price a
+    degraded answer above a heavy one and leave the heavy pool without a worker.
     """
     from diffserve.artifacts import load_cascade
 
@@ -244,7 +252,7 @@ def _demo_threshold(cascade_path) -> list[str]:
         f"[yellow]random-weight models:[/] their quality curve means nothing, so the demo pins the threshold at "
         f"t={t:g}, where half of the queries go on to {pair.heavy}, to show both paths of the cascade"
     )
-    return ["--threshold", f"{t:g}"]
+    return ["--threshold", f"{t:g}", "--no-degrade"]
 
 
 def _nonneg_duration(text: str) -> float:

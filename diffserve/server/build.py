@@ -52,6 +52,9 @@ class ServeOptions:
     #: plan for this multiple of the demand estimate (``None``: the planner's default, 1.2)
     headroom: float | None = None
     controller: ControllerSettings = field(default_factory=ControllerSettings)
+    #: keep the initial plan for the whole run (the controller still measures demand but never
+    #: re-plans), as ``PUT /v1/plan`` pins one; the quickstart's demo plan on random weights uses it
+    pin_plan: bool = False
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -165,4 +168,7 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
         settings=runtime_settings(opts), solver=solver,
         solver_options={**solver_options(opts), **pair_lock(cascade, plan, backend.models)},
     )
+    if opts.pin_plan:
+        runtime.controller.pinned = True
+        runtime.controller.pinned_reason = f"plan pinned at start ({origin})"
     return runtime, origin

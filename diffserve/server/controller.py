@@ -120,6 +120,7 @@ class Controller:
         self.demand_qps = initial_demand_qps
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.settings.max_decisions)
         self.pinned = False
+        self.pinned_reason = "plan pinned by PUT /v1/plan"
         self.current: PlanFile | None = None  # the plan last applied
         self._last_t = clock.now_ms()
         self._last_offered = 0
@@ -180,7 +181,7 @@ class Controller:
         if self.metrics:
             self.metrics.demand.set(demand)
         if self.pinned:
-            return self._record(demand, None, 0.0, applied=False, reason="plan pinned by PUT /v1/plan", inputs=inputs)
+            return self._record(demand, None, 0.0, applied=False, reason=self.pinned_reason, inputs=inputs)
         t0 = time.perf_counter()
         try:
             plan = await asyncio.to_thread(self.solve, demand)

@@ -200,7 +200,8 @@ class Runtime:
     def pin_plan(self, plan: PlanFile) -> None:
         self.apply_plan(plan)
         self.controller.pinned = True
-        self.controller.record_initial(plan, "plan pinned by PUT /v1/plan")
+        self.controller.pinned_reason = "plan pinned by PUT /v1/plan"
+        self.controller.record_initial(plan, self.controller.pinned_reason)
 
     # ---------------------------------------------------------------- lifecycle
     @property
