@@ -270,20 +270,11 @@ def _served_plan(profile, pair: CascadePair, choice, demand, slo_ms, workers, se
                               latency_ms=round(heavy_latency, 3)))
     cap_l = pools[0].capacity_qps
     cap_h = pools[1].capacity_qps if kh > 0 else 0.0
-    full_quality_capacity = min(cap_l, cap_h / f) if f > 0 else cap_l
+    routing = "cascade" if f > 0 else "light-only"
+    full_quality_capacity = plan_capacity_qps(routing, f, cap_l, cap_h)
     degraded_share = f * choice.deferred_degraded
-    plan = PlanFile(
-        policy="diffserve",
-        routing="cascade" if f > 0 else "light-only",
-        light=pair.light,
-        heavy=pair.heavy,
-        threshold=choice.threshold,
-        heavy_fraction=round(f, 6),
-        pools=pools,
-        demand_qps=float(demand),
-        slo_ms=float(slo_ms),
-        workers_available=workers,
-        metric=pair.metric,
+    plan = _plan_file(
+        "diffserve", pair, routing, choice.threshold, f, pools, demand, slo_ms, workers,
         predicted={
             pair.metric: round(choice.quality, 4),
             "capacity_qps": round(full_quality_capacity, 4),
@@ -404,19 +395,8 @@ def _plan_from_choice(tables: list[PairTable], choice: Choice, policy, demand, s
     caps = {p.model: p.capacity_qps for p in pool_plans}
     capacity = plan_capacity_qps(tab.routing, f, caps.get(pair.light, 0.0), caps.get(pair.heavy, 0.0))
     latency = stage_lat[0] + stage_lat[1] if tab.sequential else max(stage_lat)
-    threshold = tab.thresholds[j]
-    plan = PlanFile(
-        policy=policy,
-        routing=routing,
-        light=pair.light,
-        heavy=pair.heavy,
-        threshold=threshold,
-        heavy_fraction=round(f, 6),
-        pools=pool_plans,
-        demand_qps=float(demand),
-        slo_ms=float(slo_ms),
-        workers_available=workers,
-        metric=pair.metric,
+    plan = _plan_file(
+        policy, pair, routing, tab.thresholds[j], f, pool_plans, demand, slo_ms, workers,
         predicted={
             pair.metric: round(float(tab.quality[j]), 4),
             "capacity_qps": round(capacity, 4),
@@ -425,6 +405,15 @@ def _plan_from_choice(tables: list[PairTable], choice: Choice, policy, demand, s
     )
     plan.notes.append(_latency_note(settings))
     return plan
+
+
+def _plan_file(policy, pair: CascadePair, routing, threshold, f, pools, demand, slo_ms, workers, **fields) -> PlanFile:
+    """The fields every plan states the same way (the pair, the split, the load it was solved for)."""
+    return PlanFile(
+        policy=policy, routing=routing, light=pair.light, heavy=pair.heavy, threshold=threshold,
+        heavy_fraction=round(f, 6), pools=pools, demand_qps=float(demand), slo_ms=float(slo_ms),
+        workers_available=workers, metric=pair.metric, **fields,
+    )
 
 
 def _model_of(tab: PairTable, role: str) -> ModelProfile:
@@ -456,26 +445,10 @@ def _degraded_plan(profile, pairs, batches, policy, demand, slo_ms, workers, set
     shed = max(0.0, 1.0 - cap / demand) if demand > 0 else 0.0
     if not math.isfinite(lat):
         lat = float(slo_ms)
-    plan = PlanFile(
-        policy=policy,
-        routing="heavy-only" if heavy_only else "light-only",
-        light=pair.light,
-        heavy=pair.heavy,
-        threshold=None,
-        heavy_fraction=1.0 if heavy_only else 0.0,
-        pools=[
-            PoolPlan(
-                model=model.name,
-                workers=workers,
-                batch_size=b,
-                capacity_qps=round(cap, 4),
-                latency_ms=round(lat, 3),
-            )
-        ],
-        demand_qps=float(demand),
-        slo_ms=float(slo_ms),
-        workers_available=workers,
-        metric=pair.metric,
+    plan = _plan_file(
+        policy, pair, "heavy-only" if heavy_only else "light-only", None, 1.0 if heavy_only else 0.0,
+        [PoolPlan(model=model.name, workers=workers, batch_size=b, capacity_qps=round(cap, 4), latency_ms=round(lat, 3))],
+        demand, slo_ms, workers,
         predicted={pair.metric: round(quality, 4), "capacity_qps": round(cap, 4), "latency_ms": round(lat, 3),
                    "shed_share": round(shed, 6)},
         degraded=True,
