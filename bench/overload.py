@@ -48,6 +48,8 @@ from typing import Callable
 
 import numpy as np
 
+from diffserve.evaluation.loadgen import launch_on_schedule, poisson_offsets_s
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_overhead import REPO, pct, start_server, stop_server  # noqa: E402  (same bench folder)
 
@@ -99,18 +101,13 @@ async def closed_loop(host: str, port: int, clients: int, duration_s: float) -> 
 async def open_loop(
     host: str, port: int, qps: float, duration_s: float, timeout_s: float, seed: int, sent: Callable[[], None] = lambda: None,
 ) -> dict:
-    rng, payload, tasks = random.Random(seed), _request(host, port), []
+    payload = _request(host, port)
     lags: list[float] = []
     ticker = asyncio.create_task(_lag_ticker(lags))
-    t0, t = time.perf_counter(), 0.0
-    while True:
-        t += rng.expovariate(qps)
-        if t > duration_s:
-            break
-        delay = t - (time.perf_counter() - t0)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(host, port, payload, timeout_s)))
+    tasks, _ = await launch_on_schedule(
+        poisson_offsets_s(qps, duration_s, random.Random(seed)), lambda _i: one(host, port, payload, timeout_s),
+        clock=time.perf_counter,
+    )
     sent()  # every arrival is out; what follows is waiting for answers
     records = list(await asyncio.gather(*tasks))
     ticker.cancel()

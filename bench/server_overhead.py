@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from diffserve.evaluation.loadgen import launch_on_schedule, poisson_offsets_s
 from diffserve.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,17 +95,7 @@ async def open_loop(base: str, qps: float, duration_s: float, speedup: float, se
                            queue_wall_ms=meta["queue_ms"] / speedup, server_wall_ms=meta["latency_ms"] / speedup)
             records.append(rec)
 
-        t0 = time.perf_counter()
-        tasks, t, i = [], 0.0, 0
-        while True:
-            t += rng.expovariate(qps)
-            if t > duration_s:
-                break
-            delay = t - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-            i += 1
+        tasks, _ = await launch_on_schedule(poisson_offsets_s(qps, duration_s, rng), one, clock=time.perf_counter)
         await asyncio.gather(*tasks)
 
     url = f"{base}/v1/images/generations"

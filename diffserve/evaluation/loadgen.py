@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -170,6 +171,40 @@ def request_seed(run_seed: int, index: int, n_requests: int) -> int:
     return run_seed * max(1, n_requests) + index
 
 
+async def launch_on_schedule(
+    offsets_s: list[float],
+    launch: Callable[[int], Awaitable[Any]],
+    *,
+    start: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> tuple[list[asyncio.Task], list[float]]:
+    """Open loop: start ``launch(i)`` as a task at ``start + offsets_s[i]`` whatever the earlier ones
+    are doing; returns the tasks and how late each start was (seconds on ``clock``). The one pacing
+    loop of the load generator and the bench scripts."""
+    start = clock() if start is None else start
+    tasks: list[asyncio.Task] = []
+    lags: list[float] = []
+    for i, offset in enumerate(offsets_s):
+        due = start + offset
+        delay = due - clock()
+        if delay > 0:
+            await sleep(delay)
+        lags.append(max(0.0, clock() - due))
+        tasks.append(asyncio.create_task(launch(i)))
+    return tasks, lags
+
+
+def poisson_offsets_s(qps: float, duration_s: float, rng: random.Random) -> list[float]:
+    """Send times of a Poisson process at ``qps`` over ``duration_s`` seconds (the bench scripts')."""
+    offsets, t = [], 0.0
+    while True:
+        t += rng.expovariate(qps)
+        if t > duration_s:
+            return offsets
+        offsets.append(t)
+
+
 async def replay(
     arrivals: list[Arrival],
     prompts: list[str],
@@ -195,7 +230,6 @@ async def replay(
     n = len(arrivals)
     records = [RequestRecord(index=i, prompt_index=a.prompt_index, scheduled_ms=a.time_ms) for i, a in enumerate(arrivals)]
     plans: list[PlanObservation] = []
-    lags: list[float] = []
     start = clock()
 
     async def observe() -> None:
@@ -226,14 +260,12 @@ async def replay(
                 pass
 
     poller = asyncio.create_task(poll_plan()) if observe_plan is not None and plan_poll_model_s > 0 else None
-    tasks = []
-    for record, arrival in zip(records, arrivals):
-        due = start + arrival.time_ms / 1000.0 / speedup
-        delay = due - clock()
-        if delay > 0:
-            await sleep(delay)
-        lags.append(to_model_ms(max(0.0, clock() - due)))
-        tasks.append(asyncio.create_task(one(record, prompt_for(prompts, arrival.prompt_index))))
+    tasks, lag_s = await launch_on_schedule(
+        [a.time_ms / 1000.0 / speedup for a in arrivals],
+        lambda i: one(records[i], prompt_for(prompts, arrivals[i].prompt_index)),
+        start=start, clock=clock, sleep=sleep,
+    )
+    lags = [to_model_ms(lag) for lag in lag_s]
     # Every request carries its own timeout; the outer bound only guards against a bug.
     if tasks:
         await asyncio.wait(tasks, timeout=bound_s)
