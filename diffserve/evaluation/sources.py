@@ -61,6 +61,37 @@ def read_trace(path: str | Path) -> list[Arrival]:
     return sorted(arrivals, key=lambda a: a.time_ms)
 
 
+def named_trace(name: str) -> tuple[list[Arrival], str]:
+    """One of the paper's traces by name (``maf-4to32``), and a label saying where it came from.
+
+    With the artifact's folder named (``--reference-dir``), its own trace file is replayed exactly;
+    otherwise the trace is drawn from the shipped Azure Functions shape by :func:`shape_arrivals`,
+    the paper's procedure, with the name's fixed seed (:mod:`diffserve.reference.traces`).
+    """
+    from diffserve.reference import NAMED_TRACES, artifact_dir
+    from diffserve.reference.shipped import hourly_shape
+
+    spec = NAMED_TRACES.get(name)
+    if spec is None:
+        raise UserError(f"unknown trace name {name!r} (known: {', '.join(NAMED_TRACES)}; or give a trace file)")
+    folder = artifact_dir()
+    if folder is not None:
+        return read_trace(folder / "traces" / spec.artifact_file), f"{name} (the artifact's {spec.artifact_file})"
+    rng = np.random.default_rng(spec.seed)
+    arrivals = shape_arrivals(hourly_shape(), spec.qps_range, spec.seconds_per_point, rng, n_prompts=spec.n_prompts)
+    return arrivals, f"{name} (drawn from the shipped Azure Functions shape, seed {spec.seed})"
+
+
+def trace_arrivals(spec: str | Path) -> tuple[list[Arrival], str]:
+    """``--trace``: a file, or one of the paper's trace names when no such file exists."""
+    from diffserve.reference import NAMED_TRACES
+
+    text = str(spec)
+    if text in NAMED_TRACES and not Path(text).exists():
+        return named_trace(text)
+    return read_trace(spec), Path(spec).name
+
+
 def poisson_arrivals(
     rate_qps: float, duration_s: float, rng: np.random.Generator, *, n_prompts: int = 5000
 ) -> list[Arrival]:
