@@ -144,13 +144,15 @@ def prompts(art: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="the artifact folder (profiles/, discriminator/, quality/, apps/, traces/, prompts/)")
-    art = parser.parse_args().artifact
+    parser.add_argument("--output", type=Path, default=OUT, help=f"folder to write (default: {OUT})")
+    args = parser.parse_args()
+    art, out = args.artifact, args.output
     for name, make in (
         (DATA["latency"], latency), (DATA["quality"], quality), (DATA["slo"], slos), (DATA["deferral"], deferral),
         (DATA["shape"], shape), (PROMPTS_FILE, prompts),
     ):
-        atomic_write_text(OUT / name, make(art))
-        print(f"wrote {OUT / name}")
+        atomic_write_text(out / name, make(art))
+        print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Shipped reference figures against the artifact's own files: does the benchmark say the same?
+
+    python bench/reference_agreement.py --reference-dir ../shared/reference/diffserve-artifact
+
+For each scenario (the paper's maf-4to32 trace on 16 workers, maf-1to8 on 4, SLO 5 s) it runs
+``diffserve bench compare --clock virtual --seeds 3`` twice, on emulated models: once on the
+figures shipped with diffserve (trace drawn from the shipped Azure Functions shape) and once with
+``--reference-dir`` (the artifact's latency CSVs, score files and trace files). It writes
+``bench/results/reference_agreement.json`` and prints, per policy, the mean FID and SLO-violation
+ratio of each source and their difference against the tolerance (FID 0.05, violations 0.002).
+The profile and cascades of the two sources are equal field for field, so every difference comes
+from the trace: the shipped one is a fresh draw of the same procedure, not the artifact's draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffserve.fileio import atomic_write_text  # noqa: E402
+
+SCENARIOS = (("maf-4to32", 16), ("maf-1to8", 4))
+FID_TOL, VIOLATION_TOL = 0.05, 0.002
+
+
+def run_compare(trace: str, workers: int, seeds: int, reference_dir: Path | None, out: Path, extra: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "DIFFSERVE_REFERENCE_DIR"}
+    cmd = [sys.executable, "-m", "diffserve.cli.main"]
+    if reference_dir is not None:
+        cmd += ["--reference-dir", str(reference_dir)]
+    cmd += ["bench", "compare", "--clock", "virtual", "--seeds", str(seeds), "--trace", trace,
+            "--workers", str(workers), "--slo", "5s", "--output", str(out), *extra]
+    started = time.monotonic()
+    subprocess.run(cmd, check=True, env=env, cwd=out.parent, stdout=subprocess.DEVNULL)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    data["wall_s"] = round(time.monotonic() - started, 1)
+    data["command"] = " ".join(["diffserve", *cmd[3:]])
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-dir", type=Path, required=True, help="the artifact's folder")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--duration", default=None, help="only the first DURATION of each trace (a quick look; the record uses all)")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "reference_agreement.json")
+    args = parser.parse_args()
+    extra = ["--duration", args.duration] if args.duration else []
+    record = {"what": "bench compare --clock virtual, emulated models: shipped figures vs the artifact's own files",
+              "tolerance": {"fid": FID_TOL, "slo_violation_ratio": VIOLATION_TOL}, "seeds": args.seeds,
+              "duration": args.duration or "whole trace", "scenarios": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for trace, workers in SCENARIOS:
+            runs = {}
+            for source, folder in (("shipped", None), ("artifact", args.reference_dir.resolve())):
+                runs[source] = run_compare(trace, workers, args.seeds, folder, Path(tmp) / f"{trace}-{source}", extra)
+                print(f"{trace} on {workers} workers, {source}: {runs[source]['wall_s']} s", file=sys.stderr)
+            rows = []
+            by_policy = {s: {p["policy"]: p for p in runs[s]["policies"]} for s in runs}
+            for policy, a in by_policy["shipped"].items():
+                b = by_policy["artifact"][policy]
+                d_fid, d_vio = a["fid"] - b["fid"], a["slo_violation_ratio"] - b["slo_violation_ratio"]
+                rows.append({
+                    "policy": policy, "fid_shipped": a["fid"], "fid_artifact": b["fid"], "fid_std_shipped": a.get("fid_std"),
+                    "fid_std_artifact": b.get("fid_std"), "violations_shipped": a["slo_violation_ratio"],
+                    "violations_artifact": b["slo_violation_ratio"], "d_fid": round(d_fid, 4), "d_violations": round(d_vio, 5),
+                    "requests_shipped": a["n_requests"], "requests_artifact": b["n_requests"],
+                    "within_tolerance": abs(d_fid) <= FID_TOL and abs(d_vio) <= VIOLATION_TOL,
+                })
+            record["scenarios"].append({
+                "trace": trace, "workers": workers, "slo_ms": 5000,
+                "sources": {s: {"trace": r["trace"], "command": r["command"], "wall_s": r["wall_s"]} for s, r in runs.items()},
+                "rows": rows, "all_within_tolerance": all(r["within_tolerance"] for r in rows),
+            })
+    atomic_write_text(args.output, json.dumps(record, indent=2) + "\n")
+    print(f"{'trace':10} {'policy':16} {'FID shipped':>11} {'artifact':>9} {'dFID':>7} {'viol shipped':>12} {'artifact':>9} {'dviol':>8}  ok")
+    for sc in record["scenarios"]:
+        for r in sc["rows"]:
+            print(f"{sc['trace']:10} {r['policy']:16} {r['fid_shipped']:11.3f} {r['fid_artifact']:9.3f} {r['d_fid']:+7.3f} "
+                  f"{r['violations_shipped']:12.4f} {r['violations_artifact']:9.4f} {r['d_violations']:+8.4f}  {'yes' if r['within_tolerance'] else 'NO'}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
