@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,18 +53,23 @@ def main() -> None:
     parser.add_argument("--reference-dir", type=Path, required=True, help="the artifact's folder")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--duration", default=None, help="only the first DURATION of each trace (a quick look; the record uses all)")
+    parser.add_argument("--jobs", type=int, default=1, help="compares run at once (each is one process)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "reference_agreement.json")
     args = parser.parse_args()
     extra = ["--duration", args.duration] if args.duration else []
     record = {"what": "bench compare --clock virtual, emulated models: shipped figures vs the artifact's own files",
               "tolerance": {"fid": FID_TOL, "slo_violation_ratio": VIOLATION_TOL}, "seeds": args.seeds,
               "duration": args.duration or "whole trace", "scenarios": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    sources = (("shipped", None), ("artifact", args.reference_dir.resolve()))
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            (trace, source): pool.submit(run_compare, trace, workers, args.seeds, folder, Path(tmp) / f"{trace}-{source}", extra)
+            for trace, workers in SCENARIOS for source, folder in sources
+        }
         for trace, workers in SCENARIOS:
-            runs = {}
-            for source, folder in (("shipped", None), ("artifact", args.reference_dir.resolve())):
-                runs[source] = run_compare(trace, workers, args.seeds, folder, Path(tmp) / f"{trace}-{source}", extra)
-                print(f"{trace} on {workers} workers, {source}: {runs[source]['wall_s']} s", file=sys.stderr)
+            runs = {source: futures[trace, source].result() for source, _ in sources}
+            for source, run in runs.items():
+                print(f"{trace} on {workers} workers, {source}: {run['wall_s']} s", file=sys.stderr)
             rows = []
             by_policy = {s: {p["policy"]: p for p in runs[s]["policies"]} for s in runs}
             for policy, a in by_policy["shipped"].items():
