@@ -33,18 +33,21 @@ SCENARIOS = (("maf-4to32", 16), ("maf-1to8", 4))
 FID_TOL, VIOLATION_TOL = 0.05, 0.002
 
 
-def run_compare(trace: str, workers: int, seeds: int, reference_dir: Path | None, out: Path, extra: list[str]) -> dict:
+def run_compare(trace: str, workers: int, seeds: int, reference_dir: Path | None, out: Path, extra: list[str],
+                collect: bool = False) -> dict:
+    """One ``bench compare``; with ``collect``, only read what an earlier run left in ``out``."""
     env = {k: v for k, v in os.environ.items() if k != "DIFFSERVE_REFERENCE_DIR"}
     cmd = [sys.executable, "-m", "diffserve.cli.main"]
     if reference_dir is not None:
         cmd += ["--reference-dir", str(reference_dir)]
     cmd += ["bench", "compare", "--clock", "virtual", "--seeds", str(seeds), "--trace", trace,
-            "--workers", str(workers), "--slo", "5s", "--output", str(out), *extra]
+            "--workers", str(workers), "--slo", "5s", *extra, "--output", str(out)]
     started = time.monotonic()
-    subprocess.run(cmd, check=True, env=env, cwd=out.parent, stdout=subprocess.DEVNULL)
+    if not collect:
+        subprocess.run(cmd, check=True, env=env, cwd=out.parent, stdout=subprocess.DEVNULL)
     data = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    data["wall_s"] = round(time.monotonic() - started, 1)
-    data["command"] = " ".join(["diffserve", *cmd[3:]])
+    data["wall_s"] = None if collect else round(time.monotonic() - started, 1)
+    data["command"] = " ".join(["diffserve", *cmd[3:-2]])
     return data
 
 
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--duration", default=None, help="only the first DURATION of each trace (a quick look; the record uses all)")
     parser.add_argument("--jobs", type=int, default=1, help="compares run at once (each is one process)")
+    parser.add_argument("--work", type=Path, default=None, help="keep each compare's folder here (default: a temporary folder)")
+    parser.add_argument("--collect", action="store_true", help="run nothing: read the compares an earlier run left in --work "
+                        "(a compare still running contributes the policies it has finished)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "reference_agreement.json")
     args = parser.parse_args()
     extra = ["--duration", args.duration] if args.duration else []
@@ -61,9 +67,13 @@ def main() -> None:
               "tolerance": {"fid": FID_TOL, "slo_violation_ratio": VIOLATION_TOL}, "seeds": args.seeds,
               "duration": args.duration or "whole trace", "scenarios": []}
     sources = (("shipped", None), ("artifact", args.reference_dir.resolve()))
+    if args.collect and args.work is None:
+        parser.error("--collect needs --work")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         futures = {
-            (trace, source): pool.submit(run_compare, trace, workers, args.seeds, folder, Path(tmp) / f"{trace}-{source}", extra)
+            (trace, source): pool.submit(run_compare, trace, workers, args.seeds, folder, work / f"{trace}-{source}", extra, args.collect)
             for trace, workers in SCENARIOS for source, folder in sources
         }
         for trace, workers in SCENARIOS:
@@ -73,7 +83,9 @@ def main() -> None:
             rows = []
             by_policy = {s: {p["policy"]: p for p in runs[s]["policies"]} for s in runs}
             for policy, a in by_policy["shipped"].items():
-                b = by_policy["artifact"][policy]
+                b = by_policy["artifact"].get(policy)
+                if b is None:  # --collect while the artifact's compare is still running
+                    continue
                 d_fid, d_vio = a["fid"] - b["fid"], a["slo_violation_ratio"] - b["slo_violation_ratio"]
                 rows.append({
                     "policy": policy, "fid_shipped": a["fid"], "fid_artifact": b["fid"], "fid_std_shipped": a.get("fid_std"),
@@ -86,6 +98,7 @@ def main() -> None:
                 "trace": trace, "workers": workers, "slo_ms": 5000,
                 "sources": {s: {"trace": r["trace"], "command": r["command"], "wall_s": r["wall_s"]} for s, r in runs.items()},
                 "rows": rows, "all_within_tolerance": all(r["within_tolerance"] for r in rows),
+                "complete": len(rows) == len(by_policy["shipped"]) == len(by_policy["artifact"]) == 6,
             })
     atomic_write_text(args.output, json.dumps(record, indent=2) + "\n")
     print(f"{'trace':10} {'policy':16} {'FID shipped':>11} {'artifact':>9} {'dFID':>7} {'viol shipped':>12} {'artifact':>9} {'dviol':>8}  ok")
