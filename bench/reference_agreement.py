@@ -45,7 +45,17 @@ def run_compare(trace: str, workers: int, seeds: int, reference_dir: Path | None
     started = time.monotonic()
     if not collect:
         subprocess.run(cmd, check=True, env=env, cwd=out.parent, stdout=subprocess.DEVNULL)
-    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    data = json.loads((out / "results.json").read_text(encoding="utf-8")) if (out / "results.json").is_file() else None
+    if collect:  # also the compares split by policy into OUT--POLICIES folders (run at once to share a loaded host)
+        for part in sorted(out.parent.glob(f"{out.name}--*/results.json")):
+            extra_data = json.loads(part.read_text(encoding="utf-8"))
+            if data is None:
+                data = extra_data
+                continue
+            have = {p["policy"] for p in data["policies"]}
+            data["policies"] += [p for p in extra_data["policies"] if p["policy"] not in have]
+    if data is None:
+        raise SystemExit(f"no results.json in {out} (or {out}--*)")
     data["wall_s"] = None if collect else round(time.monotonic() - started, 1)
     data["command"] = " ".join(["diffserve", *cmd[3:-2]])
     return data
