@@ -74,13 +74,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_admin_exposure(host: str, admin_token: str | None) -> None:
-    """The plan endpoints re-plan the cluster: beyond loopback they need a token."""
-    if admin_token is None and not is_loopback(host):
+def admin_token_or_none(admin_token: str | None) -> str | None:
+    """An empty or whitespace-only token is no token: it could never be sent back in a usable
+    ``Authorization: Bearer`` header, so a server started with it would answer 401 for good."""
+    return admin_token if admin_token is not None and admin_token.strip() else None
+
+
+def check_admin_exposure(host: str, admin_token: str | None) -> str | None:
+    """The plan endpoints re-plan the cluster: beyond loopback they need a token. Returns the token
+    in force (``None`` for a missing, empty or whitespace-only one, which are all refused alike)."""
+    token = admin_token_or_none(admin_token)
+    if token is None and not is_loopback(host):
+        given = "" if admin_token is None else " (the token given is empty or whitespace)"
         raise UserError(
-            f"--host {host} exposes PUT /v1/plan beyond this machine; set --admin-token (or DIFFSERVE_ADMIN_TOKEN), "
+            f"--host {host} exposes PUT /v1/plan beyond this machine; set --admin-token (or DIFFSERVE_ADMIN_TOKEN){given}, "
             "or bind 127.0.0.1"
         )
+    return token
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -1,0 +1,100 @@
+"""Issue #21: under overload the control plane stays reachable, and the edges the reliability matrix
+still found (rows 2-7): the backstop spares the control plane, an empty admin token, one unit in the
+ledger, admission agreeing with the pool, the exact ``size`` enum, and the small things.
+
+Gates and in-process runtimes wherever the fault can be injected there; a real server (uvicorn in a
+thread) where the protocol is the subject; real worker processes only where a process must die.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from diffserve.errors import UserError
+from diffserve.server.api import create_app
+from diffserve.server.launch import check_admin_exposure
+from diffserve.server.testing import GatedBackend, hand_plan, tiny_runtime
+
+pytestmark = pytest.mark.anyio
+URL = "/v1/images/generations"
+LIGHT_ONLY = dict(routing="light-only", heavy=None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+# ---------------------------------------------------------------- row 3: an empty admin token
+@pytest.mark.parametrize("token", ["", "  ", "\t\n"])
+def test_an_empty_or_whitespace_admin_token_is_refused_beyond_loopback_like_a_missing_one(token: str) -> None:
+    with pytest.raises(UserError) as missing:
+        check_admin_exposure("0.0.0.0", None)
+    with pytest.raises(UserError) as empty:
+        check_admin_exposure("0.0.0.0", token)
+    assert "--admin-token" in str(empty.value) and str(missing.value).split(";")[0] == str(empty.value).split(";")[0]
+    assert check_admin_exposure("127.0.0.1", token) is None  # on loopback: no token, as when none is given
+    assert check_admin_exposure("0.0.0.0", "s3cret") == "s3cret"
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_serve_with_an_empty_admin_token_on_a_public_host_exits_before_serving(monkeypatch, how: str) -> None:
+    from typer.testing import CliRunner
+
+    from diffserve.cli import serve_cmd
+    from diffserve.cli.main import app
+
+    started = []
+    monkeypatch.setattr(serve_cmd, "run_server", lambda *a, **kw: started.append(kw))
+    argv = ["serve", "--host", "0.0.0.0", "--port", "0"]
+    if how == "option":
+        result = CliRunner().invoke(app, [*argv, "--admin-token", ""])
+    else:
+        result = CliRunner().invoke(app, argv, env={"DIFFSERVE_ADMIN_TOKEN": "   "})
+    assert started == [] and result.exit_code == 2 and "--admin-token" in result.output
+
+
+# ---------------------------------------------------------------- row 6: size exactly as the spec writes it
+@pytest.mark.parametrize("size, says", [
+    ("５１２x５１２", "ASCII digits"),  # full-width digits: int() would read them
+    (" 512x512 ", "no spaces"),
+    ("512x512 ", "no spaces"),
+    ("512X512", "lowercase x"),
+    ("0512x512", "WIDTHxHEIGHT"),
+    ("512x512x512", "WIDTHxHEIGHT"),
+    ("AUTO", "'auto'"),
+    (" auto", "'auto'"),
+    ("256x256", "does not produce"),  # in the spec's enum, but not a size this server makes
+    ("1792x1024", "does not produce"),
+    ("640x480", "does not produce"),
+])
+async def test_a_size_not_spelt_as_the_spec_enumerates_it_is_a_precise_400(size: str, says: str) -> None:
+    backend = GatedBackend(n_workers=1)
+    rt = tiny_runtime(backend, hand_plan(1, 0, **LIGHT_ONLY))
+    await rt.start()
+    try:
+        r = await _client(create_app(rt, manage_lifecycle=False)).post(URL, json={"prompt": "a", "size": size})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "size"
+        assert says in err["message"] and repr(size) in err["message"] and "512x512" in err["message"]
+        assert backend.calls == []
+    finally:
+        await rt.stop()
+
+
+@pytest.mark.parametrize("size", ["auto", "512x512", None])
+async def test_the_sizes_the_server_produces_and_auto_are_served(size) -> None:
+    rt = tiny_runtime(GatedBackend(n_workers=1), hand_plan(1, 0, **LIGHT_ONLY))
+    await rt.start()
+    try:
+        r = await _client(create_app(rt, manage_lifecycle=False)).post(URL, json={"prompt": "a", "size": size})
+        assert r.status_code == 200, r.text
+    finally:
+        await rt.stop()
