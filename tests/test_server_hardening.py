@@ -98,3 +98,46 @@ async def test_the_sizes_the_server_produces_and_auto_are_served(size) -> None:
         assert r.status_code == 200, r.text
     finally:
         await rt.stop()
+
+
+# ---------------------------------------------------------------- row 4: one unit in the ledger
+async def test_the_ledger_counts_requests_and_images_apart_and_each_unit_balances() -> None:
+    from diffserve.server.launch import shed_app
+
+    backend = GatedBackend(n_workers=1)
+    rt = tiny_runtime(backend, hand_plan(1, 0, light_batch=8, **LIGHT_ONLY))
+    app = shed_app(create_app(rt, manage_lifecycle=False), rt)
+    client = _client(app)
+    await rt.start()
+    try:
+        backend.gate.clear()
+        held = [asyncio.create_task(client.post(URL, json={"prompt": f"p{n}", "n": n})) for n in (3, 2)]
+        while rt.ledger.requests_accepted < 2:
+            await asyncio.sleep(0)
+        app.limit = lambda: 2  # the door is shut: these are shed unread, their n unknown to the server
+        shed = [await client.post(URL, json={"prompt": "s", "n": 4}) for _ in range(3)]
+        app.limit = lambda: 100
+        too_tight = await client.post(URL, json={"prompt": "t", "n": 2, "slo_ms": 0.5})  # refused at admission
+        backend.gate.set()
+        answers = [await t for t in held] + [await client.post(URL, json={"prompt": "q", "n": 4})]
+        assert [r.status_code for r in answers] == [200] * 3 and [r.status_code for r in shed] == [503] * 3
+        assert too_tight.status_code == 400
+        metrics = (await client.get("/metrics")).text
+    finally:
+        await rt.stop()
+    images = sum(len(r.json()["data"]) for r in answers)
+    led = rt.ledger
+    # requests: what the client sent and got back
+    assert (led.requests_offered, led.requests_rejected, led.requests_shed) == (7, 4, 3)
+    assert led.requests_accepted == led.requests_completed + led.requests_failed + led.requests_cancelled == len(answers)
+    assert led.requests_offered == led.requests_rejected + led.requests_accepted
+    # images: only the requests the server read, each at its n
+    assert (led.images_offered, led.images_rejected) == (3 + 2 + 2 + 4, 2)
+    assert led.images_accepted == led.images_completed + led.images_failed + led.images_cancelled == images == 9
+    assert led.images_offered == led.images_rejected + led.images_accepted
+    # /metrics names the unit of each family
+    assert 'diffserve_ledger_requests_total{outcome="offered"} 7.0' in metrics
+    assert 'diffserve_ledger_images_total{outcome="offered"} 11.0' in metrics
+    assert 'diffserve_ledger_requests_total{outcome="shed"} 3.0' in metrics
+    helps = {line.split()[2]: line for line in metrics.splitlines() if line.startswith("# HELP diffserve_ledger")}
+    assert "HTTP image requests" in helps["diffserve_ledger_requests_total"] and "images" in helps["diffserve_ledger_images_total"]

@@ -133,9 +133,9 @@ def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
 
 
 def _count_shed(runtime: Runtime) -> None:
-    """A shed request is demand too: the controller's offered rate must see it to plan for it."""
-    runtime.ledger.offered += 1
-    runtime.ledger.rejected += 1
+    """A shed request is demand too: the controller's offered rate must see it to plan for it.
+    Its body is unread, so it is one request of unknown ``n`` (see :mod:`diffserve.server.ledger`)."""
+    runtime.ledger.shed()
     runtime.metrics.rejected.labels("overloaded").inc()
 
 
