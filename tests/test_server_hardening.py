@@ -9,6 +9,8 @@ thread) where the protocol is the subject; real worker processes only where a pr
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 
 import httpx
 import pytest
@@ -30,6 +32,66 @@ def anyio_backend() -> str:
 
 def _client(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+# ---------------------------------------------------------------- row 2: the control plane is never shed
+def _raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection and read the answer to its end."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(30)  # a liveness bound only
+        sock.sendall(request)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    return raw
+
+
+READYZ = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.e2e
+def test_past_the_backstop_the_control_plane_answers_within_its_own_budget() -> None:
+    """Row 2: with more connections open than the backstop allows, image requests get the shed 503
+    unread, while /readyz, /healthz, /metrics and the plan routes answer 200; past the control
+    plane's own budget a control request gets a 503 of its own."""
+    import time
+
+    from diffserve.server.launch import uvicorn_config
+    from diffserve.server.shedding import ControlBudget, timed_protocol
+    from diffserve.server.testing import server_in_thread
+
+    rt = tiny_runtime(GatedBackend(), hand_plan(1, 0, **LIGHT_ONLY))
+    config = uvicorn_config(create_app(rt), rt, host="127.0.0.1", port=0)
+    config.http = timed_protocol(2.0, backstop=1, door=config.app, control=ControlBudget(1))
+    body = json.dumps({"prompt": "a"}).encode()
+    post = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+    plan = json.dumps(rt.plan.model_dump(mode="json")).encode()
+    with server_in_thread(config) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # an idle connection: the backstop of 1 is reached
+            while len(server.server_state.connections) < 1:
+                time.sleep(0.01)
+            shed = _raw(port, post)
+            assert shed.startswith(b"HTTP/1.1 503") and b'"overloaded"' in shed and b"retry-after: " in shed.lower()
+            for path in ("/readyz", "/healthz", "/metrics", "/v1/plan"):
+                answer = _raw(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                assert answer.startswith(b"HTTP/1.1 200"), (path, answer[:200])
+            put = _raw(port, (f"PUT /v1/plan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(plan)}\r\nConnection: close\r\n\r\n").encode() + plan)
+            assert put.startswith(b"HTTP/1.1 200"), put[:300]
+            # a control request in progress (its body never comes) fills the budget of one
+            with socket.create_connection(("127.0.0.1", port)) as slow:
+                slow.sendall(b"PUT /v1/plan HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+                deadline = time.monotonic() + 30
+                while (busy := _raw(port, READYZ)).startswith(b"HTTP/1.1 200"):
+                    assert time.monotonic() < deadline, "the slow control request never took the budget"
+                    time.sleep(0.01)
+                assert busy.startswith(b"HTTP/1.1 503") and b'"control_plane_busy"' in busy and b"retry-after: " in busy.lower()
+        deadline = time.monotonic() + 30  # the budget comes back once the server sees the slow client gone
+        while not _raw(port, READYZ).startswith(b"HTTP/1.1 200"):
+            assert time.monotonic() < deadline, "the control budget never came back"
+            time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- row 3: an empty admin token
