@@ -210,8 +210,9 @@ async def test_readiness_and_admission_count_only_serving_workers() -> None:
 
 
 # ---------------------------------------------------------------- defect 3: first-stage deadline
-async def test_a_best_quality_job_dropped_by_the_heavy_pool_is_a_504_not_a_500() -> None:
-    """Defect 3: the heavy pool drops a heavy-first job it cannot finish in time (degrade on)."""
+async def test_a_best_quality_job_dropped_by_the_heavy_pool_is_a_503_with_retry_after() -> None:
+    """Defect 3: the heavy pool drops a heavy-first job it cannot finish in time (degrade on). Issue
+    #21 row 5: that is a refusal at the moment the pool can tell (503 + Retry-After), not a 504."""
     now = [0.0]
 
     async def no_sleep(_: float) -> None:
@@ -232,7 +233,7 @@ async def test_a_best_quality_job_dropped_by_the_heavy_pool_is_a_504_not_a_500()
     backend.gates["heavy"].set()
     a, b = await first, await second
     assert a.status_code == 200
-    assert b.status_code == 504 and b.json()["error"]["code"] == "deadline_exceeded"
+    assert b.status_code == 503 and b.headers["retry-after"].isdigit() and "in time for its deadline" in b.json()["error"]["message"]
     assert backend.prompts_run("heavy") == ["A"]
     assert _metric(rt, "diffserve_dropped_total", model="heavy", reason="unmeetable") == 1
     await rt.stop()

@@ -203,3 +203,60 @@ async def test_the_ledger_counts_requests_and_images_apart_and_each_unit_balance
     assert 'diffserve_ledger_requests_total{outcome="shed"} 3.0' in metrics
     helps = {line.split()[2]: line for line in metrics.splitlines() if line.startswith("# HELP diffserve_ledger")}
     assert "HTTP image requests" in helps["diffserve_ledger_requests_total"] and "images" in helps["diffserve_ledger_images_total"]
+
+
+# ---------------------------------------------------------------- row 5: admission agrees with the pool
+def _tiny_diffusers_runtime(tmp_path, *, latency_ms: float):
+    """Real (random-weight) tiny pipelines in 2 worker processes: one light, one heavy (batch 2).
+    The profile states ``latency_ms`` per batch, far below what the pipelines take on a CPU, as a
+    profile measured on another machine would: admission then believes more fits than does."""
+    from diffserve.fileio import write_model
+    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
+    from diffserve.server.build import ServeOptions, build_runtime
+
+    models = {
+        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64,
+                        batches=[BatchProfile(batch_size=1, median_ms=latency_ms), BatchProfile(batch_size=2, median_ms=latency_ms)])
+        for m in ("tiny-turbo", "tiny-base")
+    }
+    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
+    grid = [0.0, 0.5, 1.0]
+    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
+                       discriminator=DiscriminatorRef(kind="replayed"))
+    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
+    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, heavy_batch=2, light="tiny-turbo", heavy="tiny-base", slo_ms=600_000))
+    opts = ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
+                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
+    rt, _ = build_runtime(opts)
+    rt.settings.drop_factor = rt.router.drop_factor = 4.0  # a started batch is never cut short: only admission is judged
+    rt.backend.watchdog_s = 300.0  # the stated profile is not what the CPU takes: no watchdog from it
+    return rt
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+async def test_eight_concurrent_best_requests_are_served_or_refused_at_once_never_dropped_after_the_wait(tmp_path) -> None:
+    """Row 5: 8 concurrent ``quality: best`` requests on the tiny diffusers backend, with an SLO of
+    1.5 heavy batches: the heavy worker can start the first two batches in time, not the last ones.
+    Each request is answered 200 or refused 503 with Retry-After; none is admitted and then dropped
+    with a 504 when its deadline has passed (today's code: 504 ``deadline_exceeded``)."""
+    rt = _tiny_diffusers_runtime(tmp_path, latency_ms=2.0)
+    await rt.start()
+    try:
+        client = _client(create_app(rt, manage_lifecycle=False))
+        warm = await client.post(URL, json={"prompt": "warm", "quality": "best", "n": 2})
+        assert warm.status_code == 200
+        batch_ms = max(item["diffserve"]["compute_ms"] for item in warm.json()["data"])  # what a heavy batch of 2 takes here
+        body = {"quality": "best", "slo_ms": 1.5 * batch_ms}
+        answers = await asyncio.gather(*(client.post(URL, json={**body, "prompt": f"p{i}"}) for i in range(8)))
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) <= {200, 503}, [(r.status_code, r.json()["error"]) for r in answers if r.status_code not in (200, 503)]
+        assert statuses.count(200) >= 2  # the first batch starts at once
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"].isdigit() and r.json()["error"]["param"] is None
+        led = rt.ledger
+        assert led.images_accepted == led.images_completed + led.images_failed + led.images_cancelled
+        assert led.images_completed == statuses.count(200) + 2
+    finally:
+        await rt.stop()
