@@ -260,3 +260,129 @@ async def test_eight_concurrent_best_requests_are_served_or_refused_at_once_neve
         assert led.images_completed == statuses.count(200) + 2
     finally:
         await rt.stop()
+
+
+# ---------------------------------------------------------------- row 7: the small things
+SERVE_LOADING = """
+from diffserve.server.api import create_app
+from diffserve.server.launch import run_event_loop, serve
+from diffserve.server.procbackend import ProcessBackend
+from diffserve.server.testing import hand_plan, tiny_runtime
+
+if __name__ == "__main__":
+    # loading the models takes 600 s here: a SIGTERM must not wait for it
+    backend = ProcessBackend(["light", "heavy"], 1, {"kind": "fake", "load_s": 600}, {"light": 100.0, "heavy": 1000.0},
+                             start_timeout_s=900)
+    rt = tiny_runtime(backend, hand_plan(1, 0, routing="light-only", heavy=None))
+    run_event_loop(serve(create_app(rt), rt, host="127.0.0.1", port=0, on_started=lambda port: print("serving", flush=True)))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them."""
+    import os
+
+    kids = []
+    for tid in os.listdir(f"/proc/{pid}/task") if os.path.exists(f"/proc/{pid}/task") else []:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.e2e
+def test_sigterm_while_the_models_load_exits_without_waiting_for_the_load(tmp_path) -> None:
+    """Row 7: a SIGTERM during model loading used to wait for the load to finish (11 s on the tiny
+    models; 600 s here). Now the workers are stopped at once and the server exits 0, never serving."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "serve_loading.py"
+    script.write_text(SERVE_LOADING)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # a liveness bound: the worker process must appear
+        while not (workers := [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no worker"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the server is inside its startup, waiting for the worker's "ready"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)  # a liveness bound far below the 600 s load
+        out, err = proc.communicate()
+        assert code == 0, err
+        assert "serving" not in out and "Traceback" not in err
+        assert not any(os.path.exists(f"/proc/{w}") and "spawn_main" in _cmdline(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_plan_naming_an_unknown_model_is_one_line_without_a_python_repr(tmp_path) -> None:
+    """Row 7: a plan whose pair is not in the cascade printed ``Error: 'no cascade pair ...'`` (the
+    repr of a KeyError); a plan whose model the backend does not run crashed uvicorn's startup
+    with a traceback and exit status 3."""
+    from typer.testing import CliRunner
+
+    from diffserve.cli.main import app
+    from diffserve.fileio import write_model
+
+    unknown_pair, unknown_light = tmp_path / "pair.yaml", tmp_path / "light.yaml"
+    write_model(unknown_pair, hand_plan(1, 1, light="sd-turbo", heavy="nope-model", policy="static"))
+    write_model(unknown_light, hand_plan(1, 0, light="nope-model", heavy=None, routing="light-only", policy="static"))
+    for plan in (unknown_pair, unknown_light):
+        result = CliRunner().invoke(app, ["serve", "--plan", str(plan), "--policy", "static", "--port", "0"])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2, result.output
+        assert len(lines) == 1 and lines[0].lower().startswith("error: ") and "nope-model" in lines[0], result.output
+        assert not lines[0].lower().startswith(("error: '", 'error: "')) and "Traceback" not in result.output
+
+
+ORPHAN = """
+import os, signal, multiprocessing as mp
+from diffserve.server.procworker import worker_main
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=worker_main, args=(child, {"kind": "fake", "latency_s": {"light": 1.0}}), daemon=True)
+    worker.start()
+    child.close()
+    assert parent.recv()[0] == "ready"
+    parent.send(("predict", "light", ["a"], [0], False))  # the worker answers in 1 s, to nobody
+    print(worker.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the server dies without a word
+"""
+
+
+def test_a_worker_orphaned_by_a_sigkill_of_the_server_exits_quietly(tmp_path) -> None:
+    """Row 7: the orphan used to print a BrokenPipeError traceback when it sent its answer."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    proc.wait(timeout=120)
+    deadline = time.monotonic() + 120  # a liveness bound: the orphan must end on its own
+    while os.path.exists(f"/proc/{worker}") and "spawn_main" in _cmdline(worker):
+        assert time.monotonic() < deadline, "the orphaned worker did not exit"
+        time.sleep(0.05)
+    err = proc.stderr.read()  # the orphan shared this stderr: what it printed is here
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

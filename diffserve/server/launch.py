@@ -41,6 +41,15 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.started and not self._drain_started and self._loop is not None:
+            # the models are still loading: nothing is in flight, so there is nothing to drain and no
+            # reason to wait for the load; stop the workers now (the startup then ends quietly)
+            self._drain_started = True
+            self.should_exit = True
+            self.runtime.draining = True
+            log.warning("signal %s while the models load: stopping the workers and exiting", sig)
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.runtime.abort()))
+            return
         if self._drain_started or self._loop is None:
             self.should_exit = True
             if self._loop is not None:
@@ -195,6 +204,6 @@ async def serve(
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
-    if server.started and on_started is not None:
+    if server.started and not server.should_exit and on_started is not None:
         on_started(server.bound_port() or port)
     await task

@@ -198,7 +198,14 @@ class Runtime:
         return self.started and not self.draining and self.backend.ready and self.backend.healthy()
 
     async def start(self, reason: str = "initial plan") -> None:
-        await self.backend.setup()
+        try:
+            await self.backend.setup()
+        except Exception:
+            if self._stopped:  # stopped while the models loaded (a signal): nothing to start, nothing to report
+                return
+            raise
+        if self._stopped:
+            return
         self.apply_plan(self.plan)
         self.controller.record_initial(self.plan, reason)
         self.workers.start()
