@@ -225,11 +225,13 @@ def _drive(proc, cpus, kind: str, host: str, port: int, args: tuple) -> dict:
         (t0, c0), s0 = parent.recv(), _cpu_s(proc.pid)
         (t1, c1), s1 = parent.recv(), _cpu_s(proc.pid)
         result = parent.recv()
+        s2 = _cpu_s(proc.pid)  # every answer is in: the server's CPU for the whole load
     finally:
         client.join(timeout=60)
         if client.is_alive():
             client.kill()
-    return {"result": result, "server_cpu_share": (s1 - s0) / (t1 - t0), "client_cpu_share": (c1 - c0) / (t1 - t0)}
+    return {"result": result, "server_cpu_share": (s1 - s0) / (t1 - t0), "client_cpu_share": (c1 - c0) / (t1 - t0),
+            "server_cpu_s": s2 - s0}
 
 
 def listen_counters() -> dict[str, int]:
@@ -333,6 +335,10 @@ def run(factor: float, duration: float, slo_s: float, clients: int, seed: int, *
         "effective_factor": offered / (http_capacity / probe["server_cpu_share"] * load["server_cpu_share"]) if probe else None,
         "cpu_share": {"probe_server": probe["server_cpu_share"] if probe else None, "probe_client": probe["client_cpu_share"] if probe else None,
                       "overload_server": load["server_cpu_share"], "overload_client": load["client_cpu_share"]},
+        # CPU the server spent per request sent (answers, refusals, probes, timers, the models' sleeps):
+        # what a core of its own would need at this rate, whatever share the shared host gave it
+        "server_cpu_ms_per_request": load["server_cpu_s"] * 1000 / len(recs),
+        "server_cpu_s": load["server_cpu_s"],
         "admitted_server_ms_p99": (lambda v: v / speedup if v is not None else None)(
             pct([r["server_ms"] for r in recs if r["server_ms"] is not None], 99)),
         "refused_ms_p50": pct(refused_ms, 50), "refused_ms_p99": pct(refused_ms, 99), "refused_ms_max": max(refused_ms, default=None),
@@ -376,7 +382,7 @@ def main() -> None:
     nan = float("nan")
     print(f"{'seed':>4} {'offered':>7} {'sent/s':>6} {'200':>5} {'shed':>5} {'err':>4} {'adm p99':>8} {'bound':>6} "
           f"{'rej p50':>7} {'rej p99':>7} {'rej max':>7} {'>1s':>4} {'conn p99':>8} {'overflow':>8} {'readyz':>7} {'metrics':>7} "
-          f"{'cpu srv/cli':>11} {'cli lag p99':>11} {'load 1m':>9} {'pass':>5}")
+          f"{'cpu srv/cli':>11} {'cpu ms/req':>10} {'cli lag p99':>11} {'load 1m':>9} {'pass':>5}")
     for r in runs:
         st, pr = r["statuses"], r["control_plane_probes"]
         print(f"{r['seed']:>4} {r['offered_rps']:>7.0f} {r['client_send_rate_rps'] or 0:>6.0f} {st.get('200', 0):>5} {r['refusals']:>5} "
@@ -385,11 +391,14 @@ def main() -> None:
               f"{r['refused_over_1s']:>4} {r['refused_connect_ms_p99'] or nan:>6.0f}ms {r['listen_overflows'].get('ListenOverflows', -1):>8} "
               f"{pr['/readyz']['ok']:>3}/{pr['/readyz']['probes']:<3} {pr['/metrics']['ok']:>3}/{pr['/metrics']['probes']:<3} "
               f"{r['cpu_share']['overload_server']:>5.2f}/{r['cpu_share']['overload_client']:<5.2f} "
+              f"{r['server_cpu_ms_per_request']:>10.3f} "
               f"{r['client_loop_lag_ms_p99'] or nan:>9.0f}ms {r['load_average_before'][0]:>4.1f}/{r['load_average_after'][0]:<4.1f} "
               f"{str(r['passed']):>5}")
     if len(runs) > 1:
         for key in ("admitted_ms_p99", "refused_ms_p99"):
             vals = [r[key] for r in runs if r[key] is not None]
+            if not vals:
+                continue
             print(f"{key} over {len(vals)} seeds: mean {np.mean(vals):.1f} ms, spread {np.min(vals):.1f}-{np.max(vals):.1f} ms")
     print(f"wrote {args.out}")
 
