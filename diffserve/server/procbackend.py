@@ -353,6 +353,9 @@ class ProcessBackend(Backend):
 
     async def close(self) -> None:
         self._closing = True
+        for p in self._procs:  # still loading (a signal during startup): kill now, not after the load
+            if not p.loaded and p.proc is not None and p.proc.is_alive():
+                p.proc.kill()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)

@@ -26,7 +26,8 @@ class FakeRunner:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.latency_s = dict(spec.get("latency_s", {}))
-        self.load_time_s = 0.0
+        self.load_time_s = float(spec.get("load_s", 0.0))  # a test's stand-in for loading real weights
+        time.sleep(self.load_time_s)
 
     def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
         for p in prompts:
@@ -116,8 +117,16 @@ def make_runner(spec: dict[str, Any]):
 
 
 def worker_main(conn, spec: dict[str, Any]) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process. When the server is gone (killed, so it never said "stop"),
+    the pipe breaks: the worker exits quietly, whether it was waiting or answering."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        _serve(conn, spec)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # orphaned: nobody is left to read an answer or a traceback
+
+
+def _serve(conn, spec: dict[str, Any]) -> None:
     try:
         runner = make_runner(spec)
     except BaseException as exc:  # noqa: BLE001 - report, then exit
