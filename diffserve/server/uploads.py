@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ def read_image(data: bytes, param: str, limits: UploadLimits, *, formats: tuple[
         raise InvalidRequest(f"{param} is not a {allowed} image (its first bytes are {data[:8].hex()})", param=param)
     if kind not in formats:
         raise InvalidRequest(f"{param} is a {kind.lower()} image; it must be {allowed}", param=param)
+    if kind == "PNG" and data[12:16] == b"IHDR":  # the size, straight from the header, before PIL's own bomb check
+        _check_pixels(*struct.unpack(">II", data[16:24]), param, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below is ours
@@ -67,11 +70,7 @@ def read_image(data: bytes, param: str, limits: UploadLimits, *, formats: tuple[
         raise InvalidRequest(f"{param} claims too many pixels ({exc}); the limit is {limits.max_pixels}", param=param) from None
     except Exception as exc:  # noqa: BLE001 - any failure to read the header is the upload's fault
         raise InvalidRequest(f"{param} is not a readable {kind.lower()} image: {_first_line(exc)}", param=param) from None
-    if width < 1 or height < 1 or width * height > limits.max_pixels:
-        raise InvalidRequest(
-            f"{param} is {width}x{height} pixels ({width * height}); the limit is {limits.max_pixels} pixels per image",
-            param=param,
-        )
+    _check_pixels(width, height, param, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -79,6 +78,14 @@ def read_image(data: bytes, param: str, limits: UploadLimits, *, formats: tuple[
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data raises OSError, SyntaxError, ValueError ...
         raise InvalidRequest(f"{param} is a truncated or corrupt {kind.lower()} image: {_first_line(exc)}", param=param) from None
     return img
+
+
+def _check_pixels(width: int, height: int, param: str, limits: UploadLimits) -> None:
+    if width < 1 or height < 1 or width * height > limits.max_pixels:
+        raise InvalidRequest(
+            f"{param} is {width}x{height} pixels ({width * height}); the limit is {limits.max_pixels} pixels per image",
+            param=param,
+        )
 
 
 def read_mask(data: bytes, limits: UploadLimits, image_size: tuple[int, int]):
