@@ -254,3 +254,16 @@ async def test_streamed_edit_sends_the_light_edit_then_the_final_one() -> None:
         assert data["type"] == name
     assert events[0][1]["diffserve"]["model"] == "light" and events[1][1]["diffserve"]["model"] == "heavy"
     await rt.stop()
+
+
+async def test_the_ray_engine_refuses_an_edit_rather_than_serving_it_as_a_generation() -> None:
+    from diffserve.ray_engine.remote_pool import RemotePool
+    from diffserve.server.clock import Clock
+    from diffserve.server.errors import InvalidRequest
+    from diffserve.server.stage import EditInput
+
+    pool = RemotePool("light", handle=None, clock=Clock(1000.0), latency_ms=lambda bs: 100.0)
+    job = Job("p", 0, (512, 512), 1e9, 0.0, edit=EditInput(png(), 0.5))
+    with pytest.raises(InvalidRequest, match="not served by the Ray engine"):
+        pool.submit(job)
+    assert len(pool) == 0
