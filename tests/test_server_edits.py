@@ -267,3 +267,14 @@ async def test_the_ray_engine_refuses_an_edit_rather_than_serving_it_as_a_genera
     with pytest.raises(InvalidRequest, match="not served by the Ray engine"):
         pool.submit(job)
     assert len(pool) == 0
+
+
+async def test_a_deferred_edit_that_cannot_make_its_deadline_comes_back_degraded() -> None:
+    backend = RecordingBackend(confidences={"hard": 0.0}, latency_ms={"light": 100.0, "heavy": 1000.0})
+    rt, _, client = await _setup(backend, slo_ms=500.0)
+    r = await client.post(URL, files={"image": ("a.png", png(), "image/png")}, data={"prompt": "hard"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["data"][0]["diffserve"]
+    assert meta["model"] == "light" and meta["degraded"] is True
+    assert [m for m, _ in backend.jobs] == ["light"]  # the heavy edit never ran
+    await rt.stop()
