@@ -278,3 +278,15 @@ async def test_a_deferred_edit_that_cannot_make_its_deadline_comes_back_degraded
     assert meta["model"] == "light" and meta["degraded"] is True
     assert [m for m, _ in backend.jobs] == ["light"]  # the heavy edit never ran
     await rt.stop()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+async def test_jpeg_and_webp_inputs_are_edited_too(fmt: str) -> None:
+    rt, backend, client = await _setup()
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 512), (5, 100, 200)).save(buf, format=fmt)
+    r = await client.post(URL, files={"image": (f"a.{fmt.lower()}", buf.getvalue(), "application/octet-stream")}, data={"prompt": "easy"})
+    assert r.status_code == 200, r.text
+    edit = backend.jobs[0][1].edit
+    assert Image.open(io.BytesIO(edit.image)).format == "PNG"  # normalised for the workers
+    await rt.stop()
