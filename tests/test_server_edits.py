@@ -290,3 +290,16 @@ async def test_jpeg_and_webp_inputs_are_edited_too(fmt: str) -> None:
     edit = backend.jobs[0][1].edit
     assert Image.open(io.BytesIO(edit.image)).format == "PNG"  # normalised for the workers
     await rt.stop()
+
+
+async def test_edits_are_shed_at_the_door_like_generations_when_the_server_is_full() -> None:
+    from diffserve.server.shedding import ShedMiddleware
+
+    rt, backend, _ = await _setup()
+    app = ShedMiddleware(create_app(rt, manage_lifecycle=False), limit=lambda: 0, retry_after_s=lambda: 2)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.post(URL, files={"image": ("a.png", png(), "image/png")}, data={"prompt": "easy"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        assert (await client.get("/healthz")).status_code == 200
+    assert backend.jobs == []
+    await rt.stop()
