@@ -181,8 +181,14 @@ def _prepare(
     uploads: list[bytes], mask_bytes: bytes | None, req: ImageEditRequest, limits: UploadLimits, supported: list[tuple[int, int]],
 ) -> tuple[EditInput, tuple[int, int]]:
     """Check every upload, pick the output size, and build the edit the workers run (in a thread)."""
-    images = [read_image(data, f"image[{i}]" if len(uploads) > 1 else "image", limits) for i, data in enumerate(uploads)]
-    first = images[0]
+    first = None
+    for i, data in enumerate(uploads):  # every one is checked; only the first is kept decoded (memory)
+        img = read_image(data, f"image[{i}]" if len(uploads) > 1 else "image", limits)
+        if first is None:
+            first = img
+        else:
+            img.close()
+    assert first is not None
     mask = read_mask(mask_bytes, limits, first.size) if mask_bytes is not None else None
     if req.size is None or req.size.strip().lower() == "auto":
         # auto: the input's own size when the models make it, else their native size
