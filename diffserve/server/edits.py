@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,8 +39,6 @@ from diffserve.server.shedding import waited_s
 from diffserve.server.stage import EditInput
 from diffserve.server.streaming import stream_images
 from diffserve.server.uploads import UploadLimits, decode_data_url, read_image, read_mask, to_png
-
-log = logging.getLogger("diffserve.server.edits")
 
 EDITS_PATH = "/v1/images/edits"
 VARIATIONS_PATH = "/v1/images/variations"
