@@ -52,8 +52,8 @@ class BatchProfile(StrictModel):
     def serving_ms(self) -> float | None:
         """What planning and admission price a batch at: the dearer of a generation and an edit.
         Edit demand is not a stream of its own in the planner (yet): pricing every batch at the
-        dearer kind bounds a batch of one kind (the edit column is measured at the dearest strength,
-        1.0, by default); a batch mixing kinds runs as groups and is not bounded by it (docs/serving.md).
+        dearer kind bounds every batch, since the batcher never mixes kinds (the edit column is
+        measured at the dearest strength, 1.0, by default).
         Without an edit column: the generation's median."""
         if self.median_ms is None or self.edit_median_ms is None:
             return self.median_ms

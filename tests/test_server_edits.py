@@ -303,3 +303,25 @@ async def test_edits_are_shed_at_the_door_like_generations_when_the_server_is_fu
         assert (await client.get("/healthz")).status_code == 200
     assert backend.jobs == []
     await rt.stop()
+
+
+async def test_a_batch_holds_one_kind_so_it_costs_at_most_its_profiled_latency() -> None:
+    """Generations and edits (per kind and strength) are separate pipeline calls: the batcher
+    takes the head job's kind, in queue order, and leaves the others in their places."""
+    from diffserve.server.clock import Clock
+    from diffserve.server.pool import Pool
+    from diffserve.server.stage import EditInput
+
+    pool = Pool("heavy", clock=Clock(1000.0), latency_ms=lambda bs: 100.0, batch_size=4, max_batch_wait_ms=0)
+    edit = EditInput(b"", 0.5)
+    kinds = [None, edit, None, EditInput(b"", 0.5, b"m"), None, edit, None, None]
+    jobs = [Job(f"p{i}", i, (512, 512), 1e12, 0.0, edit=e) for i, e in enumerate(kinds)]
+    for job in jobs:
+        pool.submit(job)
+    first = await pool.take_batch()
+    assert [j.prompt for j in first] == ["p0", "p2", "p4", "p6"]
+    second = await pool.take_batch()
+    assert [j.prompt for j in second] == ["p1", "p5"]  # the img2img edits at 0.5, in order
+    assert [j.prompt for j in await pool.take_batch()] == ["p3"]  # in-painting is its own call
+    assert [j.prompt for j in await pool.take_batch()] == ["p7"]
+    assert len(pool) == 0

@@ -1,8 +1,9 @@
 """What a batch that holds edits costs: each kind of work in it is its own pipeline call.
 
 A worker runs a batch's generations as one text-to-image call and its edits as one img2img or
-in-painting call per strength (diffusers takes one strength per call), so a batch is a few groups
-run back to back. An edit group at strength ``s`` runs ``steps_run(steps, s)`` of the model's
+in-painting call per strength (diffusers takes one strength per call), so a mixed batch would be a
+few groups run back to back; the pools' batcher takes one kind per batch (``group_key``), so a
+batch is one call. An edit group at strength ``s`` runs ``steps_run(steps, s)`` of the model's
 steps (:mod:`diffserve.models.editsteps`); the emulated backend charges it that share of the
 profiled batch latency. What the emulation leaves out: encoding the input image with the VAE (a
 fraction of one decoder pass; the reference profiles have no figure for it).
@@ -34,9 +35,13 @@ def edit_groups(edits: Sequence[EditInput | None]) -> dict[GroupKey, list[int]]:
     worker runs these calls, the emulated backend charges for them."""
     groups: dict[GroupKey, list[int]] = {}
     for i, edit in enumerate(edits):
-        key = ("generate", 1.0) if edit is None else (edit.kind, edit.strength)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(group_key(edit), []).append(i)
     return groups
+
+
+def group_key(edit: EditInput | None) -> GroupKey:
+    """The pipeline call a job runs in: generations together, edits per (kind, strength)."""
+    return ("generate", 1.0) if edit is None else (edit.kind, edit.strength)
 
 
 def batch_ms(table: Callable[[int], float], steps: int | None, jobs: Sequence[Job]) -> float:
