@@ -270,8 +270,12 @@ async def test_the_ray_engine_refuses_an_edit_rather_than_serving_it_as_a_genera
 
 
 async def test_a_deferred_edit_that_cannot_make_its_deadline_comes_back_degraded() -> None:
-    backend = RecordingBackend(confidences={"hard": 0.0}, latency_ms={"light": 100.0, "heavy": 1000.0})
-    rt, _, client = await _setup(backend, slo_ms=500.0)
+    from diffserve.server.clock import Clock
+
+    # real time (speedup 1) and a heavy model far slower than the SLO: the light edit has seconds
+    # to spare even on a loaded host, the heavy one can never make it
+    backend = RecordingBackend(clock=Clock(1.0), confidences={"hard": 0.0}, latency_ms={"light": 10.0, "heavy": 60_000.0})
+    rt, _, client = await _setup(backend, slo_ms=5000.0)
     r = await client.post(URL, files={"image": ("a.png", png(), "image/png")}, data={"prompt": "hard"})
     assert r.status_code == 200, r.text
     meta = r.json()["data"][0]["diffserve"]
