@@ -329,3 +329,21 @@ async def test_a_batch_holds_one_kind_so_it_costs_at_most_its_profiled_latency()
     assert [j.prompt for j in await pool.take_batch()] == ["p3"]  # in-painting is its own call
     assert [j.prompt for j in await pool.take_batch()] == ["p7"]
     assert len(pool) == 0
+
+
+async def test_a_spec_multipart_request_is_served_field_for_field() -> None:
+    """Every field of a CreateImageEditRequest that validates against the spec is accepted."""
+    form = {"prompt": "easy", "n": 2, "size": "auto", "quality": "low", "background": "opaque", "output_format": "webp",
+            "output_compression": 80, "user": "u-1", "input_fidelity": "low", "response_format": "b64_json", "model": "diffserve",
+            "stream": False, "partial_images": 0}
+    validate({**form, "image": "a.png", "mask": "m.png"}, "CreateImageEditRequest")  # files: format binary, strings in JSON Schema
+    rt, backend, client = await _setup()
+    data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in form.items()}
+    r = await client.post(URL, files=[("image", ("a.png", png(), "image/png")), ("mask", ("m.png", mask_png(), "image/png"))], data=data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    validate(body, "ImagesResponse")
+    assert len(body["data"]) == 2 and body["output_format"] == "webp" and body["quality"] == "low"
+    assert base64.b64decode(body["data"][0]["b64_json"])[8:12] == b"WEBP"
+    assert {m for m, _ in backend.jobs} == {"light"} and backend.jobs[0][1].edit.strength == 0.8
+    await rt.stop()
