@@ -24,7 +24,7 @@ from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull,
 from diffserve.server.metrics import Metrics
 from diffserve.server.pool import Pool
 from diffserve.server.scores import unit_hash
-from diffserve.server.stage import Job, StageResult
+from diffserve.server.stage import EditInput, Job, StageResult
 
 Quality = Literal["auto", "fast", "best"]
 Route = Literal["cascade", "light", "heavy"]
@@ -58,6 +58,8 @@ class Flight:
     #: Called with the light image as soon as it exists, before the discriminator's decision is
     #: acted on: progressive delivery streams it as a partial image while the heavy stage runs.
     on_light: Callable[[StageResult], None] | None = None
+    #: an edit's input: both stages edit it (img2img or in-painting) instead of generating
+    edit: EditInput | None = None
 
 
 class Router:
@@ -103,7 +105,7 @@ class Router:
 
     def admit(
         self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float,
-        arrival_ms: float | None = None,
+        arrival_ms: float | None = None, edit: EditInput | None = None,
     ) -> list[Flight]:
         """Queue the first stage of every image, or none of them: raises 429/503 at once.
 
@@ -145,10 +147,10 @@ class Router:
                 )
         flights = []
         for (prompt, seed), route in zip(prompts, routes):
-            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade")
+            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade", edit=edit)
             self.pools[self._model(route)].submit(job)
             flights.append(
-                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route))
+                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route), edit=edit)
             )
         return flights
 
@@ -189,7 +191,7 @@ class Router:
         now = self.clock.now_ms()
         if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
-        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
+        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms, edit=flight.edit)
         try:
             pool.submit(job)
         except QueueFull:

@@ -21,7 +21,7 @@ from diffserve.server.ledger import Ledger, LedgerCollector
 from diffserve.server.metrics import Metrics, PoolMetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
-from diffserve.server.stage import Backend, StageResult
+from diffserve.server.stage import Backend, EditInput, StageResult
 from diffserve.server.workers import WorkerSet
 
 log = logging.getLogger("diffserve.server")
@@ -251,6 +251,7 @@ class Runtime:
         on_light: Callable[[int, StageResult, float], None] | None = None,
         on_answer: Callable[[int, ImageAnswer], None] | None = None,
         arrival_ms: float | None = None,
+        edit: EditInput | None = None,
     ) -> list[ImageAnswer]:
         """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
 
@@ -260,13 +261,16 @@ class Runtime:
         For progressive delivery, ``on_light(index, light_result, elapsed_ms)`` is called as soon
         as image ``index`` has its light image (``elapsed_ms``: model time since arrival) and
         ``on_answer(index, answer)`` as soon as that image is final, before the others are.
+
+        ``edit`` makes every image an edit of one input image (img2img, or in-painting with a
+        mask) through the same cascade: light edit, discriminator, heavy edit when doubted.
         """
         self.ledger.offer(n)
         try:
             if not self.ready:
                 raise self._not_ready()
             budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
-            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms)
+            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms, edit=edit)
         except ServeError as exc:
             self.ledger.reject(n)
             self.metrics.rejected.labels(exc.reason).inc()  # a count of requests, as at the door

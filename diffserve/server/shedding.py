@@ -169,7 +169,7 @@ class ShedMiddleware:
         retry_after_s: Callable[[], int],
         full: Callable[[float], bool] = lambda waited_s: False,
         on_shed: Callable[[], None] = lambda: None,
-        paths: tuple[str, ...] = ("/v1/images/generations",),
+        paths: tuple[str, ...] = ("/v1/images/generations", "/v1/images/edits"),
     ) -> None:
         self.app = app
         self.limit = limit
