@@ -31,7 +31,9 @@ Models = Annotated[
     typer.Option(
         "--models", "-m",
         help="Comma-separated: 'builtin' (the tiny random-weight zoo), built-in names (tiny-turbo), "
-        "presets of real models (sd-turbo, sdxs, sd-v1.5, sdxl) or variant YAML files.",
+        "presets of real models (sd-turbo, sdxs, sd-v1.5, sdxl), the paper's architectures with random "
+        "weights ('arch' for all, or arch:sd-turbo, arch:sdxs, arch:sd-v1.5, arch:sdxl-lightning, arch:sdxl) "
+        "or variant YAML files (steps, resolution, dtype and the gpu: options of each variant).",
     ),
 ]
 
@@ -141,7 +143,7 @@ class _RichProgress:
         self._progress.update(self._task, description=f"{spec.name}: loading")
 
     def model_loaded(self, model) -> None:  # noqa: ANN001
-        note = " (random weights)" if model.random_weights else ""
+        note = f" ({model.label or 'random weights'})" if model.random_weights else ""
         self._progress.console.print(f"loaded {model.spec.name} on {model.device} in {model.load_time_s:.2f} s{note}")
 
     def run_started(self, spec, batch_size: int, run: int, runs: int) -> None:  # noqa: ANN001

@@ -165,7 +165,7 @@ def profile_variants(
         entry = ModelProfile(
             name=spec.name, source=spec.source, random_weights=model.random_weights,
             load_time_s=round(model.load_time_s, 4), resolution=spec.resolution, steps=spec.steps,
-            batches=list(known.values()),
+            batches=list(known.values()), label=model.label, gpu_options=model.gpu or None,
         )
         models[spec.name] = entry
 
