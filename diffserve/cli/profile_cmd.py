@@ -52,6 +52,8 @@ def profile(
     memory_limit: Annotated[Optional[float], typer.Option("--memory-limit", min=0, help="Peak memory limit in MB per batch (CUDA allocated, or RSS on CPU).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep what an earlier (interrupted) run wrote to --output and measure only the rest.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: 1 on CPU, one worker's share; untouched on GPUs).")] = None,
+    colocate: Annotated[Optional[str], typer.Option("--colocate", help="Also measure k worker processes sharing the device at once, e.g. 1,2,4 (aggregate images/s; MPS if a daemon runs, else time-slicing).")] = None,
+    colocate_batch_sizes: Annotated[str, typer.Option("--colocate-batch-sizes", help="Batch sizes the co-located workers run.")] = "1",
 ) -> None:
     """Profile model variants (default: the built-in tiny zoo) over a ladder of batch sizes."""
     if ctx.invoked_subcommand is not None:
@@ -69,6 +71,8 @@ def profile(
     settings = ProfileSettings(
         batch_sizes=sizes, repeats=repeats, warmup=warmup, time_limit_s=limit_s, memory_limit_mb=memory_limit,
         device=device, resume=resume, threads=threads,
+        colocate=tuple(parse_int_list(colocate, name="--colocate")) if colocate else (),
+        colocate_batch_sizes=tuple(parse_int_list(colocate_batch_sizes, name="--colocate-batch-sizes")),
     )
     started = time.perf_counter()
     try:

@@ -95,7 +95,8 @@ def _build_component(kind: str, config: dict[str, Any]):
     return getattr(diffusers, kind)(**config)
 
 
-def param_counts(name: str) -> list[ComponentCount]:
+@lru_cache(maxsize=None)
+def param_counts(name: str) -> tuple[ComponentCount, ...]:
     """Parameter count of every component, built on the ``meta`` device (no memory, no compute)."""
     import torch
 
@@ -108,7 +109,7 @@ def param_counts(name: str) -> list[ComponentCount]:
             float(spec.get("tolerance", 0.005)), spec["published_source"],
         ))
         del module
-    return out
+    return tuple(out)
 
 
 def component_params(name: str) -> dict[str, int]:
@@ -181,7 +182,8 @@ def build_arch_pipeline(name: str, *, device: str = "cpu", dtype: str = "float32
         _init_random(module, pool)
         parts[comp] = module
     sched = cfg["scheduler"]
-    parts["scheduler"] = getattr(diffusers, sched["class"])(**sched["config"])
+    # from_config, as from_pretrained does: published scheduler files carry keys the class ignores
+    parts["scheduler"] = getattr(diffusers, sched["class"]).from_config(sched["config"])
     tokenizer = build_clip_tokenizer(Path(tokenizer_dir))
     parts["tokenizer"] = tokenizer
     cls = getattr(diffusers, cfg["pipeline_class"])

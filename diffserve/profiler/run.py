@@ -58,6 +58,10 @@ class ProfileSettings:
     resume: bool = False
     #: torch CPU threads; None -> 1 on CPU (one worker's share, and stable under load), untouched on GPUs
     threads: int | None = None
+    #: co-located worker counts k to measure (aggregate throughput of k processes on the device)
+    colocate: tuple[int, ...] = ()
+    #: batch sizes the co-located workers run
+    colocate_batch_sizes: tuple[int, ...] = (1,)
     loader: Callable[[VariantSpec, str | None], LoadedModel] = field(
         default=lambda spec, device: load_variant(spec, device=device)
     )
@@ -188,6 +192,15 @@ def profile_variants(
         )
         del model, run
         _release_memory()
+        if settings.colocate:
+            from diffserve.profiler.colocate import measure_colocated
+
+            measured = [
+                measure_colocated(spec, k, b, device=device, repeats=settings.repeats, warmup=settings.warmup, threads=threads)
+                for k in sorted(set(settings.colocate)) for b in sorted(set(settings.colocate_batch_sizes))
+            ]
+            models[spec.name] = models[spec.name].model_copy(update={"colocated": measured})
+            save()
     return save()
 
 

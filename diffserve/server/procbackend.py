@@ -378,6 +378,7 @@ class DiffusersBackend(ProcessBackend):
         threads: int = 1,
         device: str | None = "cpu",
         seed: int = 0,
+        workers_per_gpu: int = 1,
     ) -> None:
         models = [pair.light, pair.heavy]
         tables = profile_tables(profile, models)
@@ -403,3 +404,8 @@ class DiffusersBackend(ProcessBackend):
         res = sorted({profile.model(m).resolution or 512 for m in models})
         super().__init__(models, n_workers, spec, tables, sizes=[(r, r) for r in res])
         self.clock = clock
+        if device is not None and device.startswith("cuda"):  # worker i on GPU i // k (k sharing each GPU)
+            from diffserve.sharing import device_worker
+
+            for i, proc in enumerate(self._procs):
+                proc.spec = dict(spec, device=device_worker(i, device, workers_per_gpu))
