@@ -75,6 +75,7 @@ class ModelProfile(StrictModel):
     label: str | None = Field(default=None, description="what the weights are, e.g. 'random weights, real architecture'")
     gpu_options: dict[str, Any] | None = Field(default=None, description="the GPU-path options that were on while measuring")
     colocated: list[ColocatedBatch] = Field(default_factory=list, description="aggregate throughput of k workers sharing the device")
+    variant: dict[str, Any] | None = Field(default=None, description="the variant spec as profiled; the diffusers backend serves exactly this")
 
     @field_validator("batches")
     @classmethod

@@ -169,7 +169,8 @@ def profile_variants(
         entry = ModelProfile(
             name=spec.name, source=spec.source, random_weights=model.random_weights,
             load_time_s=round(model.load_time_s, 4), resolution=spec.resolution, steps=spec.steps,
-            batches=list(known.values()), label=model.label, gpu_options=model.gpu or None,
+            batches=list(known.values()), label=getattr(model, "label", None), gpu_options=getattr(model, "gpu", None) or None,
+            variant=spec.model_dump(mode="json"),
         )
         models[spec.name] = entry
 

@@ -394,6 +394,8 @@ class DiffusersBackend(ProcessBackend):
         spec = {
             "kind": "diffusers",
             "models": {m: profile.model(m).source for m in models},
+            # the spec each model was profiled with (steps, resolution, dtype, GPU options), when the profile has it
+            "variants": {m: profile.model(m).variant for m in models if profile.model(m).variant},
             "light": pair.light,
             "discriminator": disc.path if disc.kind != "replayed" else None,
             "cascade_path": cascade_path,
