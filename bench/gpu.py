@@ -5,8 +5,8 @@ Measures, with the real commands (``diffserve profile``, ``plan``, ``serve --bac
 1. the parameter count of every component of the five architectures (``unet_params``,
    ``text_encoder_params``, ``vae_params``);
 2. ``profile`` of ``arch:sd-turbo`` and ``arch:sd-v1.5`` at 512 px, batch 1-32, and ``arch:sdxl``
-   at 1024 px, batch 1-8 (30 steps, bfloat16: the published anchor's setting), first eager, then
-   with ``torch.compile``;
+   at 1024 px, batch 1-8 (30 steps, bfloat16: the published anchor's setting), eager; and with
+   ``torch.compile`` at batch 1 and 8 (SDXL: 1), since every batch size compiles again;
 3. k co-located SD-Turbo workers on the GPU, k = 1, 2, 4 (and SD v1.5 at k = 1, 2 for the server);
 4. ``serve --backend diffusers`` on the arch cascade (SD-Turbo -> SD v1.5, two workers sharing the
    GPU) at 70 % of the capacity the plan predicts, for 60 s, driven by the official ``openai`` client.
@@ -160,7 +160,7 @@ def paper_table() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def serve_run(setup: Setup, profile_path: Path, work: Path, duration_s: float, log: Path) -> dict[str, Any]:
+def serve_run(setup: Setup, profile_path: Path, work: Path, duration_s: float, log: Path, ready_s: float = 600.0) -> dict[str, Any]:
     """Plan the arch cascade, serve it with the diffusers backend, drive it with the openai client."""
     import openai
 
@@ -191,7 +191,7 @@ def serve_run(setup: Setup, profile_path: Path, work: Path, duration_s: float, l
     statuses: dict[str, int] = {}
     lock = threading.Lock()
     with ServerProcess(cmd, url, work / "serve.log") as server:
-        server.wait_ready(600)
+        server.wait_ready(ready_s)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         rng = np.random.default_rng(0)
 
@@ -269,12 +269,25 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
         _run(cmd, budget.left(), log)
         return read_model(output, ProfileFile, what="profile")
 
-    # eager profiles (sd-turbo and sd-v1.5 share one file: the server's profile)
+    # in order of value: each eager ladder, then its compiled counterpart (a recompile per batch
+    # size, so the compiled ladders are 1 and 8: the published anchors are at batch 1)
+    compiled_ladder = "1" if dry_run else "1,8"
+
+    def compiled(name: str, need_s: float) -> None:
+        if dry_run and name != "sd-turbo":
+            return
+        p = profile(f"profile {name} torch.compile", [name], "1" if name == "sdxl" else compiled_ladder,
+                    work / f"profile-{name}-compiled.yaml", need_s, compiled=True)
+        if p is not None:
+            result["profiles"] += profile_rows(p, True)
+
     profile("profile sd-turbo eager b1-32", ["sd-turbo"], setup.small_ladder, eager_profile, 45)
-    profile("profile sd-v1.5 eager b1-32", ["sd-v1.5"], setup.small_ladder, eager_profile, 120)
+    compiled("sd-turbo", 90)
+    profile("profile sd-v1.5 eager b1-32", ["sd-v1.5"], "1" if dry_run else setup.small_ladder, eager_profile, 100)
     if eager_profile.exists():
         result["profiles"] += profile_rows(read_model(eager_profile, ProfileFile, what="profile"), False)
-    sdxl = None if dry_run else profile("profile sdxl eager b1-8", ["sdxl"], setup.sdxl_ladder, work / "profile-sdxl.yaml", 90)
+    compiled("sd-v1.5", 60)
+    sdxl = None if dry_run else profile("profile sdxl eager b1-8", ["sdxl"], setup.sdxl_ladder, work / "profile-sdxl.yaml", 80)
     if sdxl is not None:
         result["profiles"] += profile_rows(sdxl, False)
 
@@ -296,21 +309,14 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
         merged = {n: m.model_copy(update={"colocated": extra[n].colocated}) for n, m in eager.models.items() if n in extra}
         serve_profile = work / "profile-serve.yaml"
         atomic_write_text(serve_profile, yaml.safe_dump(eager.model_copy(update={"models": merged}).model_dump(mode="json"), sort_keys=False))
-    if eager_profile.exists() and budget.allows("serve --backend diffusers", setup.serve_s + 90):
+    if eager_profile.exists() and budget.allows("serve --backend diffusers", setup.serve_s + 60):
         try:
-            result["serve"] = serve_run(setup, serve_profile, work, setup.serve_s, log)
+            ready_s = 1800.0 if dry_run else max(30.0, budget.left() - setup.serve_s - 10)
+            result["serve"] = serve_run(setup, serve_profile, work, setup.serve_s, log, ready_s)
         except Exception as exc:  # noqa: BLE001 - recorded; the compiled profiles still run
             result["serve"] = {"error": f"{type(exc).__name__}: {exc}"}
 
-    # compiled profiles last: compiling costs most and adds least if time runs out
-    compiled_names = ["sd-turbo"] if dry_run else ["sd-turbo", "sd-v1.5", "sdxl"]
-    for name in compiled_names:
-        ladder = setup.sdxl_ladder if name == "sdxl" else setup.small_ladder
-        if dry_run:
-            ladder = "1"
-        p = profile(f"profile {name} torch.compile", [name], ladder, work / f"profile-{name}-compiled.yaml", 120, compiled=True)
-        if p is not None:
-            result["profiles"] += profile_rows(p, True)
+    compiled("sdxl", 60)
     if dry_run:
         result["skipped"] = [{"item": "profile sdxl", "reason": "--dry-run: SDXL on a CPU needs 14 GB in float32, or about 18 min for "
                               "one 64 px step in bfloat16 on a 2-core CPU without native bfloat16 (measured); tests/test_arch.py "

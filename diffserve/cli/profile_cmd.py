@@ -82,6 +82,10 @@ def profile(
         kept = "keeps what was measured" if output.exists() else "was not written"
         fail(f"interrupted: {output} {kept}; run the same command with --resume to finish", 130)
     console.print(profile_table(result))
+    for m in result.models.values():
+        for c in m.colocated:
+            console.print(f"{m.name}: {c.workers} co-located worker(s) ({c.sharing}), batch {c.batch_size}: "
+                          f"{c.throughput_ips:.2f} images/s together, p50 {c.median_ms:.1f} ms per batch")
     console.print(f"wrote {output} ({len(result.models)} models, {time.perf_counter() - started:.0f} s)")
     if result.random_weights:
         names = ", ".join(m.name for m in result.models.values() if m.random_weights)
