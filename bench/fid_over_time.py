@@ -27,6 +27,7 @@ import numpy as np
 
 from diffserve.evaluation import report
 from diffserve.evaluation.metrics import weighted_quality
+from diffserve.policies import OURS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOOTH_S = 10
@@ -90,7 +91,7 @@ def main() -> None:
     for policy, tls in runs.items():
         quality = np.array([[np.nan if q is None else q for q in tl["quality"]] for tl in tls])
         mean = np.nanmean(quality, axis=0)
-        style = {"lw": 2.0, "zorder": 5} if policy == "diffserve" else {"lw": 1.2}
+        style = {"lw": 2.0, "zorder": 5} if policy == OURS else {"lw": 1.2}
         top.plot(secs, report.rolling(list(mean), demand, SMOOTH_S), label=policy, **style)
     oracle = first.get("oracle_quality")
     if oracle:

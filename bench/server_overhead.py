@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 
 from diffserve.evaluation.loadgen import launch_on_schedule, poisson_offsets_s
+from diffserve.policies import OURS, STATIC
 from diffserve.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def start_server(plan_path: Path, workers: int, speedup: float, extra: list[str]
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffserve.cli.main", "serve", "--backend", "emulated", "--plan", str(plan_path),
-         "--policy", "static", "--workers", str(workers), "--speedup", str(speedup), "--port", str(port),
+         "--policy", STATIC, "--workers", str(workers), "--speedup", str(speedup), "--port", str(port),
          "--max-queue", "512", *(extra or [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
@@ -144,7 +145,7 @@ def ample_plan(path: Path) -> dict:
     from diffserve.fileio import write_model
     from diffserve.schemas import PlanFile, PoolPlan
 
-    plan = PlanFile(policy="static", routing="light-only", light="sd-turbo", heavy=None, threshold=None,
+    plan = PlanFile(policy=STATIC, routing="light-only", light="sd-turbo", heavy=None, threshold=None,
                     pools=[PoolPlan(model="sd-turbo", workers=16, batch_size=1, capacity_qps=160.0, latency_ms=100.0)],
                     demand_qps=50, slo_ms=5000, workers_available=16)
     write_model(path, plan)
@@ -155,7 +156,7 @@ def fixed(tmp: Path, qps: float, duration: float, scenario: str = "fixed") -> di
     if scenario == "fixed":
         info = ample_plan(tmp / "fixed.yaml")
     else:
-        info = write_plan(tmp / "fixed.yaml", "diffserve", qps, 16)
+        info = write_plan(tmp / "fixed.yaml", OURS, qps, 16)
     proc, base = start_server(tmp / "fixed.yaml", 16, 1.0)
     try:
         recs = asyncio.run(open_loop(base, qps, duration, 1.0))

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffserve.cli._common import cli_errors, console, warn_random_weights
+from diffserve import policies
 from diffserve.errors import UserError
 from diffserve.units import parse_duration_ms
 
@@ -24,7 +25,7 @@ def _summary(runtime, origin: str, backend: str, speedup: float, url: str) -> No
     pools = ", ".join(f"{p.model}: {p.workers} workers x batch {p.batch_size}" for p in plan.pools)
     table.add_row("threshold", t)
     table.add_row("pools", pools)
-    table.add_row("policy", f"{runtime.controller.policy} (re-plan every {runtime.controller.settings.interval_ms / 1000:g} s)" if not runtime.controller.static else "static (never re-plans)")
+    table.add_row("policy", f"{runtime.controller.policy} (re-plan every {runtime.controller.settings.interval_ms / 1000:g} s)" if not runtime.controller.static else f"{runtime.controller.policy} (never re-plans)")
     table.add_row("SLO", f"{runtime.settings.slo_ms / 1000:g} s, degrade to light: {'on' if runtime.settings.degrade else 'off'}")
     table.add_row("URL", url)
     console.print(table)
@@ -100,7 +101,7 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option(min=1, help="Worker slots (GPUs in the modelled cluster).")] = 16,
         slo: Annotated[str, typer.Option(help="Latency SLO, model time (5s, 500ms).")] = "5s",
         speedup: Annotated[float, typer.Option(min=0.001, help="Emulated backend only: run this many times faster than model time.")] = 1.0,
-        policy: Annotated[str, typer.Option(help="diffserve | diffserve-paper | static | clipper-light | clipper-heavy | proteus.")] = "diffserve",
+        policy: Annotated[str, typer.Option(help=policies.choices_help())] = policies.OURS,
         demand: Annotated[float, typer.Option(help="Initial demand estimate in QPS (static: the demand its one plan is solved for).")] = 1.0,
         replan_interval: Annotated[str, typer.Option(help="Controller period, model time.")] = "5s",
         seed: Annotated[int, typer.Option(help="Seeds the run: emulated confidences, random-split draws, seeds of requests that name none.")] = 0,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from diffserve import policies as registry
 from diffserve.evaluation import report
 from diffserve.evaluation.compare import CompareSpec, run_compare
 
@@ -95,7 +96,7 @@ def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str =
             if not mine:
                 continue
             xs = [c["workers"] for c in mine]
-            style = {"lw": 2.2, "zorder": 5} if policy == "diffserve" else {"lw": 1.1, "alpha": 0.85}
+            style = {"lw": 2.2, "zorder": 5} if registry.get(policy).ours else {"lw": 1.1, "alpha": 0.85}
             for row, (key, spread) in enumerate((("fid", "fid_std"), ("slo_violation_ratio", "violation_std"))):
                 ys = [float("nan") if c[key] is None else c[key] for c in mine]
                 errs = [c.get(spread) or 0.0 for c in mine]

@@ -39,7 +39,7 @@ import numpy as np
 from diffserve.planner.queueing import deadline_miss_share, stage_estimate, stage_totals_by_workers
 from diffserve.planner.quality import heavy_quality, light_quality
 from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
-from diffserve.planner.tables import _columns
+from diffserve.planner.tables import cascade_columns
 from diffserve.schemas import CascadePair, ModelProfile, PlanFile
 
 #: Two plans whose served quality differs by less than this fraction are tied (then workers, then
@@ -171,8 +171,9 @@ def best_served_plan(
     Ties (quality within a fraction :data:`QUALITY_TIE`): fewer workers (``spare_workers="idle"``) or more
     (``"fill"``: spare heavy workers lower delta), then lower expected latency.
     """
-    ts, fs, _qs, _keys, _routing, _seq, _disc = _columns(pair, "diffserve", threshold)
-    fs = np.asarray(fs, dtype=float)
+    idx = cascade_columns(pair, threshold)
+    ts = [pair.grid[j] for j in idx]
+    fs = np.array([pair.f_t[j] for j in idx], dtype=float)
     curve = QualityCurve.of(pair)
     sign = 1.0 if curve.lower_is_better else -1.0
     fill = settings.spare_workers == "fill"

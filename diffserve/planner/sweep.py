@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from diffserve.fileio import atomic_write_bytes
+from diffserve import policies as registry
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 
 
@@ -20,13 +21,13 @@ class SweepResult:
 
 def run_sweep(profile: ProfileFile, cascade: CascadeFile, *, low: float, high: float, policies=None, **options) -> SweepResult:
     """One plan per integer demand step in [low, high] (at least the two ends) per policy."""
-    from diffserve.planner import POLICIES, solve_plan
+    from diffserve.planner import solve_plan
 
     n = max(2, int(round(high - low)) + 1)
     demands = [float(x) for x in np.linspace(low, high, n)] if high > low else [float(low)]
     plans = {
         policy: [solve_plan(profile, cascade, demand_qps=d, policy=policy, **options) for d in demands]
-        for policy in (policies or POLICIES)
+        for policy in (policies or registry.names())
     }
     return SweepResult(demands, plans)
 
@@ -65,7 +66,7 @@ def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Pat
     styles = ["-", "--", ":", "-."]  # policies often coincide (static = ours at the peak): keep each visible
     for i, (policy, plans) in enumerate(result.plans.items()):
         q = [p.predicted[metric] for p in plans]
-        ours = policy == "diffserve"
+        ours = registry.get(policy).ours
         line = ax.plot(
             result.demands, q, marker="o", markersize=3, label=policy, linestyle=styles[i % len(styles)],
             linewidth=2.5 if ours else 1.3, zorder=3 if ours else 2,
