@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffserve.fileio import atomic_write_bytes
 from diffserve import policies as registry
+from diffserve.figures import pyplot, save_png
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 
 
@@ -56,12 +55,7 @@ def print_sweep(console, result: SweepResult, policy: str) -> None:
 
 def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Path:
     """Predicted quality against demand, one line per policy; degraded points hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     metric = next(iter(result.plans.values()))[0].metric
     styles = ["-", "--", ":", "-."]  # policies often coincide (static = ours at the peak): keep each visible
     for i, (policy, plans) in enumerate(result.plans.items()):
@@ -79,8 +73,5 @@ def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Pat
     ax.set_title(f"Predicted quality against demand ({title}); hollow = degraded")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)

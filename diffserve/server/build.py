@@ -15,7 +15,7 @@ from diffserve import policies
 from diffserve.policies import LATENCY_MODELS, OURS
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
-from diffserve.server.runtime import Runtime, RuntimeSettings, _pair_for
+from diffserve.server.runtime import Runtime, RuntimeSettings
 from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
@@ -112,7 +112,7 @@ def pair_lock(cascade: CascadeFile, plan: PlanFile, models: Iterable[str]) -> di
     have = set(models)
     if all({p.light, p.heavy} <= have for p in cascade.pairs):
         return {}
-    pair = _pair_for(cascade, plan)
+    pair = cascade.pair_for(plan.light, plan.heavy)
     if not {pair.light, pair.heavy} <= have:  # a hand-written one-model plan: the pair the backend loaded
         pair = next((p for p in cascade.pairs if {p.light, p.heavy} <= have), pair)
     return {"pair": pair.name}

@@ -85,7 +85,7 @@ class Runtime:
         self.backend = backend
         self.profile = profile
         self.cascade = cascade
-        self.pair: CascadePair = _pair_for(cascade, plan)
+        self.pair: CascadePair = cascade.pair_for(plan.light, plan.heavy)
         self.clock = clock
         self.settings = settings or RuntimeSettings()
         self.metrics = metrics or Metrics()
@@ -335,15 +335,3 @@ class Runtime:
         if on_answer is not None:
             on_answer(answer)
         return answer
-
-
-def _pair_for(cascade: CascadeFile, plan: PlanFile) -> CascadePair:
-    if plan.heavy:
-        try:
-            return cascade.pair(plan.light, plan.heavy)
-        except KeyError:
-            pass
-    for pair in cascade.pairs:
-        if pair.light == plan.light or pair.heavy == plan.light:
-            return pair
-    return cascade.recommended()
