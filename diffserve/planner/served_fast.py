@@ -38,12 +38,12 @@ import numpy as np
 from diffserve.planner.degrade import (
     QUALITY_TIE,
     LightOptions,
-    QualityCurve,
     ServedChoice,
     best_served_plan,
     light_stage_options,
     served_quality,
 )
+from diffserve.planner.quality import QualityCurve
 from diffserve.planner.queueing import deadline_miss_share, erlang_b_table, miss_share_given_blocking
 from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
 from diffserve.planner.tables import cascade_columns
