@@ -17,9 +17,6 @@ baselines run with ``--no-degrade`` (their systems had no degrade mode and dropp
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from diffserve.errors import UserError
@@ -38,6 +34,7 @@ from diffserve.evaluation import report
 from diffserve.evaluation.inprocess import DEFAULT_SOLVE_MS, run_in_process
 from diffserve.evaluation.loadgen import LoadConfig
 from diffserve.evaluation.runner import RunSpec, execute, write_outputs
+from diffserve.evaluation.serverproc import ServerProcess
 from diffserve.evaluation.oracle import oracle_curve
 from diffserve.evaluation.sources import Arrival, demand_per_second, window_rates
 from diffserve.schemas import CascadePair, ProfileFile
@@ -150,64 +147,6 @@ def server_command(spec: CompareSpec, policy: str, port: int, seed: int | None =
     return [
         sys.executable, "-m", "diffserve.cli.main", "serve", *serve_flags(opts), "--host", "127.0.0.1", "--port", str(port)
     ]
-
-
-class ServerProcess:
-    """A server subprocess we started: wait until ready, stop it gracefully, never leave it behind."""
-
-    def __init__(self, cmd: list[str], url: str, log_path: Path) -> None:
-        self.cmd, self.url, self.log_path = cmd, url, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
-
-    def __enter__(self) -> ServerProcess:  # noqa: PYI034 - typing.Self needs Python 3.11
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Seconds until ``GET /readyz`` answered 200; raise if the process dies or time runs out."""
-        assert self.proc is not None
-        start = time.monotonic()
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise UserError(f"the server exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}")
-                try:
-                    if client.get(f"{self.url}/readyz").status_code == 200:
-                        return time.monotonic() - start
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() - start > timeout_s:
-                    raise UserError(f"the server was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
-                time.sleep(0.1)
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, wait for the drain, SIGKILL if it hangs; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
 
 
 #: Result keys averaged over seeds whose spread is reported too: (key, key of its spread).

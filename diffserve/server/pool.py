@@ -188,7 +188,7 @@ class Pool:
         )
 
     def retry_after_s(self) -> int:
-        return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))
+        return self.clock.retry_after_s(self.estimate_wait_ms(0))
 
     def _prune(self) -> None:
         """Drop cancelled jobs, expire late ones; O(queue) and only when a worker looks for work."""

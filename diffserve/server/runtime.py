@@ -311,7 +311,7 @@ class Runtime:
             eta_ms = min((self.backend.restart_eta_ms(w) for w in range(self.backend.n_workers)), default=0.0)
             return Unavailable(
                 "the server is not ready: no worker is up (restarting)",
-                retry_after_s=max(1, int(self.clock.to_wall_s(eta_ms) + 0.999)), reason="worker_down",
+                retry_after_s=self.clock.retry_after_s(eta_ms), reason="worker_down",
             )
         return Unavailable("the server is not ready: models are loading", retry_after_s=1, reason="not_ready")
 
