@@ -141,25 +141,8 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_lifecycle: bool = True) -> FastAPI:
-    """Build the app. With ``manage_lifecycle`` the app starts the runtime and stops it on shutdown."""
-    cfg = settings or ApiSettings()
-    store = ImageStore(ttl_s=cfg.image_ttl_s)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if manage_lifecycle:
-            await runtime.start()
-        try:
-            yield
-        finally:
-            if manage_lifecycle:
-                await runtime.drain()
-                await runtime.stop()
-
-    app = FastAPI(title="diffserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.runtime = runtime
-    app.state.store = store
+def _install_error_boundary(app: FastAPI, runtime: Runtime) -> None:
+    """The one error boundary (module docstring): every exception becomes an OpenAI-style answer."""
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -183,6 +166,99 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(ServeError("internal server error; the details are in the server log"))
 
+
+async def _image_request(request: Request, cfg: ApiSettings, runtime: Runtime) -> ImageGenerationRequest:
+    """The request body read, parsed and validated, each failure with its own clear answer."""
+    body = await _read_body(request, cfg.max_body_bytes)
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise InvalidRequest(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+    data = _parse_json(body, cfg.max_json_depth)
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        req = ImageGenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    check_limits(req, max_prompt_chars=cfg.max_prompt_chars, max_n=cfg.max_n)
+    return req
+
+
+def _requested_quality(req: ImageGenerationRequest, runtime: Runtime) -> str:
+    """The quality a request asks for: naming the light or heavy model of the plan pins it."""
+    quality = req.effective_quality()
+    if req.model in (None, CASCADE_MODEL):
+        return quality
+    plan = runtime.router.plan
+    if req.model == plan.light:
+        return "fast"
+    if req.model == plan.heavy:
+        return "best"
+    serving = ", ".join(m for m in (CASCADE_MODEL, plan.light, plan.heavy) if m)
+    if req.model in runtime.backend.models:  # a pool cascade runs every pair's models; the plan uses one pair
+        raise InvalidRequest(f"model {req.model!r} is not in the current plan; use one of {serving}", param="model")
+    raise InvalidRequest(f"unknown model {req.model!r}; use one of {serving}", param="model")
+
+
+async def _unless_disconnected(generate, request: Request):
+    """Run ``generate()`` unless the client goes away first (then ``None``: the work is cancelled)."""
+    gen = asyncio.create_task(generate())
+    disconnect = asyncio.create_task(_wait_disconnect(request))
+    try:
+        await asyncio.wait({gen, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not gen.done():
+            gen.cancel()
+        disconnect.cancel()
+    if not gen.done() or gen.cancelled():
+        await asyncio.gather(gen, return_exceptions=True)
+        return None
+    try:
+        return gen.result()
+    except ServeError:
+        raise
+    except Exception:
+        log.exception("generation failed for a request")
+        raise ServeError("internal server error while generating; the details are in the server log") from None
+
+
+async def _image_items(answers, req: ImageGenerationRequest, store: ImageStore, cfg: ApiSettings, runtime: Runtime) -> list:
+    """The answers encoded as the request asked (``b64_json`` or a ``url`` into the image store)."""
+    slowest = max(a.latency_ms for a in answers)
+    ttfi = runtime.metrics.time_to_first_image.labels("false")
+    items = []
+    for a in answers:
+        ttfi.observe(slowest)
+        data = await encode_async(a.png, req.output_format, req.output_compression)
+        if req.response_format == "url":
+            key = store.put(data, req.output_format)
+            items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
+        else:
+            items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
+    return items
+
+
+def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_lifecycle: bool = True) -> FastAPI:
+    """Build the app. With ``manage_lifecycle`` the app starts the runtime and stops it on shutdown."""
+    cfg = settings or ApiSettings()
+    store = ImageStore(ttl_s=cfg.image_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_lifecycle:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await runtime.drain()
+                await runtime.stop()
+
+    app = FastAPI(title="diffserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime
+    app.state.store = store
+    _install_error_boundary(app, runtime)
+
     def _check_admin(request: Request) -> None:
         if cfg.admin_token is None:
             return
@@ -195,30 +271,9 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.post("/v1/images/generations")
     async def generate(request: Request) -> Response:
-        body = await _read_body(request, cfg.max_body_bytes)
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise InvalidRequest(f"Content-Type must be application/json, got {ctype or 'none'!r}")
-        data = _parse_json(body, cfg.max_json_depth)
-        if not isinstance(data, dict):
-            raise InvalidRequest("the body must be a JSON object")
-        try:
-            req = ImageGenerationRequest.model_validate(data)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-        check_limits(req, max_prompt_chars=cfg.max_prompt_chars, max_n=cfg.max_n)
+        req = await _image_request(request, cfg, runtime)
         size = parse_size(req.size, runtime.backend.supported_sizes())
-        quality = req.effective_quality()
-        if req.model not in (None, CASCADE_MODEL):
-            if req.model == runtime.router.plan.light:
-                quality = "fast"
-            elif req.model == runtime.router.plan.heavy:
-                quality = "best"
-            else:
-                serving = ", ".join(m for m in (CASCADE_MODEL, runtime.router.plan.light, runtime.router.plan.heavy) if m)
-                if req.model in runtime.backend.models:  # a pool cascade runs every pair's models; the plan uses one pair
-                    raise InvalidRequest(f"model {req.model!r} is not in the current plan; use one of {serving}", param="model")
-                raise InvalidRequest(f"unknown model {req.model!r}; use one of {serving}", param="model")
+        quality = _requested_quality(req, runtime)
         seed = req.seed if req.seed is not None else runtime.request_seed()
         if req.user is not None:
             log.debug("image request from user %r: n=%d quality=%s", req.user, req.n, quality)
@@ -235,36 +290,10 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
                 disconnected=lambda: _wait_disconnect(request),
             )
 
-        gen = asyncio.create_task(generate())
-        disconnect = asyncio.create_task(_wait_disconnect(request))
-        try:
-            await asyncio.wait({gen, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not gen.done():
-                gen.cancel()
-            disconnect.cancel()
-        if not gen.done() or gen.cancelled():
-            await asyncio.gather(gen, return_exceptions=True)
+        answers = await _unless_disconnected(generate, request)
+        if answers is None:
             return Response(status_code=499)
-        try:
-            answers = gen.result()
-        except ServeError:
-            raise
-        except Exception:
-            log.exception("generation failed for a request")
-            raise ServeError("internal server error while generating; the details are in the server log") from None
-        slowest = max(a.latency_ms for a in answers)
-        ttfi = runtime.metrics.time_to_first_image.labels("false")
-        items = []
-        for a in answers:
-            ttfi.observe(slowest)
-            data = await encode_async(a.png, req.output_format, req.output_compression)
-            if req.response_format == "url":
-                key = store.put(data, req.output_format)
-                items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
-            else:
-                items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
-        return JSONResponse(images_response(render, items))
+        return JSONResponse(images_response(render, await _image_items(answers, req, store, cfg, runtime)))
 
     @app.get("/v1/images/{key}")
     async def image(key: str) -> Response:
