@@ -17,7 +17,7 @@ from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.controller import Controller, ControllerSettings, Solver
 from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unavailable
-from diffserve.server.metrics import Metrics, PoolMetricsHooks
+from diffserve.server.metrics import Metrics, MetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
 from diffserve.server.stage import Backend, StageResult
@@ -91,7 +91,7 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.ledger = Ledger()
         qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
-        hooks = PoolMetricsHooks(self.metrics)
+        self.hooks = hooks = MetricsHooks(self.metrics)
         self.pools: dict[str, Pool] = {}
         for model in backend.models:
             self.pools[model] = Pool(
@@ -103,11 +103,11 @@ class Runtime:
                 queue_full_error=qf,
                 hooks=hooks,
             )
-        self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
+        self.workers = WorkerSet(backend, self.pools, clock, self.metrics, hooks=hooks)
         backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
-            seed=self.settings.seed,
+            seed=self.settings.seed, hooks=hooks,
         )
         self._request_seeds = random.Random(self.settings.seed)
         self.controller = Controller(
@@ -134,10 +134,7 @@ class Runtime:
 
     def _worker_event(self, worker: int, event: str) -> None:
         """The backend lost or got back a worker: count it, re-count the pools' serving workers."""
-        if event in ("crashed", "hung"):
-            self.metrics.worker_crashes.labels(self.workers.assignment[worker] or "idle").inc()
-        elif event == "gave_up":
-            self.metrics.worker_gave_up.inc()
+        self.hooks.worker_event(self.workers.assignment[worker], event)
         self.workers.health_changed(worker)
 
     # ---------------------------------------------------------------- controller target
@@ -183,9 +180,7 @@ class Runtime:
             old_light.hand_over(self.pools[plan.light])
         self.router.plan = plan
         self.plan = plan
-        self.metrics.threshold.set(plan.threshold if plan.threshold is not None else -1)
-        for p in plan.pools:
-            self.metrics.batch_size_target.labels(p.model).set(p.batch_size)
+        self.hooks.plan_applied(plan)
 
     def plan_view(self) -> dict:
         """What ``GET /v1/plan`` answers (and what an in-process benchmark observes): the plan in
@@ -273,13 +268,13 @@ class Runtime:
             flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms)
         except ServeError as exc:
             self.ledger.rejected += n
-            self.metrics.rejected.labels(exc.reason).inc(n)
+            self.hooks.rejected(exc.reason, n)
             exc.counted = True
             raise
         self.ledger.accepted += n
-        self.metrics.accepted.inc(n)
+        self.hooks.admitted(n)
         self._idle.clear()
-        self.metrics.inflight.set(self.ledger.inflight)
+        self.hooks.inflight(self.ledger.inflight)
         if on_light is not None:
             for i, f in enumerate(flights):
                 f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
@@ -296,7 +291,7 @@ class Runtime:
                     flight.first.drop_reason = "cancelled"
                     flight.first.future.cancel()
                     self._count(flight, settled, "cancelled")
-            self.metrics.inflight.set(self.ledger.inflight)
+            self.hooks.inflight(self.ledger.inflight)
             if self.ledger.inflight == 0:
                 self._idle.set()
         for r in results:
@@ -318,7 +313,7 @@ class Runtime:
     def _count(self, flight, settled: set[int], outcome: str) -> None:
         settled.add(id(flight))
         setattr(self.ledger, outcome, getattr(self.ledger, outcome) + 1)
-        self.metrics.requests.labels(outcome).inc()
+        self.hooks.finished(outcome)
 
     async def _one(self, flight, settled: set[int], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
@@ -329,7 +324,7 @@ class Runtime:
         except BaseException as exc:
             self._count(flight, settled, "failed")
             if not isinstance(exc, ServeError) or exc.status >= 500:
-                self.metrics.slo_violations.inc()
+                self.hooks.failed_in_service()
             raise
         self._count(flight, settled, "completed")
         if on_answer is not None:
