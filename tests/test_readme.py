@@ -19,10 +19,8 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import typer
 
@@ -106,30 +104,16 @@ def test_the_readme_plan_commands_run_as_written(tmp_path, monkeypatch, referenc
 
 @pytest.mark.e2e
 def test_the_readme_curl_answers_from_the_readme_emulated_server(tmp_path, reference_dir) -> None:
+    from diffserve.evaluation.serverproc import ServerProcess
     from diffserve.ports import free_port
 
     [serve] = [line for line in commands("diffserve serve ") if "--backend emulated" in line]
     [curl] = commands("curl ")
     port = free_port()
     argv = [sys.executable, "-m", "diffserve.cli.main", *shlex.split(serve)[1:], "--port", str(port)]
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the README's server did not become ready"
-            time.sleep(0.2)
-        args = shlex.split(curl.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}"))
+    with ServerProcess(argv, f"http://127.0.0.1:{port}", tmp_path / "server.log") as server:
+        server.wait_ready(90)
+        args = shlex.split(curl.replace("http://127.0.0.1:8000", server.url))
         answer = json.loads(subprocess.run(args, capture_output=True, check=True, timeout=120).stdout)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     [image] = answer["data"]
     assert image["b64_json"] and image["diffserve"]["model"] in ("sd-turbo", "sd-v1.5")

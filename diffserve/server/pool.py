@@ -18,6 +18,7 @@ from diffserve.planner.settings import BATCHER_WAIT_FRACTION, heavy_start_reserv
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
+from diffserve.server.hooks import NoHooks as _NoHooks
 
 
 def estimate_wait_ms(
@@ -36,14 +37,6 @@ def estimate_wait_ms(
 class PoolHooks(Protocol):
     def queue_changed(self, model: str, length: int) -> None: ...
     def dropped(self, model: str, reason: str) -> None: ...
-
-
-class _NoHooks:
-    def queue_changed(self, model: str, length: int) -> None:
-        pass
-
-    def dropped(self, model: str, reason: str) -> None:
-        pass
 
 
 class Notifier:
