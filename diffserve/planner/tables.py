@@ -1,7 +1,7 @@
 """Turn (profile, cascade pair, policy, demand) into a :class:`PairTable` for the solvers.
 
 Each policy is a different set of columns and ranking on the same machinery, read off its
-registry entry (:mod:`diffserve.planner.policies`):
+registry entry (:mod:`diffserve.policies`):
 
 * routing ``cascade``: discriminator cascade; columns = the cascade's thresholds (grid points
   with identical f(t) and q(t) merged, keeping the lowest t); rank ``quality``: quality order;
