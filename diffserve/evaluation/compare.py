@@ -38,6 +38,7 @@ from diffserve.evaluation.loadgen import LoadConfig
 from diffserve.evaluation.runner import RunSpec, execute, write_outputs
 from diffserve.evaluation.oracle import oracle_curve
 from diffserve.evaluation.sources import Arrival, demand_per_second, window_rates
+from diffserve.evaluation.verdicts import TEST_DESCRIPTION, format_penalty, format_test, verdict_document, verdicts
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.build import ServeOptions
 
@@ -281,58 +282,27 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _compare_metric(mine: float | None, theirs: float | None, tolerance: float) -> int:
-    """-1 when ours is lower by more than the tolerance, +1 when higher by more, 0 for a tie."""
-    if mine is None or theirs is None:
-        return 0
-    if mine < theirs - tolerance:
-        return -1
-    if mine > theirs + tolerance:
-        return 1
-    return 0
-
-
 def pareto_verdict(rows: list[dict[str, Any]], ours: str = OURS) -> list[str]:
-    """One line per baseline: does ours dominate it (lower violations and FID, or a tie on one)?
-
-    A baseline's FID is taken at its best reading (``fid_optimistic`` when lower: Proteus scored on
-    the cascade curve), so ours must beat both readings to dominate. A difference counts only when
-    it is larger than the seed spread: the larger of the two policies' standard deviations over
-    seeds (0 with one seed, where any difference counts).
-    Ours *dominates* when it is better on one metric and tied or better on the other, *ties* when
-    both are within the spread, and otherwise does NOT dominate. A baseline without a FID (no
-    answer in time) is beaten on FID by any answer.
-    """
+    """One line per baseline: does ours dominate it, by how much, and the break-even penalty
+    (:mod:`diffserve.evaluation.verdicts`: a paired test on per-seed differences; a baseline is
+    read at its better FID reading, so ours must beat both)."""
     by_name = {r["policy"]: r for r in rows}
-    if ours not in by_name:
-        return []
-    mine = by_name[ours]
     lines = []
-    for row in rows:
-        if row["policy"] == ours:
-            continue
-        cmp_v = _compare_metric(
-            mine["slo_violation_ratio"], row["slo_violation_ratio"], max(mine.get("violation_std") or 0.0, row.get("violation_std") or 0.0)
-        )
-        readings = [q for q in (row["fid"], row.get("fid_optimistic")) if q is not None]
-        theirs = min(readings) if readings else None
-        if theirs is None:
-            cmp_f = -1 if mine["fid"] is not None else 0
-        else:
-            cmp_f = 1 if mine["fid"] is None else _compare_metric(mine["fid"], theirs, max(mine.get("fid_std") or 0.0, row.get("fid_std") or 0.0))
+    for v in verdicts(rows, ours):
+        mine, row = by_name[ours], by_name[v.baseline]
         both = (
             f" (optimistic {_fmt(row['fid_optimistic'])})"
             if row.get("fid_optimistic") is not None and row["fid_optimistic"] != row["fid"] else ""
         )
-        if cmp_v <= 0 and cmp_f <= 0 and (cmp_v < 0 or cmp_f < 0):
-            verdict = "dominates"
-        elif cmp_v == 0 and cmp_f == 0:
-            verdict = "ties with"
-        else:
-            verdict = "does NOT dominate"
+        paired = (
+            f"; paired per seed: violations {format_test(v.violations, 4)}, FID {format_test(v.fid, 2)}"
+            if v.paired else ""
+        )
+        penalty = f"; break-even penalty {format_penalty(v.break_even)}" if v.verdict == "dominates" else ""
         lines.append(
-            f"{ours} {verdict} {row['policy']}: violations {_pm(mine, 'slo_violation_ratio', 'violation_std', 4)} vs "
-            f"{_pm(row, 'slo_violation_ratio', 'violation_std', 4)}, FID {_pm(mine, 'fid', 'fid_std', 2)} vs {_pm(row, 'fid', 'fid_std', 2)}{both}"
+            f"{ours} {v.verdict} {row['policy']}: violations {_pm(mine, 'slo_violation_ratio', 'violation_std', 4)} vs "
+            f"{_pm(row, 'slo_violation_ratio', 'violation_std', 4)}, FID {_pm(mine, 'fid', 'fid_std', 2)} vs "
+            f"{_pm(row, 'fid', 'fid_std', 2)}{both}{paired}{penalty}"
         )
     return lines
 
@@ -449,30 +419,50 @@ def results_document(spec: CompareSpec, rows: list[dict[str, Any]], oracle: dict
         "seeds": list(spec.seeds),
         "arrivals": spec.arrival_mode,
         "policies": rows,
+        "verdicts": [verdict_document(v) for v in verdicts(rows, OURS)],
         "oracle": oracle,
     }
 
 
 def compare_title(spec: CompareSpec) -> str:
-    clock = f"speedup {spec.speedup:g}" if spec.clock == "real" else "virtual time"
-    seeds = f", seeds {spec.seeds[0]}..{spec.seeds[-1]}" if len(spec.seeds) > 1 else f", seed {spec.seeds[0]}"
-    return f"{spec.trace_label}: {spec.workers} workers, SLO {spec.slo_ms / 1000:g} s, {clock}{seeds}"
+    return title_of(results_document(spec, [], {}))
 
 
-def write_compare_outputs(
-    spec: CompareSpec, rows: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], oracle: dict[str, Any]
-) -> None:
-    metric = spec.pair.metric.upper()
-    title = compare_title(spec)
-    report.write_json(spec.output / "results.json", results_document(spec, rows, oracle))
-    report.compare_png(spec.output / "compare.png", timelines, title, metric)
+def title_of(doc: dict[str, Any]) -> str:
+    """The heading of a comparison, from its ``results.json``."""
+    seeds = doc["seeds"]
+    clock = f"speedup {doc['speedup']:g}" if doc["clock"] == "real" else "virtual time"
+    seeds_text = f", seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f", seed {seeds[0]}"
+    return f"{doc['trace']}: {doc['workers']} workers, SLO {doc['slo_ms'] / 1000:g} s, {clock}{seeds_text}"
+
+
+#: What each ``arrivals`` mode of ``results.json`` means, for the tables.
+ARRIVALS_TEXT = {
+    "resample": "each seed redraws Poisson arrivals within each second at the trace's per-second count (--arrivals resample)",
+    "replay": "every seed replays the trace file's exact arrival times (--arrivals replay)",
+    "generated": "arrivals generated per seed",
+}
+
+
+def results_markdown(doc: dict[str, Any]) -> str:
+    """``results.md`` from ``results.json`` alone (so a committed JSON re-renders its table)."""
+    rows, oracle = doc["policies"], doc.get("oracle") or {}
+    seeds = doc["seeds"]
+    metric = str(rows[0].get("metric", "fid")).upper() if rows else "FID"
     spread = (
-        f"Each row is the mean over seeds {', '.join(map(str, spec.seeds))}; FID sd and viol. sd are the spread over "
-        "seeds, and a difference within the spread is a tie."
-        if len(spec.seeds) > 1 else "One seed: no spread is measured (run --seeds 3 for claims)."
+        f"Each row is the mean over seeds {', '.join(map(str, seeds))}; FID sd and viol. sd are the spread over seeds. "
+        f"Arrivals: {ARRIVALS_TEXT.get(doc.get('arrivals', 'replay'), doc.get('arrivals'))}."
+        if len(seeds) > 1 else "One seed: no spread is measured (run --seeds 3 for claims)."
+    )
+    door = [r for r in rows if r.get("door_peak_in_flight_share") is not None]
+    door_text = (
+        "HTTP door (modelled in virtual time): "
+        + "; ".join(f"{r['policy']} shed {r.get('door_shed_in_flight', 0):g} for the in-flight bound, peak "
+                    f"{100 * r['door_peak_in_flight_share']:.0f} % of it" for r in door) + "."
+        if door else ""
     )
     lines = [
-        f"# {title}",
+        f"# {title_of(doc)}",
         "",
         report.markdown_table(rows, report.table_columns(rows)),
         report.TABLE_LEGEND + ".",
@@ -481,11 +471,26 @@ def write_compare_outputs(
         f"Quality: {rows[0]['quality_method'] if rows else ''}; proteus is read as a random split (no discriminator).",
         "Violations: (late + failed + rejected) / sent; degraded answers met the SLO and are counted apart.",
         (
-            f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if base_policy(p) in NO_DEGRADE)}); "
-            f"oracle {metric}: {_fmt(oracle['fid'])} at the fewest violations it allows, a bound no policy can beat at its own violation ratio (oracle_fid per policy in results.json)."
+            f"Baselines run with --no-degrade ({', '.join(r['policy'] for r in rows if not r.get('degrade', True))}); "
+            f"planned with batch latencies as the paper's planner did: "
+            f"{', '.join(r['policy'] for r in rows if r.get('latency_model') == 'batch') or 'none'}; "
+            f"oracle {metric}: {_fmt(oracle.get('fid'))} at the fewest violations it allows, a bound no policy can beat at its own violation ratio (oracle_fid per policy in results.json)."
         ),
+        door_text,
+        "",
+        f"Verdicts: {TEST_DESCRIPTION}. Break-even penalty: how much worse than the light model's average "
+        f"(in {metric} points) a degraded image would have to be before ours stopped dominating that baseline.",
         "",
         *[f"- {line}" for line in pareto_verdict(rows)],
         "",
     ]
-    report.atomic_write_text(spec.output / "results.md", "\n".join(lines))
+    return "\n".join(lines)
+
+
+def write_compare_outputs(
+    spec: CompareSpec, rows: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], oracle: dict[str, Any]
+) -> None:
+    doc = results_document(spec, rows, oracle)
+    report.write_json(spec.output / "results.json", doc)
+    report.compare_png(spec.output / "compare.png", timelines, compare_title(spec), spec.pair.metric.upper())
+    report.atomic_write_text(spec.output / "results.md", results_markdown(doc))
