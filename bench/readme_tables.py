@@ -1,13 +1,13 @@
-"""Write the README's benchmark tables from the committed runs in bench/results/.
+"""Write the README's benchmark tables (and docs/benchmarks.md's) from the committed runs in bench/results/.
 
-Each table sits in README.md between ``<!-- readme-table NAME -->`` and
+Each table sits in README.md or docs/benchmarks.md between ``<!-- readme-table NAME -->`` and
 ``<!-- /readme-table NAME -->``; everything between the two markers is this script's output, so
 a figure in those tables always comes from a committed ``results.json`` (written by the
 ``bench compare`` command printed above each table). Verdicts and break-even penalties are
 recomputed from each file's per-seed rows (:mod:`diffserve.evaluation.verdicts`).
 
-    python bench/readme_tables.py            # rewrite README.md in place
-    python bench/readme_tables.py --check    # exit 1 if README.md differs from what the files give
+    python bench/readme_tables.py            # rewrite README.md and docs/benchmarks.md in place
+    python bench/readme_tables.py --check    # exit 1 if either differs from what the files give
 
 tests/test_readme_tables.py runs the check.
 """
@@ -33,17 +33,18 @@ from diffserve.planner.policies import OURS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
-#: The three-trace table: (file under bench/results/, column heading).
+#: The three-trace table: (files under bench/results/ whose rows make the column, column heading).
+#: A column may come from several runs of the same settings (policies run apart): rows merge by policy.
 TRACES = (
-    ("compare-4to32.json", "maf_trace_4to32qps, 16 workers"),
-    ("compare-2to16.json", "maf_trace_2to16qps, 8 workers"),
-    ("compare-1to8.json", "maf_trace_1to8qps, 4 workers"),
+    (("compare-4to32.json",), "maf_trace_4to32qps, 16 workers"),
+    (("compare-2to16.json",), "maf_trace_2to16qps, 8 workers"),
+    (("compare-1to8.json",), "maf_trace_1to8qps, 4 workers"),
 )
 #: The three-cascade table.
 CASCADES = (
-    ("compare-4to32.json", "SD-Turbo -> SD v1.5, 5 s"),
-    ("compare-sdxs.json", "SDXS -> SD v1.5, 5 s"),
-    ("compare-sdxl.json", "SDXL-Lightning -> SDXL, 15 s"),
+    (("compare-4to32.json",), "SD-Turbo -> SD v1.5, 5 s"),
+    (("compare-sdxs.json", "compare-sdxs-clipper.json", "compare-sdxs-proteus.json"), "SDXS -> SD v1.5, 5 s"),
+    (("compare-sdxl.json", "compare-sdxl-clipper.json", "compare-sdxl-proteus.json"), "SDXL-Lightning -> SDXL, 15 s"),
 )
 #: The sweep's cells: every file under bench/results/sweep/, plus the 4to32 run (16 workers, 5 s).
 SWEEP_DIR = "sweep"
@@ -52,8 +53,21 @@ SWEEP_EXTRA = ("compare-4to32.json",)
 SWEEP_BASELINES = ("static", "proteus", "diffserve-paper")
 
 
-def load(name: str, root: Path = RESULTS) -> dict[str, Any]:
-    return json.loads((root / name).read_text())
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of the same settings as one: the first's settings, every policy's row once, in table order."""
+    merged = {**docs[0], "policies": []}
+    for doc in docs:
+        have = {r["policy"] for r in merged["policies"]}
+        merged["policies"] += [r for r in doc["policies"] if r["policy"] not in have]
+    merged["policies"].sort(key=lambda r: BENCH_POLICIES.index(r["policy"]))
+    return merged
+
+
+def load(names: tuple[str, ...], root: Path = RESULTS) -> dict[str, Any]:
+    """The merged runs of these files; a file not committed (a run that did not finish) is left
+    out, and its rows read "not run" in the tables."""
+    docs = [json.loads((root / n).read_text()) for n in names if (root / n).is_file()]
+    return merge(docs) if docs else {"policies": [], "oracle": {}}
 
 
 def _num(value: float | None, sd: float | None, digits: int) -> str:
@@ -106,9 +120,9 @@ def _verdicts(doc: dict[str, Any]) -> dict[str, Verdict]:
     return {v.baseline: v for v in verdicts(doc["policies"], OURS)}
 
 
-def policy_table(columns: tuple[tuple[str, str], ...], root: Path = RESULTS) -> str:
+def policy_table(columns: tuple[tuple[tuple[str, ...], str], ...], root: Path = RESULTS) -> str:
     """One column per run, one row per policy, then ours' optimistic reading, the bound and the verdicts."""
-    docs = [load(name, root) for name, _ in columns]
+    docs = [load(names, root) for names, _ in columns]
     rows = [_by_policy(d) for d in docs]
     judged = [_verdicts(d) for d in docs]
     present = [p for p in BENCH_POLICIES if any(p in r for r in rows)]
@@ -138,17 +152,12 @@ def _bound(doc: dict[str, Any], ours: dict[str, Any] | None) -> str:
 
 def sweep_cells(root: Path = RESULTS) -> dict[tuple[float, int], dict[str, Any]]:
     """Every sweep cell by (SLO ms, workers): the rows of all files for that cell, merged by policy."""
-    files = sorted((root / SWEEP_DIR).glob("*.json")) + [root / n for n in SWEEP_EXTRA]
-    cells: dict[tuple[float, int], dict[str, Any]] = {}
+    files = sorted((root / SWEEP_DIR).glob("*.json")) + [root / n for n in SWEEP_EXTRA if (root / n).is_file()]
+    groups: dict[tuple[float, int], list[dict[str, Any]]] = {}
     for path in files:
         doc = json.loads(path.read_text())
-        key = (float(doc["slo_ms"]), int(doc["workers"]))
-        merged = cells.setdefault(key, {**doc, "policies": []})
-        have = {r["policy"] for r in merged["policies"]}
-        merged["policies"] += [r for r in doc["policies"] if r["policy"] not in have]
-    for doc in cells.values():
-        doc["policies"].sort(key=lambda r: BENCH_POLICIES.index(r["policy"]))
-    return cells
+        groups.setdefault((float(doc["slo_ms"]), int(doc["workers"])), []).append(doc)
+    return {key: merge(docs) for key, docs in groups.items()}
 
 
 def sweep_table(root: Path = RESULTS) -> str:
@@ -165,39 +174,68 @@ def sweep_table(root: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
-#: Every README table this script writes: marker name -> renderer.
+def run_reports(root: Path = RESULTS) -> str:
+    """Each committed comparison's ``results.md`` (rendered from its JSON), headings one level down."""
+    from diffserve.evaluation.compare import results_markdown
+
+    parts = []
+    for name in sorted({n for names, _ in TRACES + CASCADES for n in names}, key=_run_order):
+        path = root / name
+        if not path.is_file():
+            continue
+        text = results_markdown(json.loads(path.read_text())).strip()
+        parts.append(f"`bench/results/{name}`:\n\n" + re.sub(r"^# ", "#### ", text, flags=re.M))
+    return "\n\n".join(parts)
+
+
+def _run_order(name: str) -> int:
+    order = [n for names, _ in TRACES + CASCADES for n in names]
+    return order.index(name)
+
+
+#: Every table this script writes: marker name -> renderer.
 TABLES: dict[str, Callable[[Path], str]] = {
     "three-traces": lambda root: policy_table(TRACES, root),
     "sweep": sweep_table,
     "three-cascades": lambda root: policy_table(CASCADES, root),
+    "run-reports": run_reports,
 }
+#: The documents that hold the tables, and which tables each holds.
+DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md")
+TABLES_OF = {"README.md": ("three-traces", "sweep", "three-cascades"), "benchmarks.md": ("sweep", "run-reports")}
 
 
-def render(readme: str, root: Path = RESULTS) -> str:
-    """``readme`` with every marked table replaced by what the committed files give."""
-    for name, table in TABLES.items():
-        pattern = re.compile(rf"(<!-- readme-table {re.escape(name)} -->\n).*?(\n<!-- /readme-table {re.escape(name)} -->)", re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no <!-- readme-table {name} --> ... <!-- /readme-table {name} --> block")
-        readme = pattern.sub(lambda m: m.group(1) + table(root) + m.group(2), readme)
-    return readme
+def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:
+    """``text`` (the document named ``document``) with every marked table replaced by what the files give."""
+    for name in TABLES_OF[document]:
+        pattern = re.compile(rf"(<!-- readme-table {re.escape(name)} -->\n)(?:.*?\n)?(<!-- /readme-table {re.escape(name)} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{document} has no <!-- readme-table {name} --> ... <!-- /readme-table {name} --> block")
+        table = TABLES[name](root)
+        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+    return text
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="Exit 1 if README.md differs from the committed results.")
+    parser.add_argument("--check", action="store_true", help="Exit 1 if a document differs from the committed results.")
     args = parser.parse_args()
-    current = README.read_text()
-    wanted = render(current)
+    stale = []
+    for path in DOCUMENTS:
+        current = path.read_text()
+        wanted = render(current, path.name)
+        if wanted == current:
+            continue
+        stale.append(path.name)
+        if not args.check:
+            atomic_write_text(path, wanted)
     if args.check:
-        if wanted != current:
-            print("README.md tables differ from bench/results/: run python bench/readme_tables.py", file=sys.stderr)
+        if stale:
+            print(f"{', '.join(stale)}: tables differ from bench/results/; run python bench/readme_tables.py", file=sys.stderr)
             return 1
-        print("README.md tables match bench/results/")
+        print("README.md and docs/benchmarks.md tables match bench/results/")
         return 0
-    if wanted != current:
-        atomic_write_text(README, wanted)
-    print(f"wrote {len(TABLES)} tables into {README.name}")
+    print(f"rewrote {', '.join(stale) or 'nothing (all current)'}")
     return 0
 
 

@@ -412,6 +412,7 @@ def results_document(spec: CompareSpec, rows: list[dict[str, Any]], oracle: dict
     """``results.json``: the settings, one object per policy and the oracle."""
     return {
         "trace": spec.trace_label,
+        "cascade": spec.cascade_spec,
         "workers": spec.workers,
         "slo_ms": spec.slo_ms,
         "clock": spec.clock,
