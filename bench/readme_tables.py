@@ -89,7 +89,7 @@ def cell(row: dict[str, Any] | None, *, ours: bool = False) -> str:
     if ours:
         text = f"**{text} / {100 * (row.get('degraded_ratio') or 0.0):.2f} %**"
     if row.get("seconds_without_quality"):
-        text += f" ({row['seconds_without_quality']:g} s without FID)"
+        text += f" ({round(row['seconds_without_quality'], 1):g} s without FID)"
     return text
 
 
