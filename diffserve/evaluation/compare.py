@@ -9,9 +9,11 @@ Two clocks run the same server options (:func:`serve_options`):
   (:mod:`diffserve.evaluation.inprocess`): no HTTP, no wall-clock waits, deterministic per seed.
 
 Every policy runs on each seed of ``seeds``; its row is the mean over seeds with the spread
-(``fid_std``, ``violation_std``), and a difference within the spread is a tie. The paper's
+(``fid_std``, ``violation_std``) and the per-seed figures, and ours is judged against each baseline
+by a paired test on the per-seed differences (:mod:`diffserve.evaluation.verdicts`). The paper's
 baselines run with ``--no-degrade``: their systems had no degrade mode and dropped late requests;
-``diffserve-paper`` also plans as the artifact did, with batch latencies only (``--latency-model batch``).
+``diffserve-paper`` and ``static`` also plan as the paper did, with batch latencies only
+(``--latency-model batch``); ``static-queueing`` is ``static`` planned with our queueing model.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def base_policy(label: str) -> str:
 def latency_model_of(label: str) -> str:
     """The planner's latency model for a bench row: ``batch`` for the paper's planners, else ``queueing``."""
     return "batch" if label in ARTIFACT_LATENCY_MODEL else "queueing"
+
+
 CLOCKS = ("virtual", "real")
 
 
