@@ -165,7 +165,7 @@ def compare_cmd(
     clock: Annotated[str, typer.Option("--clock", help="virtual: the runtime in-process on a virtual-time loop (fast, deterministic); real: an HTTP server per policy on the wall clock at --speedup.")] = "virtual",
     speedup: Annotated[float, typer.Option("--speedup", min=0.001, help="--clock real: how much faster than the modelled cluster the emulated servers run.")] = 5.0,
     solve_time: Annotated[str, typer.Option("--solve-time", help="--clock virtual: model time each controller re-plan takes to apply (0 = at once).")] = "0ms",
-    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all six, ours last).")] = "",
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all seven rows: the six policies and static-queueing, ours last).")] = "",
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
     stream: Annotated[bool, typer.Option("--stream", help="Ask for progressive delivery (stream: true, partial_images: 1) and report time to first image.")] = False,
     arrivals_mode: Annotated[str | None, typer.Option("--arrivals", help="With --trace: resample (each seed redraws Poisson arrivals within each second at the trace's per-second count; the default for --seeds > 1) or replay (the file's exact times on every seed).")] = None,
