@@ -198,7 +198,7 @@ def door_summary(root: Path = RESULTS) -> str:
     rows = []
     for path in sorted(root.rglob("*.json")):
         doc = json.loads(path.read_text())
-        for row in doc.get("policies") or []:
+        for row in (doc.get("policies") if isinstance(doc, dict) else None) or []:
             if isinstance(row, dict) and row.get("door_peak_in_flight_share") is not None:
                 rows.append((path.relative_to(root).as_posix(), row))
     if not rows:
