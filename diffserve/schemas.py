@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as _dt
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -66,6 +66,17 @@ class BatchProfile(StrictModel):
         return self
 
 
+class ColocatedBatch(StrictModel):
+    """k workers of one model sharing one device, each running batches of ``batch_size`` at once."""
+
+    workers: int = Field(ge=1, description="co-located worker processes on the device")
+    batch_size: int = Field(ge=1)
+    sharing: str = Field(description="how the device was shared: 'mps' (CUDA MPS), 'time-slicing' or 'cpu'")
+    median_ms: float = Field(gt=0, description="median batch latency seen by one worker while all k run")
+    p99_ms: float | None = Field(default=None, gt=0)
+    throughput_ips: float = Field(ge=0, description="aggregate images per second of the k workers")
+
+
 class ModelProfile(StrictModel):
     name: str
     source: str = Field(description="Hugging Face id, local directory, builtin:<name> or reference")
@@ -77,6 +88,10 @@ class ModelProfile(StrictModel):
     steps: int | None = Field(default=None, ge=1)
     edit_strength: float | None = Field(default=None, gt=0, le=1, description="the strength the batches' edit_median_ms was measured at")
     batches: list[BatchProfile]
+    label: str | None = Field(default=None, description="what the weights are, e.g. 'random weights, real architecture'")
+    gpu_options: dict[str, Any] | None = Field(default=None, description="the GPU-path options that were on while measuring")
+    colocated: list[ColocatedBatch] = Field(default_factory=list, description="aggregate throughput of k workers sharing the device")
+    variant: dict[str, Any] | None = Field(default=None, description="the variant spec as profiled; the diffusers backend serves exactly this")
 
     @field_validator("batches")
     @classmethod

@@ -34,6 +34,7 @@ def plan(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --sweep: PNG of predicted quality vs demand.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Pin the cascade threshold t (workers and batch sizes are still optimised).")] = None,
     latency_model: Annotated[str, typer.Option("--latency-model", help="queueing (batch + fill wait + queueing) or batch (the paper artifact's: batch latency only).")] = "queueing",
+    workers_per_gpu: Annotated[str, typer.Option("--workers-per-gpu", help="Count each of the --workers GPUs as k co-located workers (latencies from `profile --colocate`), or 'auto': the k that gives the best plan.")] = "1",
 ) -> None:
     """Choose workers, batch sizes and the threshold that give the best quality within the SLO."""
     from diffserve.artifacts import load_cascade, load_profile
@@ -67,10 +68,46 @@ def plan(
         raise UserError("--plot needs --sweep")
     if demand is None:
         raise UserError("give --demand QPS (or --sweep LOW:HIGH)")
-    result = solve_plan(prof, casc, demand_qps=demand, policy=policy, threshold=threshold, **options)
+    if workers_per_gpu.strip() != "1":
+        result = _plan_colocated(prof, casc, workers_per_gpu, demand=demand, policy=policy, threshold=threshold, options=options)
+    else:
+        result = solve_plan(prof, casc, demand_qps=demand, policy=policy, threshold=threshold, **options)
     write_model(output, result)
     _print_plan(result)
     console.print(f"plan written to {output}")
+
+
+def _plan_colocated(prof, casc, text: str, *, demand: float, policy: str, threshold, options: dict):
+    """Solve with each GPU counted as k workers (one k, or every measured k with 'auto'); print the choice."""
+    from diffserve.errors import UserError
+    from diffserve.planner import solve_plan
+    from diffserve.planner.colocation import choose_workers_per_gpu, colocation_levels
+
+    text = text.strip().lower()
+    if text == "auto":
+        levels = colocation_levels(prof)
+    else:
+        try:
+            levels = [int(text)]
+        except ValueError:
+            raise UserError(f"--workers-per-gpu must be a positive integer or auto, got {text!r}") from None
+        if levels[0] < 1:
+            raise UserError(f"--workers-per-gpu must be at least 1, got {levels[0]}")
+    gpus = options["workers"]
+
+    def solve(profile, workers):
+        return solve_plan(profile, casc, demand_qps=demand, policy=policy, threshold=threshold, **{**options, "workers": workers})
+
+    best, candidates = choose_workers_per_gpu(prof, gpus, solve, levels=levels)
+    for c in candidates:
+        p = c.plan
+        mark = "[bold]*[/]" if c is best else " "
+        console.print(
+            f"{mark} {c.workers_per_gpu} worker(s)/GPU x {gpus} GPU(s): predicted {p.metric} "
+            f"{p.predicted.get(p.metric, float('nan')):.3f}, capacity {p.predicted.get('capacity_qps', 0):.1f} qps"
+            f"{' (degraded)' if p.degraded else ''}"
+        )
+    return best.plan
 
 
 def _parse_wait(text: str) -> float:

@@ -31,7 +31,9 @@ Models = Annotated[
     typer.Option(
         "--models", "-m",
         help="Comma-separated: 'builtin' (the tiny random-weight zoo), built-in names (tiny-turbo), "
-        "presets of real models (sd-turbo, sdxs, sd-v1.5, sdxl) or variant YAML files.",
+        "presets of real models (sd-turbo, sdxs, sd-v1.5, sdxl), the paper's architectures with random "
+        "weights ('arch' for all, or arch:sd-turbo, arch:sdxs, arch:sd-v1.5, arch:sdxl-lightning, arch:sdxl) "
+        "or variant YAML files (steps, resolution, dtype and the gpu: options of each variant).",
     ),
 ]
 
@@ -51,6 +53,8 @@ def profile(
     resume: Annotated[bool, typer.Option("--resume", help="Keep what an earlier (interrupted) run wrote to --output and measure only the rest.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: 1 on CPU, one worker's share; untouched on GPUs).")] = None,
     edit_strength: Annotated[float, typer.Option("--edit-strength", min=0.0, max=1.0, help="Strength of the img2img edit column (edit latency per batch size); 1.0 bounds every edit; 0 skips edits.")] = 1.0,
+    colocate: Annotated[Optional[str], typer.Option("--colocate", help="Also measure k worker processes sharing the device at once, e.g. 1,2,4 (aggregate images/s; MPS if a daemon runs, else time-slicing).")] = None,
+    colocate_batch_sizes: Annotated[str, typer.Option("--colocate-batch-sizes", help="Batch sizes the co-located workers run.")] = "1",
 ) -> None:
     """Profile model variants (default: the built-in tiny zoo) over a ladder of batch sizes."""
     if ctx.invoked_subcommand is not None:
@@ -68,6 +72,8 @@ def profile(
     settings = ProfileSettings(
         batch_sizes=sizes, repeats=repeats, warmup=warmup, time_limit_s=limit_s, memory_limit_mb=memory_limit,
         device=device, resume=resume, threads=threads, edit_strength=edit_strength or None,
+        colocate=tuple(parse_int_list(colocate, name="--colocate")) if colocate else (),
+        colocate_batch_sizes=tuple(parse_int_list(colocate_batch_sizes, name="--colocate-batch-sizes")),
     )
     started = time.perf_counter()
     try:
@@ -77,6 +83,10 @@ def profile(
         kept = "keeps what was measured" if output.exists() else "was not written"
         fail(f"interrupted: {output} {kept}; run the same command with --resume to finish", 130)
     console.print(profile_table(result))
+    for m in result.models.values():
+        for c in m.colocated:
+            console.print(f"{m.name}: {c.workers} co-located worker(s) ({c.sharing}), batch {c.batch_size}: "
+                          f"{c.throughput_ips:.2f} images/s together, p50 {c.median_ms:.1f} ms per batch")
     console.print(f"wrote {output} ({len(result.models)} models, {time.perf_counter() - started:.0f} s)")
     if result.random_weights:
         names = ", ".join(m.name for m in result.models.values() if m.random_weights)
@@ -142,7 +152,7 @@ class _RichProgress:
         self._progress.update(self._task, description=f"{spec.name}: loading")
 
     def model_loaded(self, model) -> None:  # noqa: ANN001
-        note = " (random weights)" if model.random_weights else ""
+        note = f" ({model.label or 'random weights'})" if model.random_weights else ""
         self._progress.console.print(f"loaded {model.spec.name} on {model.device} in {model.load_time_s:.2f} s{note}")
 
     def run_started(self, spec, batch_size: int, run: int, runs: int) -> None:  # noqa: ANN001

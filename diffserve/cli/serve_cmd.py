@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffserve.cli._common import cli_errors, console, warn_random_weights
+from diffserve.cli._common import cli_errors, console, err_console, warn_random_weights
 from diffserve.errors import UserError
 from diffserve.units import parse_duration_ms
 
@@ -48,6 +48,7 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     admin_token = check_admin_exposure(host, admin_token)
+    daemon = _start_mps(opts)
 
     async def main() -> None:
         runtime, origin = build_runtime(opts)  # files, options and the plan; no model loads yet
@@ -64,7 +65,25 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
         finally:
             sock.close()
 
-    run_event_loop(main())
+    try:
+        run_event_loop(main())
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+def _start_mps(opts):
+    """With ``--mps`` and co-located workers: a private MPS daemon, or a warning and time-slicing."""
+    if not (getattr(opts, "mps", False) and opts.workers_per_gpu > 1):
+        return None
+    from diffserve.sharing import MpsDaemon
+
+    daemon = MpsDaemon()
+    if daemon.start():
+        err_console.print(f"{opts.workers_per_gpu} workers per GPU share it through CUDA MPS")
+        return daemon
+    err_console.print(f"[yellow]warning:[/] no CUDA MPS ({daemon.error}); the {opts.workers_per_gpu} workers per GPU time-slice it")
+    return None
 
 
 def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host: str, port: int,
@@ -121,6 +140,9 @@ def register(app: typer.Typer) -> None:
         address: Annotated[str, typer.Option(help="Ray engine: 'local' starts Ray here, 'auto' joins this node's cluster, or ray://HOST:10001.")] = "local",
         ray_num_cpus: Annotated[float, typer.Option(min=0, help="Ray engine: CPUs reserved per pool replica (fractional is fine for emulated).")] = 0.1,
         ray_num_gpus: Annotated[float, typer.Option(min=0, help="Ray engine: GPUs per pool replica (1 for one real model per GPU).")] = 0.0,
+        device: Annotated[str, typer.Option(help="Diffusers backend: where the workers run (cpu, cuda, cuda:N).")] = "cpu",
+        workers_per_gpu: Annotated[int, typer.Option(min=1, help="Diffusers backend on CUDA: worker processes sharing each GPU (MPS if a daemon runs, else time-slicing); worker i runs on GPU i // k, and the planner uses the profile's latencies measured with k co-located workers.")] = 1,
+        mps: Annotated[bool, typer.Option("--mps/--no-mps", help="With --workers-per-gpu > 1: start a private CUDA MPS daemon for the run when the binary exists (else time-slicing).")] = False,
     ) -> None:
         """Start the cascade server (OpenAI-compatible POST /v1/images/generations)."""
         from diffserve.server.build import ServeOptions
@@ -147,6 +169,9 @@ def register(app: typer.Typer) -> None:
             latency_model=latency_model,
             spare_workers=spare,
             headroom=headroom,
+            device=device,
+            workers_per_gpu=workers_per_gpu,
+            mps=mps,
         )
         if queue_full_status not in (429, 503):
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")

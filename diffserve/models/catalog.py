@@ -2,8 +2,9 @@
 
 Accepted words (comma-separated, or a list): ``builtin`` (the whole tiny zoo), a built-in name
 (``tiny-turbo`` or ``builtin:tiny-turbo``), a preset name of a real model from the paper
-(``sd-turbo``, ``sdxs``, ``sd-v1.5``, ``sdxl``; loaded from the Hugging Face cache or hub), or a
-YAML file holding one variant, a list of variants, or ``{variants: [...]}``.
+(``sd-turbo``, ``sdxs``, ``sd-v1.5``, ``sdxl``; loaded from the Hugging Face cache or hub), one of
+the paper's architectures with random weights (``arch:sd-turbo`` ... ``arch:sdxl``, or ``arch`` for
+all five), or a YAML file holding one variant, a list of variants, or ``{variants: [...]}``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from diffserve.errors import UserError
 from diffserve.fileio import parse_model, read_yaml
+from diffserve.models.arch import ARCH_NAMES, PREFIX, arch_name, arch_variant, arch_variants
 from diffserve.models.spec import VariantSpec
 from diffserve.models.zoo import BUILTINS, builtin_variants
 
@@ -54,12 +56,16 @@ def resolve_variants(models: str | list[str]) -> list[VariantSpec]:
     words = models.split(",") if isinstance(models, str) else [w for m in models for w in str(m).split(",")]
     words = [w.strip() for w in words if w.strip()]
     if not words:
-        raise UserError("no models given; use builtin, a built-in or preset name, or a YAML variant file")
+        raise UserError("no models given; use builtin, arch, a built-in, preset or arch:<name>, or a YAML variant file")
     specs: list[VariantSpec] = []
     for word in words:
         name = word.removeprefix("builtin:")
         if word == "builtin":
             specs.extend(builtin_variants())
+        elif word == "arch":
+            specs.extend(arch_variants())
+        elif word.startswith(PREFIX):
+            specs.append(arch_variant(arch_name(word)))
         elif name in BUILTINS:
             specs.extend(s for s in builtin_variants() if s.name == name)
         elif word in PRESETS:
@@ -69,7 +75,8 @@ def resolve_variants(models: str | list[str]) -> list[VariantSpec]:
         else:
             raise UserError(
                 f"unknown model {word!r}: not a built-in ({', '.join(BUILTINS)}), a preset "
-                f"({', '.join(PRESETS)}) or an existing YAML variant file"
+                f"({', '.join(PRESETS)}), an architecture ({', '.join(PREFIX + n for n in ARCH_NAMES)}) "
+                "or an existing YAML variant file"
             )
     seen: dict[str, VariantSpec] = {}
     for spec in specs:

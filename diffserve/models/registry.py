@@ -64,6 +64,10 @@ class LoadedModel:
     load_time_s: float
     random_weights: bool
     dtype: str = "float32"
+    #: which GPU-path options were really on (:func:`diffserve.models.gpu_options.apply_gpu_options`)
+    gpu: dict = field(default_factory=dict)
+    #: "random weights, real architecture" for ``arch:`` variants, else None
+    label: str | None = None
     _supports_step_callback: bool = field(default=False, repr=False)
     _edit_pipes: dict = field(default_factory=dict, repr=False)
 
@@ -144,7 +148,9 @@ class LoadedModel:
             if time.monotonic() > deadline:
                 raise GenerationTimeout("deadline passed before the run started")
             if self._supports_step_callback:
-                kwargs["callback_on_step_end"] = _deadline_callback(deadline)
+                sync = self.device if self.gpu.get("step_sync") else None
+                kwargs["callback_on_step_end"] = _deadline_callback(deadline, sync)
+        tensor_path = bool(self.gpu.get("pinned_outputs") or self.gpu.get("same_stream_decode"))
         with torch.inference_mode():
             out = self.pipeline(
                 prompt=list(prompts),
@@ -152,16 +158,33 @@ class LoadedModel:
                 guidance_scale=self.spec.guidance_scale,
                 height=self.spec.resolution,
                 width=self.spec.resolution,
-                output_type="pil",
+                output_type="pt" if tensor_path else "pil",
                 **kwargs,
             )
+            images = _tensor_images_to_pil(out.images, pinned=bool(self.gpu.get("pinned_outputs"))) if tensor_path else list(out.images)
         if deadline is not None and time.monotonic() > deadline:
             raise GenerationTimeout("the run finished after its deadline")
-        return list(out.images)
+        return images
 
 
-def _deadline_callback(deadline: float) -> Callable[..., dict]:
+def _tensor_images_to_pil(images: Any, *, pinned: bool) -> list["Image"]:
+    """Device images in [0, 1] -> PIL, converted to uint8 on the device and copied once (pinned if asked)."""
+    from PIL import Image as PILImage
+
+    from diffserve.models.gpu_options import to_host, to_uint8_nhwc
+
+    return [PILImage.fromarray(a) for a in to_host(to_uint8_nhwc(images), pinned=pinned)]
+
+
+def _deadline_callback(deadline: float, sync_device: str | None = None) -> Callable[..., dict]:
+    """Stop between steps past ``deadline``; with ``sync_device`` (``step_sync``) wait for the step's
+    kernels first, so the check sees finished work rather than queued work."""
+
     def check(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if sync_device is not None:
+            import torch
+
+            torch.cuda.synchronize(sync_device)
         if time.monotonic() > deadline:
             raise GenerationTimeout(f"deadline passed after denoising step {step + 1}")
         return callback_kwargs
@@ -220,7 +243,7 @@ def resolve_dtype(name: str, device: str) -> str:
 
 @dataclass(frozen=True)
 class _Source:
-    kind: str  # builtin | dir | file | hub
+    kind: str  # builtin | arch | dir | file | hub
     location: str
 
 
@@ -230,6 +253,10 @@ def classify_source(source: str) -> _Source:
         name = source.split(":", 1)[1]
         builtin(name)  # raises UserError naming the built-ins
         return _Source("builtin", name)
+    if source.startswith("arch:"):
+        from diffserve.models.arch import arch_name
+
+        return _Source("arch", arch_name(source))  # raises UserError naming the architectures
     if "://" in source or source.startswith("hf:"):
         raise UserError(
             f"unknown model source {source!r}: use builtin:<name>, a Hugging Face id like org/name, "
@@ -306,6 +333,8 @@ def load_variant(spec: VariantSpec, *, device: str | None = None) -> LoadedModel
     dtype_name = resolve_dtype(spec.dtype, dev)
     dtype = getattr(torch, dtype_name)
     default_cls = "StableDiffusionPipeline" if src.kind in ("builtin", "file") else "DiffusionPipeline"
+    if src.kind == "arch":
+        return _load_arch(spec, src.location, dev, dtype_name)
     cls = pipeline_class(spec.pipeline_class, default=default_cls)
     sched_cls = scheduler_class(spec.scheduler) if spec.scheduler else None
     offline = hub_offline()
@@ -346,10 +375,41 @@ def load_variant(spec: VariantSpec, *, device: str | None = None) -> LoadedModel
     load_time = time.perf_counter() - start
 
     random_weights = src.kind == "builtin" or (src.kind == "dir" and (Path(location) / RANDOM_WEIGHTS_MARKER).exists())
+    return _ready(spec, pipe, dev, dtype_name, load_time, random_weights)
+
+
+def _ready(spec: VariantSpec, pipe: Any, dev: str, dtype_name: str, load_time: float, random_weights: bool, label: str | None = None) -> LoadedModel:
+    """Apply the spec's GPU options to a pipeline on its device and wrap it."""
     import inspect
 
+    from diffserve.models.gpu_options import apply_gpu_options
+
+    gpu = apply_gpu_options(pipe, spec.gpu, dev, dtype_name)
     supports_cb = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
     return LoadedModel(
         spec=spec, pipeline=pipe, device=dev, load_time_s=load_time, random_weights=random_weights,
-        dtype=dtype_name, _supports_step_callback=supports_cb,
+        dtype=dtype_name, gpu=gpu, label=label, _supports_step_callback=supports_cb,
     )
+
+
+def _load_arch(spec: VariantSpec, name: str, dev: str, dtype_name: str) -> LoadedModel:
+    """Build an ``arch:`` variant in memory on ``dev`` (random weights, real architecture); the build is its load time."""
+    import tempfile
+
+    import torch
+
+    from diffserve.models.arch import ARCH_LABEL, arch_config, build_arch_pipeline
+
+    cfg_cls = arch_config(name)["pipeline_class"]
+    if spec.pipeline_class not in ("auto", cfg_cls):
+        raise UserError(f"architecture {name!r} is a {cfg_cls}; pipeline_class {spec.pipeline_class!r} cannot run it")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="diffserve-tok-") as tok, quiet_loading():
+        pipe = build_arch_pipeline(name, device=dev, dtype=dtype_name, tokenizer_dir=tok)
+    if spec.scheduler:
+        pipe.scheduler = scheduler_class(spec.scheduler).from_config(pipe.scheduler.config)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize(dev)
+    return _ready(spec, pipe, dev, dtype_name, time.perf_counter() - start, True, ARCH_LABEL)

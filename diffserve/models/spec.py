@@ -11,6 +11,7 @@ import re
 
 from pydantic import Field, field_validator
 
+from diffserve.models.gpu_options import GpuOptions
 from diffserve.schemas import StrictModel
 
 #: dtype names a variant may ask for; ``auto`` means float16 on CUDA and float32 elsewhere.
@@ -32,6 +33,7 @@ class VariantSpec(StrictModel):
     dtype: str = "float32"
     scheduler: str | None = Field(default=None, description="diffusers scheduler class (or alias) replacing the default")
     device: str = "auto"
+    gpu: GpuOptions = Field(default_factory=GpuOptions, description="GPU-path switches (SDPA, channels-last, compile, CUDA graphs, ...)")
 
     @field_validator("name")
     @classmethod
@@ -68,6 +70,11 @@ class VariantSpec(StrictModel):
         if not _DEVICE.match(value):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
         return value
+
+    @property
+    def is_arch(self) -> bool:
+        """A published architecture with random weights (``arch:<name>``)."""
+        return self.source.startswith("arch:")
 
     @property
     def is_builtin(self) -> bool:

@@ -25,6 +25,15 @@ def _short(reason: str | None) -> str:
     return _KINDS.get(head, "published" if "published" in reason or "artifact" in reason else head[:12])
 
 
+def gpu_options_text(options: dict) -> str:
+    """One short line of the GPU-path options that were on, e.g. ``float16 sdpa channels-last compile``."""
+    on = [str(options.get("dtype", ""))]
+    on += [name.replace("_", "-") for name in ("sdpa", "channels_last", "cuda_graphs", "same_stream_decode", "step_sync", "pinned_outputs") if options.get(name)]
+    if options.get("compile") not in (None, "off"):
+        on.append(f"compile={options['compile']}")
+    return " ".join(x for x in on if x)
+
+
 def profile_table(profile: ProfileFile) -> Table:
     weights = " [bold yellow](RANDOM WEIGHTS)[/]" if profile.random_weights else ""
     table = Table(title=f"Latency per batch on {profile.device}{weights}", title_justify="left")
@@ -35,8 +44,12 @@ def profile_table(profile: ProfileFile) -> Table:
     table.add_column("infeasible")
     for model in profile.models.values():
         labels = [model.name + (" *" if model.random_weights else "")]
+        if model.label:
+            labels.append(f"[dim]{escape(model.label)}[/]")
         if model.load_time_s is not None:
             labels.append(f"[dim]load {model.load_time_s:.2f} s[/]")
+        if model.gpu_options:
+            labels.append(f"[dim]{escape(gpu_options_text(model.gpu_options))}[/]")
         for i, b in enumerate(model.batches):
             label = labels[i] if i < len(labels) else ""
             if b.feasible:

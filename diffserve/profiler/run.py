@@ -61,6 +61,10 @@ class ProfileSettings:
     #: strength of the edit column (img2img latency per batch size, ``edit_median_ms``); 1.0, the
     #: dearest edit (every step, plus encoding the input), bounds every edit; None skips edits
     edit_strength: float | None = 1.0
+    #: co-located worker counts k to measure (aggregate throughput of k processes on the device)
+    colocate: tuple[int, ...] = ()
+    #: batch sizes the co-located workers run
+    colocate_batch_sizes: tuple[int, ...] = (1,)
     loader: Callable[[VariantSpec, str | None], LoadedModel] = field(
         default=lambda spec, device: load_variant(spec, device=device)
     )
@@ -168,7 +172,8 @@ def profile_variants(
         entry = ModelProfile(
             name=spec.name, source=spec.source, random_weights=model.random_weights,
             load_time_s=round(model.load_time_s, 4), resolution=spec.resolution, steps=spec.steps,
-            batches=list(known.values()),
+            batches=list(known.values()), label=getattr(model, "label", None), gpu_options=getattr(model, "gpu", None) or None,
+            variant=spec.model_dump(mode="json"),
         )
         models[spec.name] = entry
 
@@ -193,6 +198,15 @@ def profile_variants(
             _measure_edits(model, spec.name, models, settings, limits, probe, save)
         del model, run
         _release_memory()
+        if settings.colocate:
+            from diffserve.profiler.colocate import measure_colocated
+
+            measured = [
+                measure_colocated(spec, k, b, device=device, repeats=settings.repeats, warmup=settings.warmup, threads=threads)
+                for k in sorted(set(settings.colocate)) for b in sorted(set(settings.colocate_batch_sizes))
+            ]
+            models[spec.name] = models[spec.name].model_copy(update={"colocated": measured})
+            save()
     return save()
 
 

@@ -53,6 +53,11 @@ class ServeOptions:
     #: plan for this multiple of the demand estimate (``None``: the planner's default, 1.2)
     headroom: float | None = None
     controller: ControllerSettings = field(default_factory=ControllerSettings)
+    #: diffusers backend: the workers' device, and how many worker processes share each GPU
+    device: str = "cpu"
+    workers_per_gpu: int = 1
+    #: start a private CUDA MPS daemon when workers share a GPU (else the driver time-slices)
+    mps: bool = False
     #: keep the initial plan for the whole run (the controller still measures demand but never
     #: re-plans), as ``PUT /v1/plan`` pins one; the quickstart's demo plan on random weights uses it
     pin_plan: bool = False
@@ -68,6 +73,10 @@ class ServeOptions:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.demand_qps <= 0:
             raise UserError(f"--demand must be positive, got {self.demand_qps}")
+        if self.workers_per_gpu < 1:
+            raise UserError(f"--workers-per-gpu must be at least 1, got {self.workers_per_gpu}")
+        if self.workers_per_gpu > 1 and (self.backend != "diffusers" or not self.device.startswith("cuda")):
+            raise UserError("--workers-per-gpu applies to the diffusers backend on a CUDA --device")
         if self.backend == "diffusers" and self.speedup != 1.0:
             raise UserError("--speedup only applies to the emulated backend (real models run in real time)")
 
@@ -147,7 +156,8 @@ def make_backend(opts: ServeOptions, profile: ProfileFile, cascade: CascadeFile,
     from diffserve.server.procbackend import DiffusersBackend
 
     return DiffusersBackend(
-        profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker, seed=opts.seed
+        profile, pair, opts.workers, clock, cascade_path=cascade_path, threads=opts.threads_per_worker, seed=opts.seed,
+        device=opts.device, workers_per_gpu=opts.workers_per_gpu,
     )
 
 
@@ -156,6 +166,10 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
     opts.validate()
     profile = load_profile(opts.profile)
     cascade = load_cascade(opts.cascade)
+    if opts.workers_per_gpu > 1:  # one of k workers sharing a GPU runs at the latencies measured with k sharing
+        from diffserve.planner.colocation import colocated_profile
+
+        profile = colocated_profile(profile, opts.workers_per_gpu)
     clock = clock or Clock(opts.speedup)
     plan, origin = initial_plan(opts, profile, cascade, solver)
     if plan.workers_used > opts.workers:

@@ -384,6 +384,7 @@ class DiffusersBackend(ProcessBackend):
         threads: int = 1,
         device: str | None = "cpu",
         seed: int = 0,
+        workers_per_gpu: int = 1,
     ) -> None:
         models = [pair.light, pair.heavy]
         tables = profile_tables(profile, models)
@@ -399,6 +400,8 @@ class DiffusersBackend(ProcessBackend):
         spec = {
             "kind": "diffusers",
             "models": {m: profile.model(m).source for m in models},
+            # the spec each model was profiled with (steps, resolution, dtype, GPU options), when the profile has it
+            "variants": {m: profile.model(m).variant for m in models if profile.model(m).variant},
             "light": pair.light,
             "discriminator": disc.path if disc.kind != "replayed" else None,
             "cascade_path": cascade_path,
@@ -409,3 +412,8 @@ class DiffusersBackend(ProcessBackend):
         res = sorted({profile.model(m).resolution or 512 for m in models})
         super().__init__(models, n_workers, spec, tables, sizes=[(r, r) for r in res])
         self.clock = clock
+        if device is not None and device.startswith("cuda"):  # worker i on GPU i // k (k sharing each GPU)
+            from diffserve.sharing import device_worker
+
+            for i, proc in enumerate(self._procs):
+                proc.spec = dict(spec, device=device_worker(i, device, workers_per_gpu))

@@ -59,8 +59,12 @@ class DiffusersRunner:
         set_torch_threads(int(spec.get("threads", 1)))
         t0 = time.perf_counter()
         self.models = {}
+        from diffserve.models import VariantSpec
+
         for name, source in spec["models"].items():
-            self.models[name] = load_variant(_variant_for(name, source), device=spec.get("device"))
+            profiled = spec.get("variants", {}).get(name)
+            variant = VariantSpec(**profiled) if profiled else _variant_for(name, source)
+            self.models[name] = load_variant(variant, device=spec.get("device"))
         self.light = spec["light"]
         self.discriminator = None
         if spec.get("discriminator"):
