@@ -256,7 +256,8 @@ if __name__ == "__main__":  # the stub server of the compare test
 
 
 def test_server_commands_reproduce_each_baseline():
-    """Baselines run without degrade; the paper's controller plans with batch latencies only."""
+    """Baselines run without degrade; the paper's controller and static plan with batch latencies
+    only, as the paper's planner did; static-queueing is static with our queueing model."""
     from diffserve.artifacts import load_cascade, load_profile
     from diffserve.evaluation import compare
     from diffserve.evaluation.sources import Arrival
@@ -266,9 +267,11 @@ def test_server_commands_reproduce_each_baseline():
         cascade_spec="reference", profile=load_profile("reference"), pair=load_cascade("reference").recommended(),
         workers=4, slo_ms=5000, speedup=5, output=Path("unused"),
     )
-    commands = {policy: compare.server_command(spec, policy, 9999) for policy in compare.POLICIES}
+    commands = {policy: compare.server_command(spec, policy, 9999) for policy in compare.BENCH_POLICIES}
     assert "--no-degrade" not in commands["diffserve"]
     assert all("--no-degrade" in cmd for policy, cmd in commands.items() if policy != "diffserve")
-    paper = commands["diffserve-paper"]
-    assert paper[paper.index("--latency-model") + 1] == "batch"
-    assert all("--latency-model" not in cmd for policy, cmd in commands.items() if policy != "diffserve-paper")
+    for policy in ("diffserve-paper", "static"):
+        assert commands[policy][commands[policy].index("--latency-model") + 1] == "batch"
+    assert all("--latency-model" not in cmd for policy, cmd in commands.items() if policy not in ("diffserve-paper", "static"))
+    queueing = commands["static-queueing"]
+    assert queueing[queueing.index("--policy") + 1] == "static"

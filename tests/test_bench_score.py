@@ -244,7 +244,7 @@ def test_no_recorded_policy_scores_better_than_the_oracle(tmp_path):
     """Every policy, a short overloaded slice of a paper trace, the runtime in virtual time: none beats the bound
     at its own violation ratio, and rescoring the saved log gives the run's own figures."""
     from diffserve.cli.main import app
-    from diffserve.evaluation.compare import POLICIES
+    from diffserve.evaluation.compare import BENCH_POLICIES
     from diffserve.evaluation.records import read_jsonl
     from diffserve.reference import reference_cascade, reference_profile
 
@@ -256,7 +256,7 @@ def test_no_recorded_policy_scores_better_than_the_oracle(tmp_path):
     assert result.exit_code == 0, result.output
     document = json.loads((out / "results.json").read_text())
     rows = document["policies"]
-    assert [r["policy"] for r in rows] == list(POLICIES)
+    assert [r["policy"] for r in rows] == list(BENCH_POLICIES)
     assert document["oracle"]["fid"] is not None
     pair, profile = reference_cascade().recommended(), reference_profile()
     for row in rows:
@@ -266,4 +266,5 @@ def test_no_recorded_policy_scores_better_than_the_oracle(tmp_path):
         for key in ("fid", "fid_optimistic"):
             assert row[key] is None or row[key] >= bound.fid - 1e-4, (row["policy"], key, row[key], bound.fid)
         rescored = score_records(records, pair, SLO, "random-split" if row["policy"] == "proteus" else "cascade")
+        assert rescored.degraded_weight == row["degraded_weight"]
         assert (rescored.fid, rescored.slo_violation_ratio) == (row["fid"], row["slo_violation_ratio"])

@@ -302,6 +302,7 @@ def test_sweep_writes_one_table_and_plot(tmp_path):
             assert (out / f"w{w}-slo{s}" / "results.json").is_file()
     table = (out / "sweep.md").read_text()
     assert "| 10 s | 2 |" in table and (out / "sweep.png").stat().st_size > 0
+    assert "paired t-test" in table and table.count("clipper-heavy: ") == 4  # one verdict per cell
     # more workers never serve the heavy-only baseline worse, on the same arrivals
     heavy = {(c["workers"], c["slo_ms"]): c["slo_violation_ratio"] for c in doc["cells"] if c["policy"] == "clipper-heavy"}
     assert heavy[(2, 5000.0)] <= heavy[(1, 5000.0)]

@@ -165,9 +165,10 @@ def compare_cmd(
     clock: Annotated[str, typer.Option("--clock", help="virtual: the runtime in-process on a virtual-time loop (fast, deterministic); real: an HTTP server per policy on the wall clock at --speedup.")] = "virtual",
     speedup: Annotated[float, typer.Option("--speedup", min=0.001, help="--clock real: how much faster than the modelled cluster the emulated servers run.")] = 5.0,
     solve_time: Annotated[str, typer.Option("--solve-time", help="--clock virtual: model time each controller re-plan takes to apply (0 = at once).")] = "0ms",
-    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all six, ours last).")] = "",
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all seven rows: the six policies and static-queueing, ours last).")] = "",
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
     stream: Annotated[bool, typer.Option("--stream", help="Ask for progressive delivery (stream: true, partial_images: 1) and report time to first image.")] = False,
+    arrivals_mode: Annotated[str | None, typer.Option("--arrivals", help="With --trace: resample (each seed redraws Poisson arrivals within each second at the trace's per-second count; the default for --seeds > 1) or replay (the file's exact times on every seed).")] = None,
     output: OutputOpt = Path("bench-compare"),
 ) -> None:
     """Run the same arrivals against each policy on a fresh emulated server and compare them."""
@@ -184,22 +185,30 @@ def compare_cmd(
         pareto_verdict,
         run_compare,
     )
+    import numpy as np
+
     from diffserve.evaluation.prompts import load_prompts
+    from diffserve.evaluation.sources import resample_within_seconds
     from diffserve.evaluation.sweep import run_sweep
     from diffserve.units import parse_duration_list_ms, parse_duration_ms, parse_int_list
 
     from diffserve import policies as registry
 
-    chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or registry.names()
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or registry.bench_labels()
     for p in chosen:
-        registry.get(p, flag="--policies")
+        registry.bench_row(p, flag="--policies")
     worker_list = parse_int_list(workers, name="--workers")
     slo_list = parse_duration_list_ms(slo, name="--slo")
     solve_ms = 0.0 if solve_time.strip() in ("0", "0ms", "0s") else parse_duration_ms(solve_time, name="--solve-time", default_unit="ms")
     prompt_list = load_prompts(prompts)
 
+    mode = _arrival_mode(arrivals_mode, trace is not None, seeds)
+
     def arrivals_of(s: int):
-        return _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, s, len(prompt_list))
+        arrivals, label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, s, len(prompt_list))
+        if mode == "resample":
+            arrivals = resample_within_seconds(arrivals, np.random.default_rng((s, ARRIVALS_STREAM)))
+        return arrivals, label
 
     arrivals, source_label = arrivals_of(seed)
     prof, casc = load_profile(profile), load_cascade(cascade)
@@ -208,13 +217,14 @@ def compare_cmd(
         pair=_pair_of(casc), workers=worker_list[0], slo_ms=slo_list[0], speedup=speedup,
         output=output, seed=seed, replan_interval_ms=parse_duration_ms(replan_interval, name="--replan-interval"),
         policies=chosen, trace_label=source_label, clock=clock, seeds=tuple(range(seed, seed + seeds)),
-        arrivals_for_seed=None if trace is not None else (lambda s: arrivals_of(s)[0]), solve_ms=solve_ms, stream=stream,
+        arrivals_for_seed=None if mode == "replay" else (lambda s: arrivals_of(s)[0]), solve_ms=solve_ms, stream=stream,
+        arrival_mode=mode,
     )
     span_s = arrivals[-1].time_ms / 1000.0
     n_runs = len(chosen) * seeds * len(worker_list) * len(slo_list)
     per_run = f"~{span_s / speedup:.0f} s wall each" if clock == "real" else "virtual time"
     console.print(
-        f"{len(arrivals)} requests over {span_s:.0f} model s ({source_label}); {n_runs} runs "
+        f"{len(arrivals)} requests over {span_s:.0f} model s ({source_label}, arrivals: {mode}); {n_runs} runs "
         f"({len(chosen)} policies x {seeds} seeds x {len(worker_list)} cluster sizes x {len(slo_list)} SLOs), {per_run}"
     )
     started = time.monotonic()
@@ -244,6 +254,25 @@ def compare_cmd(
     else:
         console.print(f"wrote {output}/sweep.json, sweep.md, sweep.png and one comparison folder per cell "
                       f"({time.monotonic() - started:.0f} s)")
+
+
+#: The random stream of resampled arrivals: seed s draws from default_rng((s, ARRIVALS_STREAM)),
+#: apart from the seed's other draws (discriminator, generated sources).
+ARRIVALS_STREAM = 1
+
+
+def _arrival_mode(given: str | None, is_trace: bool, seeds: int) -> str:
+    """``--arrivals`` as the run uses it: generated sources are drawn per seed whatever it says."""
+    from diffserve.errors import UserError
+    from diffserve.evaluation.sources import ARRIVAL_MODES
+
+    if given is not None and given not in ARRIVAL_MODES:
+        raise UserError(f"--arrivals must be one of {', '.join(ARRIVAL_MODES)}, got {given!r}")
+    if not is_trace:
+        if given is not None:
+            raise UserError("--arrivals applies to --trace only; generated arrivals (--poisson, --shape, --bursty) are drawn per seed")
+        return "generated"
+    return given or ("resample" if seeds > 1 else "replay")
 
 
 def _warn_lag(row: dict, slo_ms: float) -> None:

@@ -9,10 +9,12 @@ Two clocks run the same server options (:func:`serve_options`):
   (:mod:`diffserve.evaluation.inprocess`): no HTTP, no wall-clock waits, deterministic per seed.
 
 Every policy runs on each seed of ``seeds``; its row is the mean over seeds with the spread
-(``fid_std``, ``violation_std``), and a difference within the spread is a tie. How each policy's
-server is started is its registry entry's :class:`~diffserve.policies.BenchConfig`: the paper's
-baselines run with ``--no-degrade`` (their systems had no degrade mode and dropped late requests);
-``diffserve-paper`` also plans as the artifact did, with batch latencies only (``--latency-model batch``).
+(``fid_std``, ``violation_std``) and the per-seed figures, and ours is judged against each baseline
+by a paired test on the per-seed differences (:mod:`diffserve.evaluation.verdicts`). How each
+row's server is started is its registry entry's :class:`~diffserve.policies.BenchConfig`: the
+paper's baselines run with ``--no-degrade`` (their systems had no degrade mode and dropped late
+requests); ``diffserve-paper`` and ``static`` also plan as the paper did, with batch latencies only
+(``--latency-model batch``); ``static-queueing`` is ``static`` planned with our queueing model.
 """
 
 from __future__ import annotations
@@ -37,8 +39,24 @@ from diffserve.evaluation.runner import RunSpec, execute, write_outputs
 from diffserve.evaluation.serverproc import ServerProcess
 from diffserve.evaluation.oracle import oracle_curve
 from diffserve.evaluation.sources import Arrival, demand_per_second, window_rates
+from diffserve.evaluation.verdicts import TEST_DESCRIPTION, format_penalty, format_test, verdict_document, verdicts
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.build import ServeOptions
+
+#: Every row ``bench compare`` runs by default, in table order (ours last); see
+#: :func:`diffserve.policies.bench_labels` (registered policies included).
+BENCH_POLICIES = registry.bench_labels()
+
+
+def base_policy(label: str) -> str:
+    """The planner policy behind a bench row (``static-queueing`` -> ``static``)."""
+    return registry.bench_row(label)[0].name
+
+
+def latency_model_of(label: str) -> str:
+    """The planner's latency model for a bench row: ``batch`` for the paper's planners, else ``queueing``."""
+    return registry.bench_row(label)[1].latency_model
+
 
 CLOCKS = ("virtual", "real")
 
@@ -71,6 +89,8 @@ class CompareSpec:
     solve_ms: float = DEFAULT_SOLVE_MS
     #: progressive delivery (``stream: true, partial_images: 1``): rows add ``ttfi_p50_ms``/``ttfi_p99_ms``
     stream: bool = False
+    #: how seeds treat the arrivals: ``resample`` / ``replay`` a trace file, or ``generated`` (drawn per seed)
+    arrival_mode: str = "replay"
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
@@ -89,7 +109,7 @@ class CompareSpec:
         rates = window_rates(self.arrivals_at(self.seed if seed is None else seed), self.replan_interval_ms / 1000.0)
         if len(rates) == 0:
             return 1.0
-        value = float(rates.max()) if registry.get(policy).bench.demand == "peak" else float(rates[0])
+        value = float(rates.max()) if registry.bench_row(policy)[1].demand == "peak" else float(rates[0])
         return round(max(value, 0.1), 3)
 
 
@@ -103,7 +123,7 @@ def _other_pairs(spec: CompareSpec) -> tuple[CascadePair, ...]:
 def serve_options(spec: CompareSpec, policy: str, seed: int) -> ServeOptions:
     """The server a policy runs on, whichever the clock: both paths are built from these options
     (the policy's registry entry says how the benchmark configures it)."""
-    bench = registry.get(policy).bench
+    bench = registry.bench_row(policy)[1]
     return ServeOptions(
         backend="emulated",
         profile=spec.profile_spec,
@@ -111,7 +131,7 @@ def serve_options(spec: CompareSpec, policy: str, seed: int) -> ServeOptions:
         workers=spec.workers,
         slo_ms=spec.slo_ms,
         speedup=spec.speedup if spec.clock == "real" else 1.0,  # virtual time has nothing to speed up
-        policy=policy,
+        policy=base_policy(policy),
         demand_qps=spec.demand_for(policy, seed),
         replan_interval_ms=spec.replan_interval_ms,
         seed=seed,
@@ -153,6 +173,13 @@ def server_command(spec: CompareSpec, policy: str, port: int, seed: int | None =
 SPREAD_KEYS = (("fid", "fid_std"), ("slo_violation_ratio", "violation_std"))
 
 
+#: What ``per_seed`` keeps of each seed's row: what paired verdicts and break-even penalties need.
+PER_SEED_KEYS = (
+    "seed", "slo_violation_ratio", "fid", "fid_optimistic", "degraded_ratio", "degraded_weight", "seconds_without_quality",
+    "goodput", "light_fraction", "ttfi_p99_ms", "door_shed_in_flight", "door_peak_in_flight_share", "wall_s",
+)
+
+
 def _std(values: list[float]) -> float:
     """Sample standard deviation (0 for a single seed: one run shows no spread)."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -185,64 +212,33 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r.get(key) for r in runs]
         row[spread] = None if any(v is None for v in values) else round(_std(values), 6)
     row["per_seed"] = [
-        {k: r.get(k) for k in ("seed", "slo_violation_ratio", "fid", "degraded_ratio", "goodput", "light_fraction", "ttfi_p99_ms", "wall_s")}
+        {k: r.get(k) for k in PER_SEED_KEYS}
         for r in runs
     ]
     return row
 
 
-def _compare_metric(mine: float | None, theirs: float | None, tolerance: float) -> int:
-    """-1 when ours is lower by more than the tolerance, +1 when higher by more, 0 for a tie."""
-    if mine is None or theirs is None:
-        return 0
-    if mine < theirs - tolerance:
-        return -1
-    if mine > theirs + tolerance:
-        return 1
-    return 0
-
-
 def pareto_verdict(rows: list[dict[str, Any]], ours: str = OURS) -> list[str]:
-    """One line per baseline: does ours dominate it (lower violations and FID, or a tie on one)?
-
-    A baseline's FID is taken at its best reading (``fid_optimistic`` when lower: Proteus scored on
-    the cascade curve), so ours must beat both readings to dominate. A difference counts only when
-    it is larger than the seed spread: the larger of the two policies' standard deviations over
-    seeds (0 with one seed, where any difference counts).
-    Ours *dominates* when it is better on one metric and tied or better on the other, *ties* when
-    both are within the spread, and otherwise does NOT dominate. A baseline without a FID (no
-    answer in time) is beaten on FID by any answer.
-    """
+    """One line per baseline: does ours dominate it, by how much, and the break-even penalty
+    (:mod:`diffserve.evaluation.verdicts`: a paired test on per-seed differences; a baseline is
+    read at its better FID reading, so ours must beat both)."""
     by_name = {r["policy"]: r for r in rows}
-    if ours not in by_name:
-        return []
-    mine = by_name[ours]
     lines = []
-    for row in rows:
-        if row["policy"] == ours:
-            continue
-        cmp_v = _compare_metric(
-            mine["slo_violation_ratio"], row["slo_violation_ratio"], max(mine.get("violation_std") or 0.0, row.get("violation_std") or 0.0)
-        )
-        readings = [q for q in (row["fid"], row.get("fid_optimistic")) if q is not None]
-        theirs = min(readings) if readings else None
-        if theirs is None:
-            cmp_f = -1 if mine["fid"] is not None else 0
-        else:
-            cmp_f = 1 if mine["fid"] is None else _compare_metric(mine["fid"], theirs, max(mine.get("fid_std") or 0.0, row.get("fid_std") or 0.0))
+    for v in verdicts(rows, ours):
+        mine, row = by_name[ours], by_name[v.baseline]
         both = (
             f" (optimistic {_fmt(row['fid_optimistic'])})"
             if row.get("fid_optimistic") is not None and row["fid_optimistic"] != row["fid"] else ""
         )
-        if cmp_v <= 0 and cmp_f <= 0 and (cmp_v < 0 or cmp_f < 0):
-            verdict = "dominates"
-        elif cmp_v == 0 and cmp_f == 0:
-            verdict = "ties with"
-        else:
-            verdict = "does NOT dominate"
+        paired = (
+            f"; paired per seed: violations {format_test(v.violations, 4)}, FID {format_test(v.fid, 2)}"
+            if v.paired else ""
+        )
+        penalty = f"; break-even penalty {format_penalty(v.break_even)}" if v.verdict == "dominates" else ""
         lines.append(
-            f"{ours} {verdict} {row['policy']}: violations {_pm(mine, 'slo_violation_ratio', 'violation_std', 4)} vs "
-            f"{_pm(row, 'slo_violation_ratio', 'violation_std', 4)}, FID {_pm(mine, 'fid', 'fid_std', 2)} vs {_pm(row, 'fid', 'fid_std', 2)}{both}"
+            f"{ours} {v.verdict} {row['policy']}: violations {_pm(mine, 'slo_violation_ratio', 'violation_std', 4)} vs "
+            f"{_pm(row, 'slo_violation_ratio', 'violation_std', 4)}, FID {_pm(mine, 'fid', 'fid_std', 2)} vs "
+            f"{_pm(row, 'fid', 'fid_std', 2)}{both}{paired}{penalty}"
         )
     return lines
 
@@ -281,11 +277,14 @@ def _run_virtual(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     on_start()
     opts = serve_options(spec, run.label, run.seed)
+    door: dict[str, Any] = {}
     result = run_in_process(
-        opts, run.arrivals, run.prompts, seed=run.seed, solve_ms=spec.solve_ms, on_done=on_done, stream=spec.stream
+        opts, run.arrivals, run.prompts, seed=run.seed, solve_ms=spec.solve_ms, on_done=on_done, stream=spec.stream,
+        door_log=door,
     )
     row, tl = write_outputs(run, result, folder)
-    row.update(solve_ms_charged=spec.solve_ms, server_command="in-process, virtual time: serve " + " ".join(serve_flags(opts)))
+    row.update(solve_ms_charged=spec.solve_ms, server_command="in-process, virtual time: serve " + " ".join(serve_flags(opts)),
+               **{f"door_{k}": v for k, v in door.items()})
     return row, tl
 
 
@@ -298,7 +297,7 @@ def run_compare(
 ) -> list[dict[str, Any]]:
     """Run every policy on every seed and write the comparison; returns one row per policy."""
     for policy in spec.policies:
-        registry.get(policy)  # an unknown name is a UserError naming the choices
+        registry.bench_row(policy)  # an unknown name is a UserError naming the choices
     spec.output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     timelines: dict[str, dict[str, Any]] = {}
@@ -313,7 +312,7 @@ def run_compare(
             run = RunSpec(
                 label=policy, arrivals=arrivals, prompts=spec.prompts, profile=spec.profile, pair=spec.pair,
                 workers=spec.workers, slo_ms=spec.slo_ms, speedup=spec.speedup, seed=seed, clock=spec.clock,
-                quality_mode=registry.get(policy).quality_mode,
+                quality_mode=registry.bench_row(policy)[0].quality_mode,
                 other_pairs=_other_pairs(spec),
             )
             started = time.monotonic()
@@ -321,7 +320,8 @@ def run_compare(
             on_done = (lambda _r, n=name: on_request_done(n)) if on_request_done else None
             row, tl = run_one(spec, run, folder, on_start, on_done)
             row.update(
-                degrade=registry.get(policy).bench.degrade,
+                degrade=registry.bench_row(policy)[1].degrade,
+                latency_model=latency_model_of(policy),
                 demand_flag_qps=spec.demand_for(policy, seed),
                 policy_wall_s=round(time.monotonic() - started, 2),
             )
@@ -347,55 +347,98 @@ def results_document(spec: CompareSpec, rows: list[dict[str, Any]], oracle: dict
     """``results.json``: the settings, one object per policy and the oracle."""
     return {
         "trace": spec.trace_label,
+        "cascade": spec.cascade_spec,
         "workers": spec.workers,
         "slo_ms": spec.slo_ms,
         "clock": spec.clock,
         "speedup": spec.speedup if spec.clock == "real" else None,
         "seeds": list(spec.seeds),
+        "arrivals": spec.arrival_mode,
         "policies": rows,
+        "verdicts": [verdict_document(v) for v in verdicts(rows, OURS)],
         "oracle": oracle,
     }
 
 
 def compare_title(spec: CompareSpec) -> str:
-    clock = f"speedup {spec.speedup:g}" if spec.clock == "real" else "virtual time"
-    seeds = f", seeds {spec.seeds[0]}..{spec.seeds[-1]}" if len(spec.seeds) > 1 else f", seed {spec.seeds[0]}"
-    return f"{spec.trace_label}: {spec.workers} workers, SLO {spec.slo_ms / 1000:g} s, {clock}{seeds}"
+    return title_of(results_document(spec, [], {}))
 
 
-def _random_split_note(policies: tuple[str, ...]) -> str:
+def _random_split_note(policies: list[str]) -> str:
     """Which policies' answers are read as a random split (their registry entry's quality mode)."""
-    split = [p for p in policies if registry.get(p).quality_mode == "random-split"]
+    split = []
+    for p in policies:
+        try:
+            if registry.bench_row(p)[0].quality_mode == "random-split":
+                split.append(p)
+        except UserError:  # a row of a policy this process has not registered (a re-rendered JSON)
+            continue
     return f"; {', '.join(split)} is read as a random split (no discriminator)" if split else ""
 
 
-def write_compare_outputs(
-    spec: CompareSpec, rows: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], oracle: dict[str, Any]
-) -> None:
-    metric = spec.pair.metric.upper()
-    title = compare_title(spec)
-    report.write_json(spec.output / "results.json", results_document(spec, rows, oracle))
-    report.compare_png(spec.output / "compare.png", timelines, title, metric)
+def title_of(doc: dict[str, Any]) -> str:
+    """The heading of a comparison, from its ``results.json``."""
+    seeds = doc["seeds"]
+    clock = f"speedup {doc['speedup']:g}" if doc["clock"] == "real" else "virtual time"
+    seeds_text = f", seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f", seed {seeds[0]}"
+    return f"{doc['trace']}: {doc['workers']} workers, SLO {doc['slo_ms'] / 1000:g} s, {clock}{seeds_text}"
+
+
+#: What each ``arrivals`` mode of ``results.json`` means, for the tables.
+ARRIVALS_TEXT = {
+    "resample": "each seed redraws Poisson arrivals within each second at the trace's per-second count (--arrivals resample)",
+    "replay": "every seed replays the trace file's exact arrival times (--arrivals replay)",
+    "generated": "arrivals generated per seed",
+}
+
+
+def results_markdown(doc: dict[str, Any]) -> str:
+    """``results.md`` from ``results.json`` alone (so a committed JSON re-renders its table)."""
+    rows, oracle = doc["policies"], doc.get("oracle") or {}
+    seeds = doc["seeds"]
+    metric = str(rows[0].get("metric", "fid")).upper() if rows else "FID"
     spread = (
-        f"Each row is the mean over seeds {', '.join(map(str, spec.seeds))}; FID sd and viol. sd are the spread over "
-        "seeds, and a difference within the spread is a tie."
-        if len(spec.seeds) > 1 else "One seed: no spread is measured (run --seeds 3 for claims)."
+        f"Each row is the mean over seeds {', '.join(map(str, seeds))}; FID sd and viol. sd are the spread over seeds. "
+        f"Arrivals: {ARRIVALS_TEXT.get(doc.get('arrivals', 'replay'), doc.get('arrivals'))}."
+        if len(seeds) > 1 else "One seed: no spread is measured (run --seeds 3 for claims)."
+    )
+    door = [r for r in rows if r.get("door_peak_in_flight_share") is not None]
+    door_text = (
+        "HTTP door (modelled in virtual time): "
+        + "; ".join(f"{r['policy']} shed {r.get('door_shed_in_flight', 0):g} for the in-flight bound, peak "
+                    f"{100 * r['door_peak_in_flight_share']:.0f} % of it" for r in door) + "."
+        if door else ""
     )
     lines = [
-        f"# {title}",
+        f"# {title_of(doc)}",
         "",
         report.markdown_table(rows, report.table_columns(rows)),
         report.TABLE_LEGEND + ".",
         "",
         spread,
-        f"Quality: {rows[0]['quality_method'] if rows else ''}{_random_split_note(spec.policies)}.",
+        f"Quality: {rows[0]['quality_method'] if rows else ''}{_random_split_note([r['policy'] for r in rows])}.",
         "Violations: (late + failed + rejected) / sent; degraded answers met the SLO and are counted apart.",
         (
-            f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if not registry.get(p).bench.degrade)}); "
-            f"oracle {metric}: {_fmt(oracle['fid'])} at the fewest violations it allows, a bound no policy can beat at its own violation ratio (oracle_fid per policy in results.json)."
+            f"Baselines run with --no-degrade ({', '.join(r['policy'] for r in rows if not r.get('degrade', True))}); "
+            f"planned with batch latencies as the paper's planner did: "
+            f"{', '.join(r['policy'] for r in rows if r.get('latency_model') == 'batch') or 'none'}; "
+            f"oracle {metric}: {_fmt(oracle.get('fid'))} at the fewest violations it allows, a bound no policy can beat at its own violation ratio (oracle_fid per policy in results.json)."
         ),
+        door_text,
+        "",
+        f"Verdicts: {TEST_DESCRIPTION}. Break-even penalty: how much worse than the light model's average "
+        f"(in {metric} points) a degraded image would have to be before ours stopped dominating that baseline.",
         "",
         *[f"- {line}" for line in pareto_verdict(rows)],
         "",
     ]
-    report.atomic_write_text(spec.output / "results.md", "\n".join(lines))
+    return "\n".join(lines)
+
+
+def write_compare_outputs(
+    spec: CompareSpec, rows: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], oracle: dict[str, Any]
+) -> None:
+    doc = results_document(spec, rows, oracle)
+    report.write_json(spec.output / "results.json", doc)
+    report.compare_png(spec.output / "compare.png", timelines, compare_title(spec), spec.pair.metric.upper())
+    report.atomic_write_text(spec.output / "results.md", results_markdown(doc))

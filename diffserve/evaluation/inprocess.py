@@ -10,11 +10,18 @@ Everything runs on a :class:`~diffserve.server.virtualtime.VirtualTimeLoop`: the
 sleep on model time, which the loop skips, so a run costs CPU, not wall time, and a seed fixes
 its result. What the HTTP path has and this one does not: request parsing and serialisation, the
 sockets, and the event-loop lag of a busy host (``max_send_lag_ms`` is 0 here by construction).
+
+The HTTP door is modelled: each request first meets the same door-keeper the embedded server
+puts in front of its app (:func:`diffserve.server.launch.shed_app`: shed while the plan's
+capacity x drop factor x SLO requests are in flight, or while the first stage could not admit
+one), so virtual runs shed what a real-clock server would. A request shed there is recorded as
+the 503 the door answers (:data:`DOOR_ERROR`) and counted as demand, as the server counts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,7 +31,9 @@ from diffserve.evaluation.records import RequestRecord
 from diffserve.evaluation.sources import Arrival
 from diffserve.server.build import ServeOptions, build_runtime
 from diffserve.server.errors import ServeError
+from diffserve.server.launch import shed_app
 from diffserve.server.router import ImageAnswer
+from diffserve.server.shedding import SHED_BODY
 from diffserve.server.runtime import Runtime
 from diffserve.server.virtualtime import run_virtual, virtual_clock
 
@@ -33,6 +42,8 @@ from diffserve.server.virtualtime import run_virtual, virtual_clock
 #: on the reference profile, about 1% of the 5 s re-plan interval, and charging the host's measured
 #: CPU time would make a run depend on the host.
 DEFAULT_SOLVE_MS = 0.0
+#: The error a request shed at the door is recorded with: the message of the door's 503 body.
+DOOR_ERROR = json.loads(SHED_BODY)["error"]["message"]
 
 
 @dataclass
@@ -77,12 +88,34 @@ async def drive(
     *,
     seed: int = 0,
     on_done: Callable[[RequestRecord], None] | None = None,
+    door_log: dict[str, int] | None = None,
 ) -> LoadResult:
-    """Replay ``arrivals`` into a started runtime on the running loop's clock."""
+    """Replay ``arrivals`` into a started runtime on the running loop's clock, through the door.
+
+    ``door_log``, when given, receives the door's counts: ``shed_in_flight`` (refused because the
+    in-flight bound was reached), ``shed_first_stage`` (the first stage could not admit one) and
+    ``peak_in_flight_share`` (the most requests in flight, as a share of the bound at that moment)."""
     loop = asyncio.get_running_loop()
     timeout_s = load.timeout_ms / 1000.0
+    door = shed_app(None, runtime)
+    log = door_log if door_log is not None else {}
+    log.update(shed_in_flight=0, shed_first_stage=0, peak_in_flight_share=0.0)
 
     async def send(record: RequestRecord, prompt: str, request_seed: int) -> None:
+        limit = door.limit()
+        log["peak_in_flight_share"] = max(log["peak_in_flight_share"], round((door.active + 1) / limit, 4))
+        if door.closed(0.0):  # the request reaches the server at once: nothing waited before the door
+            log["shed_in_flight" if door.active >= limit else "shed_first_stage"] += 1
+            door.on_shed()
+            record.status, record.error, record.retry_after = 503, DOOR_ERROR, max(1, int(door.retry_after_s()))
+            return
+        door.active += 1
+        try:
+            await admitted(record, prompt, request_seed)
+        finally:
+            door.active -= 1
+
+    async def admitted(record: RequestRecord, prompt: str, request_seed: int) -> None:
         def on_light(_index: int, _light: object, elapsed_ms: float) -> None:
             # the light image goes out as partial 0 the moment it exists (server/streaming.py)
             if record.ttfi_ms is None:
@@ -125,6 +158,7 @@ def run_in_process(
     solve_ms: float = DEFAULT_SOLVE_MS,
     on_done: Callable[[RequestRecord], None] | None = None,
     stream: bool = False,
+    door_log: dict[str, int] | None = None,
 ) -> LoadResult:
     """Build the runtime from ``opts`` as the server does, serve ``arrivals`` in virtual time, shut down.
 
@@ -140,7 +174,7 @@ def run_in_process(
         runtime, _origin = build_runtime(replace(opts, speedup=1.0), clock=virtual_clock())
         await runtime.start()
         try:
-            return await drive(runtime, load, arrivals, prompts, seed=seed, on_done=on_done)
+            return await drive(runtime, load, arrivals, prompts, seed=seed, on_done=on_done, door_log=door_log)
         finally:
             await runtime.drain()
             await runtime.stop()

@@ -70,6 +70,9 @@ class Summary(BaseModel):
     aggregate_fid: float | None
     seconds_with_requests: int
     seconds_without_quality: int
+    #: d fid / d penalty: how much ``fid`` rises per unit a degraded image is worse than the light
+    #: model's average (the sent-weighted mean of each second's degraded share of on-time images)
+    degraded_weight: float | None = None
     metric: str
     quality_method: str
     latency_p50_ms: float | None
@@ -163,6 +166,18 @@ def weighted_quality(weights: list[int] | np.ndarray, qualities: list[float | No
     return sum(w * q for w, q in pairs) / total if total else None
 
 
+def degraded_weight(counts: SecondCounts) -> float | None:
+    """How much the headline quality moves per unit of degrade penalty.
+
+    The headline prices a degraded image at the light model's average, ``Q(0)``
+    (:func:`mix_quality`). Were each one worse by ``p``, every second's quality would rise by
+    ``p x degraded / on-time`` and the headline (sent-weighted over seconds with a quality) by
+    ``p`` times this weight: the headline is linear in the penalty, so break-even penalties
+    (:mod:`diffserve.evaluation.verdicts`) follow from one number per run."""
+    shares = [int(d) / int(n) if n else None for d, n in zip(counts.degraded, counts.on_time)]
+    return weighted_quality(counts.sent, shares)
+
+
 def summarize(
     records: list[RequestRecord],
     *,
@@ -214,6 +229,7 @@ def summarize(
         aggregate_fid=_round(mix_quality(int(c.light.sum()), int(c.heavy.sum()), int(c.degraded.sum()), quality)),
         seconds_with_requests=int(busy.sum()),
         seconds_without_quality=int((busy & (c.on_time == 0)).sum()),
+        degraded_weight=_round(degraded_weight(c), 6),
         metric=metric,
         quality_method=quality_method,
         latency_p50_ms=_percentile(latencies, 50),

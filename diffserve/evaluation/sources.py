@@ -239,6 +239,28 @@ def bound(arrivals: list[Arrival], *, duration_s: float | None = None, max_reque
     return out
 
 
+#: How ``bench compare`` treats a trace file across seeds (see :func:`resample_within_seconds`).
+ARRIVAL_MODES = ("resample", "replay")
+
+
+def resample_within_seconds(arrivals: list[Arrival], rng: np.random.Generator) -> list[Arrival]:
+    """The trace's per-second counts, with each second's arrivals redrawn as a Poisson process.
+
+    Given its count ``n``, a Poisson process in one second places its ``n`` arrivals uniformly at
+    random: so each second keeps exactly the trace's count (the demand every planner and the
+    oracle see, :func:`demand_per_second`, is unchanged) while the times within it vary by seed.
+    This is the arrival noise that replaying the file's exact times on every seed leaves out of
+    a comparison's spread. Prompt indices keep the file's order.
+    """
+    if not arrivals:
+        return []
+    counts = demand_per_second(arrivals)
+    starts = np.repeat(np.arange(len(counts), dtype=float), counts)
+    times = np.sort((starts + rng.random(len(starts))) * 1000.0)  # uniform within its second; sorted per second
+    ordered = sorted(arrivals, key=lambda a: a.time_ms)
+    return [Arrival(float(t), a.prompt_index) for t, a in zip(times, ordered)]
+
+
 def demand_per_second(arrivals: list[Arrival], n_seconds: int | None = None) -> np.ndarray:
     """Arrivals counted per model second: the demand timeline every report shares."""
     if not arrivals:

@@ -13,11 +13,15 @@ from typing import Any
 
 from diffserve import policies as registry
 from diffserve.evaluation import report
-from diffserve.evaluation.compare import CompareSpec, run_compare
+from diffserve.evaluation.compare import OURS, CompareSpec, run_compare
+from diffserve.evaluation.verdicts import TEST_DESCRIPTION, format_penalty, verdicts
 from diffserve.figures import pyplot, save_png
 
 #: The per-policy figures a sweep cell keeps (the full rows stay in each cell's results.json).
-CELL_KEYS = ("policy", "slo_violation_ratio", "violation_std", "fid", "fid_std", "degraded_ratio", "goodput", "oracle_fid", "seeds")
+CELL_KEYS = (
+    "policy", "slo_violation_ratio", "violation_std", "fid", "fid_std", "fid_optimistic", "degraded_ratio", "degraded_weight",
+    "seconds_without_quality", "goodput", "oracle_fid", "seeds", "per_seed",
+)
 
 
 def cell_folder(workers: int, slo_ms: float) -> str:
@@ -50,14 +54,21 @@ def sweep_document(base: CompareSpec, cells: list[dict[str, Any]]) -> dict[str, 
 
 
 def sweep_table(cells: list[dict[str, Any]], policies: tuple[str, ...]) -> str:
-    """One row per (SLO, workers), one column per policy: ``violations / FID``, with spreads over seeds."""
-    header = "| SLO | workers | " + " | ".join(policies) + " |"
-    rule = "| --- | --- | " + " | ".join("---" for _ in policies) + " |"
+    """One row per (SLO, workers), one column per policy: ``violations / FID`` with spreads over
+    seeds (proteus adds its optimistic reading, ours its degraded share), then ours' verdict on each
+    baseline with its break-even penalty (:mod:`diffserve.evaluation.verdicts`)."""
+    header = "| SLO | workers | " + " | ".join(policies) + " | verdicts (break-even penalty) |"
+    rule = "| --- | --- | " + " | ".join("---" for _ in policies) + " | --- |"
     keys = sorted({(c["slo_ms"], c["workers"]) for c in cells})
     body = []
     for slo_ms, n in keys:
-        by_policy = {c["policy"]: c for c in cells if c["slo_ms"] == slo_ms and c["workers"] == n}
-        body.append(f"| {slo_ms / 1000:g} s | {n} | " + " | ".join(_cell(by_policy.get(p)) for p in policies) + " |")
+        mine = [c for c in cells if c["slo_ms"] == slo_ms and c["workers"] == n]
+        by_policy = {c["policy"]: c for c in mine}
+        judged = "; ".join(
+            f"{v.baseline}: {v.verdict}" + (f" ({format_penalty(v.break_even)})" if v.verdict == "dominates" else "")
+            for v in verdicts(mine, OURS)
+        )
+        body.append(f"| {slo_ms / 1000:g} s | {n} | " + " | ".join(_cell(by_policy.get(p)) for p in policies) + f" | {judged} |")
     return "\n".join([header, rule, *body]) + "\n"
 
 
@@ -67,6 +78,13 @@ def _cell(cell: dict[str, Any] | None) -> str:
     v, f = cell["slo_violation_ratio"], cell["fid"]
     text = f"{v:.4f}" + (f" ± {cell['violation_std']:.4f}" if cell.get("violation_std") else "")
     text += " / " + ("n/a" if f is None else f"{f:.2f}" + (f" ± {cell['fid_std']:.2f}" if cell.get("fid_std") else ""))
+    optimistic = cell.get("fid_optimistic")
+    if optimistic is not None and f is not None and round(optimistic, 2) != round(f, 2):
+        text += f" (opt. {optimistic:.2f})"
+    if cell.get("degraded_ratio"):
+        text += f" / {100 * cell['degraded_ratio']:.1f} % degraded"
+    if cell.get("seconds_without_quality"):
+        text += f" / {cell['seconds_without_quality']:g} s without FID"
     return text
 
 
@@ -78,8 +96,13 @@ def write_sweep_outputs(base: CompareSpec, cells: list[dict[str, Any]], workers:
     text = [
         f"# {base.trace_label}: sensitivity to workers and SLO ({clock}, {seeds})",
         "",
-        f"Cells: SLO violation ratio / per-second {metric} (mean ± spread over seeds). Each cell's full "
-        "comparison is in its folder w<workers>-slo<slo>/.",
+        f"Cells: SLO violation ratio / per-second {metric} (mean ± spread over seeds); (opt.) the optimistic reading "
+        "(fid_optimistic: degraded answers read as light ones; proteus on the cascade curve); the share of requests "
+        f"answered degraded; seconds with requests but no image in time. Each cell's full comparison is in its folder "
+        "w<workers>-slo<slo>/.",
+        "",
+        f"Verdicts: {TEST_DESCRIPTION}. Break-even penalty (in brackets): how much worse than the light model's average "
+        f"(in {metric} points) a degraded image would have to be before ours stopped dominating that baseline.",
         "",
         sweep_table(cells, base.policies),
     ]

@@ -1,0 +1,263 @@
+"""Write the README's benchmark tables (and docs/benchmarks.md's) from the committed runs in bench/results/.
+
+Each table sits in README.md or docs/benchmarks.md between ``<!-- readme-table NAME -->`` and
+``<!-- /readme-table NAME -->``; everything between the two markers is this script's output, so
+a figure in those tables always comes from a committed ``results.json`` (written by the
+``bench compare`` command printed above each table). Verdicts and break-even penalties are
+recomputed from each file's per-seed rows (:mod:`diffserve.evaluation.verdicts`).
+
+    python bench/readme_tables.py            # rewrite README.md and docs/benchmarks.md in place
+    python bench/readme_tables.py --check    # exit 1 if either differs from what the files give
+
+tests/test_readme_tables.py runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from diffserve.evaluation.compare import BENCH_POLICIES  # noqa: E402
+from diffserve.evaluation.verdicts import Verdict, format_penalty, verdicts  # noqa: E402
+from diffserve.fileio import atomic_write_text  # noqa: E402
+from diffserve.planner.policies import OURS  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+#: The three-trace table: (files under bench/results/ whose rows make the column, column heading).
+#: A column may come from several runs of the same settings (policies run apart): rows merge by policy.
+TRACES = (
+    (("compare-4to32.json",), "maf_trace_4to32qps, 16 workers"),
+    (("compare-2to16.json",), "maf_trace_2to16qps, 8 workers"),
+    (("compare-1to8.json",), "maf_trace_1to8qps, 4 workers"),
+)
+#: The three-cascade table.
+CASCADES = (
+    (("compare-4to32.json",), "SD-Turbo -> SD v1.5, 5 s"),
+    (("compare-sdxs.json", "compare-sdxs-clipper.json", "compare-sdxs-proteus.json"), "SDXS -> SD v1.5, 5 s"),
+    (("compare-sdxl.json", "compare-sdxl-clipper.json", "compare-sdxl-proteus.json"), "SDXL-Lightning -> SDXL, 15 s"),
+)
+#: The sweep's cells: every file under bench/results/sweep/, plus the 4to32 run (16 workers, 5 s).
+SWEEP_DIR = "sweep"
+SWEEP_EXTRA = ("compare-4to32.json",)
+#: The sweep table's baseline columns, in order.
+SWEEP_BASELINES = ("static", "proteus", "diffserve-paper")
+
+
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of the same settings as one: the first's settings, every policy's row once, in table order."""
+    merged = {**docs[0], "policies": []}
+    for doc in docs:
+        have = {r["policy"] for r in merged["policies"]}
+        merged["policies"] += [r for r in doc["policies"] if r["policy"] not in have]
+    merged["policies"].sort(key=lambda r: BENCH_POLICIES.index(r["policy"]))
+    return merged
+
+
+def load(names: tuple[str, ...], root: Path = RESULTS) -> dict[str, Any]:
+    """The merged runs of these files; a file not committed (a run that did not finish) is left
+    out, and its rows read "not run" in the tables."""
+    docs = [json.loads((root / n).read_text()) for n in names if (root / n).is_file()]
+    return merge(docs) if docs else {"policies": [], "oracle": {}}
+
+
+def _num(value: float | None, sd: float | None, digits: int) -> str:
+    """``0`` for an exact zero without spread, else ``value ± sd`` (``value`` alone without spread)."""
+    if value is None:
+        return "n/a"
+    if value == 0 and not sd:
+        return "0"
+    return f"{value:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd else "")
+
+
+def cell(row: dict[str, Any] | None, *, ours: bool = False) -> str:
+    """``violations / FID`` (proteus adds its optimistic reading; ours its degraded share)."""
+    if row is None:
+        return "not run"
+    text = f"{_num(row['slo_violation_ratio'], row.get('violation_std'), 4)} / {_num(row['fid'], row.get('fid_std'), 2)}"
+    if row["policy"] == "proteus" and row.get("fid_optimistic") is not None:
+        text += f"; {row['fid_optimistic']:.2f}"
+    if ours:
+        text = f"**{text} / {100 * (row.get('degraded_ratio') or 0.0):.2f} %**"
+    if row.get("seconds_without_quality"):
+        text += f" ({round(row['seconds_without_quality'], 1):g} s without FID)"
+    return text
+
+
+def verdict_text(v: Verdict | None) -> str:
+    """``dominates (ΔFID -0.31, p 0.004; break-even 12)``: the verdict, the FID difference, the penalty."""
+    if v is None:
+        return ""
+    short = {"dominates": "dominates", "ties with": "ties", "does NOT dominate": "**does NOT dominate**"}[v.verdict]
+    parts = []
+    if v.fid.mean_diff is not None:
+        parts.append(f"ΔFID {v.fid.mean_diff:+.2f}" + ("" if v.fid.p_value is None else f", p {_p(v.fid.p_value)}"))
+    if v.violations.mean_diff:
+        parts.append(f"Δviol. {v.violations.mean_diff:+.4f}" + ("" if v.violations.p_value is None else f", p {_p(v.violations.p_value)}"))
+    if v.verdict == "dominates":
+        parts.append(f"break-even {format_penalty(v.break_even)}")
+    return f"{short} ({'; '.join(parts)})" if parts else short
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _by_policy(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["policy"]: r for r in doc["policies"]}
+
+
+def _verdicts(doc: dict[str, Any]) -> dict[str, Verdict]:
+    return {v.baseline: v for v in verdicts(doc["policies"], OURS)}
+
+
+def policy_table(columns: tuple[tuple[tuple[str, ...], str], ...], root: Path = RESULTS) -> str:
+    """One column per run, one row per policy, then ours' optimistic reading, the bound and the verdicts."""
+    docs = [load(names, root) for names, _ in columns]
+    rows = [_by_policy(d) for d in docs]
+    judged = [_verdicts(d) for d in docs]
+    present = [p for p in BENCH_POLICIES if any(p in r for r in rows)]
+    names = {"proteus": "proteus (pessimistic; optimistic)", "static": "static (batch latencies, as the paper planned it)",
+             "static-queueing": "static-queueing (our queueing model: the bench's reading before issue #19)",
+             OURS: "**diffserve (ours)**"}
+    out = ["| policy | " + " | ".join(h for _, h in columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for p in present:
+        out.append(f"| {names.get(p, p)} | " + " | ".join(cell(r.get(p), ours=p == OURS) for r in rows) + " |")
+    out.append("| ours, degraded read as light (`fid_optimistic`) | "
+               + " | ".join(_num((r.get(OURS) or {}).get("fid_optimistic"), None, 2) for r in rows) + " |")
+    out.append("| oracle bound `oracle.fid`; ours above it | "
+               + " | ".join(_bound(d, r.get(OURS)) for d, r in zip(docs, rows)) + " |")
+    for p in present:
+        if p == OURS:
+            continue
+        out.append(f"| ours vs {p} | " + " | ".join(verdict_text(j.get(p)) for j in judged) + " |")
+    return "\n".join(out)
+
+
+def _bound(doc: dict[str, Any], ours: dict[str, Any] | None) -> str:
+    fid = (doc.get("oracle") or {}).get("fid")
+    if fid is None or ours is None or ours.get("fid") is None:
+        return "n/a"
+    return f"{fid:.2f}; +{100 * (ours['fid'] / fid - 1):.1f} %"
+
+
+def sweep_cells(root: Path = RESULTS) -> dict[tuple[float, int], dict[str, Any]]:
+    """Every sweep cell by (SLO ms, workers): the rows of all files for that cell, merged by policy."""
+    files = sorted((root / SWEEP_DIR).glob("*.json")) + [root / n for n in SWEEP_EXTRA if (root / n).is_file()]
+    groups: dict[tuple[float, int], list[dict[str, Any]]] = {}
+    for path in files:
+        doc = json.loads(path.read_text())
+        groups.setdefault((float(doc["slo_ms"]), int(doc["workers"])), []).append(doc)
+    return {key: merge(docs) for key, docs in groups.items()}
+
+
+def sweep_table(root: Path = RESULTS) -> str:
+    """One row per (SLO, workers): each baseline, ours with its degraded share, the bound, the verdicts."""
+    head = " | ".join(SWEEP_BASELINES)
+    out = [f"| SLO | workers | {head} | **diffserve (ours)** | oracle (ours above) | ours vs " + " / ".join(SWEEP_BASELINES) + " |",
+           "| --- | --- |" + " --- |" * (len(SWEEP_BASELINES) + 3)]
+    for (slo_ms, workers), doc in sorted(sweep_cells(root).items()):
+        rows, judged = _by_policy(doc), _verdicts(doc)
+        baselines = " | ".join(cell(rows.get(p)) for p in SWEEP_BASELINES)
+        verdict = "<br>".join(f"{p}: {verdict_text(judged.get(p)) or 'not run'}" for p in SWEEP_BASELINES)
+        out.append(f"| {slo_ms / 1000:g} s | {workers} | {baselines} | {cell(rows.get(OURS), ours=True)} | "
+                   f"{_bound(doc, rows.get(OURS))} | {verdict} |")
+    return "\n".join(out)
+
+
+def run_reports(root: Path = RESULTS) -> str:
+    """Each committed comparison's ``results.md`` (rendered from its JSON), headings one level down."""
+    from diffserve.evaluation.compare import results_markdown
+
+    parts = []
+    for name in sorted({n for names, _ in TRACES + CASCADES for n in names}, key=_run_order):
+        path = root / name
+        if not path.is_file():
+            continue
+        text = results_markdown(json.loads(path.read_text())).strip()
+        parts.append(f"`bench/results/{name}`:\n\n" + re.sub(r"^# ", "#### ", text, flags=re.M))
+    return "\n\n".join(parts)
+
+
+def _run_order(name: str) -> int:
+    order = [n for names, _ in TRACES + CASCADES for n in names]
+    return order.index(name)
+
+
+def door_summary(root: Path = RESULTS) -> str:
+    """Issue #19 item 11: did the HTTP door, modelled in virtual time, bind in any committed run?"""
+    rows = []
+    for path in sorted(root.rglob("*.json")):
+        doc = json.loads(path.read_text())
+        for row in (doc.get("policies") if isinstance(doc, dict) else None) or []:
+            if isinstance(row, dict) and row.get("door_peak_in_flight_share") is not None:
+                rows.append((path.relative_to(root).as_posix(), row))
+    if not rows:
+        return "No committed run records the door."
+    shed = sum(float(r.get("door_shed_in_flight") or 0) for _, r in rows)
+    name, peak = max(rows, key=lambda item: item[1]["door_peak_in_flight_share"])
+    return (
+        f"In the {len(rows)} policy rows committed under `bench/results/`, the door shed "
+        f"{shed:g} requests (mean over seeds, summed) for its in-flight bound; the most requests in flight at once "
+        f"were {100 * peak['door_peak_in_flight_share']:.0f} % of the bound ({peak['policy']}, `{name}`)."
+    )
+
+
+#: Every table this script writes: marker name -> renderer.
+TABLES: dict[str, Callable[[Path], str]] = {
+    "three-traces": lambda root: policy_table(TRACES, root),
+    "sweep": sweep_table,
+    "three-cascades": lambda root: policy_table(CASCADES, root),
+    "run-reports": run_reports,
+    "door": door_summary,
+}
+#: The documents that hold the tables, and which tables each holds.
+DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md")
+TABLES_OF = {"README.md": ("three-traces", "sweep", "three-cascades", "door"), "benchmarks.md": ("sweep", "run-reports")}
+
+
+def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:
+    """``text`` (the document named ``document``) with every marked table replaced by what the files give."""
+    for name in TABLES_OF[document]:
+        pattern = re.compile(rf"(<!-- readme-table {re.escape(name)} -->\n)(?:.*?\n)?(<!-- /readme-table {re.escape(name)} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{document} has no <!-- readme-table {name} --> ... <!-- /readme-table {name} --> block")
+        table = TABLES[name](root)
+        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="Exit 1 if a document differs from the committed results.")
+    args = parser.parse_args()
+    stale = []
+    for path in DOCUMENTS:
+        current = path.read_text()
+        wanted = render(current, path.name)
+        if wanted == current:
+            continue
+        stale.append(path.name)
+        if not args.check:
+            atomic_write_text(path, wanted)
+    if args.check:
+        if stale:
+            print(f"{', '.join(stale)}: tables differ from bench/results/; run python bench/readme_tables.py", file=sys.stderr)
+            return 1
+        print("README.md and docs/benchmarks.md tables match bench/results/")
+        return 0
+    print(f"rewrote {', '.join(stale) or 'nothing (all current)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
