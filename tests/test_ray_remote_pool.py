@@ -186,7 +186,7 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
         catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock, settings=RuntimeSettings()
     )
     await runtime.start()
-    await asyncio.gather(*runtime._scaling)
+    await asyncio.gather(*runtime.placement._scaling)
     first = {d: n for _, d, n in calls}
     assert first == {deployments[p.model]: p.workers for p in plan.pools} | {
         d: 0 for m, d in deployments.items() if plan.pool(m) is None
@@ -194,7 +194,7 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
     calls.clear()
     runtime.controller.ewma = 30.0  # as if 30 QPS had been offered over the last interval
     decision = await runtime.controller.step()
-    await asyncio.gather(*runtime._scaling)
+    await asyncio.gather(*runtime.placement._scaling)
     await runtime.stop()
     assert decision["applied"], decision
     assert sum(decision["workers"].values()) > sum(p.workers for p in plan.pools)
@@ -203,3 +203,77 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
         model = next(m for m, d in deployments.items() if d == dep)
         assert n == decision["workers"].get(model, 0)
     assert runtime.replica_targets == {m: decision["workers"].get(m, 0) for m in deployments}
+
+
+async def test_both_pools_implement_the_one_pool_protocol():
+    """The seam: the router and runtime see one protocol; both engines' pools implement all of it."""
+    from diffserve.server.pool import Pool
+    from diffserve.server.pooling import ServingPool
+
+    local = Pool("sd-turbo", clock=Clock(1000.0), latency_ms=lambda bs: 100.0 * bs)
+    remote = make_pool(FakeHandle())
+    assert isinstance(local, ServingPool) and isinstance(remote, ServingPool)
+    assert remote.serving_workers == remote.workers - remote.down
+    assert remote.hand_over(local) == 0  # jobs already sent to replicas stay there
+
+
+def _ray_runtime(monkeypatch, plan, calls):
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.server.runtime import RuntimeSettings
+
+    async def fake_set(app: str, deployment: str, n: int) -> None:
+        calls.append((app, deployment, n))
+
+    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    pair = cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended()
+    clock = Clock(1000.0)
+    catalogue = rt.CatalogueBackend(profile, pair, 8, clock, [(512, 512)])
+    handles = {m: FakeHandle() for m in catalogue.models}
+    deployments = {m: f"Pool_{m}" for m in catalogue.models}
+    runtime = rt.RayRuntime(
+        catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock,
+        settings=RuntimeSettings(slo_ms=5000),
+    )
+    return runtime, handles, deployments
+
+
+async def test_ray_runtime_composes_remote_pools_and_replica_placement(monkeypatch):
+    from diffserve.planner import solve_plan
+    from diffserve.ray_engine.runtime import ReplicaPlacement
+
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=2.0, slo_ms=5000, workers=8)
+    runtime, handles, _ = _ray_runtime(monkeypatch, plan, [])
+    assert all(isinstance(p, RemotePool) for p in runtime.pools.values())
+    assert runtime.router.pools is runtime.pools  # built once, by Runtime, never replaced
+    assert isinstance(runtime.workers, ReplicaPlacement) and runtime.workers is runtime.placement
+    await runtime.start()
+    answers = await runtime.generate("a red boat", seed=1, quality="fast")
+    await runtime.stop()
+    assert answers[0].model == plan.light and handles[plan.light].calls
+
+
+async def test_a_pool_of_zero_workers_runs_on_ray_and_is_refused_clearly(monkeypatch):
+    """clipper-heavy (every worker on the heavy model) leaves the light pool at 0 workers: the
+    runtime starts, scales that deployment to 0, answers through the heavy pool, and a request
+    that names the empty pool's model gets a clear 503, not a crash."""
+    from diffserve.planner import solve_plan
+    from diffserve.server.errors import ServeError
+
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8, policy="clipper-heavy")
+    empty = [m for m in (plan.light, plan.heavy) if m and (plan.pool(m) is None or plan.pool(m).workers == 0)]
+    assert empty, f"clipper-heavy left no pool empty: {plan.pools}"
+    calls: list[tuple[str, str, int]] = []
+    runtime, handles, deployments = _ray_runtime(monkeypatch, plan, calls)
+    await runtime.start()
+    await asyncio.gather(*runtime.placement._scaling)
+    assert {(d, n) for _, d, n in calls} >= {(deployments[m], 0) for m in empty}
+    answers = await runtime.generate("a red boat", seed=1)
+    assert answers[0].model == plan.heavy
+    with pytest.raises(ServeError) as refused:
+        await runtime.generate("a red boat", seed=2, quality="fast")
+    await runtime.stop()
+    assert refused.value.status == 503 and "no worker serves" in str(refused.value)
+    assert not any(h.calls for m, h in handles.items() if m in empty)

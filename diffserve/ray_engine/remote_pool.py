@@ -1,7 +1,7 @@
 """A pool as the router sees it, with the work done by a Ray Serve deployment elsewhere.
 
-:class:`diffserve.server.router.Router` routes between pools through a small surface (``submit``,
-``free``, ``workers``, ``estimate_wait_ms``, ...). This class offers the same surface, so the
+:class:`diffserve.server.router.Router` routes between pools through one protocol,
+:class:`diffserve.server.pooling.ServingPool`. This class implements it, so the
 embedded server's router (threshold, degrade-to-light, deadlines, 504s) runs unchanged in the Ray
 ingress, while queueing and batching happen in the pool's replicas (``@serve.batch``).
 
@@ -20,6 +20,7 @@ from typing import Any, Callable
 from diffserve.server.clock import Clock
 from diffserve.server.errors import QueueFull, Unavailable
 from diffserve.server.pool import estimate_wait_ms
+from diffserve.server.pooling import ServingPool
 from diffserve.server.stage import Job, StageResult
 
 log = logging.getLogger("diffserve.ray_engine")
@@ -84,6 +85,10 @@ class RemotePool:
     # ---------------------------------------------------------------- what the router reads
     def __len__(self) -> int:
         return len(self._outstanding)
+
+    @property
+    def serving_workers(self) -> int:
+        return max(0, self.workers - self.down)
 
     @property
     def free(self) -> int:
@@ -155,6 +160,14 @@ class RemotePool:
                     )
         finally:
             self._outstanding.discard(job)
+
+    def hand_over(self, other: ServingPool) -> int:
+        """Nothing to move: a submitted job is already on its way to a replica of this model,
+        which answers it (the Ray engine keeps one cascade pair, so the light model never changes)."""
+        return 0
+
+    def wake(self) -> None:
+        """No local worker waits on this pool: Serve's replicas pull their own batches."""
 
     def fail_all(self, exc_factory: Callable[[], Exception]) -> int:
         n = 0

@@ -1,24 +1,26 @@
 """The embedded server's runtime with its pools moved onto Ray Serve deployments.
 
 :class:`RayRuntime` *is* a :class:`diffserve.server.runtime.Runtime`: same router, controller,
-ledger, metrics and HTTP app. Only two things differ: its pools are :class:`RemotePool` proxies
-that send each job to the model's deployment, and applying a plan also sets each deployment's
-replica count (through :mod:`diffserve.ray_engine.scaler`) instead of moving local worker slots.
+ledger, metrics, plan switching and HTTP app. It hands ``Runtime`` two factories
+(:mod:`diffserve.server.pooling`) and overrides nothing of its behaviour: its pools are
+:class:`RemotePool` proxies that send each job to the model's deployment, and its placement
+(:class:`ReplicaPlacement`) turns a plan's worker counts into each deployment's replica count
+(through :mod:`diffserve.ray_engine.scaler`) instead of moving local worker slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
-from diffserve.server.errors import QueueFull, Unavailable
 from diffserve.server.emulated import EmulatedBackend
-from diffserve.server.router import Router
-from diffserve.server.runtime import QueueFull503, Runtime, RuntimeSettings
-from diffserve.server.stage import Job, StageOutput
+from diffserve.server.metrics import Metrics
+from diffserve.server.pooling import PoolSettings, ServingPool, WorkerPlacement
+from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.stage import Backend, Job, StageOutput
 
 from diffserve.ray_engine import scaler
 from diffserve.ray_engine.remote_pool import RemotePool
@@ -46,7 +48,67 @@ class CatalogueBackend(EmulatedBackend):
         raise RuntimeError("the Ray ingress never runs a model itself; jobs go to the pool deployments")
 
 
+class ReplicaPlacement:
+    """The plan's worker counts as replica counts of the pool deployments (Serve's external
+    scaler); the ingress has no worker slots of its own. A pool of 0 workers is a deployment
+    scaled to 0 replicas, and the router refuses or degrades its jobs before sending any."""
+
+    def __init__(
+        self, pools: Mapping[str, ServingPool], metrics: Metrics, *, app_name: str, deployments: dict[str, str], scale: bool = True
+    ) -> None:
+        self.pools = pools
+        self.metrics = metrics
+        self.app_name = app_name
+        self.deployments = deployments
+        self.scale = scale
+        self.targets: dict[str, int] = {}
+        self._scaling: set[asyncio.Task] = set()
+
+    def assign(self, counts: Mapping[str, int]) -> None:
+        unknown = set(counts) - set(self.pools)
+        if unknown:
+            raise ValueError(f"no pool for {sorted(unknown)} (pools: {sorted(self.pools)})")
+        targets = {m: max(0, int(counts.get(m, 0))) for m in self.pools}
+        for model, pool in self.pools.items():
+            pool.workers = targets[model]
+            self.metrics.workers.labels(model).set(targets[model])
+        if self.scale:
+            self._set_replicas(targets)
+
+    def model_of(self, worker: int) -> str | None:
+        return None  # no local worker slots: the replicas are Serve's
+
+    def health_changed(self, worker: int | None = None) -> None:
+        """Serve's health checks replace dead replicas; nothing local to re-count."""
+
+    def start(self) -> None:
+        """Replicas are started by Serve (deploy, then :meth:`assign`)."""
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self._scaling, return_exceptions=True)
+
+    def _set_replicas(self, targets: dict[str, int]) -> None:
+        changed = {m: n for m, n in targets.items() if self.targets.get(m) != n}
+        if not changed:
+            return
+        self.targets.update(changed)
+
+        async def _apply() -> None:
+            for model, n in changed.items():
+                try:
+                    await scaler.set_replicas_async(self.app_name, self.deployments[model], n)
+                except Exception:  # noqa: BLE001 - the next re-plan tries again
+                    log.exception("could not set %s to %d replicas", model, n)
+                    self.targets.pop(model, None)
+
+        task = asyncio.get_running_loop().create_task(_apply(), name="set-replicas")
+        self._scaling.add(task)
+        task.add_done_callback(self._scaling.discard)
+
+
 class RayRuntime(Runtime):
+    """The embedded :class:`Runtime`, composed with remote pools and replica placement."""
+
     def __init__(
         self,
         catalogue: CatalogueBackend,
@@ -64,95 +126,37 @@ class RayRuntime(Runtime):
         solver_options: dict | None = None,
         scale: bool = True,
     ) -> None:
-        super().__init__(
-            catalogue, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=policy, settings=settings,
-            solver=solver, solver_options=solver_options,
-        )
         self.app_name = app_name
         self.deployments = deployments
-        self.scale = scale
-        qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
-        self.pools = {  # type: ignore[assignment]
-            model: RemotePool(
-                model,
-                handles[model],
-                clock=clock,
-                latency_ms=lambda bs, m=model: catalogue.batch_latency_ms(m, bs),
-                max_queue=self.settings.max_queue,
-                max_batch_wait_ms=self.settings.max_batch_wait_ms,
-                queue_full_error=qf,
+        self.remote_pools: dict[str, RemotePool] = {}
+        self.placement: ReplicaPlacement | None = None
+
+        def remote_pool(model: str, s: PoolSettings) -> ServingPool:
+            pool = RemotePool(
+                model, handles[model], clock=s.clock, latency_ms=s.latency_ms, max_queue=s.max_queue,
+                max_batch_wait_ms=s.max_batch_wait_ms, queue_full_error=s.queue_full_error,
                 on_crash=lambda m: self.metrics.worker_crashes.labels(m).inc(),
             )
-            for model in catalogue.models
-        }
-        self.router = Router(
-            self.pools,  # type: ignore[arg-type]
-            plan,
-            clock,
-            degrade=self.settings.degrade,
-            drop_factor=self.settings.drop_factor,
-            metrics=self.metrics,
-            seed=self.settings.seed,
+            self.remote_pools[model] = pool
+            return pool
+
+        def replicas(backend: Backend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics) -> WorkerPlacement:
+            self.placement = ReplicaPlacement(pools, metrics, app_name=app_name, deployments=deployments, scale=scale)
+            return self.placement
+
+        super().__init__(
+            catalogue, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=policy, settings=settings,
+            solver=solver, solver_options=solver_options, pool_factory=remote_pool, placement_factory=replicas,
         )
-        self._scaling: set[asyncio.Task] = set()
-        self.replica_targets: dict[str, int] = {}
 
-    # ---------------------------------------------------------------- controller target
-    def apply_plan(self, plan: PlanFile) -> None:
-        """Threshold and batch sizes at once; replica counts through Serve's external scaler."""
-        self.check_plan(plan)
-        targets = {model: 0 for model in self.pools}
-        for p in plan.pools:
-            self.pools[p.model].set_batch_size(p.batch_size)
-            targets[p.model] = p.workers
-        for model, pool in self.pools.items():
-            pool.workers = targets[model]
-            self.metrics.workers.labels(model).set(targets[model])
-        self.router.plan = plan
-        self.plan = plan
-        self.metrics.threshold.set(plan.threshold if plan.threshold is not None else -1)
-        for p in plan.pools:
-            self.metrics.batch_size_target.labels(p.model).set(p.batch_size)
-        if self.scale:
-            self._set_replicas(targets)
-
-    def _set_replicas(self, targets: dict[str, int]) -> None:
-        changed = {m: n for m, n in targets.items() if self.replica_targets.get(m) != n}
-        if not changed:
-            return
-        self.replica_targets.update(changed)
-
-        async def _apply() -> None:
-            for model, n in changed.items():
-                try:
-                    await scaler.set_replicas_async(self.app_name, self.deployments[model], n)
-                except Exception:  # noqa: BLE001 - the next re-plan tries again
-                    log.exception("could not set %s to %d replicas", model, n)
-                    self.replica_targets.pop(model, None)
-
-        task = asyncio.get_running_loop().create_task(_apply(), name="set-replicas")
-        self._scaling.add(task)
-        task.add_done_callback(self._scaling.discard)
-
-    # ---------------------------------------------------------------- lifecycle
-    async def start(self, reason: str = "initial plan") -> None:
-        self.apply_plan(self.plan)
-        self.controller.record_initial(self.plan, reason)
-        self.controller.start()
-        self.started = True
-
-    async def stop(self) -> None:
-        self.draining = True
-        await self.controller.stop()
-        for pool in self.pools.values():
-            pool.fail_all(lambda: Unavailable("the server is shutting down", retry_after_s=1))  # type: ignore[attr-defined]
-            await pool.close()  # type: ignore[attr-defined]
-        await asyncio.gather(*self._scaling, return_exceptions=True)
+    @property
+    def replica_targets(self) -> dict[str, int]:
+        return dict(self.placement.targets) if self.placement else {}
 
     def ray_stats(self) -> dict[str, Any]:
         return {
-            "replica_targets": dict(self.replica_targets),
-            "retries": {m: p.retries for m, p in self.pools.items()},  # type: ignore[attr-defined]
+            "replica_targets": self.replica_targets,
+            "retries": {m: p.retries for m, p in self.remote_pools.items()},
             "ledger": vars(self.ledger),
             "threshold": self.plan.threshold,
             "batch_size": {m: p.batch_size for m, p in self.pools.items()},

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.metrics import Metrics
-from diffserve.server.pool import Pool
+from diffserve.server.pooling import ServingPool
 from diffserve.server.scores import unit_hash
 from diffserve.server.stage import Job, StageResult
 
@@ -60,7 +60,7 @@ class Flight:
 class Router:
     def __init__(
         self,
-        pools: dict[str, Pool],
+        pools: Mapping[str, ServingPool],
         plan: PlanFile,
         clock: Clock,
         *,
@@ -199,7 +199,7 @@ class Router:
         return self._answer(flight, heavy, light, degraded=False)
 
     @staticmethod
-    def _earliest_heavy_finish_ms(pool: Pool) -> float:
+    def _earliest_heavy_finish_ms(pool: ServingPool) -> float:
         """A lower bound on when a deferred job queued now could finish: the jobs ahead fill whole
         rounds of batches even if every worker were free at once. Degrading early only on a
         *certain* miss leaves the rest to the start deadline (``latest_start``), which is the
