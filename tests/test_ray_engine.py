@@ -294,3 +294,17 @@ def test_diffusers_backend_on_ray_with_tiny_random_models(cluster, tmp_path):
             assert meta["random_weights"] is True
     finally:
         serve.delete("diffserve")
+
+
+def test_bad_inputs_get_the_embedded_servers_answers(engine):
+    """Nested JSON, lone surrogates, oversized bodies...: through Serve's proxy and the Ray
+    ingress, the same status and JSON error as the embedded server (tests/bad_inputs.py)."""
+    import asyncio
+
+    from bad_inputs import CASES, answer, embedded_answers
+
+    deployed, client = engine
+    expected = asyncio.run(embedded_answers())
+    for name, (method, path, body) in CASES.items():
+        r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+        assert answer(r) == expected[name], name

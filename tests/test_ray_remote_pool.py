@@ -174,7 +174,14 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
     async def fake_set(app: str, deployment: str, n: int) -> None:
         calls.append((app, deployment, n))
 
+    async def running_as_set(app: str) -> dict:
+        """Serve's view: every deployment runs the replicas it was last set to (on one node)."""
+        last = {d: n for _, d, n in calls}
+        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "node-a") for i in range(n)]
+                for d, n in last.items()}
+
     monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)  # no Serve controller here
     profile, cascade = load_profile("reference"), load_cascade("reference")
     plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8, spare_workers="idle")  # leaves workers idle
     pair = cascade.recommended()
@@ -224,7 +231,14 @@ def _ray_runtime(monkeypatch, plan, calls):
     async def fake_set(app: str, deployment: str, n: int) -> None:
         calls.append((app, deployment, n))
 
+    async def running_as_set(app: str) -> dict:
+        """Serve's view: every deployment runs the replicas it was last set to (on one node)."""
+        last = {d: n for _, d, n in calls}
+        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "node-a") for i in range(n)]
+                for d, n in last.items()}
+
     monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)  # no Serve controller here
     profile, cascade = load_profile("reference"), load_cascade("reference")
     pair = cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended()
     clock = Clock(1000.0)
@@ -277,3 +291,60 @@ async def test_a_pool_of_zero_workers_runs_on_ray_and_is_refused_clearly(monkeyp
     await runtime.stop()
     assert refused.value.status == 503 and "no worker serves" in str(refused.value)
     assert not any(h.calls for m, h in handles.items() if m in empty)
+
+
+async def test_the_ray_ingress_sheds_past_the_plan_with_json_503_before_any_model_work(monkeypatch):
+    """The Ray ingress's app (built as Serve builds it) has the embedded server's door: with the
+    replicas held, requests past what the plan can answer in the SLO get the door's JSON 503 and
+    Retry-After, and never reach a replica."""
+    import httpx
+
+    from diffserve.planner import solve_plan
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.ray_engine.ingress import Ingress
+    from diffserve.server.build import ServeOptions
+
+    calls: list = []
+
+    async def fake_set(app: str, deployment: str, n: int) -> None:
+        calls.append((app, deployment, n))
+
+    async def running_as_set(app: str) -> dict:
+        last = {d: n for _, d, n in calls}
+        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "n") for i in range(n)] for d, n in last.items()}
+
+    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    # model time runs 100x slower than the wall: no deadline can pass while the replicas are held
+    opts = ServeOptions(backend="emulated", workers=2, slo_ms=2000, speedup=0.01, demand_qps=1.0, replan_interval_ms=3.6e6)
+    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=2000, workers=2)
+    gate = asyncio.Event()
+    pair = cascade.pair(plan.light, plan.heavy)
+    handles = {m: FakeHandle(gate=gate) for m in (pair.light, pair.heavy)}
+    ingress = Ingress(handles, {m: f"Pool_{m}" for m in handles}, opts, profile, cascade, plan, "app")
+    app = ingress.__serve_build_asgi_app__()
+    await ingress.runtime.start()
+    await asyncio.gather(*ingress.runtime.placement._scaling)
+    await ingress.runtime.placement.refresh()  # the replicas Serve now runs
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)
+    tasks = []
+    for i in range(60):  # one after another: each arrival sees the queue the earlier ones left
+        tasks.append(asyncio.create_task(client.post("/v1/images/generations", json={"prompt": f"p{i}", "seed": i, "quality": "fast"})))
+        await asyncio.sleep(0.01)
+    for _ in range(200):  # until every request was either sent to a replica or answered
+        await asyncio.sleep(0.01)
+        if len(handles[pair.light].calls) + sum(t.done() for t in tasks) == len(tasks):
+            break
+    shed = [t.result() for t in tasks if t.done()]
+    sent = len(handles[pair.light].calls)
+    gate.set()
+    answers = await asyncio.gather(*tasks)
+    await client.aclose()
+    await ingress.runtime.stop()
+    assert shed and sent, (len(shed), sent)
+    for r in shed:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        assert int(r.headers["retry-after"]) >= 1
+    assert sum(r.status_code == 200 for r in answers) == sent  # every admitted one answered, the shed ones never sent
+    assert ingress.runtime.ledger.rejected >= len(shed)

@@ -6,6 +6,7 @@ halves, used on their own by tests and the benchmark (which bring their own Ray 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -57,6 +58,16 @@ def connect(ray_options: RayOptions) -> bool:
     return False
 
 
+def cluster_slots(resource: str) -> int:
+    """The plan's worker count on a cluster: how many ``resource`` its live nodes offer."""
+    import ray
+
+    slots = int(ray.cluster_resources().get(resource, 0))
+    if slots < 1:
+        raise UserError(f"the Ray cluster offers no {resource!r} resource; start its worker nodes with --resources '{{\"{resource}\": N}}'")
+    return slots
+
+
 def deploy(
     options: Any,
     ray_options: RayOptions,
@@ -77,6 +88,8 @@ def deploy(
     ray_options.validate()
     profile = load_profile(options.profile)
     cascade = load_cascade(options.cascade)
+    if ray_options.worker_resource:
+        options = dataclasses.replace(options, workers=cluster_slots(ray_options.worker_resource))
     plan, origin = initial_plan(options, profile, cascade, None)
     if plan.workers_used > options.workers:
         raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {options.workers}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
@@ -47,6 +47,18 @@ class CatalogueBackend(EmulatedBackend):
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         raise RuntimeError("the Ray ingress never runs a model itself; jobs go to the pool deployments")
 
+    #: worker slots the cluster offers now (None: all ``n_workers``); the rest count as down
+    live_workers: int | None = None
+
+    def serving(self, worker: int) -> bool:
+        return self.live_workers is None or worker < self.live_workers
+
+    def set_capacity(self, slots: int) -> None:
+        """The cluster now offers ``slots`` workers: ``n_workers`` keeps the most it ever had, so
+        ``/readyz``'s ``workers_down`` counts the slots lost with a node."""
+        self.n_workers = max(self.n_workers, slots)
+        self.live_workers = slots
+
 
 class ReplicaPlacement:
     """The plan's worker counts as replica counts of the pool deployments (Serve's external
@@ -54,15 +66,34 @@ class ReplicaPlacement:
     scaled to 0 replicas, and the router refuses or degrades its jobs before sending any."""
 
     def __init__(
-        self, pools: Mapping[str, ServingPool], metrics: Metrics, *, app_name: str, deployments: dict[str, str], scale: bool = True
+        self, pools: Mapping[str, ServingPool], metrics: Metrics, *, app_name: str, deployments: dict[str, str], scale: bool = True,
+        worker_resource: str | None = None, poll_s: float = 1.0, on_capacity: Callable[[int], None] | None = None,
     ) -> None:
         self.pools = pools
         self.metrics = metrics
         self.app_name = app_name
         self.deployments = deployments
         self.scale = scale
+        self.worker_resource = worker_resource
+        self.poll_s = poll_s
+        self.on_capacity = on_capacity
         self.targets: dict[str, int] = {}
+        self.slots: int | None = None  # the cluster's worker_resource total, last seen
+        #: running replicas per node id and model, last seen (what /v1/ray reports)
+        self.per_node: dict[str, dict[str, int]] = {}
         self._scaling: set[asyncio.Task] = set()
+        self._watch: asyncio.Task | None = None
+        from prometheus_client import Gauge
+
+        # the Ray engine's own series, in the runtime's registry (so /metrics shows them)
+        self.slots_gauge = Gauge(
+            "diffserve_ray_worker_slots", "worker slots the Ray cluster offers now (its worker resource; -1: not tracked)",
+            registry=metrics.registry,
+        )
+        self.slots_gauge.set(-1)
+        self.replicas_gauge = Gauge(
+            "diffserve_ray_replicas", "running pool replicas per model and Ray node", ["model", "node"], registry=metrics.registry,
+        )
 
     def assign(self, counts: Mapping[str, int]) -> None:
         unknown = set(counts) - set(self.pools)
@@ -82,10 +113,55 @@ class ReplicaPlacement:
         """Serve's health checks replace dead replicas; nothing local to re-count."""
 
     def start(self) -> None:
-        """Replicas are started by Serve (deploy, then :meth:`assign`)."""
+        """Replicas are started by Serve (deploy, then :meth:`assign`); this watches them."""
+        if self.scale and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop(), name="watch-replicas")
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         await asyncio.gather(*self._scaling, return_exceptions=True)
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a GCS hiccup must not stop the watch
+                log.warning("could not read the cluster's replicas", exc_info=True)
+            await asyncio.sleep(self.poll_s)
+
+    async def refresh(self) -> None:
+        """Read where replicas run and how many worker slots the cluster has: each pool's ``down``
+        (planned replicas not running) and the per-node counts follow; a change of slots calls
+        ``on_capacity`` (the runtime re-plans for the workers that remain)."""
+        by_deployment = await scaler.replicas_async(self.app_name)
+        per_node: dict[str, dict[str, int]] = {}
+        for model, pool in self.pools.items():
+            running = [r for r in by_deployment.get(self.deployments[model], []) if r.state == "RUNNING"]
+            for r in running:
+                node = per_node.setdefault(r.node_id or "?", {})
+                node[model] = node.get(model, 0) + 1
+            pool.down = max(0, pool.workers - len(running))
+            self.metrics.workers_down.labels(model).set(pool.down)
+        for node, models in self.per_node.items():  # series of nodes that left go to 0, not stale
+            for model in models:
+                self.replicas_gauge.labels(model, node).set(0)
+        for node, models in per_node.items():
+            for model, n in models.items():
+                self.replicas_gauge.labels(model, node).set(n)
+        self.per_node = per_node
+        if self.worker_resource:
+            import ray
+
+            total = await asyncio.to_thread(ray.cluster_resources)
+            slots = int(total.get(self.worker_resource, 0))
+            self.slots_gauge.set(slots)
+            if slots != self.slots:
+                first, self.slots = self.slots is None, slots
+                if not first and self.on_capacity is not None:
+                    self.on_capacity(slots)
 
     def _set_replicas(self, targets: dict[str, int]) -> None:
         changed = {m: n for m, n in targets.items() if self.targets.get(m) != n}
@@ -125,10 +201,13 @@ class RayRuntime(Runtime):
         solver: Any = None,
         solver_options: dict | None = None,
         scale: bool = True,
+        worker_resource: str | None = None,
     ) -> None:
         self.app_name = app_name
+        self.catalogue = catalogue
         self.deployments = deployments
         self.remote_pools: dict[str, RemotePool] = {}
+        self._replans: set[asyncio.Task] = set()
         self.placement: ReplicaPlacement | None = None
 
         def remote_pool(model: str, s: PoolSettings) -> ServingPool:
@@ -141,13 +220,30 @@ class RayRuntime(Runtime):
             return pool
 
         def replicas(backend: Backend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics) -> WorkerPlacement:
-            self.placement = ReplicaPlacement(pools, metrics, app_name=app_name, deployments=deployments, scale=scale)
+            self.placement = ReplicaPlacement(
+                pools, metrics, app_name=app_name, deployments=deployments, scale=scale, worker_resource=worker_resource,
+                poll_s=min(1.0, clock.to_wall_s(self.settings.controller.interval_ms) / 4), on_capacity=self._capacity_changed,
+            )
             return self.placement
 
         super().__init__(
             catalogue, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=policy, settings=settings,
             solver=solver, solver_options=solver_options, pool_factory=remote_pool, placement_factory=replicas,
         )
+
+    def _capacity_changed(self, slots: int) -> None:
+        """A node left or joined: re-plan now for the slots there are (not at the next interval),
+        even where hysteresis would keep the running plan, which may no longer fit."""
+        before = self.controller.workers
+        self.catalogue.set_capacity(slots)
+        if slots < 1:
+            log.warning("the cluster has no %s left; every request is refused until a node joins", self.placement and self.placement.worker_resource)
+            return
+        self.controller.workers = slots
+        reason = f"re-plan: the cluster has {slots} worker slots (was {before})"
+        task = asyncio.get_running_loop().create_task(self.controller.step(forced=reason), name="replan-capacity")
+        self._replans.add(task)
+        task.add_done_callback(self._replans.discard)
 
     @property
     def replica_targets(self) -> dict[str, int]:
@@ -156,6 +252,8 @@ class RayRuntime(Runtime):
     def ray_stats(self) -> dict[str, Any]:
         return {
             "replica_targets": self.replica_targets,
+            "replicas_per_node": dict(self.placement.per_node) if self.placement else {},
+            "worker_slots": self.placement.slots if self.placement else None,
             "retries": {m: p.retries for m, p in self.remote_pools.items()},
             "ledger": vars(self.ledger),
             "threshold": self.plan.threshold,
