@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, from nothing but a Python environment: installs what is missing
 # (`pip install -e ".[dev,ray]"` when diffserve or any declared dependency is absent), then runs
-# everything but Ray, then the Ray tests inside a network namespace that has only loopback (Ray
+# everything but Ray, then the Ray tests (markers ray and ray_cluster: the multi-node cluster) inside a network namespace that has only loopback (Ray
 # binds to the machine's own address otherwise). pytest's exit code 5 (no tests collected) is a
 # failure: a suite that ran nothing proves nothing. Extra arguments go to both pytest runs.
 set -uo pipefail
@@ -53,7 +53,7 @@ if [ -n "$lacking" ]; then
   "$PYTHON" -m pip install -e ".[dev,ray]" || { echo "install failed"; exit 1; }
 fi
 
-"$PYTHON" -m pytest -m "not ray" "$@"
+"$PYTHON" -m pytest -m "not ray and not ray_cluster" "$@"
 check "main suite" $? || exit 1
 
 if ! "$PYTHON" -c "import ray" 2>/dev/null; then
@@ -61,6 +61,6 @@ if ! "$PYTHON" -c "import ray" 2>/dev/null; then
 elif ! unshare --net true 2>/dev/null; then
   echo "Ray tests SKIPPED: cannot create a network namespace here (needs root and unshare)"
 else
-  unshare --net sh -c 'ip link set lo up && exec "$0" -m pytest -m ray "$@"' "$PYTHON" "$@"
+  unshare --net sh -c 'ip link set lo up && exec "$0" -m pytest -m "ray or ray_cluster" "$@"' "$PYTHON" "$@"
   check "ray suite" $? || exit 1
 fi

@@ -67,7 +67,7 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
     run_event_loop(main())
 
 
-def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host: str, port: int,
+def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, worker_resource: Optional[str] = None, host: str, port: int,
                    admin_token: Optional[str], log_level: str) -> None:
     """Serve through Ray Serve deployments: same API, router and controller, Ray as execution layer."""
     import logging
@@ -79,7 +79,7 @@ def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host
     from diffserve.ray_engine import RayOptions, run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus)
+    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus, worker_resource=worker_resource)
 
     def ready(deployed) -> None:
         console.print(f"[bold]Ray engine[/] ({address}): application {deployed.app_name!r} deployed")
@@ -121,6 +121,10 @@ def register(app: typer.Typer) -> None:
         address: Annotated[str, typer.Option(help="Ray engine: 'local' starts Ray here, 'auto' joins this node's cluster, or ray://HOST:10001.")] = "local",
         ray_num_cpus: Annotated[float, typer.Option(min=0, help="Ray engine: CPUs reserved per pool replica (fractional is fine for emulated).")] = 0.1,
         ray_num_gpus: Annotated[float, typer.Option(min=0, help="Ray engine: GPUs per pool replica (1 for one real model per GPU).")] = 0.0,
+        ray_worker_resource: Annotated[Optional[str], typer.Option(
+            help="Ray engine: a custom resource that stands for one worker (e.g. worker_slot, given to nodes with "
+                 "ray start --resources); each replica needs one and the plan's workers are the cluster's total, "
+                 "followed as nodes leave and join (replaces --workers).")] = None,
     ) -> None:
         """Start the cascade server (OpenAI-compatible POST /v1/images/generations)."""
         from diffserve.server.build import ServeOptions
@@ -156,7 +160,7 @@ def register(app: typer.Typer) -> None:
         if engine == "ray":
             if public_url is not None:
                 raise UserError("--public-url applies to the embedded engine; under --engine ray, url answers are server-relative")
-            run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+            run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, worker_resource=ray_worker_resource,
                            host=host, port=port, admin_token=admin_token, log_level=log_level)
         elif engine == "embedded":
             run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level, public_url=public_url)
