@@ -263,6 +263,10 @@ async def test_ray_runtime_composes_remote_pools_and_replica_placement(monkeypat
     assert runtime.router.pools is runtime.pools  # built once, by Runtime, never replaced
     assert isinstance(runtime.workers, ReplicaPlacement) and runtime.workers is runtime.placement
     await runtime.start()
+    assert not runtime.ready  # no replica seen running yet: /readyz says 503
+    await asyncio.gather(*runtime.placement._scaling)
+    await runtime.placement.refresh()
+    assert runtime.ready
     answers = await runtime.generate("a red boat", seed=1, quality="fast")
     await runtime.stop()
     assert answers[0].model == plan.light and handles[plan.light].calls
@@ -283,6 +287,7 @@ async def test_a_pool_of_zero_workers_runs_on_ray_and_is_refused_clearly(monkeyp
     runtime, handles, deployments = _ray_runtime(monkeypatch, plan, calls)
     await runtime.start()
     await asyncio.gather(*runtime.placement._scaling)
+    await runtime.placement.refresh()
     assert {(d, n) for _, d, n in calls} >= {(deployments[m], 0) for m in empty}
     answers = await runtime.generate("a red boat", seed=1)
     assert answers[0].model == plan.heavy

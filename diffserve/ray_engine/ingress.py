@@ -59,6 +59,12 @@ class Ingress:
         )
         self.admin_token = admin_token
         self.pid = os.getpid()
+        import ray
+
+        # where the ingress (router and controller) runs: the node an operator must not lose
+        on_ray = ray.is_initialized()  # False only when a test builds the class without Serve
+        self.node_id = ray.get_runtime_context().get_node_id() if on_ray else None
+        self.node_ip = ray.util.get_node_ip_address() if on_ray else None
 
     def __serve_build_asgi_app__(self) -> Any:
         from diffserve.server.api import ApiSettings, create_app
@@ -80,7 +86,7 @@ class Ingress:
             Guarded by the admin token like /v1/plan, since it shows process ids."""
             if self.admin_token is not None and request.headers.get("authorization", "") != f"Bearer {self.admin_token}":
                 raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <token>")
-            return {"ingress_pid": self.pid, **self.runtime.ray_stats()}
+            return {"ingress_pid": self.pid, "ingress_node_id": self.node_id, "ingress_node_ip": self.node_ip, **self.runtime.ray_stats()}
 
         return app
 

@@ -49,6 +49,13 @@ class CatalogueBackend(EmulatedBackend):
 
     #: worker slots the cluster offers now (None: all ``n_workers``); the rest count as down
     live_workers: int | None = None
+    #: every pool with workers has a running replica (set by :class:`ReplicaPlacement`): until
+    #: then ``/readyz`` answers 503, as the embedded server does while its models load
+    replicas_up: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.replicas_up
 
     def serving(self, worker: int) -> bool:
         return self.live_workers is None or worker < self.live_workers
@@ -68,6 +75,7 @@ class ReplicaPlacement:
     def __init__(
         self, pools: Mapping[str, ServingPool], metrics: Metrics, *, app_name: str, deployments: dict[str, str], scale: bool = True,
         worker_resource: str | None = None, poll_s: float = 1.0, on_capacity: Callable[[int], None] | None = None,
+        on_refresh: Callable[[bool], None] | None = None,
     ) -> None:
         self.pools = pools
         self.metrics = metrics
@@ -77,10 +85,12 @@ class ReplicaPlacement:
         self.worker_resource = worker_resource
         self.poll_s = poll_s
         self.on_capacity = on_capacity
+        self.on_refresh = on_refresh  # called with "every pool that has workers runs a replica"
         self.targets: dict[str, int] = {}
         self.slots: int | None = None  # the cluster's worker_resource total, last seen
         #: running replicas per node id and model, last seen (what /v1/ray reports)
         self.per_node: dict[str, dict[str, int]] = {}
+        self.node_ips: dict[str, str] = {}  # node id -> address, of every node that ran a replica
         self._scaling: set[asyncio.Task] = set()
         self._watch: asyncio.Task | None = None
         from prometheus_client import Gauge
@@ -116,6 +126,8 @@ class ReplicaPlacement:
         """Replicas are started by Serve (deploy, then :meth:`assign`); this watches them."""
         if self.scale and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop(), name="watch-replicas")
+        elif not self.scale and self.on_refresh is not None:
+            self.on_refresh(True)  # counts are someone else's: nothing to wait for
 
     async def stop(self) -> None:
         if self._watch is not None:
@@ -142,6 +154,7 @@ class ReplicaPlacement:
             running = [r for r in by_deployment.get(self.deployments[model], []) if r.state == "RUNNING"]
             for r in running:
                 node = per_node.setdefault(r.node_id or "?", {})
+                self.node_ips[r.node_id or "?"] = r.node_ip or "?"
                 node[model] = node.get(model, 0) + 1
             pool.down = max(0, pool.workers - len(running))
             self.metrics.workers_down.labels(model).set(pool.down)
@@ -152,6 +165,8 @@ class ReplicaPlacement:
             for model, n in models.items():
                 self.replicas_gauge.labels(model, node).set(n)
         self.per_node = per_node
+        if self.on_refresh is not None:
+            self.on_refresh(all(p.workers == 0 or p.serving_workers > 0 for p in self.pools.values()))
         if self.worker_resource:
             import ray
 
@@ -223,6 +238,7 @@ class RayRuntime(Runtime):
             self.placement = ReplicaPlacement(
                 pools, metrics, app_name=app_name, deployments=deployments, scale=scale, worker_resource=worker_resource,
                 poll_s=min(1.0, clock.to_wall_s(self.settings.controller.interval_ms) / 4), on_capacity=self._capacity_changed,
+                on_refresh=lambda up: setattr(catalogue, "replicas_up", up),
             )
             return self.placement
 
@@ -254,6 +270,7 @@ class RayRuntime(Runtime):
             "replica_targets": self.replica_targets,
             "replicas_per_node": dict(self.placement.per_node) if self.placement else {},
             "worker_slots": self.placement.slots if self.placement else None,
+            "node_ips": dict(self.placement.node_ips) if self.placement else {},
             "retries": {m: p.retries for m, p in self.remote_pools.items()},
             "ledger": vars(self.ledger),
             "threshold": self.plan.threshold,
