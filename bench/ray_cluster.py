@@ -23,9 +23,15 @@ Ray binds to the machine's address: run inside a loopback-only namespace, like t
 
     unshare --net sh -c 'ip link set lo up && exec python bench/ray_cluster.py --hosts local'
 
-Writes JSON (default bench/results/ray_cluster_local.json) and prints a short table.
-``--hosts netns`` (each node in its own network namespace on a private bridge) is not
-implemented yet: the script says so and exits 2.
+Writes JSON (default bench/results/ray_cluster_{hosts}.json) and prints a short table.
+``--hosts netns`` runs the same scenarios with each node in its own network namespace, on its
+own address on a private bridge (``bench/netns_hosts.py``), inside a parent namespace that the
+script creates (it re-runs itself under ``unshare --net --mount``; needs root) and that has no
+route out. The head runs ``diffserve serve --engine ray --ray-worker-resource worker_slot``;
+clients reach the ingress by the head's address; a node is lost by SIGKILL of every process in
+its namespace. Everything is torn down by PID and namespace, also on failure:
+
+    python bench/ray_cluster.py --hosts netns
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ray_overhead import throughput  # noqa: E402
 from server_overhead import pct, start_server, stop_server, write_plan  # noqa: E402
 
 SLOT = "worker_slot"
+SLO_S = 5.0  # model seconds
 
 
 def cpu_s(pid: int) -> float:
@@ -57,27 +64,140 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_cluster(nodes: int, slots: int):
-    from ray.cluster_utils import Cluster
+class LocalCluster:
+    """``--hosts local``: Ray's ``Cluster`` utility, every node on 127.0.0.1; this process is the driver."""
 
-    c = Cluster()
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False)
-    workers = [c.add_node(num_cpus=1, resources={SLOT: slots}, node_ip_address="127.0.0.1") for _ in range(nodes)]
-    return c, workers
+    def __init__(self, args, workers_total: int, opts_kw: dict) -> None:
+        self.args, self.workers_total, self.opts_kw = args, workers_total, opts_kw
+        self.headers: dict[str, str] = {}
+
+    def start(self) -> str:
+        import ray
+        from ray import serve
+        from ray.cluster_utils import Cluster
+
+        from diffserve.ports import free_port
+        from diffserve.ray_engine import RayOptions, deploy
+        from diffserve.server.build import ServeOptions
+
+        self.cluster = Cluster()
+        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False)
+        self.workers = [self._add() for _ in range(self.args.nodes)]
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+        deployed = deploy(ServeOptions(backend="emulated", workers=self.workers_total, **self.opts_kw),
+                          RayOptions(worker_resource=SLOT, num_cpus=0.05, ingress_num_cpus=0.05), port=0)
+        return deployed.url
+
+    def _add(self):
+        return self.cluster.add_node(num_cpus=1, resources={SLOT: self.args.slots}, node_ip_address="127.0.0.1")
+
+    def remove_one(self, ingress_node_id: str, ingress_ip: str) -> str:
+        victim = next(n for n in self.workers if n.node_id != ingress_node_id)
+        self.cluster.remove_node(victim, allow_graceful=False)
+        self.workers.remove(victim)
+        return victim.node_id
+
+    def rejoin(self) -> None:
+        self.workers.append(self._add())
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            if hasattr(self, "cluster"):
+                self.cluster.shutdown()
+
+
+class NetnsCluster:
+    """``--hosts netns``: host ``h0`` (10.77.0.1) is the head and runs ``diffserve serve --engine
+    ray`` itself; hosts ``h1..`` are worker nodes (``ray start --resources``). This process, in
+    the parent namespace, only talks HTTP to the head's address. A node is lost by SIGKILL of
+    every process in its namespace."""
+
+    PORT = 8000
+    TOKEN = "bench-token"
+
+    def __init__(self, args, workers_total: int, opts_kw: dict) -> None:
+        from netns_hosts import Hosts
+
+        self.args, self.workers_total, self.opts_kw = args, workers_total, opts_kw
+        self.hosts = Hosts(1 + args.nodes)
+        self.headers = {"Authorization": f"Bearer {self.TOKEN}"}
+        self.logs = Path(tempfile.mkdtemp(prefix="ray-netns-"))
+
+    def _ray(self, i: int, *argv: str):
+        log = open(self.logs / f"h{i}.log", "ab")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        return self.hosts.run(i, [str(Path(sys.executable).parent / "ray"), *argv], stdout=log, stderr=log, env=env)
+
+    def _worker(self, i: int) -> None:
+        self._ray(i, "start", "--block", f"--address={self.hosts.address(0)}:6379", f"--node-ip-address={self.hosts.address(i)}",
+                  "--num-cpus=1", f"--resources={json.dumps({SLOT: self.args.slots})}", "--disable-usage-stats")
+
+    def start(self) -> str:
+        self.hosts.__enter__()
+        head = self.hosts.address(0)
+        self._ray(0, "start", "--head", "--block", "--port=6379", f"--node-ip-address={head}", "--num-cpus=1",
+                  "--include-dashboard=false", "--disable-usage-stats")
+        wait_for(lambda: any("raylet" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore") for p in self.hosts.pids(0)
+                             if Path(f"/proc/{p}/cmdline").exists()), "the head's raylet", 120)
+        for i in range(1, 1 + self.args.nodes):
+            self._worker(i)
+        k = self.opts_kw
+        argv = [sys.executable, "-m", "diffserve.cli.main", "serve", "--engine", "ray", "--address", f"{head}:6379",
+                "--ray-worker-resource", SLOT, "--ray-num-cpus", "0.05", "--host", "0.0.0.0", "--port", str(self.PORT),
+                "--admin-token", self.TOKEN, "--backend", "emulated", "--speedup", str(k["speedup"]),
+                "--demand", str(k["demand_qps"]), "--replan-interval", f"{k['replan_interval_ms']:.0f}ms",
+                "--slo", f"{k['slo_ms']:.0f}ms", "--max-queue", str(k["max_queue"])]
+        log = open(self.logs / "serve.log", "ab")
+        self.hosts.run(0, argv, stdout=log, stderr=log, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        base = f"http://{head}:{self.PORT}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, f"the ingress at {base} (logs: {self.logs})", 300)
+        return base
+
+    def remove_one(self, ingress_node_id: str, ingress_ip: str) -> str:
+        i = next(i for i in range(1, self.hosts.n) if self.hosts.address(i) != ingress_ip and self.hosts.pids(i))
+        self.hosts.kill_host(i)
+        self.lost = i
+        return self.hosts.address(i)
+
+    def rejoin(self) -> None:
+        self._worker(self.lost)
+
+    def close(self) -> None:
+        self.hosts.close()
+
+
+HEADERS: dict[str, str] = {}  # the admin token, where the ingress has one
 
 
 def plan_view(base: str) -> dict:
-    return httpx.get(f"{base}/v1/plan", timeout=30).json()
+    return httpx.get(f"{base}/v1/plan", headers=HEADERS, timeout=30).json()
 
 
 def ray_view(base: str) -> dict:
-    return httpx.get(f"{base}/v1/ray", timeout=30).json()
+    return httpx.get(f"{base}/v1/ray", headers=HEADERS, timeout=30).json()
 
 
 def wait_for(predicate, what: str, timeout_s: float = 180.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except (httpx.TransportError, ValueError, KeyError):  # the ingress is busy or restarting
+            value = None
         if value:
             return value
         time.sleep(0.25)
@@ -98,7 +218,7 @@ def outcome(recs: list[dict], completed_delta: int) -> dict:
             "duplicates": max(0, completed_delta - answered), "unanswered": unanswered}
 
 
-async def records_with_errors(base: str, qps: float, duration: float, speedup: float, seed: int, timeout_s: float = 60.0) -> list[dict]:
+async def records_with_errors(base: str, qps: float, duration: float, speedup: float, seed: int, timeout_s: float | None = None) -> list[dict]:
     """Open-loop Poisson arrivals like ``server_overhead.open_loop``, but every answer is kept:
     a body that is not a JSON error is marked (``json_error`` False), and a request with no HTTP
     answer within ``timeout_s`` (reset, timeout) is recorded with status 0 (unanswered)."""
@@ -110,6 +230,7 @@ async def records_with_errors(base: str, qps: float, duration: float, speedup: f
 
     records: list[dict] = []
     url = f"{base}/v1/images/generations"
+    timeout_s = timeout_s or max(60.0, 3 * SLO_S / speedup)  # far past any admitted request's deadline
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4000),
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async def one(i: int) -> None:
@@ -138,20 +259,17 @@ async def records_with_errors(base: str, qps: float, duration: float, speedup: f
     return records
 
 
-def loss_scenario(args, cluster, workers, base: str, capacity_wall: float) -> dict:
-    from diffserve.ray_engine import scaler
-
+def loss_scenario(args, cluster, base: str, capacity_wall: float) -> dict:
     wait_for(lambda: replicas_total(base) == args.nodes * args.slots, "every replica running")
-    before = ray_view(base)["replicas_per_node"]
-    ingress_node = next(r.node_id for r in scaler.replicas("diffserve", "Ingress") if r.state == "RUNNING")
-    victim = next(n for n in workers if n.node_id != ingress_node)
+    view_ray = ray_view(base)
+    before = view_ray["replicas_per_node"]
     view = plan_view(base)
     n_decisions, completed0 = len(view["decisions"]), view["ledger"]["completed"]
     out: dict = {}
 
     def remove() -> None:
         time.sleep(args.loss_at)
-        cluster.remove_node(victim, allow_graceful=False)
+        out["lost_node"] = cluster.remove_one(view_ray["ingress_node_id"], view_ray["ingress_node_ip"])
         t_loss = time.monotonic()
         d = wait_for(lambda: next((d for d in plan_view(base)["decisions"][n_decisions:]
                                    if d["reason"].startswith("re-plan: the cluster has")), None), "the capacity re-plan")
@@ -166,13 +284,14 @@ def loss_scenario(args, cluster, workers, base: str, capacity_wall: float) -> di
     time.sleep(1.0)
     view = plan_view(base)
     out.update(outcome(recs, view["ledger"]["completed"] - completed0))
+    out["statuses"] = {str(st): sum(r["status"] == st for r in recs) for st in sorted({r["status"] for r in recs})}
     out["inflight_after"] = view["ledger"]["accepted"] - view["ledger"]["completed"] - view["ledger"]["failed"] - view["ledger"]["cancelled"]
     out["replicas_per_node_before"] = before
     out["replicas_per_node_after"] = ray_view(base)["replicas_per_node"]
     out["readyz_after"] = httpx.get(f"{base}/readyz", timeout=30).json()
-    back = cluster.add_node(num_cpus=1, resources={SLOT: args.slots}, node_ip_address="127.0.0.1")
-    wait_for(lambda: back.node_id in ray_view(base)["replicas_per_node"], "the rejoined node's replicas")
-    out["rejoined_node_used"] = True
+    known = set(ray_view(base)["replicas_per_node"])
+    cluster.rejoin()
+    out["rejoined_node_used"] = bool(wait_for(lambda: set(ray_view(base)["replicas_per_node"]) - known, "the rejoined node's replicas"))
     return out
 
 
@@ -180,7 +299,7 @@ def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup
     """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and ingress CPU s."""
     import yaml
 
-    httpx.put(f"{base}/v1/plan", json=yaml.safe_load(plan_path.read_text()), timeout=30).raise_for_status()
+    httpx.put(f"{base}/v1/plan", json=yaml.safe_load(plan_path.read_text()), headers=HEADERS, timeout=30).raise_for_status()
     time.sleep(2.0)
     c0 = cpu_s(pid) if pid else 0.0
     recs = asyncio.run(records_with_errors(base, qps, duration, speedup, seed))
@@ -201,7 +320,7 @@ def main() -> None:
     ap.add_argument("--hosts", choices=["local", "netns"], default="local")
     ap.add_argument("--nodes", type=int, default=2, help="worker nodes (the head offers no worker slot)")
     ap.add_argument("--slots", type=int, default=2, help="worker_slot per worker node")
-    ap.add_argument("--speedup", type=float, default=1.0)
+    ap.add_argument("--speedup", type=float, default=0.1, help="model time / wall time; below 1 so that 2 cores can drive 10x overload")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of the loss scenario")
     ap.add_argument("--sat-duration", type=float, default=12.0, help="seconds of each throughput and overload run")
     ap.add_argument("--load", type=float, default=0.6, help="offered load of the loss scenario, x the plan's capacity")
@@ -212,13 +331,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.hosts == "netns":
-        print("--hosts netns is not implemented yet (see docs/ray.md); use --hosts local", file=sys.stderr)
-        raise SystemExit(2)
+        from netns_hosts import enter_parent_namespace
+
+        enter_parent_namespace()  # re-runs this script in a namespace with no route out
     out_path = args.out or str(REPO / "bench" / "results" / f"ray_cluster_{args.hosts}.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     workers_total = args.nodes * args.slots
-    slo_s = 5.0
+    slo_s = SLO_S
     with tempfile.TemporaryDirectory() as tmp:
         sat_path = Path(tmp) / "sat.yaml"
         sat_info = write_plan(sat_path, "clipper-light", 50, workers_total)
@@ -228,58 +348,47 @@ def main() -> None:
 
         batch_s = reference_profile().model(sat_info["pools"][0]["model"]).latency_ms(batch) / 1000 / args.speedup
 
-        # the embedded server first, alone on the machine
+        # the embedded server first, alone on the machine (on loopback)
         proc, base = start_server(sat_path, workers_total, args.speedup)
         try:
             recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, proc.pid)
             embedded = throughput(recs, args.sat_duration, cap)
             embedded["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
-            embedded_overload = refusal_stats(asyncio.run(records_with_errors(base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s, batch_s)
+            embedded_overload = refusal_stats(asyncio.run(records_with_errors(
+                base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
         finally:
             stop_server(proc)
 
-        import ray
-        from ray import serve
-
-        from diffserve.ports import free_port
-        from diffserve.ray_engine import RayOptions, deploy
-        from diffserve.server.build import ServeOptions
-
+        # the loss scenario's plan is the live controller's, for a demand below the cluster's capacity
+        live_demand = cap / args.speedup * args.load
+        opts_kw = dict(speedup=args.speedup, demand_qps=live_demand, replan_interval_ms=args.replan_interval * 1000 * args.speedup,
+                       slo_ms=slo_s * 1000, max_queue=512)
+        cluster = (NetnsCluster if args.hosts == "netns" else LocalCluster)(args, workers_total, opts_kw)
+        HEADERS.update(cluster.headers)
         t0 = time.perf_counter()
-        cluster, workers = start_cluster(args.nodes, args.slots)
         try:
-            ray.init(address=cluster.address, log_to_driver=False)
-            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
-            opts = ServeOptions(backend="emulated", workers=workers_total, speedup=args.speedup, demand_qps=cap / args.speedup * args.load,
-                                replan_interval_ms=args.replan_interval * 1000 * args.speedup, slo_ms=slo_s * 1000, max_queue=512)
-            deployed = deploy(opts, RayOptions(worker_resource=SLOT, num_cpus=0.05, ingress_num_cpus=0.05), port=0)
-            base = deployed.url
-            wait_for(lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200, "readyz")
+            base = cluster.start()
             startup = time.perf_counter() - t0
-            live_plan = plan_view(base)["plan"]
-            live_cap = (live_plan.get("predicted") or {}).get("capacity_qps") or cap / args.speedup
-            loss = loss_scenario(args, cluster, workers, base, live_cap * args.speedup)
+            loss = loss_scenario(args, cluster, base, live_demand * args.speedup)
             wait_for(lambda: replicas_total(base) == workers_total, "every replica running after the rejoin")
             pid = ray_view(base)["ingress_pid"]
-            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, pid)
+            local_pid = pid if args.hosts == "local" else None  # a pid in another namespace's /proc view still reads here
+            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, local_pid or pid)
             ray_sat = throughput(recs, args.sat_duration, cap)
             ray_sat["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
-            ray_overload = refusal_stats(asyncio.run(records_with_errors(base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s, batch_s)
+            ray_overload = refusal_stats(asyncio.run(records_with_errors(
+                base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
         finally:
-            try:
-                serve.shutdown()
-                ray.shutdown()
-            finally:
-                cluster.shutdown()
+            cluster.close()
 
     results = {
         "hosts": args.hosts, "nodes": 1 + args.nodes, "workers": workers_total,
-        **{k: loss[k] for k in ("sent", "answered", "refused", "failed_5xx", "duplicates", "unanswered",
-                                "replicas_per_node_before", "replicas_per_node_after", "replan_after_loss_s")},
+        **{k: loss.get(k) for k in ("sent", "answered", "refused", "failed_5xx", "duplicates", "unanswered",
+                                    "replicas_per_node_before", "replicas_per_node_after", "replan_after_loss_s")},
         "throughput_rps": ray_sat["achieved_qps"], "embedded_throughput_rps": embedded["achieved_qps"],
         "throughput_ratio": ray_sat["achieved_qps"] / max(embedded["achieved_qps"], 1e-9),
         "ingress_cpu_ms_per_image": {"embedded": embedded["ingress_cpu_ms_per_image"], "ray": ray_sat["ingress_cpu_ms_per_image"],
-                                     "payload": "the emulated backend's small PNG (not a real-size image)"},
+                                     "payload": "the emulated backend's small PNG, not a real-size image"},
         "overload": {"factor": args.overload, "embedded": embedded_overload, "ray": ray_overload},
         "loss": loss, "startup_s": startup, "settings": vars(args), "plan": sat_info, "machine": {"cpus": os.cpu_count()},
         "models": "emulated (the paper's A100 profiles replayed)",

@@ -110,7 +110,27 @@ def deploy(
 
     bound_host, bound_port = http_address()  # Serve keeps its first options when it was already up
     shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
-    return Deployed(f"http://{shown}:{bound_port}", ray_options.app_name, deployments, origin, handle)
+    url = f"http://{shown}:{bound_port}"
+    _wait_ready(url, ray_options.deploy_timeout_s)
+    return Deployed(url, ray_options.app_name, deployments, origin, handle)
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    """Serve reports the application running once its replicas are; the ingress is ready a
+    moment later, when it has seen a running replica of every pool that has workers."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise UserError(f"the Ray application did not become ready within {timeout_s:.0f} s ({url}/readyz)")
 
 
 def run(
