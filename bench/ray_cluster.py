@@ -56,6 +56,9 @@ from server_overhead import pct, start_server, stop_server, write_plan  # noqa: 
 
 SLOT = "worker_slot"
 SLO_S = 5.0  # model seconds
+#: Ray's GCS declares a node dead after this many missed health checks this far apart (Ray
+#: 2.60's defaults are slower); the re-plan after a loss can only follow that detection
+HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 def cpu_s(pid: int) -> float:
@@ -81,7 +84,7 @@ class LocalCluster:
         from diffserve.server.build import ServeOptions
 
         self.cluster = Cluster()
-        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False)
+        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, _system_config=HEALTH)
         self.workers = [self._add() for _ in range(self.args.nodes)]
         ray.init(address=self.cluster.address, log_to_driver=False)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
@@ -143,7 +146,7 @@ class NetnsCluster:
         self.hosts.__enter__()
         head = self.hosts.address(0)
         self._ray(0, "start", "--head", "--block", "--port=6379", f"--node-ip-address={head}", "--num-cpus=1",
-                  "--include-dashboard=false", "--disable-usage-stats")
+                  "--include-dashboard=false", "--disable-usage-stats", f"--system-config={json.dumps(HEALTH)}")
         wait_for(lambda: any("raylet" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore") for p in self.hosts.pids(0)
                              if Path(f"/proc/{p}/cmdline").exists()), "the head's raylet", 120)
         for i in range(1, 1 + self.args.nodes):
@@ -295,11 +298,25 @@ def loss_scenario(args, cluster, base: str, capacity_wall: float) -> dict:
     return out
 
 
-def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, pid: int | None) -> tuple[list[dict], float]:
-    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and ingress CPU s."""
+def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, pid: int | None,
+                ray: bool = False) -> tuple[list[dict], float]:
+    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and ingress CPU s.
+    On Ray the load starts once the plan's replicas run (a replica start is not throughput)."""
     import yaml
 
-    httpx.put(f"{base}/v1/plan", json=yaml.safe_load(plan_path.read_text()), headers=HEADERS, timeout=30).raise_for_status()
+    plan = yaml.safe_load(plan_path.read_text())
+    httpx.put(f"{base}/v1/plan", json=plan, headers=HEADERS, timeout=30).raise_for_status()
+    if ray:
+        want = {p["model"]: p["workers"] for p in plan["pools"]}
+
+        def running() -> bool:
+            have: dict[str, int] = {}
+            for models in ray_view(base)["replicas_per_node"].values():
+                for m, n in models.items():
+                    have[m] = have.get(m, 0) + n
+            return {m: have.get(m, 0) for m in want} == want and sum(have.values()) == sum(want.values())
+
+        wait_for(running, "the pinned plan's replicas", 300)
     time.sleep(2.0)
     c0 = cpu_s(pid) if pid else 0.0
     recs = asyncio.run(records_with_errors(base, qps, duration, speedup, seed))
@@ -372,8 +389,8 @@ def main() -> None:
             loss = loss_scenario(args, cluster, base, live_demand * args.speedup)
             wait_for(lambda: replicas_total(base) == workers_total, "every replica running after the rejoin")
             pid = ray_view(base)["ingress_pid"]
-            local_pid = pid if args.hosts == "local" else None  # a pid in another namespace's /proc view still reads here
-            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, local_pid or pid)
+            # network namespaces share one PID namespace: the ingress's /proc entry reads from here
+            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, pid, ray=True)
             ray_sat = throughput(recs, args.sat_duration, cap)
             ray_sat["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
             ray_overload = refusal_stats(asyncio.run(records_with_errors(

@@ -49,8 +49,10 @@ class CatalogueBackend(EmulatedBackend):
 
     #: worker slots the cluster offers now (None: all ``n_workers``); the rest count as down
     live_workers: int | None = None
-    #: every pool with workers has a running replica (set by :class:`ReplicaPlacement`): until
-    #: then ``/readyz`` answers 503, as the embedded server does while its models load
+    #: every pool with workers has run a replica (set by :class:`ReplicaPlacement`): until then
+    #: ``/readyz`` answers 503, as the embedded server does while its models load. It stays
+    #: set: a pool that later loses its replicas is refused by the router ("no worker is up"),
+    #: the other pool keeps serving
     replicas_up: bool = False
 
     @property
@@ -238,7 +240,7 @@ class RayRuntime(Runtime):
             self.placement = ReplicaPlacement(
                 pools, metrics, app_name=app_name, deployments=deployments, scale=scale, worker_resource=worker_resource,
                 poll_s=min(1.0, clock.to_wall_s(self.settings.controller.interval_ms) / 4), on_capacity=self._capacity_changed,
-                on_refresh=lambda up: setattr(catalogue, "replicas_up", up),
+                on_refresh=lambda up: setattr(catalogue, "replicas_up", catalogue.replicas_up or up),
             )
             return self.placement
 
