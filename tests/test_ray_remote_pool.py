@@ -353,3 +353,17 @@ async def test_the_ray_ingress_sheds_past_the_plan_with_json_503_before_any_mode
         assert int(r.headers["retry-after"]) >= 1
     assert sum(r.status_code == 200 for r in answers) == sent  # every admitted one answered, the shed ones never sent
     assert ingress.runtime.ledger.rejected >= len(shed)
+
+
+async def test_a_hung_worker_in_a_replica_is_a_504_as_on_the_embedded_server():
+    """Ray wraps what a replica raised in a RayTaskError: its cause decides the answer."""
+    from ray.exceptions import RayTaskError
+
+    from diffserve.server.errors import DeadlineExceeded, WorkerHung
+
+    pool = make_pool(FakeHandle(error=RayTaskError("__call__", "tb", WorkerHung("worker 0 gave no answer in 2.0 s"))))
+    j = job()
+    pool.submit(j)
+    with pytest.raises(DeadlineExceeded):
+        await j.future
+    await pool.close()

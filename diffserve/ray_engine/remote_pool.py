@@ -18,7 +18,7 @@ import logging
 from typing import Any, Callable
 
 from diffserve.server.clock import Clock
-from diffserve.server.errors import QueueFull, Unavailable
+from diffserve.server.errors import DeadlineExceeded, QueueFull, ServeError, Unavailable, WorkerHung
 from diffserve.server.pool import estimate_wait_ms
 from diffserve.server.pooling import ServingPool
 from diffserve.server.stage import Job, StageResult
@@ -36,6 +36,18 @@ def _replica_died(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def _as_embedded(model: str, exc: BaseException) -> BaseException:
+    """The error the embedded server would answer with: Ray wraps what a replica raised in a
+    ``RayTaskError``; its cause decides (a hung worker is a 504 there, a ServeError keeps its
+    status), anything else stays an internal error (500)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ServeError):
+        return cause
+    if isinstance(cause, WorkerHung):
+        return DeadlineExceeded(f"the {model} worker did not answer in time; it was restarted")
+    return exc
 
 
 class RemotePool:
@@ -144,7 +156,7 @@ class RemotePool:
                             job.future.set_exception(Unavailable(f"the {self.model} worker died", retry_after_s=1))
                         else:
                             log.error("%s batch failed: %r", self.model, exc)
-                            job.future.set_exception(exc)
+                            job.future.set_exception(_as_embedded(self.model, exc))
                     return
                 if not job.future.done():
                     job.future.set_result(
