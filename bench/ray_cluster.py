@@ -138,17 +138,31 @@ class NetnsCluster:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         return self.hosts.run(i, [str(Path(sys.executable).parent / "ray"), *argv], stdout=log, stderr=log, env=env)
 
+    def _node(self, i: int, *argv: str, attempts: int = 3) -> None:
+        """``ray start --block`` in host ``i`` until it says the node runs. Ray waits a fixed 30 s
+        for a raylet to register; on a busy host a start can miss it: kill the host, try again."""
+        log = self.logs / f"h{i}.log"
+        for attempt in range(1, attempts + 1):
+            offset = log.stat().st_size if log.exists() else 0
+            proc = self._ray(i, "start", "--block", *argv)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                if "Ray runtime started" in log.read_bytes()[offset:].decode(errors="ignore"):
+                    return
+                time.sleep(0.5)
+            self.hosts.kill_host(i)
+            print(f"host h{i}: ray start failed (attempt {attempt}, log {log})", file=sys.stderr)
+        raise RuntimeError(f"could not start a Ray node in host h{i}; see {log}")
+
     def _worker(self, i: int) -> None:
-        self._ray(i, "start", "--block", f"--address={self.hosts.address(0)}:6379", f"--node-ip-address={self.hosts.address(i)}",
-                  "--num-cpus=1", f"--resources={json.dumps({SLOT: self.args.slots})}", "--disable-usage-stats")
+        self._node(i, f"--address={self.hosts.address(0)}:6379", f"--node-ip-address={self.hosts.address(i)}",
+                   "--num-cpus=1", f"--resources={json.dumps({SLOT: self.args.slots})}", "--disable-usage-stats")
 
     def start(self) -> str:
         self.hosts.__enter__()
         head = self.hosts.address(0)
-        self._ray(0, "start", "--head", "--block", "--port=6379", f"--node-ip-address={head}", "--num-cpus=1",
-                  "--include-dashboard=false", "--disable-usage-stats", f"--system-config={json.dumps(HEALTH)}")
-        wait_for(lambda: any("raylet" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore") for p in self.hosts.pids(0)
-                             if Path(f"/proc/{p}/cmdline").exists()), "the head's raylet", 120)
+        self._node(0, "--head", "--port=6379", f"--node-ip-address={head}", "--num-cpus=1",
+                   "--include-dashboard=false", "--disable-usage-stats", f"--system-config={json.dumps(HEALTH)}")
         for i in range(1, 1 + self.args.nodes):
             self._worker(i)
         k = self.opts_kw
