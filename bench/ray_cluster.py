@@ -59,6 +59,10 @@ SLO_S = 5.0  # model seconds
 #: Ray's GCS declares a node dead after this many missed health checks this far apart (Ray
 #: 2.60's defaults are slower); the re-plan after a loss can only follow that detection
 HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+#: Ray 2.60 turns token authentication on for a head on a non-loopback address, with the token in
+#: ~/.ray/auth_token, a file every Ray user of this machine shares; the hosts here sit on a
+#: private bridge with no route out, so it is off rather than racing other users for that file
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def cpu_s(pid: int) -> float:
@@ -135,7 +139,7 @@ class NetnsCluster:
 
     def _ray(self, i: int, *argv: str):
         log = open(self.logs / f"h{i}.log", "ab")
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, **RAY_ENV}
         return self.hosts.run(i, [str(Path(sys.executable).parent / "ray"), *argv], stdout=log, stderr=log, env=env)
 
     def _node(self, i: int, *argv: str, attempts: int = 3) -> None:
@@ -172,7 +176,7 @@ class NetnsCluster:
                 "--demand", str(k["demand_qps"]), "--replan-interval", f"{k['replan_interval_ms']:.0f}ms",
                 "--slo", f"{k['slo_ms']:.0f}ms", "--max-queue", str(k["max_queue"])]
         log = open(self.logs / "serve.log", "ab")
-        self.hosts.run(0, argv, stdout=log, stderr=log, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        self.hosts.run(0, argv, stdout=log, stderr=log, cwd=REPO, env={**os.environ, **RAY_ENV})
         base = f"http://{head}:{self.PORT}"
 
         def up() -> bool:
