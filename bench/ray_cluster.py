@@ -369,6 +369,9 @@ def main() -> None:
         from netns_hosts import enter_parent_namespace
 
         enter_parent_namespace()  # re-runs this script in a namespace with no route out
+    # Ray's files (sessions, and the ray_current_cluster address file that a later ray.init() on
+    # this machine would join) go to a directory of this run, not the /tmp/ray every Ray user shares
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-bench-")
     out_path = args.out or str(REPO / "bench" / "results" / f"ray_cluster_{args.hosts}.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
