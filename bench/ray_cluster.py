@@ -285,7 +285,7 @@ def loss_scenario(args, cluster, base: str, capacity_wall: float) -> dict:
     view_ray = ray_view(base)
     before = view_ray["replicas_per_node"]
     view = plan_view(base)
-    n_decisions, completed0 = len(view["decisions"]), view["ledger"]["completed"]
+    n_decisions, completed0 = len(view["decisions"]), view["ledger"]["requests_completed"]
     out: dict = {}
 
     def remove() -> None:
@@ -304,9 +304,9 @@ def loss_scenario(args, cluster, base: str, capacity_wall: float) -> dict:
     wait_for(lambda: replicas_total(base) == (args.nodes - 1) * args.slots, "the replicas of the surviving nodes")
     time.sleep(1.0)
     view = plan_view(base)
-    out.update(outcome(recs, view["ledger"]["completed"] - completed0))
+    out.update(outcome(recs, view["ledger"]["requests_completed"] - completed0))
     out["statuses"] = {str(st): sum(r["status"] == st for r in recs) for st in sorted({r["status"] for r in recs})}
-    out["inflight_after"] = view["ledger"]["accepted"] - view["ledger"]["completed"] - view["ledger"]["failed"] - view["ledger"]["cancelled"]
+    out["inflight_after"] = view["ledger"]["requests_accepted"] - view["ledger"]["requests_completed"] - view["ledger"]["requests_failed"] - view["ledger"]["requests_cancelled"]
     out["replicas_per_node_before"] = before
     out["replicas_per_node_after"] = ray_view(base)["replicas_per_node"]
     out["readyz_after"] = httpx.get(f"{base}/readyz", timeout=30).json()

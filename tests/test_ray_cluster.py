@@ -190,9 +190,9 @@ def test_a_node_lost_under_load_every_request_answered_once_replan_and_rejoin(cl
     # each request answered exactly once: the ledger counts what the clients saw, nothing in flight
     after = client.get("/v1/plan").json()
     ledger = after["ledger"]
-    completed = ledger["completed"] - ledger_before["completed"]
+    completed = ledger["requests_completed"] - ledger_before["requests_completed"]
     assert completed == statuses[200]
-    assert ledger["accepted"] - (ledger["completed"] + ledger["failed"] + ledger["cancelled"]) == 0
+    assert ledger["requests_accepted"] - (ledger["requests_completed"] + ledger["requests_failed"] + ledger["requests_cancelled"]) == 0
     # the re-plan is for the 2 slots that remain, and every surviving node runs replicas
     assert sum(replan["workers"].values()) == 2 and replan["applied"]
     survivors = worker_node_ids(workers) - {victim.node_id}

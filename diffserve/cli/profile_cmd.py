@@ -50,6 +50,7 @@ def profile(
     memory_limit: Annotated[Optional[float], typer.Option("--memory-limit", min=0, help="Peak memory limit in MB per batch (CUDA allocated, or RSS on CPU).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep what an earlier (interrupted) run wrote to --output and measure only the rest.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: 1 on CPU, one worker's share; untouched on GPUs).")] = None,
+    edit_strength: Annotated[float, typer.Option("--edit-strength", min=0.0, max=1.0, help="Strength of the img2img edit column (edit latency per batch size); 1.0 bounds every edit; 0 skips edits.")] = 1.0,
 ) -> None:
     """Profile model variants (default: the built-in tiny zoo) over a ladder of batch sizes."""
     if ctx.invoked_subcommand is not None:
@@ -66,7 +67,7 @@ def profile(
     check_variants(specs, device)  # every bad variant fails here, before the progress bar starts
     settings = ProfileSettings(
         batch_sizes=sizes, repeats=repeats, warmup=warmup, time_limit_s=limit_s, memory_limit_mb=memory_limit,
-        device=device, resume=resume, threads=threads,
+        device=device, resume=resume, threads=threads, edit_strength=edit_strength or None,
     )
     started = time.perf_counter()
     try:

@@ -274,7 +274,7 @@ class RayRuntime(Runtime):
             "worker_slots": self.placement.slots if self.placement else None,
             "node_ips": dict(self.placement.node_ips) if self.placement else {},
             "retries": {m: p.retries for m, p in self.remote_pools.items()},
-            "ledger": vars(self.ledger),
+            "ledger": self.ledger.view(),
             "threshold": self.plan.threshold,
             "batch_size": {m: p.batch_size for m, p in self.pools.items()},
         }
