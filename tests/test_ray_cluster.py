@@ -53,12 +53,8 @@ def wait_for(predicate, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # A head node writes its address to <ray temp dir>/ray_current_cluster, where any later
-    # ray.init() on this machine would find and join it: keep this cluster's files to itself
-    previous_tmp = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray", numbered=True))
     from ray import serve
     from ray.cluster_utils import Cluster
 
@@ -84,11 +80,7 @@ def cluster(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        c.shutdown()  # also deletes the address file
-        if previous_tmp is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous_tmp
+        c.shutdown()  # also deletes /tmp/ray/ray_current_cluster, which a later ray.init() would join
 
 
 @pytest.fixture(scope="module")
