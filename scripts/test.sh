@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test suite, from nothing but a Python environment: installs what is missing
 # (`pip install -e ".[dev,ray]"` when diffserve or any declared dependency is absent), then runs
-# everything but Ray, then the Ray tests inside a network namespace that has only loopback (Ray
-# binds to the machine's own address otherwise). Tests marked `artifact` need the DiffServe paper's
+# everything but Ray, then the Ray tests (markers ray and ray_cluster, the multi-node cluster)
+# inside a network namespace that has only loopback (Ray binds to the machine's own address
+# otherwise). Tests marked `artifact` need the DiffServe paper's
 # own files: they run where DIFFSERVE_REFERENCE_DIR names them and are left out, with a line saying
 # so, where it does not (every other test uses the figures shipped inside diffserve). pytest's exit
 # code 5 (no tests collected) is a failure: a suite that ran nothing proves nothing. Extra
@@ -57,9 +58,9 @@ if [ -n "$lacking" ]; then
 fi
 
 if [ -n "${DIFFSERVE_REFERENCE_DIR:-}" ]; then
-  main="not ray"
+  main="not ray and not ray_cluster"
 else
-  main="not ray and not artifact"
+  main="not ray and not ray_cluster and not artifact"
   echo "artifact tests NOT RUN: they need the DiffServe artifact's own files (set DIFFSERVE_REFERENCE_DIR to run them)"
 fi
 "$PYTHON" -m pytest -m "$main" "$@"
@@ -70,6 +71,6 @@ if ! "$PYTHON" -c "import ray" 2>/dev/null; then
 elif ! unshare --net true 2>/dev/null; then
   echo "Ray tests SKIPPED: cannot create a network namespace here (needs root and unshare)"
 else
-  unshare --net sh -c 'ip link set lo up && exec "$0" -m pytest -m ray "$@"' "$PYTHON" "$@"
+  unshare --net sh -c 'ip link set lo up && exec "$0" -m pytest -m "ray or ray_cluster" "$@"' "$PYTHON" "$@"
   check "ray suite" $? || exit 1
 fi

@@ -117,6 +117,20 @@ def test_streaming_through_the_ray_proxy_sends_the_light_image_first(engine):
     assert base64.b64decode(events[1]["b64_json"]).startswith(b"\x89PNG")
 
 
+def test_bad_inputs_get_the_embedded_servers_answers(engine):
+    """Nested JSON, lone surrogates, oversized bodies...: through Serve's proxy and the Ray
+    ingress, the same status and JSON error as the embedded server (tests/bad_inputs.py)."""
+    import asyncio
+
+    from bad_inputs import CASES, answer, embedded_answers
+
+    deployed, client = engine
+    expected = asyncio.run(embedded_answers())
+    for name, (method, path, body) in CASES.items():
+        r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+        assert answer(r) == expected[name], name
+
+
 def test_replan_changes_replicas_and_threshold_without_restarts_or_losses(engine):
     deployed, client = engine
     plan = client.get("/v1/plan").json()["plan"]
@@ -295,3 +309,4 @@ def test_diffusers_backend_on_ray_with_tiny_random_models(cluster, tmp_path):
             assert meta["random_weights"] is True
     finally:
         serve.delete("diffserve")
+

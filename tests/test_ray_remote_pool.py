@@ -174,7 +174,14 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
     async def fake_set(app: str, deployment: str, n: int) -> None:
         calls.append((app, deployment, n))
 
+    async def running_as_set(app: str) -> dict:
+        """Serve's view: every deployment runs the replicas it was last set to (on one node)."""
+        last = {d: n for _, d, n in calls}
+        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "node-a") for i in range(n)]
+                for d, n in last.items()}
+
     monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)  # no Serve controller here
     profile, cascade = load_profile("reference"), load_cascade("reference")
     plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8, spare_workers="idle")  # leaves workers idle
     pair = cascade.recommended()
@@ -186,7 +193,7 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
         catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock, settings=RuntimeSettings()
     )
     await runtime.start()
-    await asyncio.gather(*runtime._scaling)
+    await asyncio.gather(*runtime.placement._scaling)
     first = {d: n for _, d, n in calls}
     assert first == {deployments[p.model]: p.workers for p in plan.pools} | {
         d: 0 for m, d in deployments.items() if plan.pool(m) is None
@@ -194,7 +201,7 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
     calls.clear()
     runtime.controller.ewma = 30.0  # as if 30 QPS had been offered over the last interval
     decision = await runtime.controller.step()
-    await asyncio.gather(*runtime._scaling)
+    await asyncio.gather(*runtime.placement._scaling)
     await runtime.stop()
     assert decision["applied"], decision
     assert sum(decision["workers"].values()) > sum(p.workers for p in plan.pools)
@@ -203,3 +210,160 @@ async def test_controller_moves_replicas_when_load_changes(monkeypatch):
         model = next(m for m, d in deployments.items() if d == dep)
         assert n == decision["workers"].get(model, 0)
     assert runtime.replica_targets == {m: decision["workers"].get(m, 0) for m in deployments}
+
+
+async def test_both_pools_implement_the_one_pool_protocol():
+    """The seam: the router and runtime see one protocol; both engines' pools implement all of it."""
+    from diffserve.server.pool import Pool
+    from diffserve.server.pooling import ServingPool
+
+    local = Pool("sd-turbo", clock=Clock(1000.0), latency_ms=lambda bs: 100.0 * bs)
+    remote = make_pool(FakeHandle())
+    assert isinstance(local, ServingPool) and isinstance(remote, ServingPool)
+    assert remote.serving_workers == remote.workers - remote.down
+    assert remote.hand_over(local) == 0  # jobs already sent to replicas stay there
+
+
+def _ray_runtime(monkeypatch, plan, calls):
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.server.runtime import RuntimeSettings
+
+    async def fake_set(app: str, deployment: str, n: int) -> None:
+        calls.append((app, deployment, n))
+
+    async def running_as_set(app: str) -> dict:
+        """Serve's view: every deployment runs the replicas it was last set to (on one node)."""
+        last = {d: n for _, d, n in calls}
+        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "node-a") for i in range(n)]
+                for d, n in last.items()}
+
+    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)  # no Serve controller here
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    pair = cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended()
+    clock = Clock(1000.0)
+    catalogue = rt.CatalogueBackend(profile, pair, 8, clock, [(512, 512)])
+    handles = {m: FakeHandle() for m in catalogue.models}
+    deployments = {m: f"Pool_{m}" for m in catalogue.models}
+    runtime = rt.RayRuntime(
+        catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock,
+        settings=RuntimeSettings(slo_ms=5000),
+    )
+    return runtime, handles, deployments
+
+
+async def test_ray_runtime_composes_remote_pools_and_replica_placement(monkeypatch):
+    from diffserve.planner import solve_plan
+    from diffserve.ray_engine.runtime import ReplicaPlacement
+
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=2.0, slo_ms=5000, workers=8)
+    runtime, handles, _ = _ray_runtime(monkeypatch, plan, [])
+    assert all(isinstance(p, RemotePool) for p in runtime.pools.values())
+    assert runtime.router.pools is runtime.pools  # built once, by Runtime, never replaced
+    assert isinstance(runtime.workers, ReplicaPlacement) and runtime.workers is runtime.placement
+    await runtime.start()
+    assert not runtime.ready  # no replica seen running yet: /readyz says 503
+    await asyncio.gather(*runtime.placement._scaling)
+    await runtime.placement.refresh()
+    assert runtime.ready
+    answers = await runtime.generate("a red boat", seed=1, quality="fast")
+    await runtime.stop()
+    assert answers[0].model == plan.light and handles[plan.light].calls
+
+
+async def test_a_pool_of_zero_workers_runs_on_ray_and_is_refused_clearly(monkeypatch):
+    """clipper-heavy (every worker on the heavy model) leaves the light pool at 0 workers: the
+    runtime starts, scales that deployment to 0, answers through the heavy pool, and a request
+    that names the empty pool's model gets a clear 503, not a crash."""
+    from diffserve.planner import solve_plan
+    from diffserve.server.errors import ServeError
+
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8, policy="clipper-heavy")
+    empty = [m for m in (plan.light, plan.heavy) if m and (plan.pool(m) is None or plan.pool(m).workers == 0)]
+    assert empty, f"clipper-heavy left no pool empty: {plan.pools}"
+    calls: list[tuple[str, str, int]] = []
+    runtime, handles, deployments = _ray_runtime(monkeypatch, plan, calls)
+    await runtime.start()
+    await asyncio.gather(*runtime.placement._scaling)
+    await runtime.placement.refresh()
+    assert {(d, n) for _, d, n in calls} >= {(deployments[m], 0) for m in empty}
+    answers = await runtime.generate("a red boat", seed=1)
+    assert answers[0].model == plan.heavy
+    with pytest.raises(ServeError) as refused:
+        await runtime.generate("a red boat", seed=2, quality="fast")
+    await runtime.stop()
+    assert refused.value.status == 503 and "no worker serves" in str(refused.value)
+    assert not any(h.calls for m, h in handles.items() if m in empty)
+
+
+async def test_the_ray_ingress_sheds_past_the_plan_with_json_503_before_any_model_work(monkeypatch):
+    """The Ray ingress's app (built as Serve builds it) has the embedded server's door: with the
+    replicas held, requests past what the plan can answer in the SLO get the door's JSON 503 and
+    Retry-After, and never reach a replica."""
+    import httpx
+
+    from diffserve.planner import solve_plan
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.ray_engine.ingress import Ingress
+    from diffserve.server.build import ServeOptions
+
+    calls: list = []
+
+    async def fake_set(app: str, deployment: str, n: int) -> None:
+        calls.append((app, deployment, n))
+
+    async def running_as_set(app: str) -> dict:
+        last = {d: n for _, d, n in calls}
+        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "n") for i in range(n)] for d, n in last.items()}
+
+    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    # model time runs 100x slower than the wall: no deadline can pass while the replicas are held
+    opts = ServeOptions(backend="emulated", workers=2, slo_ms=2000, speedup=0.01, demand_qps=1.0, replan_interval_ms=3.6e6)
+    plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=2000, workers=2)
+    gate = asyncio.Event()
+    pair = cascade.pair(plan.light, plan.heavy)
+    handles = {m: FakeHandle(gate=gate) for m in (pair.light, pair.heavy)}
+    ingress = Ingress(handles, {m: f"Pool_{m}" for m in handles}, opts, profile, cascade, plan, "app")
+    app = ingress.__serve_build_asgi_app__()
+    await ingress.runtime.start()
+    await asyncio.gather(*ingress.runtime.placement._scaling)
+    await ingress.runtime.placement.refresh()  # the replicas Serve now runs
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)
+    tasks = []
+    for i in range(60):  # one after another: each arrival sees the queue the earlier ones left
+        tasks.append(asyncio.create_task(client.post("/v1/images/generations", json={"prompt": f"p{i}", "seed": i, "quality": "fast"})))
+        await asyncio.sleep(0.01)
+    for _ in range(200):  # until every request was either sent to a replica or answered
+        await asyncio.sleep(0.01)
+        if len(handles[pair.light].calls) + sum(t.done() for t in tasks) == len(tasks):
+            break
+    shed = [t.result() for t in tasks if t.done()]
+    sent = len(handles[pair.light].calls)
+    gate.set()
+    answers = await asyncio.gather(*tasks)
+    await client.aclose()
+    await ingress.runtime.stop()
+    assert shed and sent, (len(shed), sent)
+    for r in shed:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        assert int(r.headers["retry-after"]) >= 1
+    assert sum(r.status_code == 200 for r in answers) == sent  # every admitted one answered, the shed ones never sent
+    assert ingress.runtime.ledger.requests_shed == len(shed)  # counted as demand the controller sees
+
+
+async def test_a_hung_worker_in_a_replica_is_a_504_as_on_the_embedded_server():
+    """Ray wraps what a replica raised in a RayTaskError: its cause decides the answer."""
+    from ray.exceptions import RayTaskError
+
+    from diffserve.server.errors import DeadlineExceeded, WorkerHung
+
+    pool = make_pool(FakeHandle(error=RayTaskError("__call__", "tb", WorkerHung("worker 0 gave no answer in 2.0 s"))))
+    j = job()
+    pool.submit(j)
+    with pytest.raises(DeadlineExceeded):
+        await j.future
+    await pool.close()

@@ -277,6 +277,17 @@ async def test_deeply_nested_json_is_a_400() -> None:
     await rt.stop()
 
 
+async def test_the_bad_input_cases_both_engines_share_get_clear_4xx_json_errors() -> None:
+    """tests/bad_inputs.py: the cases the Ray engine must answer exactly as the embedded server does."""
+    from bad_inputs import embedded_answers
+
+    answers = await embedded_answers()
+    for name, (status, *rest) in answers.items():
+        assert 400 <= status < 500 and rest[0] != "not a JSON error" and rest[-1], (name, status, rest)
+    assert answers["oversized"][0] == answers["nested-100000"][0] == 413
+    assert answers["lone-surrogate"][:1] + answers["lone-surrogate"][3:4] == (400, "prompt")
+
+
 # ---------------------------------------------------------------- defect 5: one bad prompt, one failure
 async def test_a_lone_surrogate_is_refused_with_400() -> None:
     """Defect 5: a prompt JSON can carry but no tokenizer can encode never reaches a model."""

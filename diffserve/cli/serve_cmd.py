@@ -87,7 +87,7 @@ def _start_mps(opts):
     return None
 
 
-def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host: str, port: int,
+def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, worker_resource: Optional[str] = None, host: str, port: int,
                    admin_token: Optional[str], log_level: str) -> None:
     """Serve through Ray Serve deployments: same API, router and controller, Ray as execution layer."""
     import logging
@@ -99,7 +99,7 @@ def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, host
     from diffserve.ray_engine import RayOptions, run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus)
+    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus, worker_resource=worker_resource)
 
     def ready(deployed) -> None:
         console.print(f"[bold]Ray engine[/] ({address}): application {deployed.app_name!r} deployed")
@@ -142,6 +142,10 @@ def serve_command(
     device: Annotated[str, typer.Option(help="Diffusers backend: where the workers run (cpu, cuda, cuda:N).")] = "cpu",
     workers_per_gpu: Annotated[int, typer.Option(min=1, help="Diffusers backend on CUDA: worker processes sharing each GPU (MPS if a daemon runs, else time-slicing); worker i runs on GPU i // k, and the planner uses the profile's latencies measured with k co-located workers.")] = 1,
     mps: Annotated[bool, typer.Option("--mps/--no-mps", help="With --workers-per-gpu > 1: start a private CUDA MPS daemon for the run when the binary exists (else time-slicing).")] = False,
+    ray_worker_resource: Annotated[Optional[str], typer.Option(
+        help="Ray engine: a custom resource that stands for one worker (e.g. worker_slot, given to nodes with "
+             "ray start --resources); each replica needs one and the plan's workers are the cluster's total, "
+             "followed as nodes leave and join (replaces --workers).")] = None,
 ) -> None:
     """Start the cascade server (OpenAI-compatible POST /v1/images/generations)."""
     from diffserve.server.build import ServeOptions
@@ -175,11 +179,12 @@ def serve_command(
     if queue_full_status not in (429, 503):
         raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")
     _launch(opts, engine=engine, host=host, port=port, admin_token=admin_token, log_level=log_level, public_url=public_url,
-            address=address, ray_num_cpus=ray_num_cpus, ray_num_gpus=ray_num_gpus)
+            address=address, ray_num_cpus=ray_num_cpus, ray_num_gpus=ray_num_gpus, ray_worker_resource=ray_worker_resource)
 
 
 def _launch(opts, *, engine: str, host: str, port: int, admin_token: Optional[str], log_level: str,
-            public_url: Optional[str], address: str, ray_num_cpus: float, ray_num_gpus: float) -> None:
+            public_url: Optional[str], address: str, ray_num_cpus: float, ray_num_gpus: float,
+            ray_worker_resource: Optional[str] = None) -> None:
     """Start ``opts`` on the chosen engine, after the checks every engine shares."""
     from diffserve.server.launch import check_admin_exposure
 
@@ -187,7 +192,7 @@ def _launch(opts, *, engine: str, host: str, port: int, admin_token: Optional[st
     if engine == "ray":
         if public_url is not None:
             raise UserError("--public-url applies to the embedded engine; under --engine ray, url answers are server-relative")
-        run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus,
+        run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, worker_resource=ray_worker_resource,
                        host=host, port=port, admin_token=admin_token, log_level=log_level)
     elif engine == "embedded":
         run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level, public_url=public_url)

@@ -8,6 +8,7 @@ the counts.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray import serve
@@ -36,6 +37,8 @@ def build_application(
     actor_opts: dict[str, Any] = {"num_cpus": ray_options.num_cpus}
     if ray_options.num_gpus:
         actor_opts["num_gpus"] = ray_options.num_gpus
+    if ray_options.worker_resource:
+        actor_opts["resources"] = {ray_options.worker_resource: 1}
     bound = {}
     for model in models:
         p = plan.pool(model)
@@ -43,7 +46,9 @@ def build_application(
         batch = p.batch_size if p else 1
         dep = serve.deployment(ModelPool).options(
             name=deployments[model],
-            num_replicas=workers,
+            # Serve refuses num_replicas=0 at deploy time; a pool of 0 workers starts with one
+            # replica and the ingress's first plan (ReplicaPlacement.assign) scales it to 0
+            num_replicas=max(1, workers),
             ray_actor_options=actor_opts,
             max_ongoing_requests=max(ray_options.max_ongoing_requests, batch),
             user_config={"batch_size": batch, "wait_ms": options.max_batch_wait_ms},
@@ -51,16 +56,43 @@ def build_application(
             graceful_shutdown_timeout_s=max(5.0, 2 * options.slo_ms / 1000.0 / options.speedup),
         )
         bound[model] = dep.bind(model, options, profile, cascade, plan, cascade_path)
+    max_ongoing, max_queued = ingress_limits(profile, models, options)
     ingress = serve.deployment(RayIngress).options(
         name=INGRESS,
         num_replicas=1,
         ray_actor_options={"num_cpus": ray_options.ingress_num_cpus},
-        max_ongoing_requests=10_000,
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=max_queued,
         graceful_shutdown_timeout_s=max(5.0, 2 * options.slo_ms / 1000.0 / options.speedup + 2),
     )
     if options.backend == "emulated":
         sizes = [(512, 512), (256, 256)]  # what EmulatedBackend answers
     else:  # what the diffusers backend serves: the profiled resolutions
         sizes = [(r, r) for r in sorted({profile.model(m).resolution or 512 for m in models})]
-    app = ingress.bind(bound, deployments, options, profile, cascade, plan, ray_options.app_name, admin_token, sizes)
+    app = ingress.bind(
+        bound, deployments, options, profile, cascade, plan, ray_options.app_name, admin_token, sizes, ray_options.worker_resource,
+    )
     return app, deployments
+
+
+def ingress_limits(profile: ProfileFile, models: list[str], options: Any) -> tuple[int, int]:
+    """Serve's own bounds on the ingress: ``(max_ongoing_requests, max_queued_requests)``.
+
+    The ingress sheds by the plan in force (:class:`diffserve.server.shedding.ShedMiddleware`,
+    re-sized on every re-plan). Serve's bounds are fixed at deploy time (changing them means a
+    redeploy), so they are sized from the largest capacity any re-plan can reach, every worker
+    on the fastest model at its best batch, and they only catch what the door cannot see: past
+    ``max_ongoing_requests`` requests wait in Serve's proxy, past ``max_queued_requests`` more
+    the proxy answers 503 itself (plain text, "Request dropped due to backpressure").
+    """
+    from diffserve.server.build import runtime_settings
+    from diffserve.server.shedding import MIN_CONCURRENCY
+
+    drop_factor = runtime_settings(options).drop_factor
+    best_qps = 0.0
+    for model in models:
+        for b in profile.model(model).feasible_batches():
+            if b.median_ms:
+                best_qps = max(best_qps, b.batch_size * 1000.0 / b.median_ms)
+    ceiling = max(MIN_CONCURRENCY, math.ceil(options.workers * best_qps * drop_factor * options.slo_ms / 1000.0))
+    return 2 * ceiling + 64, ceiling

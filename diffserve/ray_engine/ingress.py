@@ -29,6 +29,7 @@ class Ingress:
         app_name: str,
         admin_token: str | None = None,
         sizes: list[tuple[int, int]] | None = None,
+        worker_resource: str | None = None,
     ) -> None:
         from diffserve.server.clock import Clock
         from diffserve.server.build import pair_lock, runtime_settings, solver_options
@@ -53,24 +54,38 @@ class Ingress:
             policy=options.policy,
             settings=runtime_settings(options),
             solver_options={**solver_options(options), **pair_lock(cascade, plan, catalogue.models)},
+            worker_resource=worker_resource,
         )
         self.admin_token = admin_token
         self.pid = os.getpid()
+        import ray
+
+        # where the ingress (router and controller) runs: the node an operator must not lose
+        on_ray = ray.is_initialized()  # False only when a test builds the class without Serve
+        self.node_id = ray.get_runtime_context().get_node_id() if on_ray else None
+        self.node_ip = ray.util.get_node_ip_address() if on_ray else None
 
     def __serve_build_asgi_app__(self) -> Any:
         from diffserve.server.api import ApiSettings, create_app
 
+        from diffserve.server.launch import door_options
+        from diffserve.server.shedding import ShedMiddleware
+
         app = create_app(self.runtime, ApiSettings(admin_token=self.admin_token), manage_lifecycle=True)
+        # the embedded server's door-keeper, sized by the plan in force: past the plan's capacity
+        # an image request is answered JSON 503 + Retry-After before its body is parsed
+        app.add_middleware(ShedMiddleware, **door_options(self.runtime))
 
         from diffserve.server.errors import Unauthorized
 
         @app.get("/v1/ray")
         async def ray_status(request: Request) -> dict[str, Any]:
-            """Ray-side state: replica targets, retries after replica deaths, the ingress pid.
+            """Ray-side state: replica targets, running replicas per node, the cluster's worker
+            slots, retries after replica deaths, the ingress pid.
             Guarded by the admin token like /v1/plan, since it shows process ids."""
             if self.admin_token is not None and request.headers.get("authorization", "") != f"Bearer {self.admin_token}":
                 raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <token>")
-            return {"ingress_pid": self.pid, **self.runtime.ray_stats()}
+            return {"ingress_pid": self.pid, "ingress_node_id": self.node_id, "ingress_node_ip": self.node_ip, **self.runtime.ray_stats()}
 
         return app
 

@@ -34,6 +34,11 @@ class RayOptions:
     ingress_num_cpus: float = 0.1
     #: Largest number of requests one pool replica holds at once (queued in its batcher + running).
     max_ongoing_requests: int = 64
+    #: A custom Ray resource that stands for one worker (a GPU slot), e.g. ``worker_slot``: each
+    #: pool replica needs one, so replicas land only on nodes that offer it, and the cluster's
+    #: total of it is the plan's worker count (followed as nodes leave and join). None: no
+    #: custom resource, the worker count is ``--workers``.
+    worker_resource: str | None = None
     #: Ray's own node IP; "127.0.0.1" keeps everything on loopback (tests, single host).
     node_ip_address: str | None = None
     #: CPUs a local Ray instance may use (None: all of them).

@@ -1,7 +1,7 @@
 """A pool as the router sees it, with the work done by a Ray Serve deployment elsewhere.
 
-:class:`diffserve.server.router.Router` routes between pools through a small surface (``submit``,
-``free``, ``workers``, ``estimate_wait_ms``, ...). This class offers the same surface, so the
+:class:`diffserve.server.router.Router` routes between pools through one protocol,
+:class:`diffserve.server.pooling.ServingPool`. This class implements it, so the
 embedded server's router (threshold, degrade-to-light, deadlines, 504s) runs unchanged in the Ray
 ingress, while queueing and batching happen in the pool's replicas (``@serve.batch``).
 
@@ -18,8 +18,9 @@ import logging
 from typing import Any, Callable
 
 from diffserve.server.clock import Clock
-from diffserve.server.errors import InvalidRequest, QueueFull, Unavailable
+from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, ServeError, Unavailable, WorkerHung
 from diffserve.server.pool import estimate_wait_ms
+from diffserve.server.pooling import ServingPool
 from diffserve.server.stage import Job, StageResult
 
 log = logging.getLogger("diffserve.ray_engine")
@@ -35,6 +36,18 @@ def _replica_died(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def _as_embedded(model: str, exc: BaseException) -> BaseException:
+    """The error the embedded server would answer with: Ray wraps what a replica raised in a
+    ``RayTaskError``; its cause decides (a hung worker is a 504 there, a ServeError keeps its
+    status), anything else stays an internal error (500)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ServeError):
+        return cause
+    if isinstance(cause, WorkerHung):
+        return DeadlineExceeded(f"the {model} worker did not answer in time; it was restarted")
+    return exc
 
 
 class RemotePool:
@@ -84,6 +97,10 @@ class RemotePool:
     # ---------------------------------------------------------------- what the router reads
     def __len__(self) -> int:
         return len(self._outstanding)
+
+    @property
+    def serving_workers(self) -> int:
+        return max(0, self.workers - self.down)
 
     @property
     def free(self) -> int:
@@ -141,7 +158,7 @@ class RemotePool:
                             job.future.set_exception(Unavailable(f"the {self.model} worker died", retry_after_s=1))
                         else:
                             log.error("%s batch failed: %r", self.model, exc)
-                            job.future.set_exception(exc)
+                            job.future.set_exception(_as_embedded(self.model, exc))
                     return
                 if not job.future.done():
                     job.future.set_result(
@@ -157,6 +174,14 @@ class RemotePool:
                     )
         finally:
             self._outstanding.discard(job)
+
+    def hand_over(self, other: ServingPool) -> int:
+        """Nothing to move: a submitted job is already on its way to a replica of this model,
+        which answers it (the Ray engine keeps one cascade pair, so the light model never changes)."""
+        return 0
+
+    def wake(self) -> None:
+        """No local worker waits on this pool: Serve's replicas pull their own batches."""
 
     def fail_all(self, exc_factory: Callable[[], Exception]) -> int:
         n = 0

@@ -6,6 +6,7 @@ halves, used on their own by tests and the benchmark (which bring their own Ray 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -57,6 +58,16 @@ def connect(ray_options: RayOptions) -> bool:
     return False
 
 
+def cluster_slots(resource: str) -> int:
+    """The plan's worker count on a cluster: how many ``resource`` its live nodes offer."""
+    import ray
+
+    slots = int(ray.cluster_resources().get(resource, 0))
+    if slots < 1:
+        raise UserError(f"the Ray cluster offers no {resource!r} resource; start its worker nodes with --resources '{{\"{resource}\": N}}'")
+    return slots
+
+
 def deploy(
     options: Any,
     ray_options: RayOptions,
@@ -77,6 +88,8 @@ def deploy(
     ray_options.validate()
     profile = load_profile(options.profile)
     cascade = load_cascade(options.cascade)
+    if ray_options.worker_resource:
+        options = dataclasses.replace(options, workers=cluster_slots(ray_options.worker_resource))
     plan, origin = initial_plan(options, profile, cascade, None)
     if plan.workers_used > options.workers:
         raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {options.workers}")
@@ -97,7 +110,27 @@ def deploy(
 
     bound_host, bound_port = http_address()  # Serve keeps its first options when it was already up
     shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
-    return Deployed(f"http://{shown}:{bound_port}", ray_options.app_name, deployments, origin, handle)
+    url = f"http://{shown}:{bound_port}"
+    _wait_ready(url, ray_options.deploy_timeout_s)
+    return Deployed(url, ray_options.app_name, deployments, origin, handle)
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    """Serve reports the application running once its replicas are; the ingress is ready a
+    moment later, when it has seen a running replica of every pool that has workers."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise UserError(f"the Ray application did not become ready within {timeout_s:.0f} s ({url}/readyz)")
 
 
 def run(

@@ -29,6 +29,7 @@ class ReplicaInfo:
     pid: int | None
     actor_name: str | None
     node_ip: str | None
+    node_id: str | None = None
 
 
 def _controller():
@@ -63,34 +64,44 @@ def set_replicas(app: str, deployment: str, target: int) -> None:
     ray.get(_scale_call(app, deployment, target))
 
 
-def replicas(app: str, deployment: str) -> list[ReplicaInfo]:
-    """The replicas Serve knows for one deployment, with their process ids (for tests and status)."""
-    import ray
-
-    controller = _controller()
-    method = getattr(controller, "get_serve_instance_details", None)
+def _details_call():
+    method = getattr(_controller(), "get_serve_instance_details", None)
     if method is None:
         raise ScalerAPIError("ServeController.get_serve_instance_details is gone in this Ray version")
-    details = ray.get(method.remote())
+    return method.remote()
+
+
+def _replicas_of(details: dict, app: str) -> dict[str, list[ReplicaInfo]]:
     try:
         deployments = details["applications"][app]["deployments"]
     except KeyError:
-        return []
-    found = deployments.get(deployment)
-    if found is None:
-        return []
-    out = []
-    for r in found.get("replicas", []):
-        out.append(
+        return {}
+    return {
+        name: [
             ReplicaInfo(
                 replica_id=str(r.get("replica_id")),
                 state=str(r.get("state")).rsplit(".", 1)[-1],
                 pid=r.get("pid"),
                 actor_name=r.get("actor_name"),
                 node_ip=r.get("node_ip"),
+                node_id=r.get("node_id"),
             )
-        )
-    return out
+            for r in found.get("replicas", [])
+        ]
+        for name, found in deployments.items()
+    }
+
+
+def replicas(app: str, deployment: str) -> list[ReplicaInfo]:
+    """The replicas Serve knows for one deployment, with their process ids (for tests and status)."""
+    import ray
+
+    return _replicas_of(ray.get(_details_call()), app).get(deployment, [])
+
+
+async def replicas_async(app: str) -> dict[str, list[ReplicaInfo]]:
+    """Every deployment's replicas in ``app``, for callers on an event loop (the ingress)."""
+    return _replicas_of(await _details_call(), app)
 
 
 async def set_replicas_async(app: str, deployment: str, target: int) -> None:

@@ -176,8 +176,11 @@ class Controller:
         }
         return demand, inputs
 
-    async def step(self) -> dict[str, Any]:
-        """One control round; never raises (a failed solve keeps the last plan and is recorded)."""
+    async def step(self, *, forced: str | None = None) -> dict[str, Any]:
+        """One control round; never raises (a failed solve keeps the last plan and is recorded).
+
+        ``forced`` (a reason) applies the new plan even where hysteresis would keep the running
+        one: the running plan can no longer run (the Ray engine lost a node's workers)."""
         demand, inputs = self.estimate()
         self.demand_qps = demand
         if self.metrics:
@@ -194,7 +197,7 @@ class Controller:
                 self.metrics.replans.labels("failed").inc()
             return self._record(demand, None, solve_ms, applied=False, reason=f"solver failed: {exc}", inputs=inputs)
         solve_ms = (time.perf_counter() - t0) * 1000
-        kept = self._not_worth_moving(plan, demand)
+        kept = None if forced else self._not_worth_moving(plan, demand)
         if kept is not None:
             if self.metrics:
                 self.metrics.replans.labels("kept").inc()
@@ -209,7 +212,7 @@ class Controller:
         self.current = plan
         if self.metrics:
             self.metrics.replans.labels("applied").inc()
-        return self._record(demand, plan, solve_ms, applied=True, reason="periodic re-plan", inputs=inputs)
+        return self._record(demand, plan, solve_ms, applied=True, reason=forced or "periodic re-plan", inputs=inputs)
 
     def _not_worth_moving(self, plan: PlanFile, demand: float) -> str | None:
         """The reason to keep the running plan, or ``None`` to apply ``plan`` (see the module doc)."""

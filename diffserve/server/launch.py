@@ -145,15 +145,20 @@ def _count_shed(runtime: Runtime) -> None:
     runtime.metrics.rejected.labels("overloaded").inc()
 
 
-def shed_app(app, runtime: Runtime) -> ShedMiddleware:
-    """``app`` behind the door-keeper: the bound follows the plan the controller applies."""
-    return ShedMiddleware(
-        app,
+def door_options(runtime: Runtime) -> dict[str, Any]:
+    """The door-keeper's settings for ``runtime`` (both engines' ingresses): the bound follows
+    the plan the controller applies."""
+    return dict(
         limit=lambda: runtime_limits(runtime).concurrency,
         full=lambda waited_s: door_closed(runtime, waited_s),
         retry_after_s=lambda: max((p.retry_after_s() for p in runtime.pools.values()), default=1),
         on_shed=lambda: _count_shed(runtime),
     )
+
+
+def shed_app(app, runtime: Runtime) -> ShedMiddleware:
+    """``app`` behind the door-keeper: the bound follows the plan the controller applies."""
+    return ShedMiddleware(app, **door_options(runtime))
 
 
 def uvicorn_config(app, runtime: Runtime, *, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:

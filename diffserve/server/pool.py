@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from diffserve.planner.settings import BATCHER_WAIT_FRACTION, heavy_start_reserve_ms
 from diffserve.server.clock import Clock
@@ -21,6 +21,9 @@ from diffserve.server.editcost import group_key
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
 from diffserve.server.hooks import NoHooks as _NoHooks
+
+if TYPE_CHECKING:
+    from diffserve.server.pooling import ServingPool
 
 
 def estimate_wait_ms(
@@ -149,9 +152,11 @@ class Pool:
         self.hooks.queue_changed(self.model, len(self._queue))
         self._notifier.notify_all()
 
-    def hand_over(self, other: "Pool") -> int:
+    def hand_over(self, other: "ServingPool") -> int:
         """Move every queued job, in order, to ``other`` (a pool that replaces this one: the
         plan switched to another light model); their futures go with them. Returns how many."""
+        if not isinstance(other, Pool):
+            raise TypeError(f"queued jobs move only between in-process pools, not to {type(other).__name__}")
         moved = 0
         while self._queue:
             job = self._queue.popleft()
@@ -289,6 +294,9 @@ class Pool:
             else:
                 kept.append(job)
         return kept
+
+    async def close(self) -> None:
+        """Nothing to release: the worker slots own the running batches (see :meth:`fail_all`)."""
 
     def fail_all(self, exc_factory: Callable[[], Exception]) -> int:
         """Answer every queued job with an error (shutdown); returns how many."""

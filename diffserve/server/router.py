@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.schemas import PlanFile
@@ -23,7 +23,7 @@ from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.hooks import ServingHooks
 from diffserve.server.metrics import Metrics, serving_hooks
-from diffserve.server.pool import Pool
+from diffserve.server.pooling import ServingPool
 from diffserve.server.scores import unit_hash
 from diffserve.server.stage import EditInput, Job, StageResult
 
@@ -66,7 +66,7 @@ class Flight:
 class Router:
     def __init__(
         self,
-        pools: dict[str, Pool],
+        pools: Mapping[str, ServingPool],
         plan: PlanFile,
         clock: Clock,
         *,
@@ -208,7 +208,7 @@ class Router:
             raise
         return self._answer(flight, heavy, light, degraded=False)
 
-    def _admission_finish_ms(self, pool: Pool, n: int) -> float:
+    def _admission_finish_ms(self, pool: ServingPool, n: int) -> float:
         """When ``n`` more jobs admitted now would finish, as the pool will judge them: a pool that
         drops unmeetable jobs (the heavy pool of a degrading cascade) wants a batch started
         :func:`heavy_start_reserve_ms` before the deadline, so admission asks the same (issue #21:
@@ -237,7 +237,7 @@ class Router:
         )
 
     @staticmethod
-    def _earliest_heavy_finish_ms(pool: Pool) -> float:
+    def _earliest_heavy_finish_ms(pool: ServingPool) -> float:
         """A lower bound on when a deferred job queued now could finish: the jobs ahead fill whole
         rounds of batches even if every worker were free at once. Degrading early only on a
         *certain* miss leaves the rest to the start deadline (``latest_start``), which is the

@@ -19,10 +19,9 @@ from diffserve.server.controller import Controller, ControllerSettings, Solver
 from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unavailable
 from diffserve.server.ledger import Ledger, LedgerCollector
 from diffserve.server.metrics import Metrics, MetricsHooks
-from diffserve.server.pool import Pool
+from diffserve.server.pooling import PlacementFactory, PoolFactory, PoolSettings, ServingPool, local_pool, local_workers
 from diffserve.server.router import ImageAnswer, Quality, Router
 from diffserve.server.stage import Backend, EditInput, StageResult
-from diffserve.server.workers import WorkerSet
 
 log = logging.getLogger("diffserve.server")
 
@@ -68,7 +67,12 @@ class Runtime:
         solver: Solver | None = None,
         metrics: Metrics | None = None,
         solver_options: dict | None = None,
+        pool_factory: PoolFactory = local_pool,
+        placement_factory: PlacementFactory = local_workers,
     ) -> None:
+        """``pool_factory`` builds each model's pool and ``placement_factory`` what gives them
+        workers (:mod:`diffserve.server.pooling`): in-process by default, the Ray engine passes
+        replica-backed ones."""
         self.backend = backend
         self.profile = profile
         self.cascade = cascade
@@ -80,18 +84,17 @@ class Runtime:
         self.metrics.registry.register(LedgerCollector(self.ledger))
         qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
         self.hooks = hooks = MetricsHooks(self.metrics)
-        self.pools: dict[str, Pool] = {}
+        self.pools: dict[str, ServingPool] = {}
         for model in backend.models:
-            self.pools[model] = Pool(
-                model,
+            self.pools[model] = pool_factory(model, PoolSettings(
                 clock=clock,
                 latency_ms=lambda bs, m=model: backend.batch_latency_ms(m, bs),
                 max_queue=self.settings.max_queue,
                 max_batch_wait_ms=self.settings.max_batch_wait_ms,
                 queue_full_error=qf,
                 hooks=hooks,
-            )
-        self.workers = WorkerSet(backend, self.pools, clock, self.metrics, hooks=hooks)
+            ))
+        self.workers = placement_factory(backend, self.pools, clock, self.metrics)
         backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
@@ -122,7 +125,7 @@ class Runtime:
 
     def _worker_event(self, worker: int, event: str) -> None:
         """The backend lost or got back a worker: count it, re-count the pools' serving workers."""
-        self.hooks.worker_event(self.workers.assignment[worker], event)
+        self.hooks.worker_event(self.workers.model_of(worker), event)
         self.workers.health_changed(worker)
 
     # ---------------------------------------------------------------- controller target
@@ -234,6 +237,8 @@ class Runtime:
         for pool in self.pools.values():
             pool.fail_all(lambda: Unavailable("the server is shutting down", retry_after_s=1))
         await self.workers.stop()
+        for pool in self.pools.values():
+            await pool.close()
         await self.backend.close()
 
     # ---------------------------------------------------------------- requests

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Mapping
 
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, Unavailable, WorkerCrashed, WorkerHung
@@ -40,10 +41,14 @@ class WorkerSet:
         self._stopping = False
         self.running: dict[int, list[Job]] = {}
 
+    def model_of(self, worker: int) -> str | None:
+        """The model whose pool slot ``worker`` serves now (None: idle)."""
+        return self.assignment[worker]
+
     def counts(self) -> dict[str, int]:
         return {m: sum(1 for a in self.assignment if a == m) for m in self.pools}
 
-    def assign(self, counts: dict[str, int]) -> None:
+    def assign(self, counts: Mapping[str, int]) -> None:
         """Give each model ``counts[model]`` slots, keeping slots where they are when possible."""
         unknown = set(counts) - set(self.pools)
         if unknown:

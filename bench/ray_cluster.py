@@ -1,0 +1,450 @@
+"""The Ray engine on a multi-node cluster: a node lost under load, throughput, a 10x overload.
+
+``--hosts local`` builds the cluster with Ray's own multi-node utility (``ray.cluster_utils.Cluster``):
+a head that offers no worker slot and ``--nodes`` worker nodes, each offering ``--slots`` of the
+custom resource ``worker_slot`` (standing for GPUs), all on this machine. The emulated backend
+replays the paper's A100 profiles, with fractional CPUs per replica.
+
+Scenarios, in one run:
+
+1. ``loss``: the live controller (re-plan every ``--replan-interval`` s) serves Poisson traffic at
+   ``--load`` x the plan's capacity; a worker node that does not hold the ingress is removed
+   without grace ``--loss-at`` s in. Every request's answer is recorded: ``failed_5xx`` (500s or
+   other 5xx that are not the JSON 503/504 refusals), ``duplicates`` (images the server
+   completed beyond those the clients received), ``unanswered`` (no HTTP answer within the
+   client's timeout). ``replan_after_loss_s`` is the wall time from the removal to the
+   controller's capacity re-plan. The node then joins again.
+2. ``throughput``: a light-only plan pinned on every slot, offered 1.5x its capacity, through the
+   embedded server (same machine, same plan, same workers) and through the cluster.
+3. ``overload``: the same pinned plan offered ``--overload`` x its capacity: refusal latency and
+   the admitted requests' latency against SLO + one batch.
+
+Ray binds to the machine's address: run inside a loopback-only namespace, like the tests:
+
+    unshare --net sh -c 'ip link set lo up && exec python bench/ray_cluster.py --hosts local'
+
+Writes JSON (default bench/results/ray_cluster_{hosts}.json) and prints a short table.
+``--hosts netns`` runs the same scenarios with each node in its own network namespace, on its
+own address on a private bridge (``bench/netns_hosts.py``), inside a parent namespace that the
+script creates (it re-runs itself under ``unshare --net --mount``; needs root) and that has no
+route out. The head runs ``diffserve serve --engine ray --ray-worker-resource worker_slot``;
+clients reach the ingress by the head's address; a node is lost by SIGKILL of every process in
+its namespace. Everything is torn down by PID and namespace, also on failure:
+
+    python bench/ray_cluster.py --hosts netns
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ray_overhead import throughput  # noqa: E402
+from server_overhead import pct, start_server, stop_server, write_plan  # noqa: E402
+
+SLOT = "worker_slot"
+SLO_S = 5.0  # model seconds
+#: Ray's GCS declares a node dead after this many missed health checks this far apart (Ray
+#: 2.60's defaults are slower); the re-plan after a loss can only follow that detection
+HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+#: Ray 2.60 turns token authentication on for a head on a non-loopback address, with the token in
+#: ~/.ray/auth_token, a file every Ray user of this machine shares; the hosts here sit on a
+#: private bridge with no route out, so it is off rather than racing other users for that file
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LocalCluster:
+    """``--hosts local``: Ray's ``Cluster`` utility, every node on 127.0.0.1; this process is the driver."""
+
+    def __init__(self, args, workers_total: int, opts_kw: dict) -> None:
+        self.args, self.workers_total, self.opts_kw = args, workers_total, opts_kw
+        self.headers: dict[str, str] = {}
+
+    def start(self) -> str:
+        import ray
+        from ray import serve
+        from ray.cluster_utils import Cluster
+
+        from diffserve.ports import free_port
+        from diffserve.ray_engine import RayOptions, deploy
+        from diffserve.server.build import ServeOptions
+
+        self.cluster = Cluster()
+        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, _system_config=HEALTH)
+        self.workers = [self._add() for _ in range(self.args.nodes)]
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+        deployed = deploy(ServeOptions(backend="emulated", workers=self.workers_total, **self.opts_kw),
+                          RayOptions(worker_resource=SLOT, num_cpus=0.05, ingress_num_cpus=0.05), port=0)
+        return deployed.url
+
+    def _add(self):
+        return self.cluster.add_node(num_cpus=1, resources={SLOT: self.args.slots}, node_ip_address="127.0.0.1")
+
+    def remove_one(self, ingress_node_id: str, ingress_ip: str) -> str:
+        victim = next(n for n in self.workers if n.node_id != ingress_node_id)
+        self.cluster.remove_node(victim, allow_graceful=False)
+        self.workers.remove(victim)
+        return victim.node_id
+
+    def rejoin(self) -> None:
+        self.workers.append(self._add())
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            if hasattr(self, "cluster"):
+                self.cluster.shutdown()
+
+
+class NetnsCluster:
+    """``--hosts netns``: host ``h0`` (10.77.0.1) is the head and runs ``diffserve serve --engine
+    ray`` itself; hosts ``h1..`` are worker nodes (``ray start --resources``). This process, in
+    the parent namespace, only talks HTTP to the head's address. A node is lost by SIGKILL of
+    every process in its namespace."""
+
+    PORT = 8000
+    TOKEN = "bench-token"
+
+    def __init__(self, args, workers_total: int, opts_kw: dict) -> None:
+        from netns_hosts import Hosts
+
+        self.args, self.workers_total, self.opts_kw = args, workers_total, opts_kw
+        self.hosts = Hosts(1 + args.nodes)
+        self.headers = {"Authorization": f"Bearer {self.TOKEN}"}
+        self.logs = Path(tempfile.mkdtemp(prefix="ray-netns-"))
+
+    def _ray(self, i: int, *argv: str):
+        log = open(self.logs / f"h{i}.log", "ab")
+        env = {**os.environ, **RAY_ENV}
+        return self.hosts.run(i, [str(Path(sys.executable).parent / "ray"), *argv], stdout=log, stderr=log, env=env)
+
+    def _node(self, i: int, *argv: str, attempts: int = 3) -> None:
+        """``ray start --block`` in host ``i`` until it says the node runs. Ray waits a fixed 30 s
+        for a raylet to register; on a busy host a start can miss it: kill the host, try again."""
+        log = self.logs / f"h{i}.log"
+        for attempt in range(1, attempts + 1):
+            offset = log.stat().st_size if log.exists() else 0
+            proc = self._ray(i, "start", "--block", *argv)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                if "Ray runtime started" in log.read_bytes()[offset:].decode(errors="ignore"):
+                    return
+                time.sleep(0.5)
+            self.hosts.kill_host(i)
+            print(f"host h{i}: ray start failed (attempt {attempt}, log {log})", file=sys.stderr)
+        raise RuntimeError(f"could not start a Ray node in host h{i}; see {log}")
+
+    def _worker(self, i: int) -> None:
+        self._node(i, f"--address={self.hosts.address(0)}:6379", f"--node-ip-address={self.hosts.address(i)}",
+                   "--num-cpus=1", f"--resources={json.dumps({SLOT: self.args.slots})}", "--disable-usage-stats")
+
+    def start(self) -> str:
+        self.hosts.__enter__()
+        head = self.hosts.address(0)
+        self._node(0, "--head", "--port=6379", f"--node-ip-address={head}", "--num-cpus=1",
+                   "--include-dashboard=false", "--disable-usage-stats", f"--system-config={json.dumps(HEALTH)}")
+        for i in range(1, 1 + self.args.nodes):
+            self._worker(i)
+        k = self.opts_kw
+        argv = [sys.executable, "-m", "diffserve.cli.main", "serve", "--engine", "ray", "--address", f"{head}:6379",
+                "--ray-worker-resource", SLOT, "--ray-num-cpus", "0.05", "--host", "0.0.0.0", "--port", str(self.PORT),
+                "--admin-token", self.TOKEN, "--backend", "emulated", "--speedup", str(k["speedup"]),
+                "--demand", str(k["demand_qps"]), "--replan-interval", f"{k['replan_interval_ms']:.0f}ms",
+                "--slo", f"{k['slo_ms']:.0f}ms", "--max-queue", str(k["max_queue"])]
+        log = open(self.logs / "serve.log", "ab")
+        self.hosts.run(0, argv, stdout=log, stderr=log, cwd=REPO, env={**os.environ, **RAY_ENV})
+        base = f"http://{head}:{self.PORT}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, f"the ingress at {base} (logs: {self.logs})", 300)
+        return base
+
+    def remove_one(self, ingress_node_id: str, ingress_ip: str) -> str:
+        i = next(i for i in range(1, self.hosts.n) if self.hosts.address(i) != ingress_ip and self.hosts.pids(i))
+        self.hosts.kill_host(i)
+        self.lost = i
+        return self.hosts.address(i)
+
+    def rejoin(self) -> None:
+        self._worker(self.lost)
+
+    def close(self) -> None:
+        self.hosts.close()
+
+
+HEADERS: dict[str, str] = {}  # the admin token, where the ingress has one
+
+
+def plan_view(base: str) -> dict:
+    return httpx.get(f"{base}/v1/plan", headers=HEADERS, timeout=30).json()
+
+
+def ray_view(base: str) -> dict:
+    return httpx.get(f"{base}/v1/ray", headers=HEADERS, timeout=30).json()
+
+
+def wait_for(predicate, what: str, timeout_s: float = 180.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (httpx.TransportError, ValueError, KeyError):  # the ingress is busy or restarting
+            value = None
+        if value:
+            return value
+        time.sleep(0.25)
+    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def replicas_total(base: str) -> int:
+    return sum(sum(m.values()) for m in ray_view(base)["replicas_per_node"].values())
+
+
+def outcome(recs: list[dict], completed_delta: int) -> dict:
+    """The counts of the issue's JSON from client records and the server's ledger delta."""
+    answered = sum(r["status"] == 200 for r in recs)
+    refused = sum(r["status"] in (429, 503, 504) and r.get("json_error", True) for r in recs)
+    failed = sum(r["status"] >= 500 and not (r["status"] in (503, 504) and r.get("json_error", True)) for r in recs)
+    unanswered = sum(r["status"] == 0 for r in recs)
+    return {"sent": len(recs), "answered": answered, "refused": refused, "failed_5xx": failed,
+            "duplicates": max(0, completed_delta - answered), "unanswered": unanswered}
+
+
+async def records_with_errors(base: str, qps: float, duration: float, speedup: float, seed: int, timeout_s: float | None = None) -> list[dict]:
+    """Open-loop Poisson arrivals like ``server_overhead.open_loop``, but every answer is kept:
+    a body that is not a JSON error is marked (``json_error`` False), and a request with no HTTP
+    answer within ``timeout_s`` (reset, timeout) is recorded with status 0 (unanswered)."""
+    import random
+
+    import aiohttp
+
+    from diffserve.evaluation.loadgen import launch_on_schedule, poisson_offsets_s
+
+    records: list[dict] = []
+    url = f"{base}/v1/images/generations"
+    timeout_s = timeout_s or max(60.0, 3 * SLO_S / speedup)  # far past any admitted request's deadline
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4000),
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        async def one(i: int) -> None:
+            sent = time.perf_counter()
+            rec: dict = {"status": 0, "sent": sent, "seed": seed * 1_000_000 + i}
+            try:
+                async with session.post(url, json={"prompt": f"prompt {i}", "seed": rec["seed"]}) as r:
+                    rec["status"] = r.status
+                    raw = await r.read()
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                rec["json_error"] = r.status == 200 or (isinstance(body, dict) and "error" in body)
+                if r.status == 200 and body:
+                    meta = body["data"][0]["diffserve"]
+                    rec.update(model=meta["model"], compute_wall_ms=meta["compute_ms"] / speedup)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                rec["error"] = repr(exc)
+            rec["done"] = time.perf_counter()
+            rec["wall_ms"] = (rec["done"] - sent) * 1000
+            records.append(rec)
+
+        tasks, _ = await launch_on_schedule(poisson_offsets_s(qps, duration, random.Random(seed)), one, clock=time.perf_counter)
+        await asyncio.gather(*tasks)
+    return records
+
+
+def loss_scenario(args, cluster, base: str, capacity_wall: float) -> dict:
+    wait_for(lambda: replicas_total(base) == args.nodes * args.slots, "every replica running")
+    view_ray = ray_view(base)
+    before = view_ray["replicas_per_node"]
+    view = plan_view(base)
+    n_decisions, completed0 = len(view["decisions"]), view["ledger"]["requests_completed"]
+    out: dict = {}
+
+    def remove() -> None:
+        time.sleep(args.loss_at)
+        out["lost_node"] = cluster.remove_one(view_ray["ingress_node_id"], view_ray["ingress_node_ip"])
+        t_loss = time.monotonic()
+        d = wait_for(lambda: next((d for d in plan_view(base)["decisions"][n_decisions:]
+                                   if d["reason"].startswith("re-plan: the cluster has")), None), "the capacity re-plan")
+        out["replan_after_loss_s"] = time.monotonic() - t_loss
+        out["replan"] = {"workers": d["workers"], "reason": d["reason"]}
+
+    killer = threading.Thread(target=remove)
+    killer.start()
+    recs = asyncio.run(records_with_errors(base, capacity_wall * args.load, args.duration, args.speedup, seed=args.seed))
+    killer.join()
+    wait_for(lambda: replicas_total(base) == (args.nodes - 1) * args.slots, "the replicas of the surviving nodes")
+    time.sleep(1.0)
+    view = plan_view(base)
+    out.update(outcome(recs, view["ledger"]["requests_completed"] - completed0))
+    out["statuses"] = {str(st): sum(r["status"] == st for r in recs) for st in sorted({r["status"] for r in recs})}
+    out["inflight_after"] = view["ledger"]["requests_accepted"] - view["ledger"]["requests_completed"] - view["ledger"]["requests_failed"] - view["ledger"]["requests_cancelled"]
+    out["replicas_per_node_before"] = before
+    out["replicas_per_node_after"] = ray_view(base)["replicas_per_node"]
+    out["readyz_after"] = httpx.get(f"{base}/readyz", timeout=30).json()
+    known = set(ray_view(base)["replicas_per_node"])
+    cluster.rejoin()
+    out["rejoined_node_used"] = bool(wait_for(lambda: set(ray_view(base)["replicas_per_node"]) - known, "the rejoined node's replicas"))
+    return out
+
+
+def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, pid: int | None,
+                ray: bool = False) -> tuple[list[dict], float]:
+    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and ingress CPU s.
+    On Ray the load starts once the plan's replicas run (a replica start is not throughput)."""
+    import yaml
+
+    plan = yaml.safe_load(plan_path.read_text())
+    httpx.put(f"{base}/v1/plan", json=plan, headers=HEADERS, timeout=30).raise_for_status()
+    if ray:
+        want = {p["model"]: p["workers"] for p in plan["pools"]}
+
+        def running() -> bool:
+            have: dict[str, int] = {}
+            for models in ray_view(base)["replicas_per_node"].values():
+                for m, n in models.items():
+                    have[m] = have.get(m, 0) + n
+            return {m: have.get(m, 0) for m in want} == want and sum(have.values()) == sum(want.values())
+
+        wait_for(running, "the pinned plan's replicas", 300)
+    time.sleep(2.0)
+    c0 = cpu_s(pid) if pid else 0.0
+    recs = asyncio.run(records_with_errors(base, qps, duration, speedup, seed))
+    return recs, (cpu_s(pid) - c0) if pid else float("nan")
+
+
+def refusal_stats(recs: list[dict], slo_s: float, batch_s: float) -> dict:
+    refused = [r["wall_ms"] for r in recs if r["status"] in (429, 503)]
+    admitted = [r["wall_ms"] for r in recs if r["status"] == 200]
+    return {"sent": len(recs), "answered": len(admitted), "refused": len(refused),
+            "statuses": {str(s): sum(r["status"] == s for r in recs) for s in sorted({r["status"] for r in recs})},
+            "refusal_ms_p50": pct(refused, 50), "refusal_ms_p99": pct(refused, 99),
+            "admitted_ms_p99": pct(admitted, 99), "slo_plus_batch_ms": (slo_s + batch_s) * 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", choices=["local", "netns"], default="local")
+    ap.add_argument("--nodes", type=int, default=2, help="worker nodes (the head offers no worker slot)")
+    ap.add_argument("--slots", type=int, default=2, help="worker_slot per worker node")
+    ap.add_argument("--speedup", type=float, default=0.1, help="model time / wall time; below 1 so that 2 cores can drive 10x overload")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of the loss scenario")
+    ap.add_argument("--sat-duration", type=float, default=12.0, help="seconds of each throughput and overload run")
+    ap.add_argument("--load", type=float, default=0.6, help="offered load of the loss scenario, x the plan's capacity")
+    ap.add_argument("--loss-at", type=float, default=6.0, help="seconds into the loss scenario the node is removed")
+    ap.add_argument("--overload", type=float, default=10.0)
+    ap.add_argument("--replan-interval", type=float, default=10.0, help="seconds between periodic re-plans")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.hosts == "netns":
+        from netns_hosts import enter_parent_namespace
+
+        enter_parent_namespace()  # re-runs this script in a namespace with no route out
+    # Ray's files (sessions, and the ray_current_cluster address file that a later ray.init() on
+    # this machine would join) go to a directory of this run, not the /tmp/ray every Ray user shares
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-bench-")
+    out_path = args.out or str(REPO / "bench" / "results" / f"ray_cluster_{args.hosts}.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    workers_total = args.nodes * args.slots
+    slo_s = SLO_S
+    with tempfile.TemporaryDirectory() as tmp:
+        sat_path = Path(tmp) / "sat.yaml"
+        sat_info = write_plan(sat_path, "clipper-light", 50, workers_total)
+        cap = sum(p["capacity_qps"] for p in sat_info["pools"]) * args.speedup
+        batch = sat_info["pools"][0]["batch_size"]
+        from diffserve.reference import reference_profile
+
+        batch_s = reference_profile().model(sat_info["pools"][0]["model"]).latency_ms(batch) / 1000 / args.speedup
+
+        # the embedded server first, alone on the machine (on loopback)
+        proc, base = start_server(sat_path, workers_total, args.speedup)
+        try:
+            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, proc.pid)
+            embedded = throughput(recs, args.sat_duration, cap)
+            embedded["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
+            embedded_overload = refusal_stats(asyncio.run(records_with_errors(
+                base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
+        finally:
+            stop_server(proc)
+
+        # the loss scenario's plan is the live controller's, for a demand below the cluster's capacity
+        live_demand = cap / args.speedup * args.load
+        opts_kw = dict(speedup=args.speedup, demand_qps=live_demand, replan_interval_ms=args.replan_interval * 1000 * args.speedup,
+                       slo_ms=slo_s * 1000, max_queue=512)
+        cluster = (NetnsCluster if args.hosts == "netns" else LocalCluster)(args, workers_total, opts_kw)
+        HEADERS.update(cluster.headers)
+        t0 = time.perf_counter()
+        try:
+            base = cluster.start()
+            startup = time.perf_counter() - t0
+            loss = loss_scenario(args, cluster, base, live_demand * args.speedup)
+            wait_for(lambda: replicas_total(base) == workers_total, "every replica running after the rejoin")
+            pid = ray_view(base)["ingress_pid"]
+            # network namespaces share one PID namespace: the ingress's /proc entry reads from here
+            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, pid, ray=True)
+            ray_sat = throughput(recs, args.sat_duration, cap)
+            ray_sat["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
+            ray_overload = refusal_stats(asyncio.run(records_with_errors(
+                base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
+        finally:
+            cluster.close()
+
+    results = {
+        "hosts": args.hosts, "nodes": 1 + args.nodes, "workers": workers_total,
+        **{k: loss.get(k) for k in ("sent", "answered", "refused", "failed_5xx", "duplicates", "unanswered",
+                                    "replicas_per_node_before", "replicas_per_node_after", "replan_after_loss_s")},
+        "throughput_rps": ray_sat["achieved_qps"], "embedded_throughput_rps": embedded["achieved_qps"],
+        "throughput_ratio": ray_sat["achieved_qps"] / max(embedded["achieved_qps"], 1e-9),
+        "ingress_cpu_ms_per_image": {"embedded": embedded["ingress_cpu_ms_per_image"], "ray": ray_sat["ingress_cpu_ms_per_image"],
+                                     "payload": "the emulated backend's small PNG, not a real-size image"},
+        "overload": {"factor": args.overload, "embedded": embedded_overload, "ray": ray_overload},
+        "loss": loss, "startup_s": startup, "settings": vars(args), "plan": sat_info, "machine": {"cpus": os.cpu_count()},
+        "models": "emulated (the paper's A100 profiles replayed)",
+    }
+    from diffserve.fileio import atomic_write_text
+
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_path, json.dumps(results, indent=2, default=str))
+    print(f"{'hosts':<6} {'sent':>5} {'ok':>5} {'refused':>7} {'5xx':>4} {'dup':>4} {'lost':>4} {'replan s':>8} "
+          f"{'ray rps':>8} {'emb rps':>8} {'ratio':>6}")
+    print(f"{args.hosts:<6} {results['sent']:>5} {results['answered']:>5} {results['refused']:>7} {results['failed_5xx']:>4} "
+          f"{results['duplicates']:>4} {results['unanswered']:>4} {results['replan_after_loss_s']:>8.1f} "
+          f"{results['throughput_rps']:>8.1f} {results['embedded_throughput_rps']:>8.1f} {results['throughput_ratio']:>6.0%}")
+    for name, o in (("embedded", embedded_overload), ("ray", ray_overload)):
+        print(f"{args.overload:g}x overload, {name}: refusals p99 {o['refusal_ms_p99']} ms, admitted p99 {o['admitted_ms_p99']} ms "
+              f"(SLO + one batch = {o['slo_plus_batch_ms']:.0f} ms)")
+    print(f"Wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
