@@ -28,7 +28,21 @@ load generator's own work moves other jobs onto the server's CPU). ``effective_f
 the server actually faced: the offered rate over the probe's answers per CPU-second of the server
 times the CPU share the server got under overload. Read the pass next to it.
 
+With ``--rps`` the offered rate is absolute and the capacity probe is skipped (issue #21: 1,500 rps
+for 3 s on a 16-worker plan at speedup 10, where the HTTP layer, not the models, is the limit).
+Each run then also reports:
+
+- refusal latency p50/p99/max from the client's first connection attempt, and split into the
+  connect part (the kernel's accept queue, SYN retries) and the part after it (the server's answer
+  plus the load generator's own loop lag, which is reported next to it);
+- the kernel's ``TcpExtListenOverflows`` and ``TcpExtListenDrops`` before and after (from
+  /proc/net/netstat, as ``nstat`` reads them; host-wide counters of this network namespace);
+- probes of ``/readyz`` and ``/metrics`` every ``--probe-period`` seconds during the burst, each on a
+  fresh connection, with their statuses and latencies (the control plane must answer 200);
+- the host's load average before and after (a shared host's other jobs take the server's CPU).
+
     python bench/overload.py [--factor 3] [--duration 5] [--slo 5] [--out bench/results/overload.json]
+    python bench/overload.py --rps 1500 --duration 3 --seeds 3 --workers 16 --speedup 10 --out bench/results/overload_1500.json
 """
 
 from __future__ import annotations
@@ -99,19 +113,54 @@ async def closed_loop(host: str, port: int, clients: int, duration_s: float) -> 
 
 
 async def open_loop(
-    host: str, port: int, qps: float, duration_s: float, timeout_s: float, seed: int, sent: Callable[[], None] = lambda: None,
+    host: str, port: int, qps: float, duration_s: float, timeout_s: float, seed: int, probe_period_s: float = 0.0,
+    sent: Callable[[], None] = lambda: None,
 ) -> dict:
     payload = _request(host, port)
     lags: list[float] = []
     ticker = asyncio.create_task(_lag_ticker(lags))
+    probes: list[dict] = []
+    prober = asyncio.create_task(_probe(host, port, probe_period_s, probes)) if probe_period_s > 0 else None
     tasks, _ = await launch_on_schedule(
         poisson_offsets_s(qps, duration_s, random.Random(seed)), lambda _i: one(host, port, payload, timeout_s),
         clock=time.perf_counter,
     )
     sent()  # every arrival is out; what follows is waiting for answers
+    if prober is not None:
+        prober.cancel()  # probes run during the burst only; the ones in flight finish below
     records = list(await asyncio.gather(*tasks))
     ticker.cancel()
-    return {"records": records, "client_loop_lag_ms": lags}
+    return {"records": records, "client_loop_lag_ms": lags, "probes": probes}
+
+
+async def _probe(host: str, port: int, period_s: float, out: list[dict]) -> None:
+    """GET /readyz and /metrics every ``period_s``, each on a fresh connection, as a load balancer
+    and a scraper would; each probe's status and latency (status -1: no answer within 10 s)."""
+
+    async def get(path: str) -> None:
+        req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+        t = time.perf_counter()
+        status = -1
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            writer.write(req)
+            raw = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            status = int(raw.split(b" ", 2)[1])
+        except (OSError, asyncio.TimeoutError, IndexError, ValueError):
+            pass
+        out.append({"path": path, "status": status, "ms": (time.perf_counter() - t) * 1000})
+
+    pending: set[asyncio.Task] = set()
+    try:
+        while True:
+            for path in ("/readyz", "/metrics"):
+                task = asyncio.create_task(get(path))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.sleep(period_s)
+    except asyncio.CancelledError:
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _lag_ticker(lags: list[float], period_s: float = 0.01) -> None:
@@ -147,7 +196,14 @@ def _client_main(conn, cpu: set[int] | None, kind: str, host: str, port: int, ar
         conn.send((time.perf_counter(), r.ru_utime + r.ru_stime))
 
     mark()
-    result = asyncio.run(closed_loop(host, port, *args) if kind == "closed" else open_loop(host, port, *args, sent=mark))
+    main = closed_loop(host, port, *args) if kind == "closed" else open_loop(host, port, *args, sent=mark)
+    try:  # the load generator's loop on uvloop too, when installed: less client lag at 1,500 rps
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(main)
+    except ImportError:
+        result = asyncio.run(main)
     if kind == "closed":
         mark()
     conn.send(result)
@@ -169,11 +225,28 @@ def _drive(proc, cpus, kind: str, host: str, port: int, args: tuple) -> dict:
         (t0, c0), s0 = parent.recv(), _cpu_s(proc.pid)
         (t1, c1), s1 = parent.recv(), _cpu_s(proc.pid)
         result = parent.recv()
+        s2 = _cpu_s(proc.pid)  # every answer is in: the server's CPU for the whole load
     finally:
         client.join(timeout=60)
         if client.is_alive():
             client.kill()
-    return {"result": result, "server_cpu_share": (s1 - s0) / (t1 - t0), "client_cpu_share": (c1 - c0) / (t1 - t0)}
+    return {"result": result, "server_cpu_share": (s1 - s0) / (t1 - t0), "client_cpu_share": (c1 - c0) / (t1 - t0),
+            "server_cpu_s": s2 - s0}
+
+
+def listen_counters() -> dict[str, int]:
+    """The kernel's ``TcpExtListenOverflows`` and ``TcpExtListenDrops`` (what ``nstat`` reads): SYNs
+    dropped because an accept queue was full. Host-wide (this network namespace)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], (int(v) for v in values.split()[1:])))
+            return {k: table.get(k, 0) for k in ("ListenOverflows", "ListenDrops")}
+    return {}
 
 
 def _plan(path: Path, workers: int, batch: int) -> dict:
@@ -192,55 +265,92 @@ def _plan(path: Path, workers: int, batch: int) -> dict:
     return {"workers": workers, "batch_size": batch, "batch_ms": batch_ms, "capacity_qps": capacity}
 
 
-def run(factor: float, duration: float, slo_s: float, clients: int, seed: int) -> dict:
+def run(factor: float, duration: float, slo_s: float, clients: int, seed: int, *, rps: float | None = None,
+        workers: int = 4, batch: int = 4, speedup: float = 1.0, probe_period_s: float = 0.2) -> dict:
     cpus = _cpus()
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        _plan(Path(tmp) / "ample.yaml", 16, 1)
-        # deadlines run from the connection's acceptance; at speedup 1000 a 5 s SLO is 5 ms of wall
-        # time, which the event loop's own wait would eat: the probe's SLO is 30 s of wall time
-        proc, base = start_server(Path(tmp) / "ample.yaml", 16, 1000.0, extra=["--slo", f"{PROBE_SLO_WALL_S * 1000:g}s"])
+        probe = None
+        if rps is None:
+            _plan(Path(tmp) / "ample.yaml", 16, 1)
+            # deadlines run from the connection's acceptance; at speedup 1000 a 5 s SLO is 5 ms of wall
+            # time, which the event loop's own wait would eat: the probe's SLO is 30 s of wall time
+            proc, base = start_server(Path(tmp) / "ample.yaml", 16, 1000.0, extra=["--slo", f"{PROBE_SLO_WALL_S * 1000:g}s"])
+            host, port = base.removeprefix("http://").split(":")
+            try:
+                probe = _drive(proc, cpus, "closed", host, int(port), (clients, 3.0))
+            finally:
+                stop_server(proc)
+        http_capacity = probe["result"]["rps"] if probe else None
+        info = _plan(Path(tmp) / "overload.yaml", workers, batch)
+        proc, base = start_server(Path(tmp) / "overload.yaml", workers, speedup, extra=["--slo", f"{slo_s}s"])
         host, port = base.removeprefix("http://").split(":")
+        offered = rps if rps is not None else factor * http_capacity
+        timeout_s = max(10.0, 4 * slo_s / speedup)
         try:
-            probe = _drive(proc, cpus, "closed", host, int(port), (clients, 3.0))
-        finally:
-            stop_server(proc)
-        http_capacity = probe["result"]["rps"]
-        info = _plan(Path(tmp) / "overload.yaml", 4, 4)
-        proc, base = start_server(Path(tmp) / "overload.yaml", 4, 1.0, extra=["--slo", f"{slo_s}s"])
-        host, port = base.removeprefix("http://").split(":")
-        offered = factor * http_capacity
-        try:
-            load = _drive(proc, cpus, "open", host, int(port), (offered, duration, 4 * slo_s, seed))
+            overflows_before = listen_counters()
+            load = _drive(proc, cpus, "open", host, int(port), (offered, duration, timeout_s, seed, probe_period_s))
+            overflows_after = listen_counters()
         finally:
             rc = stop_server(proc)
-    recs, lags = load["result"]["records"], load["result"]["client_loop_lag_ms"]
+    load_after = os.getloadavg()
+    recs, lags, probes = load["result"]["records"], load["result"]["client_loop_lag_ms"], load["result"]["probes"]
     ok = [r["wall_ms"] for r in recs if r["status"] == 200]
     refused = [r for r in recs if r["status"] in (429, 503)]
     span = max(r["sent"] for r in recs) - min(r["sent"] for r in recs)
-    bound_ms = slo_s * 1000 + info["batch_ms"]
+    bound_ms = (slo_s * 1000 + info["batch_ms"]) / speedup  # wall ms: SLO + one batch
     p99 = pct(ok, 99)
+    refused_ms = [r["wall_ms"] for r in refused]
+    refused_connect = [r["connect_ms"] for r in refused if r["connect_ms"] is not None]
+    refused_after = [r["wall_ms"] - r["connect_ms"] for r in refused if r["connect_ms"] is not None]
+    overflow = {k: overflows_after.get(k, 0) - overflows_before.get(k, 0) for k in overflows_before}
+    probe_stats = {}
+    for path in ("/readyz", "/metrics"):
+        mine = [p for p in probes if p["path"] == path]
+        probe_stats[path] = {"probes": len(mine), "ok": sum(p["status"] == 200 for p in mine),
+                             "statuses": {str(st): sum(p["status"] == st for p in mine) for st in sorted({p["status"] for p in mine})},
+                             "ms_p50": pct([p["ms"] for p in mine], 50), "ms_max": max((p["ms"] for p in mine), default=None)}
+    goals = {
+        "refusal_p99_le_50ms": bool(refused_ms) and pct(refused_ms, 99) <= 50.0,
+        "no_listen_overflow": overflow.get("ListenOverflows", 0) == 0,
+        "admitted_p99_le_slo_plus_batch": p99 is not None and p99 <= bound_ms,
+        "control_plane_all_200": all(v["probes"] and v["ok"] == v["probes"] for v in probe_stats.values()),
+        "no_500": not any(r["status"] == 500 for r in recs),
+    }
     return {
-        "http_capacity_rps": http_capacity, "probe_statuses": probe["result"]["statuses"], "factor": factor, "offered_rps": offered,
+        "seed": seed, "http_capacity_rps": http_capacity, "probe_statuses": probe["result"]["statuses"] if probe else None,
+        "factor": factor if rps is None else None, "offered_rps": offered,
         "client_send_rate_rps": len(recs) / span if span else None, "duration_s": duration, "slo_ms": slo_s * 1000,
-        "plan": info, "sent": len(recs),
+        "speedup": speedup, "plan": info, "sent": len(recs),
         "statuses": {str(s): sum(r["status"] == s for r in recs) for s in sorted({r["status"] for r in recs})},
+        "goodput_rps": len(ok) / duration,
         "admitted_ms_p50": pct(ok, 50), "admitted_ms_p99": p99, "bound_ms": bound_ms,
         "admitted_after_connect_ms_p99": pct([r["wall_ms"] - r["connect_ms"] for r in recs if r["status"] == 200], 99),
         "admitted_connect_ms_max": max((r["connect_ms"] for r in recs if r["status"] == 200), default=None),
         "cpus": {"server": sorted(cpus[0]) if cpus[0] else None, "client": sorted(cpus[1]) if cpus[1] else None},
-        "load_average_before": load_before,
+        "load_average_before": load_before, "load_average_after": load_after,
         "client_loop_lag_ms_p50": pct(lags, 50), "client_loop_lag_ms_p99": pct(lags, 99), "client_loop_lag_ms_max": max(lags, default=None),
         # the factor the server actually faced: the probe's answers per CPU-second of the server times
         # the CPU share it got under overload (co-tenants on a shared host change it between phases)
-        "effective_factor": offered / (http_capacity / probe["server_cpu_share"] * load["server_cpu_share"]),
-        "cpu_share": {"probe_server": probe["server_cpu_share"], "probe_client": probe["client_cpu_share"],
+        "effective_factor": offered / (http_capacity / probe["server_cpu_share"] * load["server_cpu_share"]) if probe else None,
+        "cpu_share": {"probe_server": probe["server_cpu_share"] if probe else None, "probe_client": probe["client_cpu_share"] if probe else None,
                       "overload_server": load["server_cpu_share"], "overload_client": load["client_cpu_share"]},
-        "admitted_server_ms_p99": pct([r["server_ms"] for r in recs if r["server_ms"] is not None], 99),
-        "refused_ms_p50": pct([r["wall_ms"] for r in refused], 50), "refused_ms_p99": pct([r["wall_ms"] for r in refused], 99),
+        # CPU the server spent per request sent (answers, refusals, probes, timers, the models' sleeps):
+        # what a core of its own would need at this rate, whatever share the shared host gave it
+        "server_cpu_ms_per_request": load["server_cpu_s"] * 1000 / len(recs),
+        "server_cpu_s": load["server_cpu_s"],
+        "admitted_server_ms_p99": (lambda v: v / speedup if v is not None else None)(
+            pct([r["server_ms"] for r in recs if r["server_ms"] is not None], 99)),
+        "refused_ms_p50": pct(refused_ms, 50), "refused_ms_p99": pct(refused_ms, 99), "refused_ms_max": max(refused_ms, default=None),
+        "refused_connect_ms_p99": pct(refused_connect, 99), "refused_connect_ms_max": max(refused_connect, default=None),
+        "refused_after_connect_ms_p99": pct(refused_after, 99),
+        "refused_over_1s": sum(ms > 1000 for ms in refused_ms),
         "refusals_with_retry_after": sum(r["retry_after"] is not None for r in refused), "refusals": len(refused),
+        "listen_overflows": overflow, "listen_counters_before": overflows_before, "listen_counters_after": overflows_after,
+        "control_plane_probes": probe_stats,
         "server_500s": sum(r["status"] == 500 for r in recs),
-        "passed": p99 is not None and p99 <= bound_ms and not any(r["status"] == 500 for r in recs),
+        "goals": goals,
+        "passed": p99 is not None and p99 <= bound_ms and goals["no_500"],
         "server_exit_code": rc,
     }
 
@@ -248,8 +358,13 @@ def run(factor: float, duration: float, slo_s: float, clients: int, seed: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--factor", type=float, default=3.0, help="offered load as a multiple of the HTTP capacity")
+    ap.add_argument("--rps", type=float, default=None, help="offered load in requests/s (skips the capacity probe)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of open-loop traffic")
-    ap.add_argument("--slo", type=float, default=5.0, help="SLO in seconds (speedup 1: wall = model time)")
+    ap.add_argument("--slo", type=float, default=5.0, help="SLO in seconds of model time (wall = model time / speedup)")
+    ap.add_argument("--workers", type=int, default=4, help="emulated workers of the overload server's light-only plan")
+    ap.add_argument("--batch", type=int, default=4, help="batch size of that plan")
+    ap.add_argument("--speedup", type=float, default=1.0, help="emulated speedup of the overload server")
+    ap.add_argument("--probe-period", type=float, default=0.2, help="seconds between /readyz and /metrics probes (0: none)")
     ap.add_argument("--clients", type=int, default=32, help="closed-loop connections for the capacity probe")
     ap.add_argument("--seeds", type=int, default=1, help="repeat the overload run with this many seeds")
     ap.add_argument("--output", "--out", dest="out", default=str(REPO / "bench" / "results" / "overload.json"))
@@ -258,25 +373,33 @@ def main() -> None:
     # one connection per request: thousands open at once; the server process inherits the limit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
-    runs = [run(args.factor, args.duration, args.slo, args.clients, seed) for seed in range(args.seeds)]
+    runs = [run(args.factor, args.duration, args.slo, args.clients, seed, rps=args.rps, workers=args.workers, batch=args.batch,
+                speedup=args.speedup, probe_period_s=args.probe_period) for seed in range(args.seeds)]
     from diffserve.fileio import atomic_write_text
 
     machine = {"cpus": os.cpu_count(), "load_average": os.getloadavg()}
-    atomic_write_text(args.out, json.dumps({"machine": machine, "backend": "emulated", "runs": runs}, indent=2))
-    print(f"{'seed':>4} {'http cap':>9} {'offered':>8} {'sent/s':>7} {'200':>6} {'shed':>6} {'conn err':>8} "
-          f"{'admitted p99':>13} {'after conn':>11} {'server p99':>11} {'bound':>8} {'refusal p99':>12} {'500s':>5} "
-          f"{'cpu srv/cli':>11} {'cli lag p99':>11} {'eff x':>5} {'pass':>5}")
-    for seed, r in enumerate(runs):
-        st = r["statuses"]
-        print(f"{seed:>4} {r['http_capacity_rps']:>9.0f} {r['offered_rps']:>8.0f} {r['client_send_rate_rps'] or 0:>7.0f} "
-              f"{st.get('200', 0):>6} {r['refusals']:>6} {st.get('-1', 0):>8} {r['admitted_ms_p99'] or float('nan'):>11.0f}ms "
-              f"{r['admitted_after_connect_ms_p99'] or float('nan'):>9.0f}ms {r['admitted_server_ms_p99'] or float('nan'):>9.0f}ms "
-              f"{r['bound_ms']:>6.0f}ms {r['refused_ms_p99'] or float('nan'):>10.0f}ms {r['server_500s']:>5} "
+    atomic_write_text(args.out, json.dumps({"machine": machine, "backend": "emulated", "argv": sys.argv[1:], "runs": runs}, indent=2))
+    nan = float("nan")
+    print(f"{'seed':>4} {'offered':>7} {'sent/s':>6} {'200':>5} {'shed':>5} {'err':>4} {'adm p99':>8} {'bound':>6} "
+          f"{'rej p50':>7} {'rej p99':>7} {'rej max':>7} {'>1s':>4} {'conn p99':>8} {'overflow':>8} {'readyz':>7} {'metrics':>7} "
+          f"{'cpu srv/cli':>11} {'cpu ms/req':>10} {'cli lag p99':>11} {'load 1m':>9} {'pass':>5}")
+    for r in runs:
+        st, pr = r["statuses"], r["control_plane_probes"]
+        print(f"{r['seed']:>4} {r['offered_rps']:>7.0f} {r['client_send_rate_rps'] or 0:>6.0f} {st.get('200', 0):>5} {r['refusals']:>5} "
+              f"{st.get('-1', 0):>4} {r['admitted_ms_p99'] or nan:>6.0f}ms {r['bound_ms']:>4.0f}ms "
+              f"{r['refused_ms_p50'] or nan:>5.1f}ms {r['refused_ms_p99'] or nan:>5.0f}ms {r['refused_ms_max'] or nan:>5.0f}ms "
+              f"{r['refused_over_1s']:>4} {r['refused_connect_ms_p99'] or nan:>6.0f}ms {r['listen_overflows'].get('ListenOverflows', -1):>8} "
+              f"{pr['/readyz']['ok']:>3}/{pr['/readyz']['probes']:<3} {pr['/metrics']['ok']:>3}/{pr['/metrics']['probes']:<3} "
               f"{r['cpu_share']['overload_server']:>5.2f}/{r['cpu_share']['overload_client']:<5.2f} "
-              f"{r['client_loop_lag_ms_p99'] or float('nan'):>9.0f}ms {r['effective_factor']:>5.1f} {str(r['passed']):>5}")
+              f"{r['server_cpu_ms_per_request']:>10.3f} "
+              f"{r['client_loop_lag_ms_p99'] or nan:>9.0f}ms {r['load_average_before'][0]:>4.1f}/{r['load_average_after'][0]:<4.1f} "
+              f"{str(r['passed']):>5}")
     if len(runs) > 1:
-        p99s = [r["admitted_ms_p99"] for r in runs if r["admitted_ms_p99"] is not None]
-        print(f"admitted p99 over {len(p99s)} seeds: mean {np.mean(p99s):.0f} ms, spread {np.min(p99s):.0f}-{np.max(p99s):.0f} ms")
+        for key in ("admitted_ms_p99", "refused_ms_p99"):
+            vals = [r[key] for r in runs if r[key] is not None]
+            if not vals:
+                continue
+            print(f"{key} over {len(vals)} seeds: mean {np.mean(vals):.1f} ms, spread {np.min(vals):.1f}-{np.max(vals):.1f} ms")
     print(f"wrote {args.out}")
 
 

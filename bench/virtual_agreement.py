@@ -14,7 +14,7 @@ A real-time run on a busy host is late in two places, both multiplied by the spe
 
 Both are reported per run so a disagreement can be read against the host's lag.
 
-    python bench/virtual_agreement.py --trace ../shared/reference/diffserve-artifact/traces/maf_trace_4to32qps.txt \
+    python bench/virtual_agreement.py --trace maf-4to32 \
         --policies diffserve-paper,diffserve --seeds 1 --speedup 10 --out bench/results/virtual_agreement.json
 
 ``--virtual-dir``/``--real-dir`` reuse finished ``bench compare`` outputs instead of running them.
@@ -69,7 +69,7 @@ def lag_figures(folder: Path, light: str) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", default="../shared/reference/diffserve-artifact/traces/maf_trace_4to32qps.txt")
+    parser.add_argument("--trace", default="maf-4to32", help="a trace file or a paper trace name (the artifact's file where DIFFSERVE_REFERENCE_DIR names it)")
     parser.add_argument("--policies", default="diffserve-paper,diffserve")
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--slo", default="5s")

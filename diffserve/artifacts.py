@@ -3,8 +3,8 @@
 Every CLI command takes ``--profile``/``--cascade`` through these functions so the same words
 work everywhere and bad paths fail the same way. ``reference`` is the paper's A100 profile and its
 SD-Turbo -> SD v1.5 cascade; ``reference-sdxs``, ``reference-sdxl`` and ``reference-pool`` are the
-paper's other cascades (see :mod:`diffserve.reference`). They are read from the artifact's files
-at run time.
+paper's other cascades (see :mod:`diffserve.reference`): the figures shipped with diffserve, or
+the artifact's own files where ``--reference-dir``/``DIFFSERVE_REFERENCE_DIR`` names them.
 """
 
 from __future__ import annotations

@@ -43,6 +43,21 @@ class BatchProfile(StrictModel):
     peak_memory_mb: float | None = Field(default=None, ge=0)
     repeats: int | None = Field(default=None, ge=1)
     reason: str | None = None
+    edit_median_ms: float | None = Field(
+        default=None, gt=0,
+        description="median latency of a batch of img2img edits at the model's edit_strength (diffserve profile measures it)",
+    )
+
+    @property
+    def serving_ms(self) -> float | None:
+        """What planning and admission price a batch at: the dearer of a generation and an edit.
+        Edit demand is not a stream of its own in the planner (yet): pricing every batch at the
+        dearer kind bounds every batch, since the batcher never mixes kinds (the edit column is
+        measured at the dearest strength, 1.0, by default).
+        Without an edit column: the generation's median."""
+        if self.median_ms is None or self.edit_median_ms is None:
+            return self.median_ms
+        return max(self.median_ms, self.edit_median_ms)
 
     @model_validator(mode="after")
     def _feasible_has_latency(self) -> "BatchProfile":
@@ -71,6 +86,7 @@ class ModelProfile(StrictModel):
     )
     resolution: int | None = Field(default=None, ge=8)
     steps: int | None = Field(default=None, ge=1)
+    edit_strength: float | None = Field(default=None, gt=0, le=1, description="the strength the batches' edit_median_ms was measured at")
     batches: list[BatchProfile]
     label: str | None = Field(default=None, description="what the weights are, e.g. 'random weights, real architecture'")
     gpu_options: dict[str, Any] | None = Field(default=None, description="the GPU-path options that were on while measuring")
@@ -92,7 +108,7 @@ class ModelProfile(StrictModel):
         """Median latency of a batch of ``batch_size``; raises KeyError when not profiled or infeasible."""
         for b in self.batches:
             if b.batch_size == batch_size and b.feasible and b.median_ms is not None:
-                return b.median_ms
+                return b.serving_ms  # type: ignore[return-value]
         raise KeyError(f"{self.name}: batch size {batch_size} is not profiled as feasible")
 
 

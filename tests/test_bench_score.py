@@ -240,7 +240,7 @@ def test_oracle_on_the_run_it_bounds_uses_its_slack():
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_no_recorded_policy_scores_better_than_the_oracle(tmp_path, reference_dir):
+def test_no_recorded_policy_scores_better_than_the_oracle(tmp_path):
     """Every policy, a short overloaded slice of a paper trace, the runtime in virtual time: none beats the bound
     at its own violation ratio, and rescoring the saved log gives the run's own figures."""
     from diffserve.cli.main import app
@@ -250,7 +250,7 @@ def test_no_recorded_policy_scores_better_than_the_oracle(tmp_path, reference_di
 
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, [
-        "bench", "compare", "--trace", str(reference_dir / "traces" / "maf_trace_4to32qps.txt"),
+        "bench", "compare", "--trace", "maf-4to32",
         "--workers", "2", "--slo", "5s", "--clock", "virtual", "--duration", "20s", "--output", str(out),
     ])
     assert result.exit_code == 0, result.output

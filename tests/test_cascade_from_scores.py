@@ -1,4 +1,4 @@
-"""``build-cascade --from-scores`` and the reference cascades built with it from the artifact's files."""
+"""``build-cascade --from-scores``, and the reference cascades built by the same code (shipped figures or the artifact's files)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from diffserve.artifacts import load_cascade, load_profile
 from diffserve.cli.main import app
-from diffserve.errors import UserError
 from diffserve.fileio import read_model, write_model
 from diffserve.schemas import BatchProfile, CascadeFile, ModelProfile, ProfileFile
 
@@ -109,24 +108,33 @@ def test_from_scores_flags_go_together(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the reference cascades, from ../shared
+# the reference cascades: the figures shipped with diffserve, and the artifact's own files
 # ---------------------------------------------------------------------------------------------
 
 
-def test_reference_f_t_matches_the_artifacts_published_curve(reference_dir):
-    """The artifact's own list (three decimals) against the empirical CDF of its score file."""
+def test_reference_f_t_matches_the_artifacts_published_curve():
+    """The artifact's own 21-point list (three decimals, shipped beside the CDF) against the shipped CDF."""
+    from diffserve.reference.shipped import published_sdturbo
+
     pair = load_cascade("reference").recommended()
-    with (reference_dir / "discriminator" / "f_t_sdturbo_sdv15.csv").open(newline="") as handle:
-        published = [(float(r["t"]), float(r["f_t"])) for r in csv.DictReader(handle)]
+    published = published_sdturbo()
     assert len(published) == 21
     for t, f in published:
         assert pair.deferral_at(t) == pytest.approx(f, abs=1e-3), t
     # full resolution between the published points, where interpolating them was far off
     assert pair.deferral_at(0.01) == pytest.approx(0.1998) and pair.deferral_at(0.02) == pytest.approx(0.2604)
-    assert len(pair.grid) == 201
+    assert len(pair.grid) == 201 and pair.n_eval_prompts == 5000
 
 
-def test_reference_cascades_by_name(reference_dir):
+def test_the_shipped_published_curve_is_the_artifacts_file(reference_dir):
+    with (reference_dir / "discriminator" / "f_t_sdturbo_sdv15.csv").open(newline="") as handle:
+        published = [(float(r["t"]), float(r["f_t"])) for r in csv.DictReader(handle)]
+    from diffserve.reference.shipped import published_sdturbo
+
+    assert published == published_sdturbo()
+
+
+def test_reference_cascades_by_name():
     profile = load_profile("reference")
     pairs = {name: [p.name for p in load_cascade(name).pairs] for name in ("reference", "reference-sdxs", "reference-sdxl", "reference-pool")}
     assert pairs == {
@@ -141,21 +149,21 @@ def test_reference_cascades_by_name(reference_dir):
             for model in (pair.light, pair.heavy):
                 assert profile.model(model).load_time_s > 0
             assert pair.latency_ms == {m: profile.model(m).latency_ms(1) for m in (pair.light, pair.heavy)}
-    assert "estimate" in profile.source
+    assert "estimate" in profile.source and "shipped with diffserve" in profile.source
     sdxs, sdxl = load_cascade("reference-sdxs").recommended(), load_cascade("reference-sdxl").recommended()
     assert sdxl.f_t == sdxs.f_t and "replayed" in sdxl.source  # the paper replayed SDXS scores
     # each pair reads its own column: SDXL's FID at light fraction 0.8 is 29.27 (not SD-Turbo's 28.86)
-    from diffserve.cascade_builder.from_scores import read_quality_table
     from diffserve.reference import slo_ms
+    from diffserve.reference.scenario import _table
 
-    table = read_quality_table(reference_dir / "quality" / "fid_vs_light_fraction.csv", column="sdxlltn_to_sdxl")
+    table = _table(None, "sdxlltn_to_sdxl")
     assert table.at_light_fraction(0.8) == pytest.approx(29.27)
     assert sdxl.q_t == pytest.approx(table.at_light_fraction(1 - np.array(sdxl.f_t)), abs=1e-4)
     assert (sdxl.q_light, sdxl.q_heavy, sdxs.q_light, sdxs.q_heavy) == (33.27, 23.31, 24.86, 18.55)
     assert (slo_ms("sdturbo"), slo_ms("sdxs"), slo_ms("sdxl")) == (5000, 5000, 15000)
 
 
-def test_reference_cascades_are_what_the_cli_builds_from_the_same_files(reference_dir, tmp_path):
+def test_reference_cascades_are_what_the_cli_builds_from_the_artifacts_files(reference_dir, tmp_path):
     out = tmp_path / "sdxl.yaml"
     result = runner.invoke(app, [
         "build-cascade", "--from-scores", str(reference_dir / "discriminator" / "dist_sdxs.txt"),
@@ -163,12 +171,18 @@ def test_reference_cascades_are_what_the_cli_builds_from_the_same_files(referenc
         "--light", "sdxl-lightning", "--heavy", "sdxl", "--profile", "reference", "--output", str(out),
     ])
     assert result.exit_code == 0, result.output
-    built, shipped = read_model(out, CascadeFile).recommended(), load_cascade("reference-sdxl").recommended()
-    assert (built.grid, built.f_t, built.q_t) == (shipped.grid, shipped.f_t, shipped.q_t)
+    built = read_model(out, CascadeFile).recommended()
+    for env in (str(reference_dir), None):  # the artifact's files, then the shipped figures
+        if env is None:
+            import os
+
+            del os.environ["DIFFSERVE_REFERENCE_DIR"]  # the fixture's monkeypatch restores it
+        replayed = load_cascade("reference-sdxl").recommended()
+        assert (built.grid, built.f_t, built.q_t) == (replayed.grid, replayed.f_t, replayed.q_t)
 
 
 @pytest.mark.parametrize("name, slo_ms, bottom", [("reference-sdxs", 5000, 16.97), ("reference-sdxl", 15000, 23.14)])
-def test_plans_sit_at_the_bottom_of_the_u_curve_at_low_demand(reference_dir, name, slo_ms, bottom):
+def test_plans_sit_at_the_bottom_of_the_u_curve_at_low_demand(name, slo_ms, bottom):
     from diffserve.planner import solve_plan
 
     cascade = load_cascade(name)
@@ -177,11 +191,11 @@ def test_plans_sit_at_the_bottom_of_the_u_curve_at_low_demand(reference_dir, nam
     assert plan.predicted["fid"] == pytest.approx(min(cascade.recommended().q_t)) == pytest.approx(bottom, abs=0.01)
 
 
-def test_the_emulated_server_serves_reference_sdxs(reference_dir):
+def test_the_emulated_server_serves_reference_sdxs():
     from diffserve.server.build import ServeOptions, build_runtime
 
     async def main():
-        rt, _ = build_runtime(ServeOptions(cascade="reference-sdxs", workers=4, speedup=200))
+        rt, _ = build_runtime(ServeOptions(cascade="reference-sdxs", workers=4, speedup=20))  # 250 ms of wall per 5 s SLO: a loaded host keeps up
         await rt.start()
         try:
             return await asyncio.gather(*(rt.generate(f"prompt {i}", seed=i) for i in range(6)))
@@ -190,25 +204,3 @@ def test_the_emulated_server_serves_reference_sdxs(reference_dir):
 
     answers = [r[0] for r in asyncio.run(main())]
     assert {a.model for a in answers} <= {"sdxs", "sd-v1.5"} and len(answers) == 6
-
-
-def test_the_locator_names_its_variable_when_the_data_is_missing(monkeypatch, tmp_path):
-    from diffserve import reference_dir as locator
-
-    monkeypatch.setenv(locator.ENV_VAR, str(tmp_path))
-    with pytest.raises(UserError, match="DIFFSERVE_REFERENCE_DIR=.* is not the DiffServe artifact folder"):
-        locator.reference_dir()
-    monkeypatch.delenv(locator.ENV_VAR)
-    monkeypatch.setattr(locator, "_candidates", lambda: [tmp_path / "nowhere"])
-    with pytest.raises(UserError, match="set DIFFSERVE_REFERENCE_DIR"):
-        load_cascade("reference-sdxs")
-
-
-def test_the_locator_finds_the_data_from_any_working_directory(reference_dir, monkeypatch, tmp_path):
-    from diffserve import reference_dir as locator
-
-    monkeypatch.delenv(locator.ENV_VAR, raising=False)
-    monkeypatch.chdir(tmp_path)  # as a benchmark subprocess might run: found from the package's location
-    assert locator.reference_dir().resolve() == reference_dir.resolve()
-    monkeypatch.setenv(locator.ENV_VAR, str(reference_dir))
-    assert locator.reference_dir() == reference_dir

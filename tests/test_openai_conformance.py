@@ -1,4 +1,4 @@
-"""Conformance with OpenAI's published Images API, read from ../shared/reference/openai-images.
+"""Conformance with OpenAI's published Images API, vendored unchanged in tests/openai_images (MIT).
 
 Requests are generated from the spec's own ``CreateImageRequest`` schema (a small generator below:
 hypothesis-jsonschema does not know OpenAPI's ``nullable``); every response and every stream event

@@ -197,8 +197,9 @@ def test_killed_replica_is_restarted_and_no_request_is_lost(engine):
     assert victims[1].pid in {r.pid for r in replaced}  # the other replica was left alone
     assert generate(client, seed=999, quality="best").status_code == 200
     ledger = client.get("/v1/plan").json()["ledger"]
-    assert ledger["accepted"] == ledger["completed"] + ledger["failed"] + ledger["cancelled"]
-    assert ledger["failed"] == 0
+    for unit in ("requests", "images"):
+        assert ledger[f"{unit}_accepted"] == ledger[f"{unit}_completed"] + ledger[f"{unit}_failed"] + ledger[f"{unit}_cancelled"]
+    assert ledger["images_failed"] == 0
 
 
 def _queued(client, model: str) -> float:

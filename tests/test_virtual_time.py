@@ -191,8 +191,9 @@ def test_in_process_run_logs_every_request_in_model_time():
     decisions = result.plans[-1].body["decisions"]
     assert sum(1 for d in decisions if d["reason"] == "periodic re-plan") >= 2
     ledger = result.plans[-1].body["ledger"]
-    assert ledger["offered"] == len(arrivals)
-    assert ledger["accepted"] == ledger["completed"] + ledger["failed"] + ledger["cancelled"]
+    assert ledger["requests_offered"] == ledger["images_offered"] == len(arrivals)
+    for unit in ("requests", "images"):
+        assert ledger[f"{unit}_accepted"] == ledger[f"{unit}_completed"] + ledger[f"{unit}_failed"] + ledger[f"{unit}_cancelled"]
 
 
 def test_in_process_streaming_records_time_to_first_image():

@@ -12,19 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-
-def threshold_grid(points: int = 101) -> np.ndarray:
-    if points < 2:
-        raise ValueError(f"the threshold grid needs at least 2 points, got {points}")
-    return np.round(np.linspace(0.0, 1.0, points), 6)
-
-
-def deferral_curve(confidence: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """f(t): the fraction of queries with ``confidence < t``, for every t of the grid."""
-    conf = np.asarray(confidence, dtype=np.float64)
-    if conf.size == 0:
-        raise ValueError("no confidences to build f(t) from")
-    return (conf[None, :] < np.asarray(grid)[:, None]).mean(axis=1)
+from diffserve.formats.scores import deferral_curve, threshold_grid  # noqa: F401  (core: shared with the reference scenario)
 
 
 def mean_quality_curve(confidence: np.ndarray, light: np.ndarray, heavy: np.ndarray, grid: np.ndarray) -> np.ndarray:

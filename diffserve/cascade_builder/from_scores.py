@@ -10,186 +10,31 @@ already has:
   model, measured at a few fractions (the artifact's ``fid_vs_light_fraction.csv``).
 
 f(t) is the empirical CDF of the confidences, evaluated exactly at every threshold of the grid
-(:func:`~diffserve.cascade_builder.curves.deferral_curve`, the same function the image path uses),
-and Q(t) is the quality table at light fraction ``1 - f(t)``, interpolated linearly between its
-rows (the artifact interpolates the same table).
+(:func:`~diffserve.formats.scores.deferral_curve`, the same function the image path uses), and
+Q(t) is the quality table at light fraction ``1 - f(t)``, interpolated linearly between its rows
+(the artifact interpolates the same table). The readers and the pair builder are core parsers
+(:mod:`diffserve.formats`), shared with the reference scenario; this module adds the file output.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from diffserve.cascade_builder.curves import deferral_curve, threshold_grid
-from diffserve.errors import UserError
 from diffserve.fileio import write_model
-from diffserve.schemas import CascadeFile, CascadePair, DiscriminatorRef, ProfileFile, QualityMetric
+from diffserve.formats.pair import pair_from_scores
+from diffserve.formats.scores import (
+    ARTIFACT_IMAGES_PER_QUERY,
+    DEFAULT_GRID_POINTS,
+    QualityTable,
+    read_confidences,
+    read_quality_table,
+)
+from diffserve.schemas import CascadeFile, ProfileFile
 
-#: Images per query in the artifact's score files (5,000 prompts x 4 images).
-ARTIFACT_IMAGES_PER_QUERY = 4
-#: The artifact's threshold grid: 201 points from 0 to 1.
-DEFAULT_GRID_POINTS = 201
-FRACTION_COLUMN = "light_fraction"
-
-
-@dataclass(frozen=True)
-class QualityTable:
-    """Quality of the mixed output at increasing light fractions; the ends are the models alone."""
-
-    metric: QualityMetric
-    column: str
-    light_fraction: tuple[float, ...]
-    quality: tuple[float, ...]
-
-    @property
-    def q_heavy(self) -> float:
-        return self.quality[0]
-
-    @property
-    def q_light(self) -> float:
-        return self.quality[-1]
-
-    def at_light_fraction(self, fractions: np.ndarray) -> np.ndarray:
-        return np.interp(fractions, self.light_fraction, self.quality)
-
-
-def _number(text: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"{where}: {text.strip()!r} is not a number") from None
-    if not math.isfinite(value):
-        raise UserError(f"{where}: {text.strip()!r} is not a finite number")
-    return value
-
-
-def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text") from None
-    if not text.strip():
-        raise UserError(f"{what} {path} is empty")
-    return text
-
-
-def read_confidences(path: str | Path, *, images_per_query: int = ARTIFACT_IMAGES_PER_QUERY) -> np.ndarray:
-    """One confidence per query, in file order, from either supported score format.
-
-    A ``.csv`` needs a ``confidence`` column, one row per query (its ``prompt`` column is for
-    people; f(t) needs only the confidences). Any other file is the artifact's format: P(fake) per
-    image, ``images_per_query`` consecutive lines per query.
-    """
-    path = Path(path)
-    if images_per_query < 1:
-        raise UserError(f"images per query must be at least 1, got {images_per_query}")
-    text = _read_text(path, "scores file")
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows or "confidence" not in rows[0]:
-            raise UserError(f"scores file {path} must have a header with a 'confidence' column (and 'prompt'), one row per query")
-        conf = np.array([_number(r["confidence"] or "", f"{path} line {i + 2}") for i, r in enumerate(rows)])
-    else:
-        lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-        p_fake = np.array([_number(line, f"{path} line {n}") for n, line in lines])
-        if len(p_fake) % images_per_query:
-            raise UserError(
-                f"scores file {path} has {len(p_fake)} scores, not a multiple of {images_per_query} images per query"
-            )
-        bad = np.flatnonzero((p_fake < 0) | (p_fake > 1))
-        if bad.size:
-            raise UserError(f"{path} line {lines[bad[0]][0]}: P(fake) {p_fake[bad[0]]:g} is outside [0, 1]")
-        conf = 1.0 - p_fake.reshape(-1, images_per_query).mean(axis=1)
-    bad = np.flatnonzero((conf < 0) | (conf > 1))
-    if bad.size:
-        raise UserError(f"{path}: confidence {conf[bad[0]]:g} of query {bad[0] + 1} is outside [0, 1]")
-    return conf
-
-
-def read_quality_table(path: str | Path, *, column: str | None = None, metric: str = "auto") -> QualityTable:
-    """The quality-vs-light-fraction table: ``light_fraction`` plus one or more quality columns."""
-    path = Path(path)
-    text = _read_text(path, "quality table")
-    reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in reader.fieldnames or ()]
-    if FRACTION_COLUMN not in header:
-        raise UserError(f"quality table {path} needs a '{FRACTION_COLUMN}' column (has: {', '.join(header) or 'none'})")
-    values = [h for h in header if h and h != FRACTION_COLUMN]
-    if column is None:
-        if len(values) != 1:
-            raise UserError(f"quality table {path} has several quality columns ({', '.join(values)}); pick one with --quality-column")
-        column = values[0]
-    elif column not in values:
-        raise UserError(f"quality table {path} has no column {column!r} (has: {', '.join(values) or 'none'})")
-    rows = list(reader)
-    if len(rows) < 2:
-        raise UserError(f"quality table {path} needs at least two rows (light fractions 0 and 1)")
-    fractions = [_number(r[FRACTION_COLUMN] or "", f"{path} line {i + 2}") for i, r in enumerate(rows)]
-    quality = [_number(r[column] or "", f"{path} line {i + 2}") for i, r in enumerate(rows)]
-    for i, f in enumerate(fractions):
-        if not 0.0 <= f <= 1.0:
-            raise UserError(f"{path} line {i + 2}: light fraction {f:g} is outside [0, 1]")
-    for i in range(1, len(fractions)):
-        if fractions[i] <= fractions[i - 1]:
-            raise UserError(f"{path} line {i + 2}: light fractions must increase strictly ({fractions[i - 1]:g} then {fractions[i]:g})")
-    if fractions[0] != 0.0 or fractions[-1] != 1.0:
-        raise UserError(
-            f"quality table {path} must start at light fraction 0 (heavy model alone) and end at 1 (light model alone), "
-            f"got {fractions[0]:g} .. {fractions[-1]:g}"
-        )
-    if metric == "auto":
-        metric = "clip" if "clip" in column.lower() else "fid"
-    if metric not in ("fid", "clip"):
-        raise UserError(f"the quality metric must be fid or clip, got {metric!r}")
-    if metric == "fid" and min(quality) < 0:
-        raise UserError(f"{path}: FID cannot be negative (column {column})")
-    return QualityTable(metric=metric, column=column, light_fraction=tuple(fractions), quality=tuple(quality))  # type: ignore[arg-type]
-
-
-def pair_from_scores(
-    confidence: np.ndarray,
-    table: QualityTable,
-    *,
-    light: str,
-    heavy: str,
-    profile: ProfileFile,
-    grid_points: int = DEFAULT_GRID_POINTS,
-    source: str,
-    recommended: bool = False,
-) -> CascadePair:
-    """One cascade pair: f(t) from the confidences, Q(t) from the table, latencies from the profile."""
-    latency = {}
-    for role, name in (("light", light), ("heavy", heavy)):
-        if name not in profile.models:
-            raise UserError(f"unknown {role} model {name!r}: it is not in the profile (it has: {', '.join(profile.models)})")
-        try:
-            latency[name] = profile.models[name].latency_ms(1)
-        except KeyError as exc:
-            raise UserError(str(exc).strip('"')) from None
-    if light == heavy:
-        raise UserError(f"the light and heavy models must differ, got {light!r} twice")
-    if latency[light] >= latency[heavy]:
-        raise UserError(
-            f"the light model must be faster than the heavy one: {light} takes {latency[light]:g} ms, {heavy} {latency[heavy]:g} ms at batch 1"
-        )
-    if len(confidence) == 0:
-        raise UserError("no discriminator scores to build f(t) from")
-    grid = threshold_grid(grid_points)
-    f_t = deferral_curve(confidence, grid)
-    q_t = table.at_light_fraction(1.0 - f_t)
-    return CascadePair(
-        light=light, heavy=heavy, recommended=recommended, metric=table.metric,
-        grid=[float(t) for t in grid], f_t=[round(float(v), 6) for v in f_t], q_t=[round(float(v), 4) for v in q_t],
-        q_light=table.q_light, q_heavy=table.q_heavy,
-        discriminator=DiscriminatorRef(kind="replayed"),
-        latency_ms=latency, n_eval_prompts=len(confidence), source=source,
-    )
+__all__ = [
+    "ARTIFACT_IMAGES_PER_QUERY", "DEFAULT_GRID_POINTS", "QualityTable", "build_cascade_from_scores",
+    "pair_from_scores", "read_confidences", "read_quality_table",
+]
 
 
 def build_cascade_from_scores(

@@ -14,7 +14,7 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-TraceOpt = Annotated[Path | None, typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line.")]
+TraceOpt = Annotated[Path | None, typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line, or a paper trace by name: maf-1to8, maf-2to16, maf-4to32.")]
 PoissonOpt = Annotated[float | None, typer.Option("--poisson", min=0.001, help="Poisson arrivals at this rate (q/s).")]
 ShapeOpt = Annotated[Path | None, typer.Option("--shape", help="Shape file (e.g. hourly invocations), rescaled to --qps-range.")]
 QpsRangeOpt = Annotated[str, typer.Option("--qps-range", help="LOW:HIGH q/s that the shape is rescaled onto.")]
@@ -23,7 +23,7 @@ BurstyOpt = Annotated[str | None, typer.Option("--bursty", help="On/off process 
 OnOffOpt = Annotated[str, typer.Option("--on-off", help="ON_S:OFF_S seconds of each bursty phase.")]
 DurationOpt = Annotated[str | None, typer.Option("--duration", help="Send only arrivals in the first DURATION of model time (e.g. 60s); required for --poisson/--bursty.")]
 MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="Send at most this many requests.")]
-PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line; trace indices point into it (default: a small built-in set).")]
+PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line; trace indices point into it; 'diffusiondb-5k' is DiffusionDB's first 5,000 (the paper's traces index them; shipped). Default: a small built-in set.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of generated arrivals and of the servers.")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help="profile.yaml or 'reference' (the paper's A100 figures).")]
 CascadeOpt = Annotated[str, typer.Option("--cascade", help="cascade.yaml or 'reference'.")]
@@ -45,7 +45,7 @@ def _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_of
     duration_s = parse_duration_ms(duration, name="--duration") / 1000.0 if duration is not None else None
     rng = np.random.default_rng(seed)
     if trace is not None:
-        arrivals, label = sources.read_trace(trace), Path(trace).name
+        arrivals, label = sources.trace_arrivals(trace)
     elif shape is not None:
         arrivals = sources.shape_arrivals(sources.read_shape(shape), parse_range(qps_range, name="--qps-range"), seconds_per_point, rng, n_prompts=n_prompts)
         label = f"{Path(shape).name} at {qps_range} q/s"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -37,8 +39,28 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    reference_dir: Optional[Path] = typer.Option(
+        None, "--reference-dir", metavar="DIR",
+        help="Replay the DiffServe artifact's own files from DIR (also: $DIFFSERVE_REFERENCE_DIR) wherever 'reference' "
+        "profiles, cascades, traces or prompts are used; by default the paper's figures shipped with diffserve are used.",
+    ),
 ) -> None:
     """Serve text-to-image diffusion models with query-aware model cascades."""
+    from diffserve.cli._common import cli_errors
+    from diffserve.reference import on_source, use_artifact_dir
+
+    if reference_dir is not None:
+        cli_errors(use_artifact_dir)(reference_dir)
+    on_source(_print_source)
+
+
+def _print_source(line: str) -> None:
+    """Say once, on stderr, whether the reference scenario is the shipped figures or the artifact's files."""
+    from rich.markup import escape
+
+    from diffserve.cli._common import err_console
+
+    err_console.print(f"[dim]{escape(line)}[/]", soft_wrap=True)
 
 
 for _name in COMMAND_MODULES:

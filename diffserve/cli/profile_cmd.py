@@ -54,6 +54,7 @@ def profile(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: 1 on CPU, one worker's share; untouched on GPUs).")] = None,
     colocate: Annotated[Optional[str], typer.Option("--colocate", help="Also measure k worker processes sharing the device at once, e.g. 1,2,4 (aggregate images/s; MPS if a daemon runs, else time-slicing).")] = None,
     colocate_batch_sizes: Annotated[str, typer.Option("--colocate-batch-sizes", help="Batch sizes the co-located workers run.")] = "1",
+    edit_strength: Annotated[float, typer.Option("--edit-strength", min=0.0, max=1.0, help="Strength of the img2img edit column (edit latency per batch size); 1.0 bounds every edit; 0 skips edits.")] = 1.0,
 ) -> None:
     """Profile model variants (default: the built-in tiny zoo) over a ladder of batch sizes."""
     if ctx.invoked_subcommand is not None:
@@ -70,7 +71,7 @@ def profile(
     check_variants(specs, device)  # every bad variant fails here, before the progress bar starts
     settings = ProfileSettings(
         batch_sizes=sizes, repeats=repeats, warmup=warmup, time_limit_s=limit_s, memory_limit_mb=memory_limit,
-        device=device, resume=resume, threads=threads,
+        device=device, resume=resume, threads=threads, edit_strength=edit_strength or None,
         colocate=tuple(parse_int_list(colocate, name="--colocate")) if colocate else (),
         colocate_batch_sizes=tuple(parse_int_list(colocate_batch_sizes, name="--colocate-batch-sizes")),
     )

@@ -47,7 +47,7 @@ def run_server(opts, *, host: str, port: int, admin_token: Optional[str], log_le
     from diffserve.server.launch import bind_socket, check_admin_exposure, is_loopback, run_event_loop, serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_admin_exposure(host, admin_token)
+    admin_token = check_admin_exposure(host, admin_token)
     daemon = _start_mps(opts)
 
     async def main() -> None:
@@ -177,7 +177,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")
         from diffserve.server.launch import check_admin_exposure
 
-        check_admin_exposure(host, admin_token)
+        admin_token = check_admin_exposure(host, admin_token)
         if engine == "ray":
             if public_url is not None:
                 raise UserError("--public-url applies to the embedded engine; under --engine ray, url answers are server-relative")

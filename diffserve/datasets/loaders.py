@@ -20,6 +20,9 @@ from diffserve.datasets.prompts import Prompt, PromptSet, safe_id
 from diffserve.errors import UserError
 
 BUILTIN = "builtin"
+#: DiffusionDB's first 5,000 prompts (CC0), the list the paper's traces index: shipped with diffserve
+#: (or the artifact's own file, with --reference-dir)
+DIFFUSIONDB_5K = "diffusiondb-5k"
 FORMATS = ("auto", "text", "diffusiondb", "coco", "parti", "builtin")
 
 
@@ -49,9 +52,19 @@ def _nonempty(name: str, prompts: list[Prompt], path: Path) -> PromptSet:
 
 def load_text(path: Path) -> PromptSet:
     """One prompt per line; blank lines are skipped; ids are the 0-based line numbers of prompts."""
-    lines = [line.strip() for line in read_text(path).splitlines()]
-    prompts = [Prompt(id=f"{i:06d}", text=line) for i, line in enumerate(line for line in lines if line)]
-    return _nonempty(path.name, prompts, path)
+    return _nonempty(path.name, _from_lines(read_text(path).splitlines()), path)
+
+
+def _from_lines(raw: list[str]) -> list[Prompt]:
+    lines = [line.strip() for line in raw]
+    return [Prompt(id=f"{i:06d}", text=line) for i, line in enumerate(line for line in lines if line)]
+
+
+def load_diffusiondb_5k() -> PromptSet:
+    """DiffusionDB's first 5,000 prompts, read as a text file is (blank lines skipped)."""
+    from diffserve.reference import diffusiondb_prompt_lines
+
+    return PromptSet(name=DIFFUSIONDB_5K, prompts=_from_lines(diffusiondb_prompt_lines()))
 
 
 def load_diffusiondb(path: Path) -> PromptSet:
@@ -216,7 +229,7 @@ def load_prompts(
     seed: int = 0,
     images_dir: Path | None = None,
 ) -> PromptSet:
-    """Load ``spec`` (a path or ``builtin``) and sample ``limit`` prompts with ``seed``.
+    """Load ``spec`` (a path, ``builtin`` or ``diffusiondb-5k``) and sample ``limit`` prompts with ``seed``.
 
     ``images_dir`` is the COCO image folder (only meaningful for the ``coco`` format).
     """
@@ -224,6 +237,8 @@ def load_prompts(
         raise UserError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if str(spec) == BUILTIN or fmt == BUILTIN:
         prompts = load_builtin()
+    elif str(spec) == DIFFUSIONDB_5K and not Path(spec).exists():
+        prompts = load_diffusiondb_5k()
     else:
         path = Path(spec)
         if not path.exists():

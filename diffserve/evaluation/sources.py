@@ -61,6 +61,37 @@ def read_trace(path: str | Path) -> list[Arrival]:
     return sorted(arrivals, key=lambda a: a.time_ms)
 
 
+def named_trace(name: str) -> tuple[list[Arrival], str]:
+    """One of the paper's traces by name (``maf-4to32``), and a label saying where it came from.
+
+    With the artifact's folder named (``--reference-dir``), its own trace file is replayed exactly;
+    otherwise the trace is drawn from the shipped Azure Functions shape by :func:`shape_arrivals`,
+    the paper's procedure, with the name's fixed seed (:mod:`diffserve.reference.traces`).
+    """
+    from diffserve.reference import NAMED_TRACES, artifact_dir
+    from diffserve.reference.shipped import hourly_shape
+
+    spec = NAMED_TRACES.get(name)
+    if spec is None:
+        raise UserError(f"unknown trace name {name!r} (known: {', '.join(NAMED_TRACES)}; or give a trace file)")
+    folder = artifact_dir()
+    if folder is not None:
+        return read_trace(folder / "traces" / spec.artifact_file), f"{name} (the artifact's {spec.artifact_file})"
+    rng = np.random.default_rng(spec.seed)
+    arrivals = shape_arrivals(hourly_shape(), spec.qps_range, spec.seconds_per_point, rng, n_prompts=spec.n_prompts)
+    return arrivals, f"{name} (drawn from the shipped Azure Functions shape, seed {spec.seed})"
+
+
+def trace_arrivals(spec: str | Path) -> tuple[list[Arrival], str]:
+    """``--trace``: a file, or one of the paper's trace names when no such file exists."""
+    from diffserve.reference import NAMED_TRACES
+
+    text = str(spec)
+    if text in NAMED_TRACES and not Path(text).exists():
+        return named_trace(text)
+    return read_trace(spec), Path(spec).name
+
+
 def poisson_arrivals(
     rate_qps: float, duration_s: float, rng: np.random.Generator, *, n_prompts: int = 5000
 ) -> list[Arrival]:
@@ -112,24 +143,39 @@ def shape_arrivals(
     *,
     n_prompts: int = 5000,
 ) -> list[Arrival]:
-    """Poisson arrivals whose rate follows ``shape`` rescaled linearly onto ``qps_range``.
+    """Arrivals that follow ``shape`` rescaled linearly onto ``qps_range``, by the paper's procedure.
 
-    Each shape point lasts ``seconds_per_point`` model seconds (the time compression: the
-    paper's traces compress one hour of invocations into one second). The smallest point maps
-    to the low rate and the largest to the high rate.
+    The smallest point maps to the low rate and the largest to the high rate; each point lasts
+    ``seconds_per_point`` model seconds (the paper's traces compress one hour of invocations into
+    one second). As the artifact's ``traces/maf/shape/2_generate_trace_from_shape.py`` does, each
+    point gets ``round(rate x length)`` requests spaced by exponential gaps of mean
+    ``length / requests`` (rounded to whole ms; Poisson arrivals within the point); a gap as long as
+    the point itself is dropped, and arrivals may run on past the point's end. The count per point
+    is therefore the rate's, not a Poisson draw around it, so two draws differ only in where
+    requests fall: the artifact's 4to32 trace holds 6,680 requests, and this procedure gives
+    6,680 +- 1 on the same shape.
     """
     low, high = qps_range
     if not 0 < low <= high:
         raise UserError(f"QPS range needs 0 < low <= high, got {qps_range}")
     if seconds_per_point <= 0:
         raise UserError(f"seconds per shape point must be positive, got {seconds_per_point}")
+    if n_prompts < 1:
+        raise UserError(f"the prompt set must hold at least one prompt, got {n_prompts}")
     lo, hi = min(shape), max(shape)
     span = hi - lo
-    segments = []
+    length_ms = seconds_per_point * 1000.0
+    times: list[np.ndarray] = []
     for i, value in enumerate(shape):
         rate = low if span == 0 else low + (high - low) * (value - lo) / span
-        segments.append((i * seconds_per_point * 1000.0, (i + 1) * seconds_per_point * 1000.0, rate))
-    return _piecewise_poisson(segments, rng, n_prompts)
+        requests = int(round(rate * seconds_per_point))
+        if requests < 1:
+            continue
+        gaps = np.rint(rng.exponential(scale=length_ms / requests, size=requests))
+        times.append(i * length_ms + np.cumsum(gaps)[gaps < length_ms])
+    all_times = np.sort(np.concatenate(times)) if times else np.empty(0)
+    prompts = rng.integers(0, n_prompts, size=len(all_times))
+    return [Arrival(round(float(t), 3), int(p)) for t, p in zip(all_times, prompts)]
 
 
 def bursty_arrivals(

@@ -69,6 +69,55 @@ class LoadedModel:
     #: "random weights, real architecture" for ``arch:`` variants, else None
     label: str | None = None
     _supports_step_callback: bool = field(default=False, repr=False)
+    _edit_pipes: dict = field(default_factory=dict, repr=False)
+
+    def edit_pipeline(self, kind: str) -> Any:
+        """The img2img (``kind="img2img"``) or in-painting pipeline built with ``from_pipe``: it
+        shares every module (UNet, VAE, text encoder) with the text-to-image pipeline, so an edit
+        loads no second copy of the weights. Built once, on first use."""
+        if kind not in self._edit_pipes:
+            import diffusers
+
+            cls = {"img2img": diffusers.AutoPipelineForImage2Image, "inpaint": diffusers.AutoPipelineForInpainting}[kind]
+            pipe = cls.from_pipe(self.pipeline)
+            if hasattr(pipe, "set_progress_bar_config"):
+                pipe.set_progress_bar_config(disable=True)
+            self._edit_pipes[kind] = pipe
+        return self._edit_pipes[kind]
+
+    def edit(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        images: list["Image"],
+        *,
+        strength: float,
+        masks: list["Image"] | None = None,
+    ) -> list["Image"]:
+        """Edit ``images`` (one per prompt) at ``strength``: img2img, or in-painting where
+        ``masks`` (white = repaint) are given. Runs :func:`~diffserve.models.editsteps.steps_run`
+        of the variant's steps; the output has the input's size."""
+        import torch
+
+        from diffserve.models.editsteps import pipeline_steps
+
+        if not prompts:
+            return []
+        if not len(prompts) == len(seeds) == len(images) or (masks is not None and len(masks) != len(images)):
+            raise UserError(f"an edit needs one seed, image (and mask) per prompt; got {len(prompts)} prompts, "
+                            f"{len(seeds)} seeds, {len(images)} images")
+        gen_device = "cpu" if self.device.startswith("mps") else self.device
+        kwargs: dict[str, Any] = {"generator": [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]}
+        if masks is not None:
+            kwargs.update(mask_image=list(masks), height=images[0].height, width=images[0].width)
+        pipe = self.edit_pipeline("inpaint" if masks is not None else "img2img")
+        with torch.inference_mode():
+            out = pipe(
+                prompt=list(prompts), image=list(images), strength=strength,
+                num_inference_steps=pipeline_steps(self.spec.steps, strength),
+                guidance_scale=self.spec.guidance_scale, output_type="pil", **kwargs,
+            )
+        return list(out.images)
 
     def generate(
         self,

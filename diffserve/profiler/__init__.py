@@ -4,7 +4,7 @@
 runner, probe and clock); ``import_csvs`` reads the DiffServe artifact's published runtimes.
 """
 
-from diffserve.profiler.csv_import import import_csvs, read_runtime_csv
+from diffserve.formats.runtime_csv import import_csvs, read_runtime_csv
 from diffserve.profiler.measure import Limits, measure_batch, measure_ladder
 from diffserve.profiler.memory import MemoryProbe
 from diffserve.profiler.run import DEFAULT_BATCH_SIZES, ProfileSettings, profile_variants

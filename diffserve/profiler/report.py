@@ -38,7 +38,8 @@ def profile_table(profile: ProfileFile) -> Table:
     weights = " [bold yellow](RANDOM WEIGHTS)[/]" if profile.random_weights else ""
     table = Table(title=f"Latency per batch on {profile.device}{weights}", title_justify="left")
     table.add_column("model", no_wrap=True)
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "peak MB"):
+    edits = any(b.edit_median_ms is not None for m in profile.models.values() for b in m.batches)
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "peak MB", *(["edit p50 ms"] if edits else [])):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("infeasible")
     for model in profile.models.values():
@@ -53,10 +54,16 @@ def profile_table(profile: ProfileFile) -> Table:
             label = labels[i] if i < len(labels) else ""
             if b.feasible:
                 row = [_ms(b.median_ms), _ms(b.p90_ms), _ms(b.p99_ms), f"{b.throughput_ips or 0:.2f}",
-                       "-" if b.peak_memory_mb is None else f"{b.peak_memory_mb:,.0f}", ""]
+                       "-" if b.peak_memory_mb is None else f"{b.peak_memory_mb:,.0f}"]
+                row += [_ms(b.edit_median_ms) if b.edit_median_ms else "-"] if edits else []
+                row.append("")
             else:
-                row = ["-", "-", "-", "-", "-", f"[red]{escape(_short(b.reason))}[/]"]
+                row = ["-", "-", "-", "-", "-", *(["-"] if edits else []), f"[red]{escape(_short(b.reason))}[/]"]
             table.add_row(label, str(b.batch_size), *row, end_section=i == len(model.batches) - 1)
     if profile.random_weights:
         table.caption = "* random weights: latencies and memory are real, image quality is not"
+    if edits:
+        strengths = sorted({m.edit_strength for m in profile.models.values() if m.edit_strength})
+        note = f"edit: img2img at strength {', '.join(f'{s:g}' for s in strengths)}; planning prices a batch at the dearer of the two"
+        table.caption = f"{table.caption}\n{note}" if table.caption else note
     return table

@@ -16,7 +16,7 @@ from diffserve.errors import UserError
 from diffserve.fileio import read_model, write_model
 from diffserve.models import LoadedModel, VariantSpec, load_variant, set_torch_threads
 from diffserve.models.registry import check_hub_available, classify_source, pipeline_class, resolve_device, resolve_dtype, scheduler_class
-from diffserve.profiler.measure import Limits, measure_ladder
+from diffserve.profiler.measure import Limits, measure_batch, measure_ladder
 from diffserve.profiler.memory import MemoryProbe
 from diffserve.schemas import BatchProfile, ModelProfile, ProfileFile
 
@@ -62,6 +62,9 @@ class ProfileSettings:
     colocate: tuple[int, ...] = ()
     #: batch sizes the co-located workers run
     colocate_batch_sizes: tuple[int, ...] = (1,)
+    #: strength of the edit column (img2img latency per batch size, ``edit_median_ms``); 1.0, the
+    #: dearest edit (every step, plus encoding the input), bounds every edit; None skips edits
+    edit_strength: float | None = 1.0
     loader: Callable[[VariantSpec, str | None], LoadedModel] = field(
         default=lambda spec, device: load_variant(spec, device=device)
     )
@@ -191,6 +194,8 @@ def profile_variants(
             known=known, on_batch=on_batch,
             on_run=lambda size, i, n, spec=spec: progress.run_started(spec, size, i, n),
         )
+        if settings.edit_strength is not None and hasattr(model, "edit"):
+            _measure_edits(model, spec.name, models, settings, limits, probe, save)
         del model, run
         _release_memory()
         if settings.colocate:
@@ -203,6 +208,36 @@ def profile_variants(
             models[spec.name] = models[spec.name].model_copy(update={"colocated": measured})
             save()
     return save()
+
+
+def _measure_edits(
+    model: LoadedModel, name: str, models: dict[str, ModelProfile], settings: ProfileSettings, limits: Limits, probe, save,
+) -> None:
+    """The edit column: img2img at ``settings.edit_strength`` for every feasible batch size that
+    lacks it (kept on ``--resume``), saved after each. An edit that fails leaves the column empty
+    for that size: the generation's figure stays what planning uses."""
+    from PIL import Image
+
+    strength = float(settings.edit_strength)  # type: ignore[arg-type]
+    size = model.spec.resolution
+    image = Image.new("RGB", (size, size), (120, 90, 60))
+
+    def run_edit(batch_size: int, deadline: float | None, *, warmup: bool = False) -> None:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
+        model.edit(prompts, list(range(batch_size)), [image] * batch_size, strength=strength)
+
+    entry = models[name]
+    if entry.edit_strength is not None and entry.edit_strength != strength:
+        entry = entry.model_copy(update={"batches": [b.model_copy(update={"edit_median_ms": None}) for b in entry.batches]})
+    for b in list(entry.batches):
+        if not b.feasible or b.edit_median_ms is not None:
+            continue
+        result = measure_batch(run_edit, b.batch_size, repeats=settings.repeats, warmup=settings.warmup, limits=limits, probe=probe)
+        if result.feasible:
+            batches = [x.model_copy(update={"edit_median_ms": result.median_ms}) if x.batch_size == b.batch_size else x for x in entry.batches]
+            entry = entry.model_copy(update={"batches": batches, "edit_strength": strength})
+            models[name] = entry
+            save()
 
 
 def _release_memory() -> None:

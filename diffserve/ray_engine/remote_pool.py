@@ -18,7 +18,7 @@ import logging
 from typing import Any, Callable
 
 from diffserve.server.clock import Clock
-from diffserve.server.errors import QueueFull, Unavailable
+from diffserve.server.errors import InvalidRequest, QueueFull, Unavailable
 from diffserve.server.pool import estimate_wait_ms
 from diffserve.server.stage import Job, StageResult
 
@@ -105,6 +105,8 @@ class RemotePool:
 
     # ---------------------------------------------------------------- work
     def submit(self, job: Job) -> None:
+        if job.edit is not None:  # the replicas' calls carry no input image: never serve an edit as a generation
+            raise InvalidRequest("edits are not served by the Ray engine yet; use the embedded engine (diffserve serve --engine embedded)")
         if len(self._outstanding) >= self.max_queue:
             raise self.queue_full_error(
                 f"the {self.model} queue is full ({self.max_queue} waiting)", retry_after_s=self.retry_after_s()

@@ -16,8 +16,8 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,10 +39,12 @@ from diffserve.server.errors import (
 )
 from diffserve.server.imagestore import ImageStore, encode_async
 from diffserve.server.openai_images import Rendering, error_body, image_item, images_response
+from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import ImageGenerationRequest, check_limits, parse_size
 from diffserve.server.shedding import waited_s
 from diffserve.server.streaming import stream_images
+from diffserve.server.uploads import UploadLimits
 
 log = logging.getLogger("diffserve.server.api")
 
@@ -60,6 +62,8 @@ class ApiSettings:
     #: Without it a ``url`` is the server-relative path ``/v1/images/<id>.png``.
     public_url: str | None = None
     max_json_depth: int = 32
+    #: bounds on ``POST /v1/images/edits`` uploads (body, per image, images, pixels)
+    uploads: UploadLimits = field(default_factory=UploadLimits)
 
 
 def error_response(exc: ServeError) -> JSONResponse:
@@ -141,6 +145,60 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+def routing_for(runtime: Runtime, model: str | None, quality: str) -> str:
+    """The routing a request's ``model`` asks for: the cascade (``diffserve`` or none) keeps
+    ``quality``'s; the plan's light model is ``fast``, its heavy one ``best``; others are a 400."""
+    if model in (None, CASCADE_MODEL):
+        return quality
+    plan = runtime.router.plan
+    if model == plan.light:
+        return "fast"
+    if model == plan.heavy:
+        return "best"
+    serving = ", ".join(m for m in (CASCADE_MODEL, plan.light, plan.heavy) if m)
+    if model in runtime.backend.models:  # a pool cascade runs every pair's models; the plan uses one pair
+        raise InvalidRequest(f"model {model!r} is not in the current plan; use one of {serving}", param="model")
+    raise InvalidRequest(f"unknown model {model!r}; use one of {serving}", param="model")
+
+
+async def answer_images(
+    request: Request, runtime: Runtime, store: ImageStore, cfg: ApiSettings, generate: Callable[[], Awaitable[list[ImageAnswer]]],
+    render: Rendering, req: ImageGenerationRequest,
+) -> Response:
+    """Run ``generate`` and answer an ``ImagesResponse`` (b64 or URL per image); a client that
+    goes away first cancels it (499, nobody hears it)."""
+    gen = asyncio.create_task(generate())
+    disconnect = asyncio.create_task(_wait_disconnect(request))
+    try:
+        await asyncio.wait({gen, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not gen.done():
+            gen.cancel()
+        disconnect.cancel()
+    if not gen.done() or gen.cancelled():
+        await asyncio.gather(gen, return_exceptions=True)
+        return Response(status_code=499)
+    try:
+        answers = gen.result()
+    except ServeError:
+        raise
+    except Exception:
+        log.exception("generation failed for a request")
+        raise ServeError("internal server error while generating; the details are in the server log") from None
+    slowest = max(a.latency_ms for a in answers)
+    ttfi = runtime.metrics.time_to_first_image.labels("false")
+    items = []
+    for a in answers:
+        ttfi.observe(slowest)
+        data = await encode_async(a.png, req.output_format, req.output_compression)
+        if req.response_format == "url":
+            key = store.put(data, req.output_format)
+            items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
+        else:
+            items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
+    return JSONResponse(images_response(render, items))
+
+
 def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_lifecycle: bool = True) -> FastAPI:
     """Build the app. With ``manage_lifecycle`` the app starts the runtime and stops it on shutdown."""
     cfg = settings or ApiSettings()
@@ -163,7 +221,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        if 400 <= exc.status < 500 and not exc.counted and request.url.path == "/v1/images/generations":
+        if 400 <= exc.status < 500 and not exc.counted and request.url.path in ("/v1/images/generations", "/v1/images/edits"):
             runtime.metrics.rejected.labels("invalid").inc()
         return error_response(exc)
 
@@ -208,17 +266,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
             raise _validation_error(exc) from None
         check_limits(req, max_prompt_chars=cfg.max_prompt_chars, max_n=cfg.max_n)
         size = parse_size(req.size, runtime.backend.supported_sizes())
-        quality = req.effective_quality()
-        if req.model not in (None, CASCADE_MODEL):
-            if req.model == runtime.router.plan.light:
-                quality = "fast"
-            elif req.model == runtime.router.plan.heavy:
-                quality = "best"
-            else:
-                serving = ", ".join(m for m in (CASCADE_MODEL, runtime.router.plan.light, runtime.router.plan.heavy) if m)
-                if req.model in runtime.backend.models:  # a pool cascade runs every pair's models; the plan uses one pair
-                    raise InvalidRequest(f"model {req.model!r} is not in the current plan; use one of {serving}", param="model")
-                raise InvalidRequest(f"unknown model {req.model!r}; use one of {serving}", param="model")
+        quality = routing_for(runtime, req.model, req.effective_quality())
         seed = req.seed if req.seed is not None else runtime.request_seed()
         if req.user is not None:
             log.debug("image request from user %r: n=%d quality=%s", req.user, req.n, quality)
@@ -234,37 +282,11 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
                 runtime, generate, render, partials=req.partial_images > 0, compression=req.output_compression,
                 disconnected=lambda: _wait_disconnect(request),
             )
+        return await answer_images(request, runtime, store, cfg, generate, render, req)
 
-        gen = asyncio.create_task(generate())
-        disconnect = asyncio.create_task(_wait_disconnect(request))
-        try:
-            await asyncio.wait({gen, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not gen.done():
-                gen.cancel()
-            disconnect.cancel()
-        if not gen.done() or gen.cancelled():
-            await asyncio.gather(gen, return_exceptions=True)
-            return Response(status_code=499)
-        try:
-            answers = gen.result()
-        except ServeError:
-            raise
-        except Exception:
-            log.exception("generation failed for a request")
-            raise ServeError("internal server error while generating; the details are in the server log") from None
-        slowest = max(a.latency_ms for a in answers)
-        ttfi = runtime.metrics.time_to_first_image.labels("false")
-        items = []
-        for a in answers:
-            ttfi.observe(slowest)
-            data = await encode_async(a.png, req.output_format, req.output_compression)
-            if req.response_format == "url":
-                key = store.put(data, req.output_format)
-                items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
-            else:
-                items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
-        return JSONResponse(images_response(render, items))
+    from diffserve.server.edits import register_edits  # the edits endpoints live in their own module
+
+    register_edits(app, runtime, cfg, store)
 
     @app.get("/v1/images/{key}")
     async def image(key: str) -> Response:

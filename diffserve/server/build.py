@@ -14,6 +14,7 @@ from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.planner.policies import POLICIES
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
+from diffserve.server.errors import ServeError
 from diffserve.server.runtime import Runtime, RuntimeSettings, _pair_for
 from diffserve.server.stage import Backend
 
@@ -175,13 +176,17 @@ def build_runtime(opts: ServeOptions, *, solver: Solver | None = None, clock: Cl
         raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {opts.workers}")
     try:
         backend = make_backend(opts, profile, cascade, plan, clock, None if is_reference(opts.cascade) else opts.cascade)
-    except KeyError as exc:
-        raise UserError(str(exc).strip('"')) from None
+    except KeyError as exc:  # str() of a KeyError is the repr of its message: take the message itself
+        raise UserError(f"{origin}: {exc.args[0] if exc.args else exc}") from None
     runtime = Runtime(
         backend, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=opts.policy,
         settings=runtime_settings(opts), solver=solver,
         solver_options={**solver_options(opts), **pair_lock(cascade, plan, backend.models)},
     )
+    try:  # now, as a one-line error, not at startup inside uvicorn's lifespan (a traceback and exit 3)
+        runtime.check_plan(plan)
+    except ServeError as exc:
+        raise UserError(f"{origin}: {exc.message}") from None
     if opts.pin_plan:
         runtime.controller.pinned = True
         runtime.controller.pinned_reason = f"plan pinned at start ({origin})"

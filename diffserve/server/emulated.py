@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
+from diffserve.server.editcost import batch_ms, model_steps
 from diffserve.server.latency import profile_tables
 from diffserve.server.scores import ScoreSampler, unit_hash
 from diffserve.server.stage import Backend, Job, StageOutput
@@ -53,6 +54,7 @@ class EmulatedBackend(Backend):
         super().__init__(models, n_workers)
         self.clock = clock
         self.tables = profile_tables(profile, self.models)
+        self.steps = {m: model_steps(profile, m) for m in self.models}  # edits run a share of them
         self.scores = ScoreSampler(pair, seed)
         self._lights = {}
         for p in reversed(pairs):  # the first pair wins where two share a light model
@@ -70,6 +72,11 @@ class EmulatedBackend(Backend):
         extra = self._lights[model][1] * batch_size if model in self._lights else 0.0
         return self.tables[model](batch_size) + extra
 
+    def run_ms(self, model: str, jobs: list[Job]) -> float:
+        """A batch's model time: edits run only their strength's share of the steps."""
+        extra = self._lights[model][1] * len(jobs) if model in self._lights else 0.0
+        return batch_ms(self.tables[model], self.steps[model], jobs) + extra
+
     def supported_sizes(self) -> list[tuple[int, int]]:
         return list(self._sizes)
 
@@ -86,7 +93,7 @@ class EmulatedBackend(Backend):
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         self.calls += 1
-        await self.clock.sleep_ms(self.batch_latency_ms(model, len(jobs)))
+        await self.clock.sleep_ms(self.run_ms(model, jobs))
         png = self._png[model]
         return [
             StageOutput(png=png, confidence=self._scores_of(model).confidence(j.prompt, j.seed) if j.score else None) for j in jobs

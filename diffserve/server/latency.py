@@ -16,7 +16,7 @@ class LatencyTable:
     """
 
     def __init__(self, profile: ModelProfile) -> None:
-        rows = [(b.batch_size, float(b.median_ms)) for b in profile.feasible_batches() if b.median_ms]
+        rows = [(b.batch_size, float(b.serving_ms)) for b in profile.feasible_batches() if b.serving_ms]
         if not rows:
             raise UserError(f"model {profile.name!r} has no feasible batch size in the profile")
         self.name = profile.name

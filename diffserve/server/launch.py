@@ -41,6 +41,15 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.started and not self._drain_started and self._loop is not None:
+            # the models are still loading: nothing is in flight, so there is nothing to drain and no
+            # reason to wait for the load; stop the workers now (the startup then ends quietly)
+            self._drain_started = True
+            self.should_exit = True
+            self.runtime.draining = True
+            log.warning("signal %s while the models load: stopping the workers and exiting", sig)
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.runtime.abort()))
+            return
         if self._drain_started or self._loop is None:
             self.should_exit = True
             if self._loop is not None:
@@ -74,13 +83,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_admin_exposure(host: str, admin_token: str | None) -> None:
-    """The plan endpoints re-plan the cluster: beyond loopback they need a token."""
-    if admin_token is None and not is_loopback(host):
+def admin_token_or_none(admin_token: str | None) -> str | None:
+    """An empty or whitespace-only token is no token: it could never be sent back in a usable
+    ``Authorization: Bearer`` header, so a server started with it would answer 401 for good."""
+    return admin_token if admin_token is not None and admin_token.strip() else None
+
+
+def check_admin_exposure(host: str, admin_token: str | None) -> str | None:
+    """The plan endpoints re-plan the cluster: beyond loopback they need a token. Returns the token
+    in force (``None`` for a missing, empty or whitespace-only one, which are all refused alike)."""
+    token = admin_token_or_none(admin_token)
+    if token is None and not is_loopback(host):
+        given = "" if admin_token is None else " (the token given is empty or whitespace)"
         raise UserError(
-            f"--host {host} exposes PUT /v1/plan beyond this machine; set --admin-token (or DIFFSERVE_ADMIN_TOKEN), "
+            f"--host {host} exposes PUT /v1/plan beyond this machine; set --admin-token (or DIFFSERVE_ADMIN_TOKEN){given}, "
             "or bind 127.0.0.1"
         )
+    return token
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -123,9 +142,9 @@ def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
 
 
 def _count_shed(runtime: Runtime) -> None:
-    """A shed request is demand too: the controller's offered rate must see it to plan for it."""
-    runtime.ledger.offered += 1
-    runtime.ledger.rejected += 1
+    """A shed request is demand too: the controller's offered rate must see it to plan for it.
+    Its body is unread, so it is one request of unknown ``n`` (see :mod:`diffserve.server.ledger`)."""
+    runtime.ledger.shed()
     runtime.metrics.rejected.labels("overloaded").inc()
 
 
@@ -185,6 +204,6 @@ async def serve(
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
-    if server.started and on_started is not None:
+    if server.started and not server.should_exit and on_started is not None:
         on_started(server.bound_port() or port)
     await task

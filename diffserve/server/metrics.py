@@ -31,8 +31,8 @@ class Metrics:
             ["stream"], buckets=_LATENCY_BUCKETS_MS, registry=r,
         )
         self.accepted = Counter("diffserve_accepted", "images admitted (accepted = completed + failed + cancelled)", registry=r)
-        self.rejected = Counter("diffserve_rejected", "images refused before admission, by reason", ["reason"], registry=r)
-        self.requests = Counter("diffserve_requests", "admitted images by outcome: completed, failed, cancelled", ["outcome"], registry=r)
+        self.rejected = Counter("diffserve_rejected", "requests (not images) refused before admission, by reason; the ledger in both units is diffserve_ledger_requests/images_total", ["reason"], registry=r)
+        self.requests = Counter("diffserve_requests", "admitted images (not requests, despite the name) by outcome: completed, failed, cancelled", ["outcome"], registry=r)
         self.answered_by = Counter("diffserve_answered_by", "images by the model that answered", ["model"], registry=r)
         self.deferred = Counter("diffserve_deferred", "images the discriminator sent to the heavy model", registry=r)
         self.scored = Counter("diffserve_scored", "light images scored by the discriminator", registry=r)

@@ -27,8 +27,6 @@ from diffserve.server.stage import StageResult
 #: The sizes the spec's response and event objects can name (others are reported as the extension).
 SPEC_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-PARTIAL = "image_generation.partial_image"
-COMPLETED = "image_generation.completed"
 
 
 @dataclass
@@ -40,6 +38,8 @@ class Rendering:
     routing: str  # fast | auto | best
     output_format: str = "png"
     ignored: dict[str, Any] = field(default_factory=dict)
+    #: the stream events' family: ``image_generation`` or ``image_edit`` (``image_edit.partial_image`` ...)
+    events: str = "image_generation"
 
     @property
     def size_text(self) -> str:
@@ -112,7 +112,7 @@ def _event(kind: str, r: Rendering, b64_json: str) -> dict[str, Any]:
 
 def partial_event(r: Rendering, index: int, light: StageResult, b64_json: str, elapsed_ms: float) -> dict[str, Any]:
     """The light image, sent the moment it exists, as partial image 0 of image ``index``."""
-    ev = _event(PARTIAL, r, b64_json)
+    ev = _event(f"{r.events}.partial_image", r, b64_json)
     ev["partial_image_index"] = 0
     ev["diffserve"] = {
         "index": index,
@@ -126,7 +126,7 @@ def partial_event(r: Rendering, index: int, light: StageResult, b64_json: str, e
 
 
 def completed_event(r: Rendering, index: int, a: ImageAnswer, b64_json: str) -> dict[str, Any]:
-    ev = _event(COMPLETED, r, b64_json)
+    ev = _event(f"{r.events}.completed", r, b64_json)
     ev["usage"] = usage(r.prompt, 1)
     ev["diffserve"] = {"index": index, **answer_meta(a), **r.extension()}
     return ev

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 from typing import Callable, Protocol
 
 from diffserve.planner.settings import BATCHER_WAIT_FRACTION, heavy_start_reserve_ms
 from diffserve.server.clock import Clock
+from diffserve.server.editcost import group_key
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
 
@@ -238,8 +240,7 @@ class Pool:
                 if wait > 0:
                     await self._notifier.wait(self.clock.to_wall_s(wait))
                     continue
-                n = min(self.batch_size, len(self._queue))
-                batch = [self._queue.popleft() for _ in range(n)]
+                batch = self._pop_one_kind(min(self.batch_size, len(self._queue)))
                 self.hooks.queue_changed(self.model, len(self._queue))
                 if self.drop_unmeetable:
                     batch = self._drop_late_in(batch)
@@ -247,6 +248,20 @@ class Pool:
                         continue
                 return batch
             await self._notifier.wait(None)
+
+    def _pop_one_kind(self, n: int) -> list[Job]:
+        """Up to ``n`` jobs of the head job's kind (generation, or edit of one kind and strength),
+        in queue order; the others keep their places. One kind is one pipeline call, so a batch
+        costs at most its size's profiled latency (mixed, it would run as groups back to back)."""
+        key = group_key(self._queue[0].edit)
+        if all(group_key(j.edit) == key for j in itertools.islice(self._queue, n)):
+            return [self._queue.popleft() for _ in range(n)]  # the common case: no edits, or one kind
+        batch: list[Job] = []
+        kept: collections.deque[Job] = collections.deque()
+        for job in self._queue:
+            (batch if len(batch) < n and group_key(job.edit) == key else kept).append(job)
+        self._queue = kept
+        return batch
 
     def fail_unservable(self) -> int:
         """No worker serves this pool now: answer 503 at once every queued job that cannot wait

@@ -95,10 +95,12 @@ class _Proc:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def run(self, model: str, prompts: list[str], seeds: list[int], score: bool, watchdog_s: float) -> list[tuple[bytes, float | None]]:
+    def run(
+        self, model: str, prompts: list[str], seeds: list[int], score: bool, watchdog_s: float, edits: list | None = None,
+    ) -> list[tuple[bytes, float | None]]:
         with self.lock:
             try:
-                self.conn.send(("predict", model, prompts, seeds, score))
+                self.conn.send(("predict", model, prompts, seeds, score, edits))
                 if not self.conn.poll(watchdog_s):
                     self.kill()
                     raise WorkerHung(f"worker {self.slot} gave no answer in {watchdog_s:.1f} s")
@@ -341,8 +343,9 @@ class ProcessBackend(Backend):
         prompts = [j.prompt for j in jobs]
         seeds = [j.seed for j in jobs]
         score = any(j.score for j in jobs)
+        edits = [j.edit for j in jobs] if any(j.edit is not None for j in jobs) else None
         try:
-            result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)))
+            result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)), edits)
         except WorkerCrashed:
             self._lost(worker, "crashed")
             raise
@@ -353,6 +356,9 @@ class ProcessBackend(Backend):
 
     async def close(self) -> None:
         self._closing = True
+        for p in self._procs:  # still loading (a signal during startup): kill now, not after the load
+            if not p.loaded and p.proc is not None and p.proc.is_alive():
+                p.proc.kill()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)

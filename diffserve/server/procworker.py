@@ -4,8 +4,8 @@ This module imports only the standard library at top level, so a spawned worker 
 torch loads inside :func:`make_runner`. Protocol (tuples over a ``multiprocessing`` pipe):
 
 - worker -> parent, once: ``("ready", load_time_s, random_weights)`` or ``("error", message)``;
-- parent -> worker: ``("predict", model, prompts, seeds, score)`` -> ``("ok", [(png, conf|None), ...])``
-  or ``("fail", message)``; ``("ping",)`` -> ``("pong",)`` (the supervisor's liveness check);
+- parent -> worker: ``("predict", model, prompts, seeds, score, edits)`` -> ``("ok", [(png, conf|None), ...])``
+  or ``("fail", message)``; ``edits`` is ``None`` or one :class:`EditInput` (or ``None``) per prompt; ``("ping",)`` -> ``("pong",)`` (the supervisor's liveness check);
   ``("stop",)`` ends the loop.
 
 The ``fake`` runner exists for the fault tests: a prompt ``crash:PATH`` kills the process once
@@ -26,9 +26,10 @@ class FakeRunner:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.latency_s = dict(spec.get("latency_s", {}))
-        self.load_time_s = 0.0
+        self.load_time_s = float(spec.get("load_s", 0.0))  # a test's stand-in for loading real weights
+        time.sleep(self.load_time_s)
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None) -> list[tuple[bytes, float | None]]:
         for p in prompts:
             if p.startswith("crash:"):
                 path = p.split(":", 1)[1]
@@ -82,14 +83,37 @@ class DiffusersRunner:
             return [float(c) for c in self.discriminator.confidence(images)]
         return [self.replay.confidence(p, s) for p, s in zip(prompts, seeds)]
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
-        images = self.models[model].generate(list(prompts), list(seeds))
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None) -> list[tuple[bytes, float | None]]:
+        images = self._images(model, list(prompts), list(seeds), edits)
         confs: list[float | None] = self._confidence(images, prompts, seeds) if score else [None] * len(images)
         out = []
         for img, conf in zip(images, confs):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             out.append((buf.getvalue(), conf))
+        return out
+
+    def _images(self, model: str, prompts: list[str], seeds: list[int], edits) -> list:
+        """Generations as one text-to-image call, edits as one img2img / in-painting call per
+        (kind, strength) group (the grouping the emulated backend charges for)."""
+        loaded = self.models[model]
+        if not edits or all(e is None for e in edits):
+            return loaded.generate(prompts, seeds)
+        from PIL import Image
+
+        from diffserve.server.editcost import edit_groups
+
+        out: list = [None] * len(prompts)
+        for (kind, strength), idx in edit_groups(edits).items():
+            ps, ss = [prompts[i] for i in idx], [seeds[i] for i in idx]
+            if kind == "generate":
+                images = loaded.generate(ps, ss)
+            else:
+                inputs = [Image.open(io.BytesIO(edits[i].image)).convert("RGB") for i in idx]
+                masks = [Image.open(io.BytesIO(edits[i].mask)).convert("L") for i in idx] if kind == "inpaint" else None
+                images = loaded.edit(ps, ss, inputs, strength=strength, masks=masks)
+            for i, img in zip(idx, images):
+                out[i] = img
         return out
 
 
@@ -120,8 +144,16 @@ def make_runner(spec: dict[str, Any]):
 
 
 def worker_main(conn, spec: dict[str, Any]) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process. When the server is gone (killed, so it never said "stop"),
+    the pipe breaks: the worker exits quietly, whether it was waiting or answering."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        _serve(conn, spec)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # orphaned: nobody is left to read an answer or a traceback
+
+
+def _serve(conn, spec: dict[str, Any]) -> None:
     try:
         runner = make_runner(spec)
     except BaseException as exc:  # noqa: BLE001 - report, then exit
@@ -138,9 +170,9 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
         if msg[0] == "ping":
             conn.send(("pong",))
             continue
-        _, model, prompts, seeds, score = msg
+        _, model, prompts, seeds, score, *rest = msg
         try:
-            result = runner.predict(model, prompts, seeds, score)
+            result = runner.predict(model, prompts, seeds, score, rest[0] if rest else None)
         except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
             conn.send(("fail", f"{type(exc).__name__}: {exc}"))
         else:

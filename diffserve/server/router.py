@@ -5,7 +5,10 @@ heavy-only plan -> heavy only; a random-split plan (Proteus) -> a seeded coin wi
 heavy fraction (seeded by the run's seed); otherwise the light image is scored and returned when its confidence is at or
 above the threshold, else deferred to the heavy pool. A deferred image that can no longer make
 its deadline on the heavy model gets the light image back marked ``degraded`` (unless degrade is
-off). Every wait is bounded: at ``drop_factor x budget`` after arrival the answer is a 504.
+off). Every wait is bounded: at ``drop_factor x budget`` after arrival the answer is a 504. A
+heavy-first image (``quality=best``) in a degrading cascade has no light image to fall back on: it
+is refused (503 + Retry-After) as soon as even a batch of one could not end by its deadline, and
+admission judges it by that same rule, so that admitted work is served or refused at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull,
 from diffserve.server.metrics import Metrics
 from diffserve.server.pool import Pool
 from diffserve.server.scores import unit_hash
-from diffserve.server.stage import Job, StageResult
+from diffserve.server.stage import EditInput, Job, StageResult
 
 Quality = Literal["auto", "fast", "best"]
 Route = Literal["cascade", "light", "heavy"]
@@ -55,6 +58,8 @@ class Flight:
     #: Called with the light image as soon as it exists, before the discriminator's decision is
     #: acted on: progressive delivery streams it as a partial image while the heavy stage runs.
     on_light: Callable[[StageResult], None] | None = None
+    #: an edit's input: both stages edit it (img2img or in-painting) instead of generating
+    edit: EditInput | None = None
 
 
 class Router:
@@ -100,7 +105,7 @@ class Router:
 
     def admit(
         self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float,
-        arrival_ms: float | None = None,
+        arrival_ms: float | None = None, edit: EditInput | None = None,
     ) -> list[Flight]:
         """Queue the first stage of every image, or none of them: raises 429/503 at once.
 
@@ -134,7 +139,7 @@ class Router:
                 raise pool.queue_full_error(
                     f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s()
                 )
-            if now + pool.estimate_wait_ms(n) > deadline:
+            if now + self._admission_finish_ms(pool, n) > deadline:
                 raise Unavailable(
                     f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now",
                     retry_after_s=pool.retry_after_s(),
@@ -142,10 +147,10 @@ class Router:
                 )
         flights = []
         for (prompt, seed), route in zip(prompts, routes):
-            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade")
+            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade", edit=edit)
             self.pools[self._model(route)].submit(job)
             flights.append(
-                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route))
+                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route), edit=edit)
             )
         return flights
 
@@ -153,11 +158,16 @@ class Router:
     async def complete(self, flight: Flight) -> ImageAnswer:
         """Follow one image through its stages; cancelling this coroutine cancels its queued jobs."""
         try:
+            latest_start = self._latest_first_start_ms(flight)
             try:
-                first = await self._await(flight.first, flight.hard_limit_ms)
+                first = await self._await(flight.first, flight.hard_limit_ms, latest_start)
             except WouldMissDeadline:
                 # a heavy-first job (quality=best) that the pool dropped: it has no light image to fall back on
-                raise DeadlineExceeded(f"the {flight.first_model} pool could not start this request before its deadline") from None
+                raise self._cannot_start(flight) from None
+            except DeadlineExceeded:
+                if latest_start is not None and not flight.first.started:
+                    raise self._cannot_start(flight) from None
+                raise
             if flight.on_light is not None and flight.route != "heavy":
                 flight.on_light(first)
             if flight.route != "cascade":
@@ -181,7 +191,7 @@ class Router:
         now = self.clock.now_ms()
         if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
-        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
+        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms, edit=flight.edit)
         try:
             pool.submit(job)
         except QueueFull:
@@ -197,6 +207,34 @@ class Router:
                 return self._answer(flight, light, None, degraded=True)
             raise
         return self._answer(flight, heavy, light, degraded=False)
+
+    def _admission_finish_ms(self, pool: Pool, n: int) -> float:
+        """When ``n`` more jobs admitted now would finish, as the pool will judge them: a pool that
+        drops unmeetable jobs (the heavy pool of a degrading cascade) wants a batch started
+        :func:`heavy_start_reserve_ms` before the deadline, so admission asks the same (issue #21:
+        admitted, then dropped for want of that guard)."""
+        wait = pool.estimate_wait_ms(n)
+        if pool.drop_unmeetable:
+            one = pool.latency_ms(min(pool.batch_size, len(pool) + n))
+            wait += heavy_start_reserve_ms(one) - one
+        return wait
+
+    def _latest_first_start_ms(self, flight: Flight) -> float | None:
+        """A heavy-first job (``quality=best``) in a pool that drops unmeetable jobs has no light
+        image to fall back on: it is refused the moment even a batch of one started now would end
+        past its deadline, not when the deadline passes. ``None``: wait until the deadline (L2: 504)."""
+        pool = self.pools[flight.first_model]
+        if flight.route != "heavy" or not pool.drop_unmeetable:
+            return None
+        return flight.deadline_ms - heavy_start_reserve_ms(pool.latency_ms(1))
+
+    def _cannot_start(self, flight: Flight) -> Unavailable:
+        """An admitted request that can no longer be started in time: 503 with Retry-After at once."""
+        pool = self.pools[flight.first_model]
+        return Unavailable(
+            f"the {flight.first_model} pool cannot start this request in time for its deadline; retry later",
+            retry_after_s=pool.retry_after_s(), reason="deadline",
+        )
 
     @staticmethod
     def _earliest_heavy_finish_ms(pool: Pool) -> float:

@@ -17,10 +17,11 @@ from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.controller import Controller, ControllerSettings, Solver
 from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unavailable
+from diffserve.server.ledger import Ledger, LedgerCollector
 from diffserve.server.metrics import Metrics, PoolMetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
-from diffserve.server.stage import Backend, StageResult
+from diffserve.server.stage import Backend, EditInput, StageResult
 from diffserve.server.workers import WorkerSet
 
 log = logging.getLogger("diffserve.server")
@@ -53,20 +54,6 @@ class RuntimeSettings:
             raise ValueError(f"drop factor must be >= 1, got {self.drop_factor!r}")
 
 
-@dataclass
-class Ledger:
-    offered: int = 0
-    rejected: int = 0
-    accepted: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
-
-    @property
-    def inflight(self) -> int:
-        return self.accepted - self.completed - self.failed - self.cancelled
-
-
 class Runtime:
     def __init__(
         self,
@@ -90,6 +77,7 @@ class Runtime:
         self.settings = settings or RuntimeSettings()
         self.metrics = metrics or Metrics()
         self.ledger = Ledger()
+        self.metrics.registry.register(LedgerCollector(self.ledger))
         qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
         hooks = PoolMetricsHooks(self.metrics)
         self.pools: dict[str, Pool] = {}
@@ -142,8 +130,9 @@ class Runtime:
 
     # ---------------------------------------------------------------- controller target
     @property
-    def offered(self) -> int:
-        return self.ledger.offered
+    def offered(self) -> float:
+        """Images offered so far, requests shed unread included (the controller's demand)."""
+        return self.ledger.demand_images()
 
     def queued(self) -> dict[str, int]:
         return {m: len(p) for m, p in self.pools.items()}
@@ -194,7 +183,7 @@ class Runtime:
             "plan": self.plan.model_dump(mode="json"),
             "decisions": list(self.controller.decisions),
             "pinned": self.controller.pinned,
-            "ledger": vars(self.ledger).copy(),
+            "ledger": self.ledger.view(),
         }
 
     def pin_plan(self, plan: PlanFile) -> None:
@@ -209,7 +198,14 @@ class Runtime:
         return self.started and not self.draining and self.backend.ready and self.backend.healthy()
 
     async def start(self, reason: str = "initial plan") -> None:
-        await self.backend.setup()
+        try:
+            await self.backend.setup()
+        except Exception:
+            if self._stopped:  # stopped while the models loaded (a signal): nothing to start, nothing to report
+                return
+            raise
+        if self._stopped:
+            return
         self.apply_plan(self.plan)
         self.controller.record_initial(self.plan, reason)
         self.workers.start()
@@ -255,6 +251,7 @@ class Runtime:
         on_light: Callable[[int, StageResult, float], None] | None = None,
         on_answer: Callable[[int, ImageAnswer], None] | None = None,
         arrival_ms: float | None = None,
+        edit: EditInput | None = None,
     ) -> list[ImageAnswer]:
         """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
 
@@ -264,26 +261,29 @@ class Runtime:
         For progressive delivery, ``on_light(index, light_result, elapsed_ms)`` is called as soon
         as image ``index`` has its light image (``elapsed_ms``: model time since arrival) and
         ``on_answer(index, answer)`` as soon as that image is final, before the others are.
+
+        ``edit`` makes every image an edit of one input image (img2img, or in-painting with a
+        mask) through the same cascade: light edit, discriminator, heavy edit when doubted.
         """
-        self.ledger.offered += n
+        self.ledger.offer(n)
         try:
             if not self.ready:
                 raise self._not_ready()
             budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
-            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms)
+            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms, edit=edit)
         except ServeError as exc:
-            self.ledger.rejected += n
-            self.metrics.rejected.labels(exc.reason).inc(n)
+            self.ledger.reject(n)
+            self.metrics.rejected.labels(exc.reason).inc()  # a count of requests, as at the door
             exc.counted = True
             raise
-        self.ledger.accepted += n
+        self.ledger.accept(n)
         self.metrics.accepted.inc(n)
         self._idle.clear()
         self.metrics.inflight.set(self.ledger.inflight)
         if on_light is not None:
             for i, f in enumerate(flights):
                 f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
-        settled: set[int] = set()
+        settled: dict[int, str] = {}  # id(flight) -> its outcome
         try:
             results = await asyncio.gather(
                 *(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
@@ -296,6 +296,7 @@ class Runtime:
                     flight.first.drop_reason = "cancelled"
                     flight.first.future.cancel()
                     self._count(flight, settled, "cancelled")
+            self.ledger.settle_request(list(settled.values()))
             self.metrics.inflight.set(self.ledger.inflight)
             if self.ledger.inflight == 0:
                 self._idle.set()
@@ -315,12 +316,12 @@ class Runtime:
             )
         return Unavailable("the server is not ready: models are loading", retry_after_s=1, reason="not_ready")
 
-    def _count(self, flight, settled: set[int], outcome: str) -> None:
-        settled.add(id(flight))
-        setattr(self.ledger, outcome, getattr(self.ledger, outcome) + 1)
+    def _count(self, flight, settled: dict[int, str], outcome: str) -> None:
+        settled[id(flight)] = outcome
+        self.ledger.settle_image(outcome)
         self.metrics.requests.labels(outcome).inc()
 
-    async def _one(self, flight, settled: set[int], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
+    async def _one(self, flight, settled: dict[int, str], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
             answer = await self.router.complete(flight)
         except asyncio.CancelledError:

@@ -15,6 +15,7 @@ decides per query), ``high``/``hd`` -> ``best`` (heavy model only). diffserve's 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -96,18 +97,32 @@ class ImageGenerationRequest(BaseModel):
         return out
 
 
+#: ``size`` values of the published ``CreateImageRequest`` enum (tests/openai_images/schemas.json).
+SPEC_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536", "256x256", "512x512", "1792x1024", "1024x1792")
+_SIZE_RE = re.compile(r"[1-9][0-9]{0,4}x[1-9][0-9]{0,4}")  # ASCII only: no full-width digits, no "X", no spaces
+
+
+def size_name(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
 def parse_size(text: str | None, supported: list[tuple[int, int]]) -> tuple[int, int]:
-    """``auto`` (the spec's default) is the backend's first, native size."""
-    if text is None or text.strip().lower() == "auto":
+    """``size`` exactly as the spec writes it: ``auto`` (the backend's first, native size) or one of
+    the sizes this server produces (``supported``), spelled ``WIDTHxHEIGHT`` with ASCII digits and a
+    lowercase ``x``. Anything else is a 400 that names the value and what would be accepted, so a
+    client that sent ``" 512x512 "`` or ``"512X512"`` learns its spelling, not a different picture."""
+    if text is None or text == "auto":
         return supported[0]
-    names = ", ".join(["auto", *(f"{w}x{h}" for w, h in supported)])
-    try:
-        w_s, h_s = text.lower().split("x")
-        size = (int(w_s), int(h_s))
-    except ValueError:
-        raise InvalidRequest(f"size must look like WIDTHxHEIGHT, one of {names}; got {text!r}", param="size") from None
+    names = ", ".join(["auto", *(size_name(s) for s in supported)])
+    if not isinstance(text, str) or not _SIZE_RE.fullmatch(text):
+        raise InvalidRequest(
+            f"size must be 'auto' or WIDTHxHEIGHT in ASCII digits with a lowercase x and no spaces, one of {names}; got {text!r}",
+            param="size",
+        )
+    size = (int(text.split("x")[0]), int(text.split("x")[1]))
     if size not in supported:
-        raise InvalidRequest(f"size {text!r} is not supported by this server; use one of {names}", param="size")
+        where = "a size of the OpenAI spec that" if text in SPEC_SIZES else "a size that"
+        raise InvalidRequest(f"size {text!r} is {where} this server does not produce; use one of {names}", param="size")
     return size
 
 

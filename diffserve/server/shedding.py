@@ -5,8 +5,12 @@ refusals, and the work it admitted misses its SLO (Triton and Ray Serve refuse a
 this reason). Three layers, cheapest first:
 
 - a backstop in the protocol (twice the app bound, in connections and tasks): past it every
-  request gets the same JSON 503 with ``Retry-After`` as a shed one, with ``Connection: close``
-  (uvicorn's own ``limit_concurrency`` answer is plain text without ``Retry-After``);
+  request but the control plane's gets the same JSON 503 with ``Retry-After`` as a shed one, with
+  ``Connection: close``, from its first bytes (uvicorn's own ``limit_concurrency`` answer is plain
+  text without ``Retry-After``). The control plane (:data:`CONTROL_PATHS`: probes, ``/metrics``,
+  admin routes) is never shed: a readiness probe that got 503 would pull an overloaded but healthy
+  replica out of rotation, and the operator could neither scrape nor re-plan when it matters. It
+  has its own small budget (:class:`ControlBudget`) instead;
 - :class:`ShedMiddleware`: a pure ASGI wrapper that answers an image request 503 with
   ``Retry-After`` (sized from the real queues) while the app already holds as many requests as
   the plan can finish within the hard limit, or while the first stage's queue could not admit
@@ -24,7 +28,8 @@ the request's first byte arrives (later requests on a kept-alive connection), an
 stamps requests that reach it without one. Time spent waiting in the event loop and in parsing
 is then part of the SLO, and admission judges the budget that is left. What happens before the
 server accepts the connection (the kernel's accept queue, SYN retries) it cannot see; the listen
-backlog (:func:`listen_backlog`) bounds that wait.
+backlog (:func:`listen_backlog`) is long enough that the kernel never drops a SYN, so that wait
+is the accept loop's, never a client's SYN retry.
 
 The bound follows Little's law: the plan's capacity (images/s, model time) times the longest an
 image may stay (``drop_factor x SLO``) is what the plan can have in flight; more only waits.
@@ -49,6 +54,16 @@ MIN_CONCURRENCY = 16
 READ_TIMEOUT_BOUNDS_S = (2.0, 10.0)
 #: The ASGI scope key holding the request's arrival (``time.monotonic()`` seconds).
 ARRIVAL_KEY = "diffserve.arrival_s"
+#: The control plane: probes, scrapes and admin routes. They bypass the image door and the backstop
+#: (an overloaded but healthy replica must stay in rotation, observable and re-plannable) and have
+#: a small budget of their own instead, so that they cannot be used to flood the server.
+CONTROL_PATHS = ("/readyz", "/healthz", "/metrics", "/v1/plan")
+#: Control-plane requests in progress at once; more get :data:`CONTROL_BUSY_BODY` (503).
+CONTROL_BUDGET = 8
+CONTROL_BUSY_BODY = json.dumps({"error": {
+    "message": f"too many control-plane requests at once (the limit is {CONTROL_BUDGET}); retry after the Retry-After interval",
+    "type": "server_unavailable", "param": None, "code": "control_plane_busy",
+}}).encode()
 SHED_BODY = json.dumps({"error": {
     "message": "the server is at capacity; retry after the Retry-After interval",
     "type": "server_unavailable", "param": None, "code": "overloaded",
@@ -69,22 +84,45 @@ def shed_response(retry_after_s: int) -> bytes:
     ) + SHED_BODY
 
 
-async def send_shed(send: Callable, retry_after_s: int, *, close: bool = False) -> None:
+async def send_shed(send: Callable, retry_after_s: int, *, close: bool = False, body: bytes = SHED_BODY) -> None:
     """The one JSON 503 of the door-keepers: OpenAI-shaped, with ``Retry-After``."""
     headers = [
-        (b"content-type", b"application/json"), (b"content-length", str(len(SHED_BODY)).encode()),
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(max(1, int(retry_after_s))).encode()),
     ]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": SHED_BODY})
+    await send({"type": "http.response.body", "body": body})
+
+
+def is_control(path: str) -> bool:
+    return path in CONTROL_PATHS
+
+
+class ControlBudget:
+    """Control-plane requests in progress, shared by every connection of one server."""
+
+    def __init__(self, limit: int = CONTROL_BUDGET) -> None:
+        self.limit = limit
+        self.active = 0
+
+    async def run(self, app: Callable, scope: dict, receive: Callable, send: Callable) -> None:
+        """Run a control request outside the image door and backstop, or refuse it past the budget."""
+        if self.active >= self.limit:
+            await send_shed(send, 1, close=True, body=CONTROL_BUSY_BODY)
+            return
+        self.active += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 @dataclass(frozen=True)
 class HttpLimits:
     concurrency: int  # image requests the app holds at once; more are shed by the middleware
-    backstop: int  # connections and tasks; past it the protocol answers every request 503
+    backstop: int  # connections and tasks; past it the protocol answers every request 503 but the control plane's
     read_timeout_s: float  # headers and body of one request must arrive within this (wall time)
 
 
@@ -101,18 +139,23 @@ def http_limits(plan: PlanFile, slo_ms: float, drop_factor: float, slo_wall_s: f
 
 
 def listen_backlog(limits: HttpLimits, somaxconn: int | None = None) -> int:
-    """The kernel's accept queue: room for one backstop's worth of connections, and no more.
+    """The kernel's accept queue: as long as the kernel allows (``net.core.somaxconn``).
 
-    A connection in that queue waits where the server cannot see it, so its deadline cannot
-    count the wait; a queue far longer than what the server admits at once only holds
-    connections that will be refused anyway, later. Linux caps it at ``net.core.somaxconn``."""
+    When that queue is full, Linux drops the client's SYN (``TcpExtListenOverflows``) and the client
+    retries after 1 s, then 3 s: a refusal that should take a millisecond takes a second, and an
+    admitted request starts a second late. A queue that cannot fill while the loop is accepting
+    costs nothing but kernel memory: the server accepts as fast as its loop turns and refuses
+    unread once the door is shut (:meth:`TimedH11Protocol._refused_unparsed`), so what waits there
+    waits for the accept loop, not for a retry timer. (Sized to the backstop, as before issue #21,
+    it overflowed at 1,500 rps: 61 SYNs dropped, 61 refusals of about 1 s.) Never below the backstop.
+    It cannot help a server that accepts more slowly than connections arrive (docs/serving.md)."""
     if somaxconn is None:
         try:
             with open("/proc/sys/net/core/somaxconn") as f:
                 somaxconn = int(f.read())
         except (OSError, ValueError):
             somaxconn = 4096
-    return max(MIN_CONCURRENCY, min(limits.backstop, somaxconn))
+    return max(MIN_CONCURRENCY, limits.backstop, somaxconn)
 
 
 class ShedMiddleware:
@@ -126,7 +169,7 @@ class ShedMiddleware:
         retry_after_s: Callable[[], int],
         full: Callable[[float], bool] = lambda waited_s: False,
         on_shed: Callable[[], None] = lambda: None,
-        paths: tuple[str, ...] = ("/v1/images/generations",),
+        paths: tuple[str, ...] = ("/v1/images/generations", "/v1/images/edits"),
     ) -> None:
         self.app = app
         self.limit = limit
@@ -174,12 +217,14 @@ class TimedH11Protocol(H11Protocol):
     ``read_timeout_s`` of its first byte (or of the connection opening), else the connection closes.
 
     It also stamps each request's arrival into its scope (:data:`ARRIVAL_KEY`), and answers every
-    request with the JSON 503 of ``refuse`` while more than ``backstop`` connections or tasks are
-    open."""
+    request but the control plane's with the JSON 503 of ``refuse`` while more than ``backstop``
+    connections or tasks are open (from its first bytes when it can, else once parsed); control
+    requests run within :class:`ControlBudget` instead."""
 
     read_timeout_s: float = 10.0
     backstop: int | None = None
     door: ShedMiddleware | None = None
+    control: ControlBudget | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -191,8 +236,12 @@ class TimedH11Protocol(H11Protocol):
 
     def _guarded(self, app: Any) -> Callable:
         refuse, backstop = self.door.refuse, self.backstop  # type: ignore[union-attr]
+        control = self.control or ControlBudget()
 
         async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] == "http" and is_control(scope["path"]):
+                await control.run(app, scope, receive, send)  # never behind the backstop
+                return
             # this request's connection and task are already counted, hence ">"
             if scope["type"] == "http" and (len(self.connections) > backstop or len(self.tasks) > backstop):
                 await refuse(scope, send, close=True)
@@ -225,13 +274,18 @@ class TimedH11Protocol(H11Protocol):
             self._read_timer = None
 
     def _refused_unparsed(self, data: bytes) -> bool:
-        """Shed an image request from its first bytes, as the middleware would, without h11."""
+        """Refuse from a request's first bytes, without h11: an image request that the door would
+        shed, and past the backstop any request but the control plane's."""
         door = self.door
-        if door is None or self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0] or not door.matches(data):
+        if door is None or self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0]:
             return False
-        if not door.closed(time.monotonic() - (self._arrival or time.monotonic())):
+        image = door.matches(data)
+        if image and door.closed(time.monotonic() - (self._arrival or time.monotonic())):
+            door.on_shed()
+        elif not (self._over_backstop() and not _starts_control(data)):
             return False
-        door.on_shed()
+        elif image:
+            door.on_shed()
         self._answered = True
         self.transport.write(shed_response(door.retry_after_s()))
         if self.transport.can_write_eof():
@@ -239,6 +293,10 @@ class TimedH11Protocol(H11Protocol):
         else:
             self.transport.close()
         return True
+
+    def _over_backstop(self) -> bool:
+        # this connection is already counted (no task yet for this request), hence ">" and ">="
+        return self.backstop is not None and (len(self.connections) > self.backstop or len(self.tasks) >= self.backstop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._read_timer is not None:
@@ -252,7 +310,21 @@ class TimedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def timed_protocol(read_timeout_s: float, *, backstop: int | None = None, door: ShedMiddleware | None = None) -> type[TimedH11Protocol]:
-    """The protocol class uvicorn builds per connection: this read deadline, backstop and door."""
-    attrs = {"read_timeout_s": float(read_timeout_s), "backstop": backstop, "door": door}
+def _starts_control(data: bytes) -> bool:
+    """Do these first bytes start a control-plane request (any method; a path of :data:`CONTROL_PATHS`)?
+    Too few bytes to tell count as control: the parsed request meets the backstop's check again."""
+    line = data.split(b"\r\n", 1)[0]
+    parts = line.split(b" ", 2)
+    if len(parts) < 2:
+        return True
+    path = parts[1].split(b"?", 1)[0]
+    return path.decode("latin-1") in CONTROL_PATHS
+
+
+def timed_protocol(
+    read_timeout_s: float, *, backstop: int | None = None, door: ShedMiddleware | None = None, control: ControlBudget | None = None,
+) -> type[TimedH11Protocol]:
+    """The protocol class uvicorn builds per connection: this read deadline, backstop and door, and
+    one control-plane budget for all its connections."""
+    attrs = {"read_timeout_s": float(read_timeout_s), "backstop": backstop, "door": door, "control": control or ControlBudget()}
     return type("TimedH11Protocol", (TimedH11Protocol,), attrs)

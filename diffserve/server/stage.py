@@ -18,6 +18,21 @@ from typing import Callable
 _ids = itertools.count(1)
 
 
+@dataclass(frozen=True)
+class EditInput:
+    """What turns a generation into an edit (``POST /v1/images/edits``): the input image, already
+    checked and resized to the output size, as PNG bytes (they cross process pipes as they are);
+    the in-painting mask (white = repaint) when one was given; the strength (share of the steps run)."""
+
+    image: bytes
+    strength: float
+    mask: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img"
+
+
 @dataclass(eq=False)
 class Job:
     """One image to generate in one stage. ``future`` is resolved exactly once by the pool."""
@@ -35,6 +50,8 @@ class Job:
     #: why a withdrawn (cancelled) future left the queue: "cancelled" (the client went away) or
     #: "expired" (the router withdrew it at its latest start); the pool's drop metric reads it
     drop_reason: str = "cancelled"
+    #: set for an edit: the light and the heavy stage both run img2img / in-painting on it
+    edit: EditInput | None = None
     id: int = field(default_factory=lambda: next(_ids))
 
     @property

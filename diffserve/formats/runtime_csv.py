@@ -36,6 +36,16 @@ def default_names(path: Path) -> tuple[str, str] | None:
     return NAMES_BY_SUFFIX.get(suffix)
 
 
+def batch_profile(size: int, median_ms: float, p90_ms: float) -> BatchProfile:
+    """One batch as the artifact states it: ``INFEASIBLE_MS`` or more marks an infeasible batch.
+
+    The artifact publishes p95, not p99; p99 stays empty rather than mislabelled.
+    """
+    if median_ms >= INFEASIBLE_MS:
+        return BatchProfile(batch_size=size, feasible=False, reason=f"infeasible in the artifact ({median_ms:g} ms)")
+    return BatchProfile(batch_size=size, median_ms=median_ms, p90_ms=p90_ms, throughput_ips=round(size * 1000 / median_ms, 3))
+
+
 def read_runtime_csv(path: str | Path, *, accel: str | None = None) -> tuple[str, dict[str, list[BatchProfile]]]:
     """Batches per label (``sdturbo``/``sdv15``) of one Accel; returns the Accel used too."""
     path = Path(path)
@@ -62,11 +72,7 @@ def read_runtime_csv(path: str | Path, *, accel: str | None = None) -> tuple[str
             median, p90, p95 = (float(row[k]) for k in ("50th_pct", "90th_pct", "95th_pct"))
         except ValueError:
             raise UserError(f"{path} line {line}: batchsize and latencies must be numbers") from None
-        if median >= INFEASIBLE_MS:
-            batch = BatchProfile(batch_size=size, feasible=False, reason=f"infeasible in the artifact ({median:g} ms)")
-        else:
-            # The artifact publishes p95, not p99; p99 stays empty rather than mislabelled.
-            batch = BatchProfile(batch_size=size, median_ms=median, p90_ms=p90, throughput_ips=round(size * 1000 / median, 3))
+        batch = batch_profile(size, median, p90)
         per_label = out.setdefault(row["Model"], {})
         if size in per_label:
             raise UserError(f"{path} line {line}: batch size {size} of {row['Model']} appears twice for accel {chosen}")
