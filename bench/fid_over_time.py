@@ -27,6 +27,8 @@ import numpy as np
 
 from diffserve.evaluation import report
 from diffserve.evaluation.metrics import weighted_quality
+from diffserve.figures import pyplot, save_png
+from diffserve.policies import OURS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOOTH_S = 10
@@ -85,12 +87,12 @@ def main() -> None:
     }
     report.write_json(args.out, doc)
 
-    plt = report._pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     for policy, tls in runs.items():
         quality = np.array([[np.nan if q is None else q for q in tl["quality"]] for tl in tls])
         mean = np.nanmean(quality, axis=0)
-        style = {"lw": 2.0, "zorder": 5} if policy == "diffserve" else {"lw": 1.2}
+        style = {"lw": 2.0, "zorder": 5} if policy == OURS else {"lw": 1.2}
         top.plot(secs, report.rolling(list(mean), demand, SMOOTH_S), label=policy, **style)
     oracle = first.get("oracle_quality")
     if oracle:
@@ -103,7 +105,7 @@ def main() -> None:
     bottom.plot(secs, demand, lw=0.8, color="tab:blue")
     bottom.set_ylabel("arrivals/s")
     bottom.set_xlabel("model time (s)")
-    report._save(fig, args.png)
+    save_png(fig, args.png, tight=True)
 
     print(f"peak: {peak.sum()} s ({doc['peak_rule']})")
     print(f"{'policy':<18} {'peak FID':>16} {'whole-trace FID':>16}")

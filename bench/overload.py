@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 
 from diffserve.evaluation.loadgen import launch_on_schedule, poisson_offsets_s
+from diffserve.policies import STATIC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_overhead import REPO, pct, start_server, stop_server  # noqa: E402  (same bench folder)
@@ -258,7 +259,7 @@ def _plan(path: Path, workers: int, batch: int) -> dict:
     table = profile_tables(reference_profile(), ["sd-turbo"])["sd-turbo"]
     batch_ms = table(batch)
     capacity = workers * batch * 1000.0 / batch_ms
-    plan = PlanFile(policy="static", routing="light-only", light="sd-turbo", heavy=None, threshold=None,
+    plan = PlanFile(policy=STATIC, routing="light-only", light="sd-turbo", heavy=None, threshold=None,
                     pools=[PoolPlan(model="sd-turbo", workers=workers, batch_size=batch, capacity_qps=capacity, latency_ms=batch_ms)],
                     demand_qps=capacity, slo_ms=5000, workers_available=workers)
     write_model(path, plan)

@@ -76,12 +76,9 @@ def _runs(sc: dict, milp: list[str]) -> list[tuple[str, str, bool]]:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from diffserve.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
         if r["name"].startswith("pool-"):
@@ -100,8 +97,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_title("diffserve plan: solve time against cluster size (emulated A100 profile)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from server_overhead import open_loop, pct, start_server, stop_server, write_plan  # noqa: E402
 
+from diffserve.policies import OURS, STATIC  # noqa: E402
+
 
 def summarise(recs: list[dict], duration: float) -> dict:
     ok = [r for r in recs if r["status"] == 200]
@@ -94,7 +96,7 @@ def run_ray(args, plan_path: Path, fixed_info: dict, sat_path: Path, cap: float)
     from diffserve.server.build import ServeOptions
 
     ray_opts = RayOptions(address="local", node_ip_address="127.0.0.1", local_num_cpus=os.cpu_count())
-    opts = ServeOptions(backend="emulated", plan=str(plan_path), policy="static", workers=args.workers, speedup=args.speedup, max_queue=512)
+    opts = ServeOptions(backend="emulated", plan=str(plan_path), policy=STATIC, workers=args.workers, speedup=args.speedup, max_queue=512)
     t0 = time.perf_counter()
     connect(ray_opts)
     try:
@@ -120,7 +122,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         fixed_path, sat_path = Path(tmp) / "fixed.yaml", Path(tmp) / "sat.yaml"
-        fixed_info = write_plan(fixed_path, "diffserve", args.demand, args.workers)
+        fixed_info = write_plan(fixed_path, OURS, args.demand, args.workers)
         sat_info = write_plan(sat_path, "clipper-light", 50, args.sat_workers)
         cap = sum(p["capacity_qps"] for p in sat_info["pools"]) * args.speedup
         results = {

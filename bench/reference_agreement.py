@@ -116,7 +116,26 @@ def main() -> None:
         for r in sc["rows"]:
             print(f"{sc['trace']:10} {r['policy']:16} {r['fid_shipped']:11.3f} {r['fid_artifact']:9.3f} {r['d_fid']:+7.3f} "
                   f"{r['violations_shipped']:12.4f} {r['violations_artifact']:9.4f} {r['d_violations']:+8.4f}  {'yes' if r['within_tolerance'] else 'NO'}")
+    print(markdown(record))
     print(f"wrote {args.output}")
+
+
+def _pm(mean: float, std: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def markdown(record: dict) -> str:
+    """The README's table: per scenario and policy, FID and violations of each source and the gap."""
+    lines = ["| trace, workers | policy | FID shipped | FID artifact | gap | violations shipped | violations artifact | gap |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for sc in record["scenarios"]:
+        for r in sc["rows"]:
+            lines.append(
+                f"| {sc['trace']}, {sc['workers']} | {r['policy']} | {_pm(r['fid_shipped'], r['fid_std_shipped'], 2)} | "
+                f"{_pm(r['fid_artifact'], r['fid_std_artifact'], 2)} | {r['d_fid']:+.3f} | {r['violations_shipped']:.4f} | "
+                f"{r['violations_artifact']:.4f} | {r['d_violations']:+.4f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,41 +34,32 @@ import httpx
 import numpy as np
 
 from diffserve.evaluation.loadgen import launch_on_schedule, poisson_offsets_s
+from diffserve.evaluation.serverproc import ServerProcess
+from diffserve.policies import OURS, STATIC
 from diffserve.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(plan_path: Path, workers: int, speedup: float, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(plan_path: Path, workers: int, speedup: float, extra: list[str] | None = None) -> tuple[ServerProcess, str]:
+    """An emulated server on ``plan_path`` (kept: the fixed plan is the experiment), ready to serve;
+    its log goes next to the plan."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffserve.cli.main", "serve", "--backend", "emulated", "--plan", str(plan_path),
-         "--policy", "static", "--workers", str(workers), "--speedup", str(speedup), "--port", str(port),
-         "--max-queue", "512", *(extra or [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 60 s")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
+    cmd = [sys.executable, "-m", "diffserve.cli.main", "serve", "--backend", "emulated", "--plan", str(plan_path),
+           "--policy", STATIC, "--workers", str(workers), "--speedup", str(speedup), "--port", str(port),
+           "--max-queue", "512", *(extra or [])]
+    server = ServerProcess(cmd, f"http://127.0.0.1:{port}", plan_path.with_name(f"server-{port}.log"), cwd=REPO).start()
     try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+        server.wait_ready(60)
+    except BaseException:
+        server.stop()
+        raise
+    return server, server.url
+
+
+def stop_server(server: ServerProcess) -> int:
+    """SIGTERM and wait for the drain (SIGKILL after 60 s); the exit code."""
+    return server.stop(timeout_s=60)
 
 
 async def open_loop(base: str, qps: float, duration_s: float, speedup: float, seed: int = 0) -> list[dict]:
@@ -144,7 +133,7 @@ def ample_plan(path: Path) -> dict:
     from diffserve.fileio import write_model
     from diffserve.schemas import PlanFile, PoolPlan
 
-    plan = PlanFile(policy="static", routing="light-only", light="sd-turbo", heavy=None, threshold=None,
+    plan = PlanFile(policy=STATIC, routing="light-only", light="sd-turbo", heavy=None, threshold=None,
                     pools=[PoolPlan(model="sd-turbo", workers=16, batch_size=1, capacity_qps=160.0, latency_ms=100.0)],
                     demand_qps=50, slo_ms=5000, workers_available=16)
     write_model(path, plan)
@@ -155,7 +144,7 @@ def fixed(tmp: Path, qps: float, duration: float, scenario: str = "fixed") -> di
     if scenario == "fixed":
         info = ample_plan(tmp / "fixed.yaml")
     else:
-        info = write_plan(tmp / "fixed.yaml", "diffserve", qps, 16)
+        info = write_plan(tmp / "fixed.yaml", OURS, qps, 16)
     proc, base = start_server(tmp / "fixed.yaml", 16, 1.0)
     try:
         recs = asyncio.run(open_loop(base, qps, duration, 1.0))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffserve.evaluation.compare import ServerProcess
+from diffserve.evaluation.serverproc import ServerProcess
 from diffserve.evaluation.loadgen import LoadConfig, run_open_loop
 from diffserve.evaluation.sources import poisson_arrivals
 from diffserve.fileio import atomic_write_text

@@ -250,6 +250,20 @@ class CascadeFile(StrictModel):
                 return p
         raise KeyError(f"no cascade pair {light}->{heavy} (have: {', '.join(p.name for p in self.pairs)})")
 
+    def pair_for(self, light: str, heavy: str | None) -> CascadePair:
+        """The pair a plan with these models serves: its own pair; for a one-model plan (no heavy,
+        or a pair the cascade lacks) the first pair that has the model; else the recommended one.
+        The server scores and routes with this pair, so every server path must pick the same."""
+        if heavy:
+            try:
+                return self.pair(light, heavy)
+            except KeyError:
+                pass
+        for pair in self.pairs:
+            if pair.light == light or pair.heavy == light:
+                return pair
+        return self.recommended()
+
 
 # --------------------------------------------------------------------------------------------
 # plan.yaml

@@ -13,7 +13,7 @@ from diffserve.planner.degrade import QualityCurve, best_served_plan
 from diffserve.planner.queueing import erlang_b_array, erlang_b_table, stage_estimate, stage_totals_by_workers
 from diffserve.planner.served_fast import fast_served_plan, worse_with_degrading
 from diffserve.planner.settings import PlanSettings
-from diffserve.planner.tables import _columns
+from diffserve.planner.tables import policy_columns
 from diffserve.reference import reference_cascade, reference_profile
 
 PAIRS = {name: reference_cascade(name).pairs[0] for name in ("reference", "reference-sdxs", "reference-sdxl")}
@@ -71,7 +71,7 @@ def test_structured_solver_equals_the_enumeration(name, step, disc_ms, workers, 
 def test_the_reference_curves_take_the_structured_path():
     """Degrading more never helps on the paper's curves: the fast path applies to every threshold."""
     for pair in PAIRS.values():
-        fs = np.asarray(_columns(pair, "diffserve")[1])
+        fs = np.asarray(policy_columns(pair, "diffserve").fractions)
         assert worse_with_degrading(QualityCurve.of(pair), fs).all()
 
 

@@ -130,23 +130,22 @@ def build_cascade(
     console: Console | None = None,
 ) -> CascadeFile:
     """Build and write the cascade file. Its ``random_weights`` tells the caller to warn that the
-    quality figures came from random-weight networks (this stage does not know the CLI)."""
+    quality figures came from random-weight networks (this stage does not know the CLI).
+
+    The stages: split the prompts, generate every model's images, read their CLIP features, train
+    one discriminator per (light, positive class) and measure every candidate pair's curves, keep
+    the Pareto front, then write the cascade, its plot and its details."""
     console = console or Console(stderr=True)
     if len(specs) < 2:
         raise UserError(f"a cascade needs at least two models, got {len(specs)}")
     started = time.perf_counter()
-    train_idx, val_idx, test_idx = split_prompts(len(prompts), options.split, options.seed)
-    prompt_split = {}
-    for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-        for i in idx:
-            prompt_split[prompts.prompts[i].id] = name
-
+    splits, prompt_split = _prompt_splits(prompts, options)
     real_paths = None
     if options.real_images is not None:
         real_paths = load_image_folder(options.real_images, limit=options.max_real_images, seed=options.seed, what="--real-images folder")
     elif prompts.has_images:
         real_paths = [p.image_path for p in prompts]
-    metric = _resolve_metric(options, real_paths, len(test_idx) * options.images_per_prompt)
+    metric = _resolve_metric(options, real_paths, len(splits["test"]) * options.images_per_prompt)
 
     images = generate_all(
         specs, prompts.prompts, images_per_prompt=options.images_per_prompt, cache_root=options.cache_dir,
@@ -155,9 +154,67 @@ def build_cascade(
     names = list(images)
     first = images[names[0]]
     split = _query_split(first, prompt_split)
+    feats, scores = _clip_features(images, first, options, console)
+    real = _real_sets(real_paths, prompts, prompt_split, options) if real_paths else None
+    fid_net = FidFeatures(options.fid, options.feature_device) if real is not None else None
+    measure = _PairMeasure(
+        images=images, feats=feats, scores=scores, split=split, real=real, metric=metric, options=options,
+        grid=threshold_grid(options.grid_points), artifacts_dir=output.parent / f"{output.stem}.discriminators",
+        output=output, console=console,
+        fid_real=fid_net(real["images"]) if fid_net is not None else None,
+        fid_test={name: fid_net(v.images(split.test)) for name, v in images.items()} if fid_net is not None else {},
+    )
 
-    clip = options.clip
-    encoder = get_encoder(clip, options.feature_device)
+    latency, latency_source = latency_references(images, options.profile)
+    candidates = candidate_pairs(names, latency)
+    if not candidates:
+        raise UserError(f"no (light, heavy) pair with a faster light model among {', '.join(names)} (latencies {latency})")
+    results = [measure.pair(light, heavy) for light, heavy in candidates]
+    curves = [
+        CurvePoints(f"{r['light']}->{r['heavy']}", cost_curve(r["f_t"], latency[r["light"]], latency[r["heavy"]], r["disc_ms"]), r["q_t"])
+        for r in results
+    ]
+    front, recommended = select_pairs(curves, lower_is_better=metric == "fid")
+    any_random = any(images[n].random_weights for n in names) or options.clip.random_weights
+    if metric == "fid":
+        any_random = any_random or options.fid.random_weights
+    pairs = [
+        _cascade_pair(r, curve.name == recommended, metric, measure.grid, latency, len(splits["test"]), any_random)
+        for r, curve in zip(results, curves)
+        if curve.name in front or options.keep_all_pairs
+    ]
+    cascade = CascadeFile(source="measured by diffserve build-cascade", random_weights=any_random, prompts=prompts.name, pairs=pairs)
+    write_model(output, cascade)
+    plot_cascade(cascade, options.plot or output.with_suffix(".png"))
+    details = {
+        "prompts": prompts.name,
+        "metric": metric,
+        "latency_ms": latency,
+        "latency_source": latency_source,
+        "random_weights": any_random,
+        "splits": {k: [prompts.prompts[i].id for i in v] for k, v in splits.items()},
+        "pareto_front": front,
+        "recommended": recommended,
+        "elapsed_s": round(time.perf_counter() - started, 2),
+        "pairs": [_pair_details(r, c, first, split, scores) for r, c in zip(results, curves)],
+    }
+    atomic_write_text(output.with_name(output.stem + ".details.json"), json.dumps(details, indent=1))
+    _summary(console, results, curves, front, recommended, metric)
+    return cascade
+
+
+def _prompt_splits(prompts: PromptSet, options: BuildOptions) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The train/val/test prompt indices, and each prompt id's split."""
+    train_idx, val_idx, test_idx = split_prompts(len(prompts), options.split, options.seed)
+    splits = {"train": train_idx, "val": val_idx, "test": test_idx}
+    prompt_split = {prompts.prompts[i].id: name for name, idx in splits.items() for i in idx}
+    return splits, prompt_split
+
+
+def _clip_features(images: dict[str, VariantImages], first: VariantImages, options: BuildOptions,
+                   console: Console) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every model's CLIP image features and its CLIP score against the prompts."""
+    encoder = get_encoder(options.clip, options.feature_device)
     text = encoder.encode_texts([p.text for p, _ in first.queries])
     feats: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
@@ -171,44 +228,53 @@ def build_cascade(
                 progress.advance(task, len(idx))
             feats[name] = np.concatenate(chunks)
             scores[name] = clip_score(feats[name], text)
+    return feats, scores
 
-    real = _real_sets(real_paths, prompts, prompt_split, options) if real_paths else None
-    fid_net = FidFeatures(options.fid, options.feature_device) if real is not None else None
-    fid_real = fid_net(real["images"]) if fid_net is not None else None
-    fid_test: dict[str, np.ndarray] = {}
-    if fid_net is not None:
-        for name, variant in images.items():
-            fid_test[name] = fid_net(variant.images(split.test))
 
-    latency, latency_source = latency_references(images, options.profile)
-    candidates = candidate_pairs(names, latency)
-    if not candidates:
-        raise UserError(f"no (light, heavy) pair with a faster light model among {', '.join(names)} (latencies {latency})")
+@dataclass
+class _PairMeasure:
+    """What measuring a candidate pair needs; one discriminator is trained per (light, positive)."""
 
-    grid = threshold_grid(options.grid_points)
-    artifacts_dir = output.parent / f"{output.stem}.discriminators"
-    trained: dict[tuple[str, str], tuple[Discriminator, dict, str, float]] = {}
-    results: list[dict[str, Any]] = []
-    for light, heavy in candidates:
-        positive = "real" if real is not None else heavy
-        if (light, positive) not in trained:
-            console.print(f"training the {options.backbone} discriminator: {light} (negative) vs {positive} (positive)")
-            trained[(light, positive)] = _train(light, positive, images, feats, split, real, options, artifacts_dir, output, console)
-        disc, val_metrics, artifact, disc_ms = trained[(light, positive)]
+    images: dict[str, VariantImages]
+    feats: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    split: Split
+    real: dict[str, Any] | None
+    metric: str
+    options: BuildOptions
+    grid: np.ndarray
+    artifacts_dir: Path
+    output: Path
+    console: Console
+    fid_real: np.ndarray | None
+    fid_test: dict[str, np.ndarray]
+    trained: dict[tuple[str, str], tuple[Discriminator, dict, str, float]] = field(default_factory=dict)
+
+    def pair(self, light: str, heavy: str) -> dict[str, Any]:
+        """The pair's deferral and quality curves on the test split, and its discriminator."""
+        options, split, grid = self.options, self.split, self.grid
+        positive = "real" if self.real is not None else heavy
+        if (light, positive) not in self.trained:
+            self.console.print(f"training the {options.backbone} discriminator: {light} (negative) vs {positive} (positive)")
+            self.trained[(light, positive)] = _train(light, positive, self.images, self.feats, split, self.real, options,
+                                                     self.artifacts_dir, self.output, self.console)
+        disc, val_metrics, artifact, disc_ms = self.trained[(light, positive)]
         if isinstance(disc, ClipLogRegDiscriminator):
-            conf = disc.confidence_from_features(feats[light][split.test])
+            conf = disc.confidence_from_features(self.feats[light][split.test])
         else:
-            conf = disc.confidence(images[light].images(split.test))
+            conf = disc.confidence(self.images[light].images(split.test))
         f_t = deferral_curve(conf, grid)
-        light_s, heavy_s = scores[light][split.test], scores[heavy][split.test]
+        light_s, heavy_s = self.scores[light][split.test], self.scores[heavy][split.test]
         oracle = oracle_choice(light_s, heavy_s)
         extra: dict[str, Any] = {}
-        if metric == "clip":
+        if self.metric == "clip":
             q_t = mean_quality_curve(conf, light_s, heavy_s, grid)
             q_light, q_heavy = float(light_s.mean()), float(heavy_s.mean())
             q_oracle = float(np.where(oracle, heavy_s, light_s).mean())
             q_rand = random_split_curve(len(conf), RANDOM_SPLIT_FRACTIONS, lambda m: float(np.where(m, heavy_s, light_s).mean()), options.seed)
         else:
+            fid_real, fid_test = self.fid_real, self.fid_test
+
             def distance(mixed: np.ndarray) -> float:
                 return fid(fid_real, mixed)
 
@@ -220,77 +286,50 @@ def build_cascade(
                 lambda m: distance(np.where(m[:, None], fid_test[heavy], fid_test[light])), options.seed,
             )
             extra["clip_q_t"] = mean_quality_curve(conf, light_s, heavy_s, grid).round(4).tolist()
-        if fid_real is not None:
+        if self.fid_real is not None:
+            fid_real = self.fid_real
             extra["kid_q_t"] = set_quality_curve(
-                conf, fid_test[light], fid_test[heavy], grid, lambda mixed: kid(fid_real, mixed)[0], max_evaluations=11
+                conf, self.fid_test[light], self.fid_test[heavy], grid, lambda mixed: kid(fid_real, mixed)[0], max_evaluations=11
             ).tolist()
-        results.append(
-            {
-                "light": light, "heavy": heavy, "positive": positive, "f_t": f_t, "q_t": q_t,
-                "q_light": q_light, "q_heavy": q_heavy, "q_oracle": q_oracle, "q_rand": q_rand, "conf": conf,
-                "disc": disc, "val": val_metrics, "artifact": artifact, "disc_ms": disc_ms, "extra": extra,
-            }
-        )
+        return {
+            "light": light, "heavy": heavy, "positive": positive, "f_t": f_t, "q_t": q_t,
+            "q_light": q_light, "q_heavy": q_heavy, "q_oracle": q_oracle, "q_rand": q_rand, "conf": conf,
+            "disc": disc, "val": val_metrics, "artifact": artifact, "disc_ms": disc_ms, "extra": extra,
+        }
 
-    curves = [
-        CurvePoints(f"{r['light']}->{r['heavy']}", cost_curve(r["f_t"], latency[r["light"]], latency[r["heavy"]], r["disc_ms"]), r["q_t"])
-        for r in results
-    ]
-    front, recommended = select_pairs(curves, lower_is_better=metric == "fid")
-    any_random = any(images[n].random_weights for n in names) or clip.random_weights
-    if metric == "fid":
-        any_random = any_random or options.fid.random_weights
-    pairs = []
-    for r, curve in zip(results, curves):
-        if curve.name not in front and not options.keep_all_pairs:
-            continue
-        disc: Discriminator = r["disc"]
-        pairs.append(
-            CascadePair(
-                light=r["light"], heavy=r["heavy"], recommended=curve.name == recommended, metric=metric,
-                grid=[float(t) for t in grid], f_t=[round(float(v), 6) for v in r["f_t"]],
-                q_t=[round(float(v), 4) for v in r["q_t"]],
-                q_light=round(r["q_light"], 4), q_heavy=round(r["q_heavy"], 4), q_oracle=round(r["q_oracle"], 4),
-                f_rand=[float(f) for f in RANDOM_SPLIT_FRACTIONS], q_rand=[round(float(v), 4) for v in r["q_rand"]],
-                discriminator=DiscriminatorRef(
-                    kind=disc.kind, path=r["artifact"], feature_model=disc.feature_model,
-                    random_weights=disc.random_weights, latency_ms=round(r["disc_ms"], 3),
-                    val_accuracy=r["val"]["accuracy"], val_auc=r["val"]["auc"],
-                ),
-                latency_ms={r["light"]: round(latency[r["light"]], 3), r["heavy"]: round(latency[r["heavy"]], 3)},
-                n_eval_prompts=len(test_idx),
-                source="measured" + (" (RANDOM WEIGHTS: quality figures are meaningless)" if any_random else ""),
-            )
-        )
-    cascade = CascadeFile(source="measured by diffserve build-cascade", random_weights=any_random, prompts=prompts.name, pairs=pairs)
-    write_model(output, cascade)
-    plot_path = options.plot or output.with_suffix(".png")
-    plot_cascade(cascade, plot_path)
-    details = {
-        "prompts": prompts.name,
-        "metric": metric,
-        "latency_ms": latency,
-        "latency_source": latency_source,
-        "random_weights": any_random,
-        "splits": {k: [prompts.prompts[i].id for i in v] for k, v in (("train", train_idx), ("val", val_idx), ("test", test_idx))},
-        "pareto_front": front,
-        "recommended": recommended,
-        "elapsed_s": round(time.perf_counter() - started, 2),
-        "pairs": [
-            {
-                "pair": f"{r['light']}->{r['heavy']}", "positive_class": r["positive"], "val": r["val"],
-                "test_queries": [{"prompt_id": first.queries[i][0].id, "seed": first.queries[i][1].seed} for i in split.test],
-                "confidence": [round(float(c), 6) for c in r["conf"]],
-                "clip_light": scores[r["light"]][split.test].round(4).tolist(),
-                "clip_heavy": scores[r["heavy"]][split.test].round(4).tolist(),
-                "cost_ms": c.cost.round(3).tolist(), **r["extra"],
-            }
-            for r, c in zip(results, curves)
-        ],
+
+def _cascade_pair(r: dict[str, Any], recommended: bool, metric: str, grid: np.ndarray, latency: dict[str, float],
+                  n_test: int, any_random: bool) -> CascadePair:
+    """A measured pair as the cascade file states it."""
+    disc: Discriminator = r["disc"]
+    return CascadePair(
+        light=r["light"], heavy=r["heavy"], recommended=recommended, metric=metric,
+        grid=[float(t) for t in grid], f_t=[round(float(v), 6) for v in r["f_t"]],
+        q_t=[round(float(v), 4) for v in r["q_t"]],
+        q_light=round(r["q_light"], 4), q_heavy=round(r["q_heavy"], 4), q_oracle=round(r["q_oracle"], 4),
+        f_rand=[float(f) for f in RANDOM_SPLIT_FRACTIONS], q_rand=[round(float(v), 4) for v in r["q_rand"]],
+        discriminator=DiscriminatorRef(
+            kind=disc.kind, path=r["artifact"], feature_model=disc.feature_model,
+            random_weights=disc.random_weights, latency_ms=round(r["disc_ms"], 3),
+            val_accuracy=r["val"]["accuracy"], val_auc=r["val"]["auc"],
+        ),
+        latency_ms={r["light"]: round(latency[r["light"]], 3), r["heavy"]: round(latency[r["heavy"]], 3)},
+        n_eval_prompts=n_test,
+        source="measured" + (" (RANDOM WEIGHTS: quality figures are meaningless)" if any_random else ""),
+    )
+
+
+def _pair_details(r: dict[str, Any], curve: CurvePoints, first: VariantImages, split: Split,
+                  scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A pair's per-query figures for the details file (what the cascade file summarises)."""
+    return {
+        "pair": f"{r['light']}->{r['heavy']}", "positive_class": r["positive"], "val": r["val"],
+        "test_queries": [{"prompt_id": first.queries[i][0].id, "seed": first.queries[i][1].seed} for i in split.test],
+        "confidence": [round(float(c), 6) for c in r["conf"]],
+        "clip_light": scores[r["light"]][split.test].round(4).tolist(),
+        "clip_heavy": scores[r["heavy"]][split.test].round(4).tolist(),
+        "cost_ms": curve.cost.round(3).tolist(), **r["extra"],
     }
-    atomic_write_text(output.with_name(output.stem + ".details.json"), json.dumps(details, indent=1))
-    _summary(console, results, curves, front, recommended, metric)
-    return cascade
 
 
 def _resolve_metric(options: BuildOptions, real_paths: list[Path] | None, n_test: int) -> str:

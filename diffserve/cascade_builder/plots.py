@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from diffserve.fileio import atomic_write_bytes
+from diffserve.figures import pyplot, save_png
 from diffserve.schemas import CascadeFile
 
 
 def plot_cascade(cascade: CascadeFile, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_f, ax_q) = plt.subplots(1, 2, figsize=(11, 4.2))
     for pair in cascade.pairs:
         style = {"linewidth": 2.5 if pair.recommended else 1.2}
@@ -31,7 +26,4 @@ def plot_cascade(cascade: CascadeFile, path: str | Path) -> Path:
     if cascade.random_weights:
         fig.suptitle("RANDOM WEIGHTS: the pipeline ran, the quality numbers are meaningless", color="darkred")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_png(fig, path)

@@ -179,7 +179,6 @@ def compare_cmd(
     from diffserve.errors import UserError
     from diffserve.evaluation import report
     from diffserve.evaluation.compare import (
-        POLICIES,
         CompareSpec,
         compare_title,
         pareto_verdict,
@@ -189,10 +188,11 @@ def compare_cmd(
     from diffserve.evaluation.sweep import run_sweep
     from diffserve.units import parse_duration_list_ms, parse_duration_ms, parse_int_list
 
-    chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or POLICIES
+    from diffserve import policies as registry
+
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or registry.names()
     for p in chosen:
-        if p not in POLICIES:
-            raise UserError(f"--policies: unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+        registry.get(p, flag="--policies")
     worker_list = parse_int_list(workers, name="--workers")
     slo_list = parse_duration_list_ms(slo, name="--slo")
     solve_ms = 0.0 if solve_time.strip() in ("0", "0ms", "0s") else parse_duration_ms(solve_time, name="--solve-time", default_unit="ms")

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffserve.cli._common import cli_errors, console, err_console, warn_random_weights
+from diffserve import policies
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,7 @@ def plan(
     demand: Annotated[Optional[float], typer.Option("--demand", help="Demand in queries/s.")] = None,
     slo: Annotated[str, typer.Option("--slo", help="Latency SLO, e.g. 5s or 500ms.")] = "5s",
     workers: Annotated[int, typer.Option("--workers", "-w", help="Workers (GPUs) available.")] = 16,
-    policy: Annotated[str, typer.Option("--policy", help="diffserve | diffserve-paper | static | clipper-light | clipper-heavy | proteus")] = "diffserve",
+    policy: Annotated[str, typer.Option("--policy", help=policies.choices_help())] = policies.OURS,
     headroom: Annotated[Optional[float], typer.Option("--headroom", help="Plan for this multiple of the demand (default 1.2).")] = None,
     degrade: Annotated[bool, typer.Option("--degrade/--no-degrade", help="The server answers a deferred query that would be late with its light image (as `serve --degrade`); diffserve then maximises the quality as served.")] = True,
     solver: Annotated[str, typer.Option("--solver", help="auto | highs | cbc | enumerate (our default objective: auto = the structured solver, enumerate = the full enumeration it equals)")] = "auto",

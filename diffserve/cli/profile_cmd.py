@@ -52,9 +52,9 @@ def profile(
     memory_limit: Annotated[Optional[float], typer.Option("--memory-limit", min=0, help="Peak memory limit in MB per batch (CUDA allocated, or RSS on CPU).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep what an earlier (interrupted) run wrote to --output and measure only the rest.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: 1 on CPU, one worker's share; untouched on GPUs).")] = None,
+    edit_strength: Annotated[float, typer.Option("--edit-strength", min=0.0, max=1.0, help="Strength of the img2img edit column (edit latency per batch size); 1.0 bounds every edit; 0 skips edits.")] = 1.0,
     colocate: Annotated[Optional[str], typer.Option("--colocate", help="Also measure k worker processes sharing the device at once, e.g. 1,2,4 (aggregate images/s; MPS if a daemon runs, else time-slicing).")] = None,
     colocate_batch_sizes: Annotated[str, typer.Option("--colocate-batch-sizes", help="Batch sizes the co-located workers run.")] = "1",
-    edit_strength: Annotated[float, typer.Option("--edit-strength", min=0.0, max=1.0, help="Strength of the img2img edit column (edit latency per batch size); 1.0 bounds every edit; 0 skips edits.")] = 1.0,
 ) -> None:
     """Profile model variants (default: the built-in tiny zoo) over a ladder of batch sizes."""
     if ctx.invoked_subcommand is not None:

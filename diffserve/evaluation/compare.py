@@ -9,43 +9,37 @@ Two clocks run the same server options (:func:`serve_options`):
   (:mod:`diffserve.evaluation.inprocess`): no HTTP, no wall-clock waits, deterministic per seed.
 
 Every policy runs on each seed of ``seeds``; its row is the mean over seeds with the spread
-(``fid_std``, ``violation_std``), and a difference within the spread is a tie. The paper's
-baselines run with ``--no-degrade``: their systems had no degrade mode and dropped late requests;
+(``fid_std``, ``violation_std``), and a difference within the spread is a tie. How each policy's
+server is started is its registry entry's :class:`~diffserve.policies.BenchConfig`: the paper's
+baselines run with ``--no-degrade`` (their systems had no degrade mode and dropped late requests);
 ``diffserve-paper`` also plans as the artifact did, with batch latencies only (``--latency-model batch``).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from diffserve.errors import UserError
-from diffserve.planner.policies import OURS, POLICIES
+from diffserve import policies as registry
+from diffserve.policies import OURS, POLICIES  # noqa: F401  (POLICIES: the built-in names, re-exported)
 from diffserve.ports import free_port
 from diffserve.evaluation import report
 from diffserve.evaluation.inprocess import DEFAULT_SOLVE_MS, run_in_process
 from diffserve.evaluation.loadgen import LoadConfig
 from diffserve.evaluation.runner import RunSpec, execute, write_outputs
+from diffserve.evaluation.serverproc import ServerProcess
 from diffserve.evaluation.oracle import oracle_curve
 from diffserve.evaluation.sources import Arrival, demand_per_second, window_rates
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.build import ServeOptions
 
-#: Policies that model systems without a degrade mode.
-NO_DEGRADE = frozenset(POLICIES) - {OURS}
-#: Policies that reproduce the paper artifact's controller, which planned with batch latencies
-#: only (no batch-fill or queueing wait; EVALUATION's "no queueing model").
-ARTIFACT_LATENCY_MODEL = frozenset({"diffserve-paper"})
 CLOCKS = ("virtual", "real")
 
 
@@ -63,7 +57,8 @@ class CompareSpec:
     output: Path
     seed: int = 0
     replan_interval_ms: float = 5000.0
-    policies: tuple[str, ...] = POLICIES
+    #: the policies to run, in table order (default: every registered policy)
+    policies: tuple[str, ...] = field(default_factory=registry.names)
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
     trace_label: str = "trace"
@@ -94,7 +89,7 @@ class CompareSpec:
         rates = window_rates(self.arrivals_at(self.seed if seed is None else seed), self.replan_interval_ms / 1000.0)
         if len(rates) == 0:
             return 1.0
-        value = float(rates.max()) if policy == "static" else float(rates[0])
+        value = float(rates.max()) if registry.get(policy).bench.demand == "peak" else float(rates[0])
         return round(max(value, 0.1), 3)
 
 
@@ -106,7 +101,9 @@ def _other_pairs(spec: CompareSpec) -> tuple[CascadePair, ...]:
 
 
 def serve_options(spec: CompareSpec, policy: str, seed: int) -> ServeOptions:
-    """The server a policy runs on, whichever the clock: both paths are built from these options."""
+    """The server a policy runs on, whichever the clock: both paths are built from these options
+    (the policy's registry entry says how the benchmark configures it)."""
+    bench = registry.get(policy).bench
     return ServeOptions(
         backend="emulated",
         profile=spec.profile_spec,
@@ -118,8 +115,8 @@ def serve_options(spec: CompareSpec, policy: str, seed: int) -> ServeOptions:
         demand_qps=spec.demand_for(policy, seed),
         replan_interval_ms=spec.replan_interval_ms,
         seed=seed,
-        degrade=policy not in NO_DEGRADE,
-        latency_model="batch" if policy in ARTIFACT_LATENCY_MODEL else "queueing",
+        degrade=bench.degrade,
+        latency_model=bench.latency_model,
     )
 
 
@@ -150,64 +147,6 @@ def server_command(spec: CompareSpec, policy: str, port: int, seed: int | None =
     return [
         sys.executable, "-m", "diffserve.cli.main", "serve", *serve_flags(opts), "--host", "127.0.0.1", "--port", str(port)
     ]
-
-
-class ServerProcess:
-    """A server subprocess we started: wait until ready, stop it gracefully, never leave it behind."""
-
-    def __init__(self, cmd: list[str], url: str, log_path: Path) -> None:
-        self.cmd, self.url, self.log_path = cmd, url, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
-
-    def __enter__(self) -> ServerProcess:  # noqa: PYI034 - typing.Self needs Python 3.11
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Seconds until ``GET /readyz`` answered 200; raise if the process dies or time runs out."""
-        assert self.proc is not None
-        start = time.monotonic()
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise UserError(f"the server exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}")
-                try:
-                    if client.get(f"{self.url}/readyz").status_code == 200:
-                        return time.monotonic() - start
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() - start > timeout_s:
-                    raise UserError(f"the server was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
-                time.sleep(0.1)
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, wait for the drain, SIGKILL if it hangs; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
 
 
 #: Result keys averaged over seeds whose spread is reported too: (key, key of its spread).
@@ -358,9 +297,8 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run every policy on every seed and write the comparison; returns one row per policy."""
-    unknown = [p for p in spec.policies if p not in POLICIES]
-    if unknown:
-        raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    for policy in spec.policies:
+        registry.get(policy)  # an unknown name is a UserError naming the choices
     spec.output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     timelines: dict[str, dict[str, Any]] = {}
@@ -375,7 +313,7 @@ def run_compare(
             run = RunSpec(
                 label=policy, arrivals=arrivals, prompts=spec.prompts, profile=spec.profile, pair=spec.pair,
                 workers=spec.workers, slo_ms=spec.slo_ms, speedup=spec.speedup, seed=seed, clock=spec.clock,
-                quality_mode="random-split" if policy == "proteus" else "cascade",
+                quality_mode=registry.get(policy).quality_mode,
                 other_pairs=_other_pairs(spec),
             )
             started = time.monotonic()
@@ -383,7 +321,7 @@ def run_compare(
             on_done = (lambda _r, n=name: on_request_done(n)) if on_request_done else None
             row, tl = run_one(spec, run, folder, on_start, on_done)
             row.update(
-                degrade=policy not in NO_DEGRADE,
+                degrade=registry.get(policy).bench.degrade,
                 demand_flag_qps=spec.demand_for(policy, seed),
                 policy_wall_s=round(time.monotonic() - started, 2),
             )
@@ -425,6 +363,12 @@ def compare_title(spec: CompareSpec) -> str:
     return f"{spec.trace_label}: {spec.workers} workers, SLO {spec.slo_ms / 1000:g} s, {clock}{seeds}"
 
 
+def _random_split_note(policies: tuple[str, ...]) -> str:
+    """Which policies' answers are read as a random split (their registry entry's quality mode)."""
+    split = [p for p in policies if registry.get(p).quality_mode == "random-split"]
+    return f"; {', '.join(split)} is read as a random split (no discriminator)" if split else ""
+
+
 def write_compare_outputs(
     spec: CompareSpec, rows: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], oracle: dict[str, Any]
 ) -> None:
@@ -444,10 +388,10 @@ def write_compare_outputs(
         report.TABLE_LEGEND + ".",
         "",
         spread,
-        f"Quality: {rows[0]['quality_method'] if rows else ''}; proteus is read as a random split (no discriminator).",
+        f"Quality: {rows[0]['quality_method'] if rows else ''}{_random_split_note(spec.policies)}.",
         "Violations: (late + failed + rejected) / sent; degraded answers met the SLO and are counted apart.",
         (
-            f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if p in NO_DEGRADE)}); "
+            f"Baselines run with --no-degrade ({', '.join(p for p in spec.policies if not registry.get(p).bench.degrade)}); "
             f"oracle {metric}: {_fmt(oracle['fid'])} at the fewest violations it allows, a bound no policy can beat at its own violation ratio (oracle_fid per policy in results.json)."
         ),
         "",

@@ -41,6 +41,7 @@ from diffserve.evaluation.loadgen import PlanObservation
 from diffserve.evaluation.quality import QualityMode, quality_function, quality_source
 from diffserve.evaluation.records import Outcome, RequestRecord
 from diffserve.planner.capacity import plan_capacity_qps
+from diffserve.planner.quality import served_mix
 from diffserve.schemas import CascadePair
 
 Quality = Callable[[float], float]
@@ -135,7 +136,8 @@ def count_seconds(records: list[RequestRecord], light: str, heavy: str, slo_ms: 
 def mix_quality(light: int, heavy: int, degraded: int, quality: Quality, *, conservative: bool = True) -> float | None:
     """Quality of one second's on-time images; ``None`` when there are none.
 
-    Conservative: ``(1 - d) * Q(heavy / (light + heavy)) + d * Q(0)`` with ``d`` the degraded share.
+    Conservative: ``(1 - d) * Q(heavy / (light + heavy)) + d * Q(0)`` with ``d`` the degraded share
+    (:func:`~diffserve.planner.quality.served_mix`, the planner's pricing of degrade).
     Optimistic: degraded images count as ordinary light ones, ``Q(heavy / all)``.
     """
     n = light + heavy + degraded
@@ -143,9 +145,7 @@ def mix_quality(light: int, heavy: int, degraded: int, quality: Quality, *, cons
         return None
     if not conservative:
         return quality(heavy / n)
-    rest = light + heavy
-    chosen = quality(heavy / rest) if rest else 0.0
-    return (rest * chosen + degraded * quality(0.0)) / n
+    return float(served_mix(quality, heavy / n, degraded / n, quality(0.0)))
 
 
 def per_second_quality(counts: SecondCounts, quality: Quality, *, conservative: bool = True) -> list[float | None]:

@@ -24,7 +24,8 @@ QualityMode = Literal["cascade", "random-split"]
 def quality_function(pair: CascadePair, mode: QualityMode = "cascade") -> Callable[[float], float]:
     """``f -> quality`` for a heavy fraction ``f`` in [0, 1], in the pair's metric units."""
     if mode == "cascade":
-        return lambda f: curves.cascade_quality(pair, min(max(f, 0.0), 1.0))
+        curve = curves.QualityCurve.of(pair)  # read once: scoring asks it every second
+        return lambda f: float(curve.at(min(max(f, 0.0), 1.0)))
     if mode == "random-split":
         return lambda f: curves.random_split_quality(pair, min(max(f, 0.0), 1.0))
     raise ValueError(f"quality mode must be 'cascade' or 'random-split', got {mode!r}")

@@ -6,7 +6,6 @@ that looks complete.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from diffserve.fileio import atomic_write_bytes, atomic_write_text
+from diffserve.fileio import atomic_write_text
+from diffserve.figures import pyplot, save_png
 
 #: Columns of the comparison table: (key in a result row, header, format).
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -109,27 +109,9 @@ def rolling(values: Sequence[float | None], weights: Sequence[float], window: in
         return np.where(den > 0, num / den, np.nan)
 
 
-def _save(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def timeline_png(path: str | Path, tl: dict[str, Any], title: str, metric: str = "FID") -> Path:
     """Four panels: demand and capacity, threshold and quality, workers per pool, violations."""
-    plt = _pyplot()
+    plt = pyplot()
     secs = np.array(tl["second"])
     fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
     ax = axes[0]
@@ -160,12 +142,12 @@ def timeline_png(path: str | Path, tl: dict[str, Any], title: str, metric: str =
     ax.set_ylabel("requests")
     ax.set_xlabel("model time (s)")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path, tight=True)
 
 
 def compare_png(path: str | Path, timelines: dict[str, dict[str, Any]], title: str, metric: str = "FID", window: int = 10) -> Path:
     """Two panels: quality over time and violation ratio over time, one line per policy."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for policy, tl in timelines.items():
         secs = np.array(tl["second"])
@@ -180,4 +162,4 @@ def compare_png(path: str | Path, timelines: dict[str, dict[str, Any]], title: s
     bottom.set_ylabel(f"SLO violation ratio ({window} s mean)")
     bottom.set_xlabel("model time (s)")
     bottom.legend(fontsize=8, ncol=3)
-    return _save(fig, path)
+    return save_png(fig, path, tight=True)

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from diffserve import policies as registry
 from diffserve.evaluation import report
 from diffserve.evaluation.compare import CompareSpec, run_compare
+from diffserve.figures import pyplot, save_png
 
 #: The per-policy figures a sweep cell keeps (the full rows stay in each cell's results.json).
 CELL_KEYS = ("policy", "slo_violation_ratio", "violation_std", "fid", "fid_std", "degraded_ratio", "goodput", "oracle_fid", "seeds")
@@ -87,7 +89,7 @@ def write_sweep_outputs(base: CompareSpec, cells: list[dict[str, Any]], workers:
 
 def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str = "FID"):
     """Two rows (quality, violations) by one column per SLO; x = workers, one line per policy."""
-    plt = report._pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(slos_ms), figsize=(4.2 * len(slos_ms), 7), sharex=True, sharey="row", squeeze=False)
     for j, slo_ms in enumerate(slos_ms):
         for policy in policies:
@@ -95,7 +97,7 @@ def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str =
             if not mine:
                 continue
             xs = [c["workers"] for c in mine]
-            style = {"lw": 2.2, "zorder": 5} if policy == "diffserve" else {"lw": 1.1, "alpha": 0.85}
+            style = {"lw": 2.2, "zorder": 5} if registry.get(policy).ours else {"lw": 1.1, "alpha": 0.85}
             for row, (key, spread) in enumerate((("fid", "fid_std"), ("slo_violation_ratio", "violation_std"))):
                 ys = [float("nan") if c[key] is None else c[key] for c in mine]
                 errs = [c.get(spread) or 0.0 for c in mine]
@@ -108,4 +110,4 @@ def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str =
     axes[1][0].set_ylabel("SLO violation ratio")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
-    return report._save(fig, path)
+    return save_png(fig, path, tight=True)

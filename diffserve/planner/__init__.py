@@ -10,7 +10,8 @@ See docs/planning.md for the model (MILP, queueing estimate, degraded mode, poli
 
 from diffserve.planner.quality import cascade_quality, random_split_quality
 from diffserve.planner.settings import DEFAULT_HEADROOM, PlanSettings, plan_settings
-from diffserve.planner.solve import POLICIES, solve_plan
+from diffserve.policies import POLICIES
+from diffserve.planner.solve import solve_plan
 
 __all__ = ["POLICIES", "DEFAULT_HEADROOM", "PlanSettings", "plan_settings", "solve_plan", "cascade_quality",
            "random_split_quality"]

@@ -37,46 +37,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffserve.planner.queueing import deadline_miss_share, stage_estimate, stage_totals_by_workers
-from diffserve.planner.quality import heavy_quality, light_quality
+from diffserve.planner.quality import QualityCurve, served_mix
 from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
-from diffserve.planner.tables import _columns
+from diffserve.planner.tables import cascade_columns
 from diffserve.schemas import CascadePair, ModelProfile, PlanFile
 
 #: Two plans whose served quality differs by less than this fraction are tied (then workers, then
 #: latency): 1e-4 of an FID of 17 is 0.002, far below what a measured curve resolves, so an extra
 #: GPU bought for a smaller gain is no gain (``--spare idle`` leaves it idle).
 QUALITY_TIE = 1e-4
-
-
-@dataclass(frozen=True)
-class QualityCurve:
-    """Q(f) of a discriminator cascade as arrays: the measured (f_t, q_t) points, extended to the
-    light model alone at f = 0 and the heavy model alone at f = 1, plateaus kept at their left end
-    (as :func:`diffserve.planner.quality.cascade_quality`)."""
-
-    fractions: np.ndarray
-    qualities: np.ndarray
-    light: float
-    lower_is_better: bool
-
-    @classmethod
-    def of(cls, pair: CascadePair) -> "QualityCurve":
-        fs, qs = [], []
-        for f, q in zip(pair.f_t, pair.q_t):
-            if fs and f <= fs[-1]:
-                continue
-            fs.append(float(f))
-            qs.append(float(q))
-        if fs[0] > 0:
-            fs.insert(0, 0.0)
-            qs.insert(0, light_quality(pair))
-        if fs[-1] < 1:
-            fs.append(1.0)
-            qs.append(heavy_quality(pair))
-        return cls(np.array(fs), np.array(qs), light_quality(pair), pair.lower_is_better)
-
-    def at(self, f):
-        return np.interp(f, self.fractions, self.qualities)
 
 
 def served_quality(curve: QualityCurve, heavy_fraction, deferred_degraded_share):
@@ -87,11 +56,7 @@ def served_quality(curve: QualityCurve, heavy_fraction, deferred_degraded_share)
     """
     f = np.asarray(heavy_fraction, dtype=float)
     delta = np.asarray(deferred_degraded_share, dtype=float)
-    d = f * delta
-    kept = 1.0 - d
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f_kept = np.where(kept > 1e-12, f * (1.0 - delta) / np.where(kept > 1e-12, kept, 1.0), 0.0)
-    return kept * curve.at(np.clip(f_kept, 0.0, 1.0)) + d * curve.light
+    return served_mix(curve.at, f * (1.0 - delta), f * delta, curve.light)
 
 
 @dataclass(frozen=True)
@@ -171,8 +136,9 @@ def best_served_plan(
     Ties (quality within a fraction :data:`QUALITY_TIE`): fewer workers (``spare_workers="idle"``) or more
     (``"fill"``: spare heavy workers lower delta), then lower expected latency.
     """
-    ts, fs, _qs, _keys, _routing, _seq, _disc = _columns(pair, "diffserve", threshold)
-    fs = np.asarray(fs, dtype=float)
+    idx = cascade_columns(pair, threshold)
+    ts = [pair.grid[j] for j in idx]
+    fs = np.array([pair.f_t[j] for j in idx], dtype=float)
     curve = QualityCurve.of(pair)
     sign = 1.0 if curve.lower_is_better else -1.0
     fill = settings.spare_workers == "fill"

@@ -20,7 +20,9 @@ figure through these two functions, so that every number in a report comes from 
 
 from __future__ import annotations
 
-import bisect
+from dataclasses import dataclass
+
+import numpy as np
 
 from diffserve.errors import UserError
 from diffserve.schemas import CascadePair, interpolate
@@ -34,54 +36,76 @@ def _check_fraction(heavy_fraction: float) -> float:
 
 
 def light_quality(pair: CascadePair) -> float:
-    """Quality of the light model alone: ``q_light`` when given, else the curve at zero deferral."""
+    """Quality of the light model alone: ``q_light`` when given, else the curve at zero deferral
+    (its first measured point: no fraction lies below it)."""
     if pair.q_light is not None:
         return float(pair.q_light)
-    return _curve_at(pair, 0.0)
+    return float(pair.q_t[0])
 
 
 def heavy_quality(pair: CascadePair) -> float:
-    """Quality of the heavy model alone: ``q_heavy`` when given, else the curve at full deferral."""
+    """Quality of the heavy model alone: ``q_heavy`` when given, else the curve at full deferral
+    (its last measured point)."""
     if pair.q_heavy is not None:
         return float(pair.q_heavy)
-    return _curve_at(pair, 1.0)
+    return float(pair.q_t[-1])
 
 
-def _curve_at(pair: CascadePair, f: float) -> float:
-    """q at deferral fraction f along the measured (f_t, q_t) curve.
+@dataclass(frozen=True)
+class QualityCurve:
+    """Q(f) of a discriminator cascade: the one reading of the measured curve.
 
-    f_t is non-decreasing and may have plateaus (many thresholds deferring the same fraction);
-    on a plateau the curve is single-valued in practice, and we take the value at its left end
-    so that the answer does not depend on how densely the plateau was sampled.
-    """
-    fs, qs = pair.f_t, pair.q_t
-    if f <= fs[0]:
-        return float(qs[0])
-    if f >= fs[-1]:
-        return float(qs[-1])
-    i = bisect.bisect_left(fs, f)  # fs[i-1] < f <= fs[i]
-    if fs[i] == f:
-        return float(qs[i])
-    f0, f1, q0, q1 = fs[i - 1], fs[i], qs[i - 1], qs[i]
-    return float(q0 + (q1 - q0) * (f - f0) / (f1 - f0))
+    The knots are the measured (f_t, q_t) points, plateaus (many thresholds deferring the same
+    fraction) kept at their left end so that the answer does not depend on how densely a plateau
+    was sampled, extended to the light model alone at f = 0 and the heavy model alone at f = 1;
+    between knots Q is linear. :func:`cascade_quality` reads one fraction, :meth:`at` an array
+    (the planner's enumeration), from the same knots."""
+
+    fractions: np.ndarray
+    qualities: np.ndarray
+    light: float
+    lower_is_better: bool
+
+    @classmethod
+    def of(cls, pair: CascadePair) -> "QualityCurve":
+        fs: list[float] = []
+        qs: list[float] = []
+        for f, q in zip(pair.f_t, pair.q_t):
+            if fs and f <= fs[-1]:
+                continue
+            fs.append(float(f))
+            qs.append(float(q))
+        if fs[0] > 0:
+            fs.insert(0, 0.0)
+            qs.insert(0, light_quality(pair))
+        if fs[-1] < 1:
+            fs.append(1.0)
+            qs.append(heavy_quality(pair))
+        return cls(np.array(fs), np.array(qs), light_quality(pair), pair.lower_is_better)
+
+    def at(self, f):
+        return np.interp(f, self.fractions, self.qualities)
 
 
 def cascade_quality(pair: CascadePair, heavy_fraction: float) -> float:
-    """Q of the discriminator cascade when a fraction ``heavy_fraction`` of queries is deferred.
+    """Q of the discriminator cascade when a fraction ``heavy_fraction`` of queries is deferred
+    (:class:`QualityCurve`: outside the measured range of f_t the curve runs to the single-model
+    figures, f = 0 the light model alone, f = 1 the heavy model alone)."""
+    return float(QualityCurve.of(pair).at(_check_fraction(heavy_fraction)))
 
-    Outside the measured range of f_t the curve is extended to the single-model figures:
-    f = 0 is the light model alone, f = 1 the heavy model alone.
-    """
-    f = _check_fraction(heavy_fraction)
-    fs = pair.f_t
-    if f < fs[0]:  # below the smallest measured deferral: mix towards the light model alone
-        q0 = light_quality(pair)
-        return q0 + (_curve_at(pair, fs[0]) - q0) * (f / fs[0]) if fs[0] > 0 else q0
-    if f > fs[-1]:  # above the largest measured deferral: mix towards the heavy model alone
-        q1 = heavy_quality(pair)
-        span = 1.0 - fs[-1]
-        return _curve_at(pair, fs[-1]) + (q1 - _curve_at(pair, fs[-1])) * ((f - fs[-1]) / span)
-    return _curve_at(pair, f)
+
+def served_mix(quality, heavy_share, degraded_share, light_quality_value):
+    """Quality of a set of answers of which ``degraded_share`` are degraded and ``heavy_share`` are
+    heavy images: the one pricing of degrade, used by the planner and the benchmark alike.
+
+    A degraded answer is the light image of a query the discriminator deferred; it is scored as
+    the light model alone (``light_quality_value``). The rest are a cascade whose heavy share is
+    ``heavy_share / (1 - degraded_share)``, scored by ``quality`` at that share. Arrays broadcast."""
+    d = np.asarray(degraded_share, dtype=float)
+    kept = 1.0 - d
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_kept = np.where(kept > 1e-12, np.asarray(heavy_share, dtype=float) / np.where(kept > 1e-12, kept, 1.0), 0.0)
+    return kept * quality(np.clip(f_kept, 0.0, 1.0)) + d * light_quality_value
 
 
 def linear_mix_quality(pair: CascadePair, heavy_fraction: float) -> float:

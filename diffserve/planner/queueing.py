@@ -53,9 +53,7 @@ def erlang_c(servers: int, offered_load: float) -> float:
         return 0.0
     if offered_load >= servers:
         return 1.0
-    b = 1.0
-    for n in range(1, servers + 1):
-        b = offered_load * b / (n + offered_load * b)
+    b = erlang_b(servers, offered_load)
     rho = offered_load / servers
     return b / (1.0 - rho + rho * b)
 
@@ -92,6 +90,41 @@ def fill_quantile_units(batch: int, quantile: float) -> float:
         else:
             hi = mid
     return hi
+
+
+def wait_parts_ms(service_ms: float, batch: int, workers, lam, blocking, *, quantile: float | None, cap: float):
+    """The batch-fill wait and the queueing wait (ms) of a stable pool: the one statement of the
+    formulas in the module docstring (points 2 and 3).
+
+    ``lam`` is the arrival rate in requests per ms and ``blocking = ErlangB(workers, a)`` with
+    ``a = lam s(b) / b``, which the caller computes by the stable recursion (once per rate, or once
+    for every worker count). ``quantile`` ``None`` gives the means. numpy broadcasting: scalars,
+    an array of rates (:func:`stage_latency_array`) or of worker counts
+    (:func:`stage_totals_by_workers`) all read this one definition.
+    """
+    import numpy as np
+
+    fill = (batch - 1) / (2.0 * lam) if quantile is None else fill_quantile_units(batch, quantile) / lam
+    fill = np.minimum(fill, cap)
+    a = lam * service_ms / batch  # offered load in batch-servers
+    r = a / workers
+    c = blocking / (1.0 - r + r * blocking)  # ErlangC(workers, a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        theta = service_ms / (2.0 * batch * (workers - a))
+        if quantile is None:
+            queue = c * theta
+        else:
+            tail = 1.0 - quantile
+            queue = np.where(c > tail, theta * np.log(np.maximum(c, tail) / tail), 0.0)
+    return fill, queue
+
+
+def erlang_b(servers: int, offered_load):
+    """Erlang-B blocking of ``servers`` at ``offered_load`` (scalar or array) by the stable recursion."""
+    b = 1.0
+    for n in range(1, servers + 1):
+        b = offered_load * b / (n + offered_load * b)
+    return b
 
 
 @dataclass(frozen=True)
@@ -134,21 +167,10 @@ def stage_estimate(
         return StageEstimate(service_ms, INF, INF, rho)
     if not queueing:
         return StageEstimate(service_ms, 0.0, 0.0, rho)
-    cap = wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction)
-    if quantile is None:
-        fill = (batch - 1) / (2.0 * lam)
-    else:
-        fill = fill_quantile_units(batch, quantile) / lam
-    fill = min(fill, cap)
-    a = lam * service_ms / batch  # offered load in batch-servers
-    c = erlang_c(workers, a)
-    theta = service_ms / (2.0 * batch * (workers - a))
-    if quantile is None:
-        queue = c * theta
-    else:
-        tail = 1.0 - quantile
-        queue = theta * math.log(c / tail) if c > tail else 0.0
-    return StageEstimate(service_ms, fill, queue, rho)
+    a = lam * service_ms / batch
+    fill, queue = wait_parts_ms(service_ms, batch, workers, lam, erlang_b(workers, a), quantile=quantile,
+                                cap=wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction))
+    return StageEstimate(service_ms, float(fill), float(queue), rho)
 
 
 def stage_latency_ms(
@@ -216,18 +238,9 @@ def stage_latency_array(
         out[busy] = busy_out
         return out
     lam_s = lam[stable]
-    cap = wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction)
-    fill = np.minimum(fill_quantile_units(batch, quantile) / lam_s, cap)
     a = lam_s * service_ms / batch
-    erl_b = np.ones_like(a)
-    for n in range(1, workers + 1):
-        erl_b = a * erl_b / (n + a * erl_b)
-    r = a / workers
-    c = erl_b / (1.0 - r + r * erl_b)
-    theta = service_ms / (2.0 * batch * (workers - a))
-    tail = 1.0 - quantile
-    with np.errstate(divide="ignore", invalid="ignore"):
-        queue = np.where(c > tail, theta * np.log(np.maximum(c, tail) / tail), 0.0)
+    fill, queue = wait_parts_ms(service_ms, batch, workers, lam_s, erlang_b_array(workers, a), quantile=quantile,
+                                cap=wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction))
     busy_out = np.full(lam.shape, INF)
     busy_out[stable] = service_ms + fill + queue
     out[busy] = busy_out
@@ -238,10 +251,8 @@ def erlang_b_array(servers: int, offered_load: "np.ndarray") -> "np.ndarray":
     """Erlang-B blocking probability for many offered loads (the stable recursion, no factorials)."""
     import numpy as np
 
-    out = np.ones_like(np.asarray(offered_load, dtype=float))
-    for n in range(1, servers + 1):
-        out = offered_load * out / (n + offered_load * out)
-    return out
+    a = np.asarray(offered_load, dtype=float)
+    return erlang_b(servers, a) if servers >= 1 else np.ones_like(a)
 
 
 def deadline_miss_share(
@@ -384,22 +395,8 @@ def stage_totals_by_workers(
     k = np.arange(1, max_workers + 1)
     rho = lam * service_ms / (k * batch)
     stable = rho < 1.0
-    cap = wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction)
-    fill = (batch - 1) / (2.0 * lam) if quantile is None else fill_quantile_units(batch, quantile) / lam
-    fill = min(fill, cap)
-    blocking = np.empty(max_workers)
-    b = 1.0
-    for n in range(1, max_workers + 1):
-        b = a * b / (n + a * b)
-        blocking[n - 1] = b
-    r = a / k
-    c = blocking / (1.0 - r + r * blocking)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        theta = service_ms / (2.0 * batch * (k - a))
-        if quantile is None:
-            queue = c * theta
-        else:
-            tail = 1.0 - quantile
-            queue = np.where(c > tail, theta * np.log(np.maximum(c, tail) / tail), 0.0)
+    blocking = erlang_b_table(max_workers, a)[1:]  # ErlangB(k, a) for k = 1..max_workers
+    fill, queue = wait_parts_ms(service_ms, batch, k, lam, blocking, quantile=quantile,
+                                cap=wait_cap_ms(service_ms, max_wait_ms, max_wait_fraction))
     out[1:] = np.where(stable, service_ms + fill + queue, INF)
     return out

@@ -38,15 +38,15 @@ import numpy as np
 from diffserve.planner.degrade import (
     QUALITY_TIE,
     LightOptions,
-    QualityCurve,
     ServedChoice,
     best_served_plan,
     light_stage_options,
     served_quality,
 )
+from diffserve.planner.quality import QualityCurve
 from diffserve.planner.queueing import deadline_miss_share, erlang_b_table, miss_share_given_blocking
 from diffserve.planner.settings import PlanSettings, heavy_start_reserve_ms
-from diffserve.planner.tables import _columns
+from diffserve.planner.tables import cascade_columns
 from diffserve.schemas import CascadePair, ModelProfile
 
 
@@ -82,8 +82,9 @@ def fast_served_plan(
     threshold: float | None = None,
 ) -> ServedChoice | None:
     """:func:`~diffserve.planner.degrade.best_served_plan`'s optimum, in time ~ thresholds x batches x W."""
-    ts, fs, _qs, _keys, _routing, _seq, _disc = _columns(pair, "diffserve", threshold)
-    fs = np.asarray(fs, dtype=float)
+    idx = cascade_columns(pair, threshold)
+    ts = [pair.grid[j] for j in idx]
+    fs = np.array([pair.f_t[j] for j in idx], dtype=float)
     curve = QualityCurve.of(pair)
     if not worse_with_degrading(curve, fs).all():
         return best_served_plan(pair, light, heavy, light_batches=light_batches, heavy_batches=heavy_batches,

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 from diffserve.errors import UserError
+from diffserve import policies
+from diffserve.policies import LATENCY_MODELS
 
 #: Plans must hold the SLO at 1.2 x the demand estimate (the paper's controller used 20 %):
 #: demand moves within a re-planning window and the estimate lags it.
@@ -34,7 +36,6 @@ DEFAULT_VIOLATION_BUDGET = 0.005
 #: query in the tail is answered with its light image, so p90.
 STRICT_QUANTILE = 0.99
 DEGRADE_QUANTILE = 0.90
-LATENCY_MODELS = ("queueing", "batch")
 SPARE_MODES = ("idle", "fill")
 
 
@@ -90,8 +91,9 @@ class PlanSettings:
         return self.latency_model == "queueing"
 
     def degrade_objective(self, policy: str) -> bool:
-        """Whether ``policy`` is planned for quality as served (our policy, degrade on, queueing)."""
-        return policy == "diffserve" and self.degrade and self.queueing
+        """Whether ``policy`` is planned for quality as served (a policy with the served objective,
+        degrade on, the queueing model)."""
+        return policies.get(policy).served_objective and self.degrade and self.queueing
 
     def replace(self, **changes) -> "PlanSettings":
         return dataclasses.replace(self, **changes)

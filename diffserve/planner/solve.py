@@ -16,7 +16,8 @@ from diffserve.errors import UserError
 from diffserve.planner.brute import enumerate_best
 from diffserve.planner.instance import PairTable
 from diffserve.planner.capacity import plan_capacity_qps
-from diffserve.planner.policies import POLICIES, STATIC_POLICIES
+from diffserve import policies
+from diffserve.policies import OURS
 from diffserve.planner.milp import Choice, available_solvers, solve_milp
 from diffserve.planner.queueing import pool_capacity_qps, stage_latency_ms
 from diffserve.planner.degrade import best_served_plan
@@ -60,8 +61,7 @@ def _feasible_batches(model: ModelProfile, memory_mb: float | None) -> list[int]
 
 
 def _validate(profile, cascade, demand_qps, slo_ms, workers, policy, solver, pair):
-    if policy not in POLICIES:
-        raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+    policies.get(policy)  # an unknown name is a UserError naming the choices
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     if not isinstance(demand_qps, (int, float)) or not math.isfinite(demand_qps) or demand_qps <= 0:
@@ -119,7 +119,7 @@ def solve_plan(
     demand_qps: float,
     slo_ms: float,
     workers: int,
-    policy: str = "diffserve",
+    policy: str = OURS,
     settings: PlanSettings | None = None,
     solver: str = "auto",
     pair: str | None = None,
@@ -155,21 +155,23 @@ def solve_plan(
     start = time.perf_counter()
     pairs = _validate(profile, cascade, demand_qps, slo_ms, workers, policy, solver, pair)
     batches = _check_models(profile, pairs, slo_ms, worker_memory_mb)
-    spare = settings.spare_workers or ("fill" if policy in STATIC_POLICIES else "idle")
+    spec = policies.get(policy)
+    spare = settings.spare_workers or spec.default_spare_workers
     workers = int(workers)
     if threshold is not None:
-        if policy not in ("diffserve", "static", "diffserve-paper"):
-            raise UserError(f"a pinned threshold needs a cascade policy (diffserve, static, diffserve-paper), not {policy!r}")
+        if not spec.cascade:
+            raise UserError(
+                f"a pinned threshold needs a cascade policy ({', '.join(policies.cascade_policies())}), not {policy!r}")
         if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
             raise UserError(f"threshold must lie in [0, 1], got {threshold!r}")
     if settings.degrade_objective(policy):
         if solver in ("highs", "cbc"):
             raise UserError(
-                f"--solver {solver}: the degrade-aware objective of policy diffserve is solved exactly by enumeration; "
+                f"--solver {solver}: the degrade-aware objective of policy {policy} is solved exactly by enumeration; "
                 "the MILP solvers apply to the other policies and to --no-degrade"
             )
         used_solver = "enumerate" if solver == "enumerate" else "structured"
-        plan = _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings.replace(spare_workers=spare),
+        plan = _solve_served(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings.replace(spare_workers=spare),
                              threshold, full_enumeration=solver == "enumerate")
     else:
         plan, used_solver = _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, spare, settings,
@@ -188,7 +190,7 @@ def solve_plan(
 def _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, spare, settings: PlanSettings,
                     solver, threshold, time_limit_s) -> tuple[PlanFile, str]:
     """Every stage's quantile within the SLO, best rank (quality or, for the paper's policy, t): MILP."""
-    latency_first = policy in STATIC_POLICIES
+    latency_first = policies.get(policy).holds_all_workers
     tables = [
         build_table(
             p,
@@ -227,9 +229,10 @@ def _solve_slo_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers
     return _plan_from_choice(tables, choice, policy, demand_qps, slo_ms, workers, spare, settings), used_solver
 
 
-def _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings: PlanSettings, threshold,
+def _solve_served(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings: PlanSettings, threshold,
                   full_enumeration: bool = False) -> PlanFile:
-    """Policy ``diffserve`` with degrade on: the best expected quality as served (degrade.py).
+    """A policy with the served objective (``diffserve``) and degrade on: the best expected quality
+    as served (degrade.py).
 
     Several pairs (``--cascade reference-pool``): each pair's optimum over its own workers, batches
     and threshold, and the best of those; the pair is one more decision variable of the same key.
@@ -246,11 +249,11 @@ def _solve_served(profile, pairs, batches, demand_qps, slo_ms, workers, settings
         if choice is not None and (best is None or choice.key < best.key):
             best, best_pair = choice, p
     if best is None:
-        return _degraded_plan(profile, pairs, batches, "diffserve", demand_qps, slo_ms, workers, settings)
-    return _served_plan(profile, best_pair, best, demand_qps, slo_ms, workers, settings)
+        return _degraded_plan(profile, pairs, batches, policy, demand_qps, slo_ms, workers, settings)
+    return _served_plan(profile, best_pair, best, policy, demand_qps, slo_ms, workers, settings)
 
 
-def _served_plan(profile, pair: CascadePair, choice, demand, slo_ms, workers, settings: PlanSettings) -> PlanFile:
+def _served_plan(profile, pair: CascadePair, choice, policy, demand, slo_ms, workers, settings: PlanSettings) -> PlanFile:
     light, heavy = profile.models[pair.light], profile.models[pair.heavy]
     f = choice.heavy_fraction
     (bl, kl), (bh, kh) = choice.light, choice.heavy
@@ -274,7 +277,7 @@ def _served_plan(profile, pair: CascadePair, choice, demand, slo_ms, workers, se
     full_quality_capacity = plan_capacity_qps(routing, f, cap_l, cap_h)
     degraded_share = f * choice.deferred_degraded
     plan = _plan_file(
-        "diffserve", pair, routing, choice.threshold, f, pools, demand, slo_ms, workers,
+        policy, pair, routing, choice.threshold, f, pools, demand, slo_ms, workers,
         predicted={
             pair.metric: round(choice.quality, 4),
             "capacity_qps": round(full_quality_capacity, 4),
@@ -427,7 +430,7 @@ def _best_throughput_batch(model: ModelProfile, sizes: list[int], slo_ms: float)
 
 def _degraded_plan(profile, pairs, batches, policy, demand, slo_ms, workers, settings) -> PlanFile:
     """No plan meets the SLO: serve as many queries as possible within it, and say by how much we fall short."""
-    heavy_only = policy == "clipper-heavy"
+    heavy_only = policies.get(policy).degraded_role == "heavy"
     candidates = []
     for p in pairs:
         name = p.heavy if heavy_only else p.light

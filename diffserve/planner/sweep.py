@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffserve.fileio import atomic_write_bytes
+from diffserve import policies as registry
+from diffserve.figures import pyplot, save_png
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 
 
@@ -20,13 +20,13 @@ class SweepResult:
 
 def run_sweep(profile: ProfileFile, cascade: CascadeFile, *, low: float, high: float, policies=None, **options) -> SweepResult:
     """One plan per integer demand step in [low, high] (at least the two ends) per policy."""
-    from diffserve.planner import POLICIES, solve_plan
+    from diffserve.planner import solve_plan
 
     n = max(2, int(round(high - low)) + 1)
     demands = [float(x) for x in np.linspace(low, high, n)] if high > low else [float(low)]
     plans = {
         policy: [solve_plan(profile, cascade, demand_qps=d, policy=policy, **options) for d in demands]
-        for policy in (policies or POLICIES)
+        for policy in (policies or registry.names())
     }
     return SweepResult(demands, plans)
 
@@ -55,17 +55,12 @@ def print_sweep(console, result: SweepResult, policy: str) -> None:
 
 def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Path:
     """Predicted quality against demand, one line per policy; degraded points hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     metric = next(iter(result.plans.values()))[0].metric
     styles = ["-", "--", ":", "-."]  # policies often coincide (static = ours at the peak): keep each visible
     for i, (policy, plans) in enumerate(result.plans.items()):
         q = [p.predicted[metric] for p in plans]
-        ours = policy == "diffserve"
+        ours = registry.get(policy).ours
         line = ax.plot(
             result.demands, q, marker="o", markersize=3, label=policy, linestyle=styles[i % len(styles)],
             linewidth=2.5 if ours else 1.3, zorder=3 if ours else 2,
@@ -78,8 +73,5 @@ def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Pat
     ax.set_title(f"Predicted quality against demand ({title}); hollow = degraded")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)

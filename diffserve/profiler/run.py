@@ -58,13 +58,13 @@ class ProfileSettings:
     resume: bool = False
     #: torch CPU threads; None -> 1 on CPU (one worker's share, and stable under load), untouched on GPUs
     threads: int | None = None
+    #: strength of the edit column (img2img latency per batch size, ``edit_median_ms``); 1.0, the
+    #: dearest edit (every step, plus encoding the input), bounds every edit; None skips edits
+    edit_strength: float | None = 1.0
     #: co-located worker counts k to measure (aggregate throughput of k processes on the device)
     colocate: tuple[int, ...] = ()
     #: batch sizes the co-located workers run
     colocate_batch_sizes: tuple[int, ...] = (1,)
-    #: strength of the edit column (img2img latency per batch size, ``edit_median_ms``); 1.0, the
-    #: dearest edit (every step, plus encoding the input), bounds every edit; None skips edits
-    edit_strength: float | None = 1.0
     loader: Callable[[VariantSpec, str | None], LoadedModel] = field(
         default=lambda spec, device: load_variant(spec, device=device)
     )

@@ -30,9 +30,7 @@ def build_application(
     admin_token: str | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """The bound application and ``{model: deployment name}``."""
-    from diffserve.server.runtime import _pair_for
-
-    pair = _pair_for(cascade, plan)
+    pair = cascade.pair_for(plan.light, plan.heavy)
     models = [pair.light, pair.heavy]
     deployments = {m: pool_deployment(m) for m in models}
     actor_opts: dict[str, Any] = {"num_cpus": ray_options.num_cpus}

@@ -32,11 +32,10 @@ class Ingress:
     ) -> None:
         from diffserve.server.clock import Clock
         from diffserve.server.build import pair_lock, runtime_settings, solver_options
-        from diffserve.server.runtime import _pair_for
 
         from diffserve.ray_engine.runtime import CatalogueBackend, RayRuntime
 
-        pair = _pair_for(cascade, plan)
+        pair = cascade.pair_for(plan.light, plan.heavy)
         clock = Clock(options.speedup)
         catalogue = CatalogueBackend(
             profile, pair, options.workers, clock, sizes,

@@ -64,12 +64,11 @@ class ModelPool:
             import ray
 
             from diffserve.server.procbackend import DiffusersBackend
-            from diffserve.server.runtime import _pair_for
 
             # Serve set CUDA_VISIBLE_DEVICES to this replica's GPUs (num_gpus in the plan's resources).
             device = "cuda" if ray.get_gpu_ids() else "cpu"
             self.backend = DiffusersBackend(
-                profile, _pair_for(cascade, plan), 1, self.clock, cascade_path=cascade_path,
+                profile, cascade.pair_for(plan.light, plan.heavy), 1, self.clock, cascade_path=cascade_path,
                 threads=options.threads_per_worker, device=device, seed=options.seed,
             )
         else:

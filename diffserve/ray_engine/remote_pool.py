@@ -101,7 +101,7 @@ class RemotePool:
         )
 
     def retry_after_s(self) -> int:
-        return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))
+        return self.clock.retry_after_s(self.estimate_wait_ms(0))
 
     # ---------------------------------------------------------------- work
     def submit(self, job: Job) -> None:

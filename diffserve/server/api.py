@@ -199,25 +199,8 @@ async def answer_images(
     return JSONResponse(images_response(render, items))
 
 
-def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_lifecycle: bool = True) -> FastAPI:
-    """Build the app. With ``manage_lifecycle`` the app starts the runtime and stops it on shutdown."""
-    cfg = settings or ApiSettings()
-    store = ImageStore(ttl_s=cfg.image_ttl_s)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if manage_lifecycle:
-            await runtime.start()
-        try:
-            yield
-        finally:
-            if manage_lifecycle:
-                await runtime.drain()
-                await runtime.stop()
-
-    app = FastAPI(title="diffserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.runtime = runtime
-    app.state.store = store
+def _install_error_boundary(app: FastAPI, runtime: Runtime) -> None:
+    """The one error boundary (module docstring): every exception becomes an OpenAI-style answer."""
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -241,6 +224,46 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(ServeError("internal server error; the details are in the server log"))
 
+
+async def _image_request(request: Request, cfg: ApiSettings) -> ImageGenerationRequest:
+    """The generation request's body read, parsed and validated, each failure with its own clear answer."""
+    body = await _read_body(request, cfg.max_body_bytes)
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise InvalidRequest(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+    data = _parse_json(body, cfg.max_json_depth)
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        req = ImageGenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    check_limits(req, max_prompt_chars=cfg.max_prompt_chars, max_n=cfg.max_n)
+    return req
+
+
+def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_lifecycle: bool = True) -> FastAPI:
+    """Build the app. With ``manage_lifecycle`` the app starts the runtime and stops it on shutdown."""
+    cfg = settings or ApiSettings()
+    store = ImageStore(ttl_s=cfg.image_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_lifecycle:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await runtime.drain()
+                await runtime.stop()
+
+    app = FastAPI(title="diffserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime
+    app.state.store = store
+
+    _install_error_boundary(app, runtime)
+
     def _check_admin(request: Request) -> None:
         if cfg.admin_token is None:
             return
@@ -253,18 +276,7 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
 
     @app.post("/v1/images/generations")
     async def generate(request: Request) -> Response:
-        body = await _read_body(request, cfg.max_body_bytes)
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise InvalidRequest(f"Content-Type must be application/json, got {ctype or 'none'!r}")
-        data = _parse_json(body, cfg.max_json_depth)
-        if not isinstance(data, dict):
-            raise InvalidRequest("the body must be a JSON object")
-        try:
-            req = ImageGenerationRequest.model_validate(data)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-        check_limits(req, max_prompt_chars=cfg.max_prompt_chars, max_n=cfg.max_n)
+        req = await _image_request(request, cfg)
         size = parse_size(req.size, runtime.backend.supported_sizes())
         quality = routing_for(runtime, req.model, req.effective_quality())
         seed = req.seed if req.seed is not None else runtime.request_seed()

@@ -11,11 +11,12 @@ from diffserve.artifacts import is_reference, load_cascade, load_plan, load_prof
 from diffserve.errors import UserError
 from diffserve.planner.settings import PlanSettings, plan_settings
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
-from diffserve.planner.policies import POLICIES
+from diffserve import policies
+from diffserve.policies import LATENCY_MODELS, OURS
 from diffserve.server.clock import Clock
 from diffserve.server.controller import ControllerSettings, Solver, default_solver
 from diffserve.server.errors import ServeError
-from diffserve.server.runtime import Runtime, RuntimeSettings, _pair_for
+from diffserve.server.runtime import Runtime, RuntimeSettings
 from diffserve.server.stage import Backend
 
 log = logging.getLogger("diffserve.server")
@@ -32,7 +33,7 @@ class ServeOptions:
     workers: int = 16
     slo_ms: float = 5000.0
     speedup: float = 1.0
-    policy: str = "diffserve"
+    policy: str = OURS
     demand_qps: float = 1.0
     replan_interval_ms: float = 5000.0
     #: seeds everything random in a run (emulated confidences, random-split draws, the seed of a
@@ -65,10 +66,9 @@ class ServeOptions:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.policy not in POLICIES:
-            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.latency_model not in ("queueing", "batch"):
-            raise UserError(f"--latency-model must be queueing or batch, got {self.latency_model!r}")
+        policies.get(self.policy, flag="--policy")
+        if self.latency_model not in LATENCY_MODELS:
+            raise UserError(f"--latency-model must be one of {', '.join(LATENCY_MODELS)}, got {self.latency_model!r}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.demand_qps <= 0:
@@ -122,7 +122,7 @@ def pair_lock(cascade: CascadeFile, plan: PlanFile, models: Iterable[str]) -> di
     have = set(models)
     if all({p.light, p.heavy} <= have for p in cascade.pairs):
         return {}
-    pair = _pair_for(cascade, plan)
+    pair = cascade.pair_for(plan.light, plan.heavy)
     if not {pair.light, pair.heavy} <= have:  # a hand-written one-model plan: the pair the backend loaded
         pair = next((p for p in cascade.pairs if {p.light, p.heavy} <= have), pair)
     return {"pair": pair.name}

@@ -39,6 +39,11 @@ class Clock:
     def to_wall_s(self, model_ms: float) -> float:
         return max(0.0, model_ms) / 1000.0 / self.speedup
 
+    def retry_after_s(self, model_ms: float) -> int:
+        """A ``Retry-After`` for a wait of ``model_ms``: whole wall seconds, rounded up, at least 1
+        (the header takes integers, and 0 would invite an immediate retry)."""
+        return max(1, int(self.to_wall_s(model_ms) + 0.999))
+
     def to_model_ms(self, wall_s: float) -> float:
         return wall_s * 1000.0 * self.speedup
 

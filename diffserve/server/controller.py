@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from diffserve import policies
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.metrics import Metrics
@@ -134,7 +135,8 @@ class Controller:
 
     @property
     def static(self) -> bool:
-        return self.policy == "static"
+        """The policy keeps its first plan for the whole run (its registry entry does not re-plan)."""
+        return not policies.get(self.policy).replans
 
     def solve(self, demand_qps: float) -> PlanFile:
         try:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Coroutine
 import uvicorn
 
 from diffserve.errors import UserError
+from diffserve.planner.capacity import first_stage_roles
 from diffserve.server.runtime import Runtime
 from diffserve.server.shedding import HttpLimits, ShedMiddleware, http_limits, listen_backlog, timed_protocol
 
@@ -131,12 +132,8 @@ def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
     if not runtime.ready:
         return False  # the app answers with the reason (loading, draining, restarting)
     plan = runtime.plan
-    if plan.routing == "heavy-only" and plan.heavy:
-        first = [plan.heavy]
-    elif plan.routing == "random-split" and plan.heavy:
-        first = [plan.light, plan.heavy]  # closed only when neither could take it
-    else:
-        first = [plan.light]
+    # closed only when none of the pools a query may enter first could take it
+    first = [plan.heavy if role == "heavy" and plan.heavy else plan.light for role in first_stage_roles(plan.routing)]
     left_ms = runtime.settings.slo_ms - runtime.clock.to_model_ms(waited_s)
     return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > left_ms for m in first)
 

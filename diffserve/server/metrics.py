@@ -1,11 +1,15 @@
 """Prometheus metrics, one registry per app so that tests and several servers never collide.
 
-The serving loops call these hooks; they never touch prometheus objects directly.
+The serving loops report events through :class:`MetricsHooks` (:mod:`diffserve.server.hooks`);
+they never touch prometheus objects directly.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from diffserve.schemas import PlanFile
+from diffserve.server.hooks import NoHooks, ServingHooks
 
 _LATENCY_BUCKETS_MS = (25, 50, 100, 200, 400, 800, 1600, 2500, 3500, 5000, 7500, 10000, 20000, 60000)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -65,8 +69,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class PoolMetricsHooks:
-    """Adapter from the pool's hook protocol to :class:`Metrics`."""
+class MetricsHooks(NoHooks):
+    """The serving loops' events (:class:`~diffserve.server.hooks.ServingHooks`) as the metrics
+    of ``GET /metrics``: the one place that knows which event moves which metric."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
@@ -76,3 +81,67 @@ class PoolMetricsHooks:
 
     def dropped(self, model: str, reason: str) -> None:
         self.m.dropped_job(model, reason)
+
+    def scored(self, deferred: bool) -> None:
+        self.m.scored.inc()
+        if deferred:
+            self.m.deferred.inc()
+
+    def cascade_step_done(self) -> None:
+        self.m.update_deferral_rate()
+
+    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool) -> None:
+        self.m.answered_by.labels(model).inc()
+        self.m.request_latency.observe(latency_ms)
+        if degraded:
+            self.m.degraded.inc()
+        if late:
+            self.m.slo_violations.inc()
+
+    def plan_applied(self, plan: PlanFile) -> None:
+        self.m.threshold.set(plan.threshold if plan.threshold is not None else -1)
+        for p in plan.pools:
+            self.m.batch_size_target.labels(p.model).set(p.batch_size)
+
+    def admitted(self, n: int) -> None:
+        self.m.accepted.inc(n)
+
+    def rejected(self, reason: str) -> None:
+        self.m.rejected.labels(reason).inc()  # one request, however many images it asked for
+
+    def inflight(self, n: int) -> None:
+        self.m.inflight.set(n)
+
+    def finished(self, outcome: str) -> None:
+        self.m.requests.labels(outcome).inc()
+
+    def failed_in_service(self) -> None:
+        self.m.slo_violations.inc()
+
+    def worker_event(self, model: str | None, event: str) -> None:
+        if event in ("crashed", "hung"):
+            self.m.worker_crashes.labels(model or "idle").inc()
+        elif event == "gave_up":
+            self.m.worker_gave_up.inc()
+
+    def pool_workers(self, model: str, workers: int, down: int) -> None:
+        self.m.workers.labels(model).set(workers)
+        self.m.workers_down.labels(model).set(down)
+
+    def batch_ran(self, model: str, size: int, compute_ms: float) -> None:
+        self.m.batch_size.labels(model).observe(size)
+        self.m.stage_latency.labels(model, "compute").observe(compute_ms)
+
+    def job_started(self, model: str, queued_ms: float) -> None:
+        self.m.stage_latency.labels(model, "queue").observe(queued_ms)
+
+
+#: The pool's hooks were the first events routed this way; the name stays for existing callers.
+PoolMetricsHooks = MetricsHooks
+
+
+def serving_hooks(metrics: Metrics | None, hooks: ServingHooks | None = None) -> ServingHooks:
+    """``hooks`` when given, else the metrics' hooks, else hooks that ignore every event."""
+    if hooks is not None:
+        return hooks
+    return MetricsHooks(metrics) if metrics is not None else NoHooks()

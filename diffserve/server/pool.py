@@ -20,6 +20,7 @@ from diffserve.server.clock import Clock
 from diffserve.server.editcost import group_key
 from diffserve.server.errors import DeadlineExceeded, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.stage import Job
+from diffserve.server.hooks import NoHooks as _NoHooks
 
 
 def estimate_wait_ms(
@@ -38,14 +39,6 @@ def estimate_wait_ms(
 class PoolHooks(Protocol):
     def queue_changed(self, model: str, length: int) -> None: ...
     def dropped(self, model: str, reason: str) -> None: ...
-
-
-class _NoHooks:
-    def queue_changed(self, model: str, length: int) -> None:
-        pass
-
-    def dropped(self, model: str, reason: str) -> None:
-        pass
 
 
 class Notifier:
@@ -190,7 +183,7 @@ class Pool:
         )
 
     def retry_after_s(self) -> int:
-        return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))
+        return self.clock.retry_after_s(self.estimate_wait_ms(0))
 
     def _prune(self) -> None:
         """Drop cancelled jobs, expire late ones; O(queue) and only when a worker looks for work."""

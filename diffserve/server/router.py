@@ -21,7 +21,8 @@ from diffserve.planner.settings import heavy_start_reserve_ms
 from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, WouldMissDeadline
-from diffserve.server.metrics import Metrics
+from diffserve.server.hooks import ServingHooks
+from diffserve.server.metrics import Metrics, serving_hooks
 from diffserve.server.pool import Pool
 from diffserve.server.scores import unit_hash
 from diffserve.server.stage import EditInput, Job, StageResult
@@ -73,6 +74,7 @@ class Router:
         drop_factor: float = 1.5,
         metrics: Metrics | None = None,
         seed: int = 0,
+        hooks: ServingHooks | None = None,
     ) -> None:
         self.pools = pools
         self.seed = seed
@@ -80,6 +82,7 @@ class Router:
         self.degrade = degrade
         self.drop_factor = drop_factor
         self.metrics = metrics
+        self.hooks = serving_hooks(metrics, hooks)
         self.plan = plan
 
     # ---------------------------------------------------------------- admission
@@ -174,16 +177,13 @@ class Router:
                 return self._answer(flight, first, None, degraded=False)
             conf = first.confidence
             threshold = self.plan.threshold
-            if self.metrics:
-                self.metrics.scored.inc()
-            if conf is None or threshold is None or conf >= threshold or not self.plan.heavy:
+            keep = conf is None or threshold is None or conf >= threshold or not self.plan.heavy
+            self.hooks.scored(deferred=not keep)
+            if keep:
                 return self._answer(flight, first, None, degraded=False)
-            if self.metrics:
-                self.metrics.deferred.inc()
             return await self._heavy(flight, first)
         finally:
-            if self.metrics:
-                self.metrics.update_deferral_rate()
+            self.hooks.cascade_step_done()
 
     async def _heavy(self, flight: Flight, light: StageResult) -> ImageAnswer:
         assert self.plan.heavy is not None
@@ -284,11 +284,5 @@ class Router:
             latency_ms=now - flight.arrival_ms,
             random_weights=res.random_weights,
         )
-        if self.metrics:
-            self.metrics.answered_by.labels(res.model).inc()
-            self.metrics.request_latency.observe(answer.latency_ms)
-            if degraded:
-                self.metrics.degraded.inc()
-            if now > flight.deadline_ms:
-                self.metrics.slo_violations.inc()
+        self.hooks.answered(res.model, answer.latency_ms, degraded=degraded, late=now > flight.deadline_ms)
         return answer

@@ -18,7 +18,7 @@ from diffserve.server.clock import Clock
 from diffserve.server.controller import Controller, ControllerSettings, Solver
 from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unavailable
 from diffserve.server.ledger import Ledger, LedgerCollector
-from diffserve.server.metrics import Metrics, PoolMetricsHooks
+from diffserve.server.metrics import Metrics, MetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
 from diffserve.server.stage import Backend, EditInput, StageResult
@@ -72,14 +72,14 @@ class Runtime:
         self.backend = backend
         self.profile = profile
         self.cascade = cascade
-        self.pair: CascadePair = _pair_for(cascade, plan)
+        self.pair: CascadePair = cascade.pair_for(plan.light, plan.heavy)
         self.clock = clock
         self.settings = settings or RuntimeSettings()
         self.metrics = metrics or Metrics()
         self.ledger = Ledger()
         self.metrics.registry.register(LedgerCollector(self.ledger))
         qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
-        hooks = PoolMetricsHooks(self.metrics)
+        self.hooks = hooks = MetricsHooks(self.metrics)
         self.pools: dict[str, Pool] = {}
         for model in backend.models:
             self.pools[model] = Pool(
@@ -91,11 +91,11 @@ class Runtime:
                 queue_full_error=qf,
                 hooks=hooks,
             )
-        self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
+        self.workers = WorkerSet(backend, self.pools, clock, self.metrics, hooks=hooks)
         backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
-            seed=self.settings.seed,
+            seed=self.settings.seed, hooks=hooks,
         )
         self._request_seeds = random.Random(self.settings.seed)
         self.controller = Controller(
@@ -122,10 +122,7 @@ class Runtime:
 
     def _worker_event(self, worker: int, event: str) -> None:
         """The backend lost or got back a worker: count it, re-count the pools' serving workers."""
-        if event in ("crashed", "hung"):
-            self.metrics.worker_crashes.labels(self.workers.assignment[worker] or "idle").inc()
-        elif event == "gave_up":
-            self.metrics.worker_gave_up.inc()
+        self.hooks.worker_event(self.workers.assignment[worker], event)
         self.workers.health_changed(worker)
 
     # ---------------------------------------------------------------- controller target
@@ -172,9 +169,7 @@ class Runtime:
             old_light.hand_over(self.pools[plan.light])
         self.router.plan = plan
         self.plan = plan
-        self.metrics.threshold.set(plan.threshold if plan.threshold is not None else -1)
-        for p in plan.pools:
-            self.metrics.batch_size_target.labels(p.model).set(p.batch_size)
+        self.hooks.plan_applied(plan)
 
     def plan_view(self) -> dict:
         """What ``GET /v1/plan`` answers (and what an in-process benchmark observes): the plan in
@@ -273,13 +268,13 @@ class Runtime:
             flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms, edit=edit)
         except ServeError as exc:
             self.ledger.reject(n)
-            self.metrics.rejected.labels(exc.reason).inc()  # a count of requests, as at the door
+            self.hooks.rejected(exc.reason)  # a count of requests, as at the door
             exc.counted = True
             raise
         self.ledger.accept(n)
-        self.metrics.accepted.inc(n)
+        self.hooks.admitted(n)
         self._idle.clear()
-        self.metrics.inflight.set(self.ledger.inflight)
+        self.hooks.inflight(self.ledger.inflight)
         if on_light is not None:
             for i, f in enumerate(flights):
                 f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
@@ -297,7 +292,7 @@ class Runtime:
                     flight.first.future.cancel()
                     self._count(flight, settled, "cancelled")
             self.ledger.settle_request(list(settled.values()))
-            self.metrics.inflight.set(self.ledger.inflight)
+            self.hooks.inflight(self.ledger.inflight)
             if self.ledger.inflight == 0:
                 self._idle.set()
         for r in results:
@@ -312,14 +307,14 @@ class Runtime:
             eta_ms = min((self.backend.restart_eta_ms(w) for w in range(self.backend.n_workers)), default=0.0)
             return Unavailable(
                 "the server is not ready: no worker is up (restarting)",
-                retry_after_s=max(1, int(self.clock.to_wall_s(eta_ms) + 0.999)), reason="worker_down",
+                retry_after_s=self.clock.retry_after_s(eta_ms), reason="worker_down",
             )
         return Unavailable("the server is not ready: models are loading", retry_after_s=1, reason="not_ready")
 
     def _count(self, flight, settled: dict[int, str], outcome: str) -> None:
         settled[id(flight)] = outcome
         self.ledger.settle_image(outcome)
-        self.metrics.requests.labels(outcome).inc()
+        self.hooks.finished(outcome)
 
     async def _one(self, flight, settled: dict[int, str], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
@@ -330,21 +325,9 @@ class Runtime:
         except BaseException as exc:
             self._count(flight, settled, "failed")
             if not isinstance(exc, ServeError) or exc.status >= 500:
-                self.metrics.slo_violations.inc()
+                self.hooks.failed_in_service()
             raise
         self._count(flight, settled, "completed")
         if on_answer is not None:
             on_answer(answer)
         return answer
-
-
-def _pair_for(cascade: CascadeFile, plan: PlanFile) -> CascadePair:
-    if plan.heavy:
-        try:
-            return cascade.pair(plan.light, plan.heavy)
-        except KeyError:
-            pass
-    for pair in cascade.pairs:
-        if pair.light == plan.light or pair.heavy == plan.light:
-            return pair
-    return cascade.recommended()

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Iterator
 
+from diffserve.policies import OURS, STATIC
 from diffserve.schemas import (
     BatchProfile,
     CascadeFile,
@@ -136,7 +137,7 @@ def hand_plan(
     heavy: str | None = "heavy",
     slo_ms: float = 5000.0,
     heavy_fraction: float = 0.5,
-    policy: str = "diffserve",
+    policy: str = OURS,
 ) -> PlanFile:
     pools = [PoolPlan(model=light, workers=light_workers, batch_size=light_batch, capacity_qps=10, latency_ms=100)]
     if heavy is not None:
@@ -217,6 +218,6 @@ def tiny_runtime(backend: Backend, plan: PlanFile | None = None, **settings: Any
 
     return Runtime(
         backend, profile=tiny_profile(), cascade=tiny_cascade(), plan=plan or hand_plan(1, 1),
-        clock=getattr(backend, "clock", None) or Clock(1.0), policy="static",
+        clock=getattr(backend, "clock", None) or Clock(1.0), policy=STATIC,
         settings=RuntimeSettings(**{"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}),
     )

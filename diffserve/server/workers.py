@@ -17,7 +17,8 @@ import logging
 
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, Unavailable, WorkerCrashed, WorkerHung
-from diffserve.server.metrics import Metrics
+from diffserve.server.hooks import ServingHooks
+from diffserve.server.metrics import Metrics, serving_hooks
 from diffserve.server.pool import Pool
 from diffserve.server.stage import Backend, Job, StageResult
 
@@ -25,11 +26,13 @@ log = logging.getLogger("diffserve.server.workers")
 
 
 class WorkerSet:
-    def __init__(self, backend: Backend, pools: dict[str, Pool], clock: Clock, metrics: Metrics | None = None) -> None:
+    def __init__(self, backend: Backend, pools: dict[str, Pool], clock: Clock, metrics: Metrics | None = None, *,
+                 hooks: ServingHooks | None = None) -> None:
         self.backend = backend
         self.pools = pools
         self.clock = clock
         self.metrics = metrics
+        self.hooks = serving_hooks(metrics, hooks)
         self.n = backend.n_workers
         self.assignment: list[str | None] = [None] * self.n
         self._events = [asyncio.Event() for _ in range(self.n)]
@@ -78,9 +81,7 @@ class WorkerSet:
             pool.restart_eta_ms = min((self.backend.restart_eta_ms(s) for s in slots), default=0.0)
             if pool.workers and not pool.serving_workers:
                 pool.fail_unservable()
-            if self.metrics:
-                self.metrics.workers.labels(model).set(pool.workers)
-                self.metrics.workers_down.labels(model).set(pool.down)
+            self.hooks.pool_workers(model, pool.workers, pool.down)
         if slot is not None:
             self._events[slot].set()
 
@@ -168,14 +169,11 @@ class WorkerSet:
             _fail(batch, lambda error=exc: error)
             return
         end = self.clock.now_ms()
-        if self.metrics:
-            self.metrics.batch_size.labels(model).observe(len(batch))
-            self.metrics.stage_latency.labels(model, "compute").observe(end - start)
+        self.hooks.batch_ran(model, len(batch), end - start)
         for job, out in zip(batch, outputs):
             if job.future.done():
                 continue
-            if self.metrics:
-                self.metrics.stage_latency.labels(model, "queue").observe(start - job.enqueued_ms)
+            self.hooks.job_started(model, start - job.enqueued_ms)
             job.future.set_result(
                 StageResult(
                     model=model,
