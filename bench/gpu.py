@@ -265,7 +265,7 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
             return None
         variants = _write_variants(work / f"{output.stem}-{'-'.join(names)}.yaml", [setup.variant(n, compiled=compiled) for n in names])
         cmd = [*CLI, "profile", "--models", str(variants), "--batch-sizes", ladder, "--repeats", str(setup.repeats),
-               "--warmup", "1", "--device", setup.device, "--output", str(output), "--resume", "--time-limit", "120s", *threads, *extra]
+               "--warmup", "1", "--device", setup.device, "--output", str(output), "--resume", "--time-limit", "120s", "--edit-strength", "0", *threads, *extra]
         _run(cmd, budget.left(), log)
         return read_model(output, ProfileFile, what="profile")
 

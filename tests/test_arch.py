@@ -173,3 +173,16 @@ def test_profile_records_gpu_options_and_label(tmp_path):
     model = read_model(out, ProfileFile, what="profile").models["sdxs"]
     assert model.gpu_options == record and model.label == ARCH_LABEL and model.source == "arch:sdxs"
     assert json.dumps(model.gpu_options)  # plain data in the file
+
+
+def test_docs_arch_example_parses(tmp_path):
+    """The arch variant file in docs/profile.md (the ```yml block) is a valid spec with its GPU flags."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "profile.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"```yml\n(.*?)```", text, flags=re.S)
+    path = tmp_path / "arch.yaml"
+    path.write_text(block)
+    [spec] = resolve_variants(str(path))
+    assert spec.source == "arch:sd-turbo" and spec.gpu.compile == "default" and spec.gpu.pinned_outputs
