@@ -3,20 +3,33 @@
 With it the paper's 16 x A100 testbed runs on a laptop: the event loop only sleeps, so in-process
 asyncio workers are enough. Confidences come from :class:`ScoreSampler`, images are a tiny valid
 PNG (solid colour per model) so that clients can decode what they get.
+
+A batch is a run of denoising steps (the profile's ``steps``, else the step count the paper's
+models are served with, else 50): when every request of a running batch is gone (the client
+left, or the router answered it otherwise), it stops at the next step boundary, as the diffusers
+backend does through ``callback_on_step_end``, and the worker is free again
+(:class:`~diffserve.server.errors.BatchCancelled`). The batch's timing is unchanged otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import math
 from collections.abc import Sequence
 
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
+from diffserve.server.errors import BatchCancelled
 from diffserve.server.latency import profile_tables
 from diffserve.server.scores import ScoreSampler, unit_hash
 from diffserve.server.stage import Backend, Job, StageOutput
 
 DEFAULT_LOAD_TIME_S = 10.0
+#: Denoising steps of the paper's models as served (their model cards), for a profile that states none.
+PAPER_STEPS = {"sd-turbo": 1, "sdxs": 1, "sdxl-lightning": 4, "sd-v1.5": 50, "sdxl": 50}
+#: Steps of any other model without ``steps`` in its profile (diffusers' default for SD pipelines).
+DEFAULT_STEPS = 50
 
 
 def solid_png(seed_text: str, size: tuple[int, int] = (8, 8)) -> bytes:
@@ -62,6 +75,9 @@ class EmulatedBackend(Backend):
         self._sizes = sizes or [(512, 512), (256, 256)]
         self._png = {m: solid_png(m) for m in self.models}
         self.calls = 0
+        self.steps = {m: profile.models[m].steps or PAPER_STEPS.get(m, DEFAULT_STEPS) for m in self.models}
+        #: stop a running batch at its next step once all its requests are gone (the runtime sets it)
+        self.cancel_running = True
 
     async def setup(self) -> None:
         return None
@@ -86,8 +102,28 @@ class EmulatedBackend(Backend):
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         self.calls += 1
-        await self.clock.sleep_ms(self.batch_latency_ms(model, len(jobs)))
+        latency = self.batch_latency_ms(model, len(jobs))
+        if self.cancel_running:
+            await self._denoise(model, latency, jobs)
+        else:
+            await self.clock.sleep_ms(latency)
         png = self._png[model]
         return [
             StageOutput(png=png, confidence=self._scores_of(model).confidence(j.prompt, j.seed) if j.score else None) for j in jobs
         ]
+
+    async def _denoise(self, model: str, latency_ms: float, jobs: list[Job]) -> None:
+        """Run the batch's steps; once every job's future is done (gone), stop after the step in
+        progress and raise :class:`BatchCancelled`. Uninterrupted, the timing is one sleep."""
+        start = self.clock.now_ms()
+        _done, pending = await asyncio.wait({j.future for j in jobs}, timeout=self.clock.to_wall_s(latency_ms))
+        if pending:
+            return
+        step = latency_ms / self.steps[model]
+        elapsed = self.clock.now_ms() - start
+        if elapsed >= latency_ms:
+            return
+        ran = min(latency_ms, max(1, math.ceil(elapsed / step - 1e-9)) * step)
+        if ran > elapsed:
+            await self.clock.sleep_ms(ran - elapsed)
+        raise BatchCancelled(model, ran_ms=ran, saved_ms=latency_ms - ran)

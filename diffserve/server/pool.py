@@ -1,16 +1,20 @@
-"""One model's pool: a bounded FIFO queue and the adaptive batcher that feeds its workers.
+"""One model's pool: a bounded queue (FIFO, or earliest deadline first) and the adaptive batcher that feeds its workers.
 
 Invariants (each has a test in tests/test_server_batcher.py):
 - a job's future is resolved exactly once: by the worker, by expiry, or by cancellation;
 - cancelled jobs and jobs past their deadline are dropped before the model runs;
 - an idle worker takes up to ``batch_size`` jobs at once and waits for a fuller batch only while
   the oldest job's SLO slack allows, and never longer than ``max_batch_wait_ms``;
-- the batch size, queue bound and wait are setters, so the controller changes them live.
+- the batch size, queue bound and wait are setters, so the controller changes them live;
+- with ``order="edf"`` (a server with SLO classes, server/slo_classes.py) the queue is kept sorted
+  by deadline (ties in arrival order), so batches form from the most urgent work and a loose
+  class's job is passed only by work due before it; FIFO is the default and unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 from typing import Callable, Protocol
 
@@ -73,6 +77,10 @@ class Notifier:
             self._waiters.pop(fut, None)
 
 
+#: Queue disciplines: first in first out, or earliest deadline first.
+ORDERS = ("fifo", "edf")
+
+
 class Pool:
     def __init__(
         self,
@@ -86,7 +94,11 @@ class Pool:
         max_batch_wait_ms: float | None = None,
         queue_full_error: type[Exception] = QueueFull,
         hooks: PoolHooks | None = None,
+        order: str = "fifo",
     ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"pool order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order = order
         self.model = model
         self.clock = clock
         self.latency_ms = latency_ms
@@ -144,13 +156,30 @@ class Pool:
                 f"the {self.model} queue is full ({self.max_queue} waiting)", retry_after_s=self.retry_after_s()
             )
         job.enqueued_ms = self.clock.now_ms()
-        self._queue.append(job)
+        self._insert(job)
         self.hooks.queue_changed(self.model, len(self._queue))
         self._notifier.notify_all()
 
+    def _insert(self, job: Job) -> None:
+        """FIFO: at the tail; EDF: after every queued job due no later than it."""
+        if self.order == "edf":
+            self._queue.insert(bisect.bisect_right(self._queue, job.deadline_ms, key=_deadline), job)
+        else:
+            self._queue.append(job)
+
+    def ahead(self, deadline_ms: float | None = None) -> int:
+        """Queued jobs a new job due at ``deadline_ms`` would wait behind: all of them in FIFO,
+        those due no later than it in EDF."""
+        if self.order != "edf" or deadline_ms is None:
+            return len(self._queue)
+        return bisect.bisect_right(self._queue, deadline_ms, key=_deadline)
+
     def requeue_front(self, job: Job) -> None:
         """Put a job back at the head (retry after a worker crash); bypasses the bound on purpose."""
-        self._queue.appendleft(job)
+        if self.order == "edf":
+            self._insert(job)
+        else:
+            self._queue.appendleft(job)
         self.hooks.queue_changed(self.model, len(self._queue))
         self._notifier.notify_all()
 
@@ -162,7 +191,7 @@ class Pool:
             job = self._queue.popleft()
             if job.future.done():
                 continue
-            other._queue.append(job)
+            other._insert(job)
             moved += 1
         self.hooks.queue_changed(self.model, 0)
         other.hooks.queue_changed(other.model, len(other._queue))
@@ -176,19 +205,23 @@ class Pool:
     def serving_workers(self) -> int:
         return max(0, self.workers - self.down)
 
-    def estimate_wait_ms(self, extra: int = 1) -> float:
+    def estimate_wait_ms(self, extra: int = 1, deadline_ms: float | None = None) -> float:
         """Model time until ``extra`` more jobs would finish here (see :func:`estimate_wait_ms`);
-        with every assigned worker down, the restart comes first."""
+        with every assigned worker down, the restart comes first. In EDF, ``deadline_ms`` (the new
+        jobs' deadline) counts only the queued jobs due before them."""
+        queued = self.ahead(deadline_ms)
         if self.workers and not self.serving_workers:
-            return self.restart_eta_ms + self.latency_ms(1) * (len(self._queue) + extra)
+            return self.restart_eta_ms + self.latency_ms(1) * (queued + extra)
         serving = max(self.serving_workers, 1)
         return estimate_wait_ms(
-            self.latency_ms, queued=len(self._queue), extra=extra, workers=serving, batch_size=self.batch_size,
+            self.latency_ms, queued=queued, extra=extra, workers=serving, batch_size=self.batch_size,
             all_busy=self.busy >= serving,
         )
 
-    def retry_after_s(self) -> int:
-        return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0)) + 0.999))
+    def retry_after_s(self, deadline_ms: float | None = None) -> int:
+        """Seconds until the work ahead drains: per class in EDF (``deadline_ms``: what the class's
+        request would be due at now), the whole queue in FIFO."""
+        return max(1, int(self.clock.to_wall_s(self.estimate_wait_ms(0, deadline_ms)) + 0.999))
 
     def _prune(self) -> None:
         """Drop cancelled jobs, expire late ones; O(queue) and only when a worker looks for work."""
@@ -293,3 +326,7 @@ class Pool:
         self.hooks.queue_changed(self.model, 0)
         self._notifier.notify_all()
         return n
+
+
+def _deadline(job: Job) -> float:
+    return job.deadline_ms

@@ -52,6 +52,8 @@ class Flight:
     hard_limit_ms: float
     first: Job
     first_model: str = ""
+    #: the SLO class (server/slo_classes.py): its deadline, threshold and metrics
+    slo_class: str = "default"
     #: Called with the light image as soon as it exists, before the discriminator's decision is
     #: acted on: progressive delivery streams it as a partial image while the heavy stage runs.
     on_light: Callable[[StageResult], None] | None = None
@@ -76,6 +78,15 @@ class Router:
         self.drop_factor = drop_factor
         self.metrics = metrics
         self.plan = plan
+        #: SLO classes are configured: the pools are EDF, estimates count the work due before a request
+        self.classes_on = False
+
+    def threshold_for(self, slo_class: str) -> float | None:
+        """The plan's threshold for a class: its own when the plan has one (planner/class_mix.py)."""
+        per_class = getattr(self.plan, "classes", None)
+        if per_class and slo_class in per_class and per_class[slo_class].threshold is not None:
+            return per_class[slo_class].threshold
+        return self.plan.threshold
 
     # ---------------------------------------------------------------- admission
     def route_for(self, prompt: str, seed: int, quality: Quality) -> Route:
@@ -100,7 +111,7 @@ class Router:
 
     def admit(
         self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float,
-        arrival_ms: float | None = None,
+        arrival_ms: float | None = None, slo_class: str = "default",
     ) -> list[Flight]:
         """Queue the first stage of every image, or none of them: raises 429/503 at once.
 
@@ -109,6 +120,7 @@ class Router:
         arrival = now if arrival_ms is None else min(now, arrival_ms)
         deadline = arrival + budget_ms
         routes = [self.route_for(p, s, quality) for p, s in prompts]
+        due = deadline if self.classes_on else None  # EDF pools count only the work due before this class
         need: dict[str, int] = {}
         for r in routes:
             need[self._model(r)] = need.get(self._model(r), 0) + 1
@@ -132,12 +144,13 @@ class Router:
                 raise Unavailable(f"no {model} worker is up now (restarting)", retry_after_s=pool.retry_after_s(), reason="worker_down")
             if pool.free < n:
                 raise pool.queue_full_error(
-                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s()
+                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s(due)
                 )
-            if now + pool.estimate_wait_ms(n) > deadline:
+            if now + pool.estimate_wait_ms(n, due) > deadline:
                 raise Unavailable(
-                    f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now",
-                    retry_after_s=pool.retry_after_s(),
+                    f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now"
+                    + (f" (SLO class {slo_class})" if due is not None else ""),
+                    retry_after_s=pool.retry_after_s(due),
                     reason="deadline",
                 )
         flights = []
@@ -145,7 +158,8 @@ class Router:
             job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade")
             self.pools[self._model(route)].submit(job)
             flights.append(
-                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route))
+                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route),
+                       slo_class=slo_class)
             )
         return flights
 
@@ -163,7 +177,7 @@ class Router:
             if flight.route != "cascade":
                 return self._answer(flight, first, None, degraded=False)
             conf = first.confidence
-            threshold = self.plan.threshold
+            threshold = self.threshold_for(flight.slo_class)
             if self.metrics:
                 self.metrics.scored.inc()
             if conf is None or threshold is None or conf >= threshold or not self.plan.heavy:
@@ -179,7 +193,7 @@ class Router:
         assert self.plan.heavy is not None
         pool = self.pools[self.plan.heavy]
         now = self.clock.now_ms()
-        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool) > flight.deadline_ms):
+        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool, flight.deadline_ms) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
         job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
         try:
@@ -199,13 +213,13 @@ class Router:
         return self._answer(flight, heavy, light, degraded=False)
 
     @staticmethod
-    def _earliest_heavy_finish_ms(pool: Pool) -> float:
+    def _earliest_heavy_finish_ms(pool: Pool, deadline_ms: float | None = None) -> float:
         """A lower bound on when a deferred job queued now could finish: the jobs ahead fill whole
         rounds of batches even if every worker were free at once. Degrading early only on a
         *certain* miss leaves the rest to the start deadline (``latest_start``), which is the
         degraded-share model of the planner (diffserve/planner/queueing.py, deadline_miss_share);
         a pessimistic estimate here would degrade queries that would have made it."""
-        rounds_ahead = len(pool) // (pool.batch_size * max(pool.workers, 1))
+        rounds_ahead = pool.ahead(deadline_ms) // (pool.batch_size * max(pool.workers, 1))
         return (rounds_ahead + 1) * pool.latency_ms(pool.batch_size)
 
     async def _await(self, job: Job, hard_limit_ms: float, latest_start_ms: float | None = None) -> StageResult:
@@ -253,4 +267,5 @@ class Router:
                 self.metrics.degraded.inc()
             if now > flight.deadline_ms:
                 self.metrics.slo_violations.inc()
+            self.metrics.class_answered(flight.slo_class, answer.latency_ms, degraded=degraded, late=now > flight.deadline_ms)
         return answer

@@ -20,6 +20,7 @@ from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unava
 from diffserve.server.metrics import Metrics, PoolMetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
+from diffserve.server.slo_classes import DEFAULT_CLASS, SloClasses
 from diffserve.server.stage import Backend, StageResult
 from diffserve.server.workers import WorkerSet
 
@@ -42,6 +43,13 @@ class RuntimeSettings:
     drop_factor: float = 1.5
     drain_timeout_ms: float | None = None  # default: 2 x SLO
     seed: int = 0  # the run's seed: routing draws and the seeds of requests that name none
+    #: SLO classes by name -> SLO ms (``--slo-class``); empty: the default class only (``slo_ms``)
+    classes: dict[str, float] = field(default_factory=dict)
+    #: pool order: "auto" = earliest deadline first with classes, FIFO without; or "fifo" / "edf"
+    order: str = "auto"
+    #: withdraw the work of a request whose client went away (queued jobs dropped, a batch whose
+    #: requests are all gone stopped at its next step); off: the work runs on as if they had stayed
+    cancel: bool = True
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def __post_init__(self) -> None:
@@ -51,6 +59,18 @@ class RuntimeSettings:
             raise ValueError(f"queue_full_status must be 429 or 503, got {self.queue_full_status!r}")
         if self.drop_factor < 1:
             raise ValueError(f"drop factor must be >= 1, got {self.drop_factor!r}")
+        if self.order not in ("auto", "fifo", "edf"):
+            raise ValueError(f"pool order must be auto, fifo or edf, got {self.order!r}")
+
+    @property
+    def slo_classes(self) -> SloClasses:
+        return SloClasses(self.slo_ms, self.classes)
+
+    @property
+    def pool_order(self) -> str:
+        if self.order != "auto":
+            return self.order
+        return "edf" if self.slo_classes.multi else "fifo"
 
 
 @dataclass
@@ -90,6 +110,9 @@ class Runtime:
         self.settings = settings or RuntimeSettings()
         self.metrics = metrics or Metrics()
         self.ledger = Ledger()
+        self.classes = self.settings.slo_classes
+        #: images offered per class (admitted or not): the controller's per-class demand
+        self.offered_by_class: dict[str, int] = {name: 0 for name in self.classes.names}
         qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
         hooks = PoolMetricsHooks(self.metrics)
         self.pools: dict[str, Pool] = {}
@@ -102,13 +125,17 @@ class Runtime:
                 max_batch_wait_ms=self.settings.max_batch_wait_ms,
                 queue_full_error=qf,
                 hooks=hooks,
+                order=self.settings.pool_order,
             )
         self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
+        if hasattr(backend, "cancel_running"):
+            backend.cancel_running = self.settings.cancel
         backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
             seed=self.settings.seed,
         )
+        self.router.classes_on = self.settings.pool_order == "edf"
         self._request_seeds = random.Random(self.settings.seed)
         self.controller = Controller(
             self,
@@ -255,6 +282,7 @@ class Runtime:
         on_light: Callable[[int, StageResult, float], None] | None = None,
         on_answer: Callable[[int, ImageAnswer], None] | None = None,
         arrival_ms: float | None = None,
+        slo_class: str | None = None, class_param: str = "slo_class",
     ) -> list[ImageAnswer]:
         """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
 
@@ -264,16 +292,26 @@ class Runtime:
         For progressive delivery, ``on_light(index, light_result, elapsed_ms)`` is called as soon
         as image ``index`` has its light image (``elapsed_ms``: model time since arrival) and
         ``on_answer(index, answer)`` as soon as that image is final, before the others are.
+
+        ``slo_class`` names the request's SLO class (server/slo_classes.py; ``None``: the default
+        class, whose SLO is ``--slo``); an unknown one is a 400 naming ``class_param``. ``slo_ms``
+        can only shorten the class's budget.
         """
         self.ledger.offered += n
+        cls_name = DEFAULT_CLASS
         try:
+            cls = self.classes.resolve(slo_class, param=class_param)
+            cls_name = cls.name
+            self.offered_by_class[cls_name] += n
             if not self.ready:
                 raise self._not_ready()
-            budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
-            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms)
+            budget = cls.slo_ms if slo_ms is None else min(float(slo_ms), cls.slo_ms)
+            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms,
+                                        slo_class=cls_name)
         except ServeError as exc:
             self.ledger.rejected += n
             self.metrics.rejected.labels(exc.reason).inc(n)
+            self.metrics.class_requests.labels(cls_name, "rejected").inc(n)
             exc.counted = True
             raise
         self.ledger.accepted += n
@@ -284,6 +322,8 @@ class Runtime:
             for i, f in enumerate(flights):
                 f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
         settled: set[int] = set()
+        if not self.settings.cancel:
+            return await self._run_on(flights, settled, on_answer)
         try:
             results = await asyncio.gather(
                 *(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
@@ -304,6 +344,27 @@ class Runtime:
                 raise r
         return results  # type: ignore[return-value]
 
+    async def _run_on(self, flights, settled: set[int], on_answer) -> list[ImageAnswer]:
+        """``cancel`` off: the flights run to their end even when the caller is cancelled (a server
+        that does not notice a client going away); each is counted when it ends."""
+        tasks = [asyncio.ensure_future(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)))
+                 for i, f in enumerate(flights)]
+
+        def ended(task: asyncio.Future) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved here: a client that left never reads it
+            self.metrics.inflight.set(self.ledger.inflight)
+            if self.ledger.inflight == 0:
+                self._idle.set()
+
+        for task in tasks:
+            task.add_done_callback(ended)
+        results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
     def _not_ready(self) -> Unavailable:
         if self.draining:
             return Unavailable("the server is draining", retry_after_s=5, reason="draining")
@@ -319,6 +380,7 @@ class Runtime:
         settled.add(id(flight))
         setattr(self.ledger, outcome, getattr(self.ledger, outcome) + 1)
         self.metrics.requests.labels(outcome).inc()
+        self.metrics.class_requests.labels(flight.slo_class, outcome).inc()
 
     async def _one(self, flight, settled: set[int], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
@@ -330,6 +392,7 @@ class Runtime:
             self._count(flight, settled, "failed")
             if not isinstance(exc, ServeError) or exc.status >= 500:
                 self.metrics.slo_violations.inc()
+                self.metrics.class_slo_violations.labels(flight.slo_class).inc()
             raise
         self._count(flight, settled, "completed")
         if on_answer is not None:
