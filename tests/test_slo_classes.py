@@ -155,3 +155,30 @@ async def test_without_classes_the_pools_stay_fifo() -> None:
     rt = tiny_runtime(GatedBackend(), hand_plan(1, 1))
     assert all(p.order == "fifo" for p in rt.pools.values()) and not rt.router.classes_on
     assert rt.classes.names == ["default"]
+
+
+async def test_http_requests_name_their_class_by_header_or_body_and_unknown_is_a_precise_400() -> None:
+    import httpx
+
+    from diffserve.server.api import ApiSettings, create_app
+
+    backend = GatedBackend(confidences={"hard": 0.1})
+    rt = tiny_runtime(backend, hand_plan(1, 1, threshold=0.5), slo_ms=5000.0, classes={"interactive": 600.0, "batch": 30000.0})
+    app = create_app(rt, ApiSettings(), manage_lifecycle=False)
+    await rt.start()
+    url = "/v1/images/generations"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        by_header = await client.post(url, json={"prompt": "hard"}, headers={"X-Diffserve-Class": "interactive"})
+        by_body = await client.post(url, json={"prompt": "hard", "slo_class": "batch"})
+        assert by_header.status_code == by_body.status_code == 200
+        assert by_header.json()["data"][0]["diffserve"]["degraded"] is True
+        assert by_body.json()["data"][0]["diffserve"]["model"] == "heavy"
+        unknown = await client.post(url, json={"prompt": "p"}, headers={"x-diffserve-class": "gold"})
+        assert unknown.status_code == 400
+        err = unknown.json()["error"]
+        assert err["param"] == "X-Diffserve-Class" and "'gold'" in err["message"] and "interactive" in err["message"]
+        clash = await client.post(url, json={"prompt": "p", "slo_class": "batch"}, headers={"X-Diffserve-Class": "interactive"})
+        assert clash.status_code == 400 and clash.json()["error"]["param"] == "slo_class"
+        metrics = (await client.get("/metrics")).text
+        assert 'diffserve_class_requests_total{outcome="completed",slo_class="batch"} 1.0' in metrics
+    await rt.stop()

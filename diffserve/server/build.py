@@ -55,6 +55,12 @@ class ServeOptions:
     #: keep the initial plan for the whole run (the controller still measures demand but never
     #: re-plans), as ``PUT /v1/plan`` pins one; the quickstart's demo plan on random weights uses it
     pin_plan: bool = False
+    #: SLO classes (``--slo-class NAME=SLO``) by name -> SLO ms; empty: the default class only (``slo_ms``)
+    slo_classes: dict[str, float] = field(default_factory=dict)
+    #: pool order: auto (EDF with classes, else FIFO), fifo or edf (``--pool-order``)
+    pool_order: str = "auto"
+    #: withdraw the work of requests whose client left, down to a running batch's next step (``--no-cancel``: off)
+    cancel: bool = True
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -67,6 +73,8 @@ class ServeOptions:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.demand_qps <= 0:
             raise UserError(f"--demand must be positive, got {self.demand_qps}")
+        if self.pool_order not in ("auto", "fifo", "edf"):
+            raise UserError(f"--pool-order must be auto, fifo or edf, got {self.pool_order!r}")
         if self.backend == "diffusers" and self.speedup != 1.0:
             raise UserError("--speedup only applies to the emulated backend (real models run in real time)")
 
@@ -127,6 +135,9 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
         queue_full_status=opts.queue_full_status,
         max_batch_wait_ms=opts.max_batch_wait_ms,
         seed=opts.seed,
+        classes=dict(opts.slo_classes),
+        order=opts.pool_order,
+        cancel=opts.cancel,
         controller=dataclasses.replace(
             opts.controller,
             interval_ms=opts.replan_interval_ms,
