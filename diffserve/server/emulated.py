@@ -76,8 +76,6 @@ class EmulatedBackend(Backend):
         self._png = {m: solid_png(m) for m in self.models}
         self.calls = 0
         self.steps = {m: profile.models[m].steps or PAPER_STEPS.get(m, DEFAULT_STEPS) for m in self.models}
-        #: stop a running batch at its next step once all its requests are gone (the runtime sets it)
-        self.cancel_running = True
 
     async def setup(self) -> None:
         return None

@@ -5,8 +5,12 @@ torch loads inside :func:`make_runner`. Protocol (tuples over a ``multiprocessin
 
 - worker -> parent, once: ``("ready", load_time_s, random_weights)`` or ``("error", message)``;
 - parent -> worker: ``("predict", model, prompts, seeds, score)`` -> ``("ok", [(png, conf|None), ...])``
-  or ``("fail", message)``; ``("ping",)`` -> ``("pong",)`` (the supervisor's liveness check);
-  ``("stop",)`` ends the loop.
+  or ``("fail", message)`` or ``("cancelled", seconds_run)``; ``("ping",)`` -> ``("pong",)``
+  (the supervisor's liveness check); ``("stop",)`` ends the loop;
+- parent -> worker, while a batch runs: ``("cancel",)`` (every request of the batch is gone): the
+  runner stops at its next denoising step (diffusers: ``callback_on_step_end`` sets the pipeline's
+  interrupt) and answers ``("cancelled", seconds_run)``; a ``cancel`` that arrives after the batch
+  ended is ignored.
 
 The ``fake`` runner exists for the fault tests: a prompt ``crash:PATH`` kills the process once
 (while PATH exists, it is deleted first), ``hang`` never returns, anything else sleeps the given
@@ -21,6 +25,27 @@ import time
 from typing import Any
 
 
+class Interrupted(Exception):
+    """The batch was stopped at a step boundary: its requests are gone."""
+
+
+class _StopFlag:
+    """``should_stop()`` for a runner: true once the parent sent ``("cancel",)`` on the pipe.
+    Other messages that arrive meanwhile are kept for the main loop."""
+
+    def __init__(self, conn, pending: list) -> None:
+        self.conn, self.pending, self.stopped = conn, pending, False
+
+    def __call__(self) -> bool:
+        while not self.stopped and self.conn.poll():
+            msg = self.conn.recv()
+            if msg[0] == "cancel":
+                self.stopped = True
+            else:
+                self.pending.append(msg)
+        return self.stopped
+
+
 class FakeRunner:
     random_weights = True
 
@@ -28,7 +53,11 @@ class FakeRunner:
         self.latency_s = dict(spec.get("latency_s", {}))
         self.load_time_s = 0.0
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
+    #: the fake model's "denoising steps": a cancel is noticed between them
+    steps = 20
+
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool,
+                should_stop=lambda: False) -> list[tuple[bytes, float | None]]:
         for p in prompts:
             if p.startswith("crash:"):
                 path = p.split(":", 1)[1]
@@ -43,7 +72,11 @@ class FakeRunner:
                 deadline = time.monotonic() + 120
                 while os.path.exists(path) and time.monotonic() < deadline:
                     time.sleep(0.01)
-        time.sleep(self.latency_s.get(model, 0.0))
+        step_s = self.latency_s.get(model, 0.0) / self.steps
+        for _ in range(self.steps):
+            time.sleep(step_s)
+            if should_stop():
+                raise Interrupted()
         from diffserve.server.testing import PNG_1x1
 
         return [(PNG_1x1, 1.0 if score else None) for _ in prompts]
@@ -78,8 +111,11 @@ class DiffusersRunner:
             return [float(c) for c in self.discriminator.confidence(images)]
         return [self.replay.confidence(p, s) for p, s in zip(prompts, seeds)]
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool) -> list[tuple[bytes, float | None]]:
-        images = self.models[model].generate(list(prompts), list(seeds))
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool,
+                should_stop=lambda: False) -> list[tuple[bytes, float | None]]:
+        images = self.models[model].generate(list(prompts), list(seeds), should_stop=should_stop)
+        if getattr(should_stop, "stopped", False):
+            raise Interrupted()
         confs: list[float | None] = self._confidence(images, prompts, seeds) if score else [None] * len(images)
         out = []
         for img, conf in zip(images, confs):
@@ -124,9 +160,10 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", runner.load_time_s, runner.random_weights))
+    pending: list = []
     while True:
         try:
-            msg = conn.recv()
+            msg = pending.pop(0) if pending else conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone
         if msg[0] == "stop":
@@ -134,9 +171,14 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
         if msg[0] == "ping":
             conn.send(("pong",))
             continue
+        if msg[0] == "cancel":
+            continue  # it came after its batch ended
         _, model, prompts, seeds, score = msg
+        started = time.perf_counter()
         try:
-            result = runner.predict(model, prompts, seeds, score)
+            result = runner.predict(model, prompts, seeds, score, should_stop=_StopFlag(conn, pending))
+        except Interrupted:
+            conn.send(("cancelled", time.perf_counter() - started))
         except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
             conn.send(("fail", f"{type(exc).__name__}: {exc}"))
         else:

@@ -128,8 +128,7 @@ class Runtime:
                 order=self.settings.pool_order,
             )
         self.workers = WorkerSet(backend, self.pools, clock, self.metrics)
-        if hasattr(backend, "cancel_running"):
-            backend.cancel_running = self.settings.cancel
+        backend.cancel_running = self.settings.cancel
         backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
