@@ -61,6 +61,8 @@ class ServeOptions:
     pool_order: str = "auto"
     #: withdraw the work of requests whose client left, down to a running batch's next step (``--no-cancel``: off)
     cancel: bool = True
+    #: with classes, plan for the measured class mix (off: one plan at the tightest SLO; an ablation)
+    plan_classes: bool = True
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -87,10 +89,21 @@ def initial_plan(
         return plan, f"plan file {opts.plan}"
     solve = solver or default_solver()
     try:
-        plan = solve(
-            profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy,
-            **solver_options(opts),
-        )
+        if opts.slo_classes:
+            # the mix is not known yet: all of the demand on the tightest class (the controller
+            # measures the mix and re-plans at its first interval)
+            from diffserve.planner.class_mix import solve_class_mix
+            from diffserve.server.slo_classes import SloClasses
+
+            slos = SloClasses(opts.slo_ms, opts.slo_classes).as_dict()
+            tight = min(slos, key=lambda c: slos[c])
+            plan = solve_class_mix(profile, cascade, demands={tight: opts.demand_qps}, slos=slos, workers=opts.workers,
+                                   policy=opts.policy, planner=solve, **solver_options(opts))
+        else:
+            plan = solve(
+                profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy,
+                **solver_options(opts),
+            )
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -138,6 +151,7 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
         classes=dict(opts.slo_classes),
         order=opts.pool_order,
         cancel=opts.cancel,
+        plan_classes=opts.plan_classes,
         controller=dataclasses.replace(
             opts.controller,
             interval_ms=opts.replan_interval_ms,

@@ -8,7 +8,12 @@ Invariants (each has a test in tests/test_server_batcher.py):
 - the batch size, queue bound and wait are setters, so the controller changes them live;
 - with ``order="edf"`` (a server with SLO classes, server/slo_classes.py) the queue is kept sorted
   by deadline (ties in arrival order), so batches form from the most urgent work and a loose
-  class's job is passed only by work due before it; FIFO is the default and unchanged.
+  class's job is passed only by work due before it; FIFO is the default and unchanged;
+- an EDF pool may hold ``reserve_workers`` of its workers for *urgent* work (due within
+  ``urgent_ms``): a batch led by relaxed work starts only while fewer than ``workers -
+  reserve_workers`` workers run relaxed batches, so a tight class's deferral finds a free worker
+  instead of one busy for seconds with a loose class's batch (batches cannot be pre-empted).
+  Relaxed work turns urgent as its deadline nears, so it is never held past it.
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ class Pool:
         self.down = 0  # assigned workers that cannot serve now (loading, restarting, given up)
         self.restart_eta_ms = 0.0  # when the first of them should be back
         self.busy = 0
+        self.reserve_workers = 0  # EDF: workers held for urgent work (planner/class_mix.py)
+        self.urgent_ms = float("inf")  # EDF: work due within this is urgent
+        self._relaxed_running: set[int] = set()  # ids of the running batches that relaxed work led
         self.set_batch_size(batch_size)
         self.set_max_queue(max_queue)
         self.set_max_batch_wait_ms(max_batch_wait_ms)
@@ -260,6 +268,21 @@ class Pool:
         until = min(oldest.enqueued_ms + cap, oldest.deadline_ms - self.latency_ms(self.batch_size) - self.reserve_ms)
         return until - now
 
+    def _hold_relaxed_ms(self) -> float:
+        """How long the head (relaxed work) must wait for the reserve; 0: take it now."""
+        if self.reserve_workers <= 0 or self.order != "edf":
+            return 0.0
+        until_urgent = self._queue[0].deadline_ms - self.urgent_ms - self.clock.now_ms()
+        if until_urgent <= 0 or len(self._relaxed_running) < max(0, self.workers - self.reserve_workers):
+            return 0.0
+        return until_urgent
+
+    def finished(self, batch: list[Job]) -> None:
+        """A worker is done with ``batch`` (the reserve counts running relaxed batches)."""
+        if batch and batch[0].id in self._relaxed_running:
+            self._relaxed_running.discard(batch[0].id)
+            self._notifier.notify_all()
+
     async def take_batch(self, still_mine: Callable[[], bool] = lambda: True) -> list[Job] | None:
         """Wait for work and return a batch; ``None`` when the worker was moved to another pool."""
         while True:
@@ -267,6 +290,10 @@ class Pool:
                 return None
             self._prune()
             if self._queue:
+                hold = self._hold_relaxed_ms()
+                if hold > 0:
+                    await self._notifier.wait(self.clock.to_wall_s(hold))
+                    continue
                 wait = self._fill_wait_ms()
                 if wait > 0:
                     await self._notifier.wait(self.clock.to_wall_s(wait))
@@ -278,6 +305,8 @@ class Pool:
                     batch = self._drop_late_in(batch)
                     if not batch:
                         continue
+                if self.reserve_workers > 0 and batch[0].deadline_ms - self.urgent_ms > self.clock.now_ms():
+                    self._relaxed_running.add(batch[0].id)
                 return batch
             await self._notifier.wait(None)
 

@@ -50,6 +50,9 @@ class RuntimeSettings:
     #: withdraw the work of a request whose client went away (queued jobs dropped, a batch whose
     #: requests are all gone stopped at its next step); off: the work runs on as if they had stayed
     cancel: bool = True
+    #: with classes, the controller plans for the measured class mix (planner/class_mix.py); off:
+    #: one plan at ``slo_ms`` for all, as without classes (the benchmark's ablation)
+    plan_classes: bool = True
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def __post_init__(self) -> None:
@@ -150,6 +153,8 @@ class Runtime:
             metrics=self.metrics,
             solver_options=solver_options,
         )
+        if self.classes.multi and self.settings.plan_classes:
+            self.controller.plan_for_classes(self.classes.as_dict())
         self.plan = plan
         self.started = False
         self.draining = False
@@ -207,11 +212,21 @@ class Runtime:
             # the plan switched the light model (a cascade of several pairs) and no worker serves
             # the old one any more: its queued first-stage jobs run on the new light model
             old_light.hand_over(self.pools[plan.light])
+        self._apply_reserve(plan)
         self.router.plan = plan
         self.plan = plan
         self.metrics.threshold.set(plan.threshold if plan.threshold is not None else -1)
         for p in plan.pools:
             self.metrics.batch_size_target.labels(p.model).set(p.batch_size)
+
+    def _apply_reserve(self, plan: PlanFile) -> None:
+        """EDF pools with classes: hold the plan's reserved heavy workers for urgent work (due
+        within the tightest class's SLO); planner/class_mix.py sizes the reserve."""
+        reserve = max((c.heavy_workers_reserved for c in (plan.classes or {}).values()), default=0)
+        for model, pool in self.pools.items():
+            on = pool.order == "edf" and model == plan.heavy and reserve > 0
+            pool.reserve_workers = reserve if on else 0
+            pool.urgent_ms = self.classes.tightest_ms if on else float("inf")
 
     def plan_view(self) -> dict:
         """What ``GET /v1/plan`` answers (and what an in-process benchmark observes): the plan in

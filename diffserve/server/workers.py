@@ -125,6 +125,7 @@ class WorkerSet:
                 await self._run_batch(slot, pool, batch)
             finally:
                 pool.busy -= 1
+                pool.finished(batch)
                 self.running.pop(slot, None)
 
     async def _run_batch(self, slot: int, pool: Pool, batch: list[Job]) -> None:
