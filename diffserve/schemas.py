@@ -248,6 +248,7 @@ class ClassPlan(StrictModel):
     predicted: dict[str, float] = Field(default_factory=dict, description="predicted quality and degraded share of this class")
     heavy_workers_reserved: int = Field(
         default=0, ge=0, description="heavy workers held for this class's urgent work (an EDF pool starts loose work on the others)")
+    heavy_batch_size: int | None = Field(default=None, ge=1, description="batch size of this loose class's heavy batches (None: the pool's)")
 
 
 class PlanFile(StrictModel):

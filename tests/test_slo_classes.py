@@ -182,3 +182,27 @@ async def test_http_requests_name_their_class_by_header_or_body_and_unknown_is_a
         metrics = (await client.get("/metrics")).text
         assert 'diffserve_class_requests_total{outcome="completed",slo_class="batch"} 1.0' in metrics
     await rt.stop()
+
+
+async def test_an_edf_pool_keeps_its_reserve_for_urgent_work_and_batches_relaxed_work_larger() -> None:
+    clock = Clock(1.0)
+    pool = Pool("heavy", clock=clock, latency_ms=lambda bs: 100.0 * bs, batch_size=1, max_batch_wait_ms=0, order="edf")
+    pool.workers, pool.reserve_workers, pool.urgent_ms, pool.relaxed_batch_size = 2, 1, 1000.0, 3
+    for i in range(5):
+        pool.submit(_job(clock, f"relaxed{i}", 30000.0))
+    first = await pool.take_batch()
+    assert [j.prompt for j in first] == ["relaxed0", "relaxed1", "relaxed2"]  # relaxed work, in a larger batch
+    second = asyncio.ensure_future(pool.take_batch())
+    await clock.sleep_ms(50.0)
+    assert not second.done()  # the other worker is the reserve: it does not start relaxed work
+    pool.submit(_job(clock, "urgent", 500.0))
+    assert [j.prompt for j in await second] == ["urgent"]  # urgent work takes the reserve at once, alone
+    pool.finished(first)  # the relaxed batch ended: relaxed work may start again
+    assert [j.prompt for j in await pool.take_batch()] == ["relaxed3", "relaxed4"]
+    # relaxed work that nears its deadline is urgent and may use the reserve
+    late = Pool("heavy", clock=clock, latency_ms=lambda bs: 100.0, batch_size=1, max_batch_wait_ms=0, order="edf")
+    late.workers, late.reserve_workers, late.urgent_ms = 1, 1, 1000.0
+    late.submit(_job(clock, "waits", 1500.0))
+    started = clock.now_ms()
+    [job] = await late.take_batch()
+    assert job.prompt == "waits" and clock.now_ms() - started == pytest.approx(500.0, abs=1.0)

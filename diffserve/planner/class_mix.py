@@ -18,9 +18,13 @@ Two steps, each with a reason:
 3. **Loose classes get their own threshold.** A loose class's deferred work can wait in the heavy
    queue for many batch times, so it is bounded by the heavy pool's *throughput*, not by one
    batch's latency. For each loose class (loosest first) the planner picks, on the cascade's
-   measured curve, the threshold of best quality such that (a) the heavy pool's total load,
-   times the planning headroom, stays within its capacity, and (b) the heavy stage's predicted
-   tail latency at that load, after the light stage, is within the class's SLO; when even the
+   measured curve, the threshold of best quality such that (a) the heavy pool's total load stays
+   within its capacity (no headroom: a loose deferral that finds no room before its deadline is
+   answered with its light image, never late, so the loose class may fill the pool), and (b) the heavy stage's predicted
+   tail latency at that load, after the light stage, is within the class's SLO. Loose work runs
+   on the heavy workers outside the reserve, in larger batches when that raises throughput (the
+   batch of best throughput whose latency, one batch ahead and then its own, fits the loose
+   SLO): the loose class's capacity is those workers at that batch size. When even the
    base threshold does not fit (the base plan counts on degrading), the largest threshold that
    fits. The tight classes keep the base threshold, the optimum as served for their SLO.
 
@@ -92,6 +96,7 @@ def solve_class_mix(
     base_q = plan.predicted.get(metric)
     predicted = {c: ({metric: base_q} if base_q is not None else {}) for c in slos}
     reserved = {c: 0 for c in slos}
+    batch_of: dict[str, int | None] = {c: None for c in slos}
     for c in slos:
         if "degraded_share" in plan.predicted:
             predicted[c]["degraded_share"] = plan.predicted["degraded_share"]
@@ -119,16 +124,27 @@ def solve_class_mix(
         base_load = sum(demands.get(c, 0.0) for c in slos) * plan.heavy_fraction
         tight_load = sum(demands.get(c, 0.0) * fractions[c] for c in tight)
         reserve = heavy_pool.workers if base_load <= 0 else min(heavy_pool.workers, max(1, math.ceil(heavy_pool.workers * tight_load / base_load - 1e-9)))
+        # loose work runs on the heavy workers outside the reserve, in the batch of best
+        # throughput whose latency (one batch ahead, then its own) fits the loosest class
+        heavy_model = profile.models[plan.heavy]
+        free = heavy_pool.workers - reserve if loose else 0
+        loose_batch = heavy_pool.batch_size
+        for b in heavy_model.feasible_batches():
+            s_b = heavy_model.latency_ms(b.batch_size)
+            if light_ms + 2 * s_b <= max((slos[c] for c in loose), default=0.0) and b.batch_size / s_b > loose_batch / heavy_model.latency_ms(loose_batch):
+                loose_batch = b.batch_size
+        loose_capacity = free * loose_batch * 1000.0 / heavy_model.latency_ms(loose_batch)
+        capacity = loose_capacity + (heavy_pool.workers - free) * heavy_pool.batch_size * 1000.0 / service
         for c in loose:
             others = sum(v for k, v in loads.items() if k != c)
-            room = heavy_pool.capacity_qps / settings.headroom - others
+            room = min(loose_capacity - sum(v for k, v in loads.items() if k != c and k in loose), capacity - others)
             best_t = best_f = best_q = None
             # the curve's points, and the largest deferral the heavy pool's throughput leaves room for
             options_f = sorted({pair.deferral_at(t) for t in pair.grid} | ({min(1.0, room / demands[c])} if room > 0 else set()))
             for f in options_f:
                 t = interpolate(f, pair.f_t, pair.grid) if f > pair.f_t[0] else pair.grid[0]
                 load = others + demands[c] * f
-                if load * settings.headroom > heavy_pool.capacity_qps:
+                if f > 0 and demands[c] * f > room * (1 + 1e-9):
                     continue
                 wait = stage_latency_ms(service, heavy_pool.batch_size, heavy_pool.workers, load,
                                         quantile=1.0 - settings.violation_budget, max_wait_ms=settings.max_wait_ms,
@@ -145,10 +161,12 @@ def solve_class_mix(
             predicted[c] = {metric: round(best_q, 4), "degraded_share": 0.0}
         for c in tight:
             reserved[c] = reserve if loose else 0
+        for c in loose:
+            batch_of[c] = loose_batch
     plan.classes = {
         c: ClassPlan(slo_ms=slos[c], demand_qps=round(demands.get(c, 0.0), 4), threshold=thresholds[c],
                      heavy_fraction=round(min(1.0, max(0.0, fractions[c])), 6), predicted=predicted[c],
-                     heavy_workers_reserved=reserved[c])
+                     heavy_workers_reserved=reserved[c], heavy_batch_size=batch_of[c])
         for c in slos
     }
     weighted = [(demands.get(c, 0.0), predicted[c].get(metric)) for c in slos]

@@ -119,6 +119,7 @@ class Pool:
         self.busy = 0
         self.reserve_workers = 0  # EDF: workers held for urgent work (planner/class_mix.py)
         self.urgent_ms = float("inf")  # EDF: work due within this is urgent
+        self.relaxed_batch_size = 0  # EDF with a reserve: batch size of a batch led by relaxed work (0: batch_size)
         self._relaxed_running: set[int] = set()  # ids of the running batches that relaxed work led
         self.set_batch_size(batch_size)
         self.set_max_queue(max_queue)
@@ -277,6 +278,15 @@ class Pool:
             return 0.0
         return until_urgent
 
+    def _batch_for_head(self) -> int:
+        """The batch size for the work at the head: larger for relaxed work when the plan says so
+        (a loose class's work is throughput-bound; planner/class_mix.py)."""
+        if self.reserve_workers > 0 and self.relaxed_batch_size > self.batch_size:
+            slack = self._queue[0].deadline_ms - self.clock.now_ms()
+            if slack > self.urgent_ms and slack >= self.latency_ms(self.relaxed_batch_size):
+                return self.relaxed_batch_size
+        return self.batch_size
+
     def finished(self, batch: list[Job]) -> None:
         """A worker is done with ``batch`` (the reserve counts running relaxed batches)."""
         if batch and batch[0].id in self._relaxed_running:
@@ -298,7 +308,7 @@ class Pool:
                 if wait > 0:
                     await self._notifier.wait(self.clock.to_wall_s(wait))
                     continue
-                n = min(self.batch_size, len(self._queue))
+                n = min(self._batch_for_head(), len(self._queue))
                 batch = [self._queue.popleft() for _ in range(n)]
                 self.hooks.queue_changed(self.model, len(self._queue))
                 if self.drop_unmeetable:

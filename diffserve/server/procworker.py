@@ -52,6 +52,9 @@ class FakeRunner:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.latency_s = dict(spec.get("latency_s", {}))
         self.load_time_s = 0.0
+        from diffserve.server.testing import PNG_1x1  # imported while loading, not under a batch's watchdog
+
+        self.png = PNG_1x1
 
     #: the fake model's "denoising steps": a cancel is noticed between them
     steps = 20
@@ -77,9 +80,7 @@ class FakeRunner:
             time.sleep(step_s)
             if should_stop():
                 raise Interrupted()
-        from diffserve.server.testing import PNG_1x1
-
-        return [(PNG_1x1, 1.0 if score else None) for _ in prompts]
+        return [(self.png, 1.0 if score else None) for _ in prompts]
 
 
 class DiffusersRunner:

@@ -223,10 +223,12 @@ class Runtime:
         """EDF pools with classes: hold the plan's reserved heavy workers for urgent work (due
         within the tightest class's SLO); planner/class_mix.py sizes the reserve."""
         reserve = max((c.heavy_workers_reserved for c in (plan.classes or {}).values()), default=0)
+        relaxed = max((c.heavy_batch_size or 0 for c in (plan.classes or {}).values()), default=0)
         for model, pool in self.pools.items():
             on = pool.order == "edf" and model == plan.heavy and reserve > 0
             pool.reserve_workers = reserve if on else 0
             pool.urgent_ms = self.classes.tightest_ms if on else float("inf")
+            pool.relaxed_batch_size = relaxed if on else 0
 
     def plan_view(self) -> dict:
         """What ``GET /v1/plan`` answers (and what an in-process benchmark observes): the plan in
