@@ -204,7 +204,7 @@ def run_class_mix(
                 classes=per_class,
                 slo_violation_ratio=round(violations / scored, 6) if scored else 0.0,
                 fid=round(sum(w * f for w, f in fids) / sum(w for w, _ in fids), 4) if fids else None,
-                disconnected=len(leaving),
+                disconnected=sum(1 for r in result.records if (r.error or "").startswith(DISCONNECTED)),
                 status_500=sum(1 for r in result.records if r.status == 500),
                 server_command="in-process, virtual time: serve " + _flags(opts),
                 policy_wall_s=round(time.monotonic() - started, 2),
