@@ -260,13 +260,18 @@ class Pool:
             self.hooks.queue_changed(self.model, len(kept))
 
     def _fill_wait_ms(self) -> float:
-        """How long waiting for a fuller batch is still worth it: bounded by the cap and the slack."""
+        """How long waiting for a fuller batch is still worth it: bounded by the cap and the slack.
+        A relaxed batch (larger, see :meth:`_batch_for_head`) waits by the same rule for its own
+        size: the automatic cap is the planner's fraction of *its* latency."""
+        target = self._batch_for_head()
         cap = self.max_batch_wait_ms
-        if cap <= 0 or len(self._queue) >= self.batch_size:
+        if target != self.batch_size and self._max_wait is None:
+            cap = BATCHER_WAIT_FRACTION * self.latency_ms(target)
+        if cap <= 0 or len(self._queue) >= target:
             return 0.0
         oldest = self._queue[0]
         now = self.clock.now_ms()
-        until = min(oldest.enqueued_ms + cap, oldest.deadline_ms - self.latency_ms(self.batch_size) - self.reserve_ms)
+        until = min(oldest.enqueued_ms + cap, oldest.deadline_ms - self.latency_ms(target) - self.reserve_ms)
         return until - now
 
     def _hold_relaxed_ms(self) -> float:
