@@ -206,3 +206,18 @@ async def test_an_edf_pool_keeps_its_reserve_for_urgent_work_and_batches_relaxed
     started = clock.now_ms()
     [job] = await late.take_batch()
     assert job.prompt == "waits" and clock.now_ms() - started == pytest.approx(500.0, abs=1.0)
+
+
+async def test_a_relaxed_batch_waits_for_its_own_size_by_the_batchers_rule() -> None:
+    clock = Clock(1.0)
+    # relaxed batch of 4 takes 400 ms: the automatic wait for it is a quarter of that
+    pool = Pool("heavy", clock=clock, latency_ms=lambda bs: 100.0 * bs, batch_size=1, order="edf")
+    pool.workers, pool.reserve_workers, pool.urgent_ms, pool.relaxed_batch_size = 2, 1, 1000.0, 4
+    pool.submit(_job(clock, "r0", 30000.0))
+    started = clock.now_ms()
+    taking = asyncio.ensure_future(pool.take_batch())
+    await clock.sleep_ms(50.0)
+    assert not taking.done()
+    pool.submit(_job(clock, "r1", 30000.0))
+    batch = await taking
+    assert [j.prompt for j in batch] == ["r0", "r1"] and clock.now_ms() - started == pytest.approx(100.0, abs=1.0)
