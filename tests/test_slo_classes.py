@@ -221,3 +221,36 @@ async def test_a_relaxed_batch_waits_for_its_own_size_by_the_batchers_rule() -> 
     pool.submit(_job(clock, "r1", 30000.0))
     batch = await taking
     assert [j.prompt for j in batch] == ["r0", "r1"] and clock.now_ms() - started == pytest.approx(100.0, abs=1.0)
+
+
+async def test_a_router_without_classes_asks_its_pools_only_what_it_asked_before() -> None:
+    """Pools that predate classes (the Ray engine's remote pools) keep working: no per-class arguments."""
+    from diffserve.server.router import Router
+
+    class OldPool:
+        workers, down, batch_size, max_queue, free = 1, 0, 1, 8, 8
+        queue_full_error = Unavailable
+
+        def __init__(self) -> None:
+            self.jobs: list[Job] = []
+
+        def __len__(self) -> int:
+            return len(self.jobs)
+
+        def latency_ms(self, bs: int) -> float:
+            return 100.0
+
+        def estimate_wait_ms(self, extra: int = 1) -> float:
+            return 100.0 * (len(self.jobs) + extra)
+
+        def retry_after_s(self) -> int:
+            return 1
+
+        def submit(self, job: Job) -> None:
+            self.jobs.append(job)
+
+    pools = {"light": OldPool(), "heavy": OldPool()}
+    router = Router(pools, hand_plan(1, 1), Clock(1.0))  # type: ignore[arg-type]
+    [flight] = router.admit([("p", 0)], (512, 512), "auto", 1000.0, slo_class="interactive")
+    assert flight.slo_class == "interactive" and len(pools["light"]) == 1
+    assert router._earliest_heavy_finish_ms(pools["heavy"]) == 100.0  # type: ignore[arg-type]

@@ -142,15 +142,18 @@ class Router:
                 )
             if pool.workers - pool.down <= 0:
                 raise Unavailable(f"no {model} worker is up now (restarting)", retry_after_s=pool.retry_after_s(), reason="worker_down")
+            # an EDF pool is asked about the work due before this request (pools without classes,
+            # and the Ray engine's remote pools, are asked as before)
+            per_class = () if due is None else (due,)
             if pool.free < n:
                 raise pool.queue_full_error(
-                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s(due)
+                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s(*per_class)
                 )
-            if now + pool.estimate_wait_ms(n, due) > deadline:
+            if now + pool.estimate_wait_ms(n, *per_class) > deadline:
                 raise Unavailable(
                     f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now"
                     + (f" (SLO class {slo_class})" if due is not None else ""),
-                    retry_after_s=pool.retry_after_s(due),
+                    retry_after_s=pool.retry_after_s(*per_class),
                     reason="deadline",
                 )
         flights = []
@@ -193,7 +196,7 @@ class Router:
         assert self.plan.heavy is not None
         pool = self.pools[self.plan.heavy]
         now = self.clock.now_ms()
-        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool, flight.deadline_ms) > flight.deadline_ms):
+        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool, flight.deadline_ms if self.classes_on else None) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
         job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms)
         try:
@@ -219,7 +222,8 @@ class Router:
         *certain* miss leaves the rest to the start deadline (``latest_start``), which is the
         degraded-share model of the planner (diffserve/planner/queueing.py, deadline_miss_share);
         a pessimistic estimate here would degrade queries that would have made it."""
-        rounds_ahead = pool.ahead(deadline_ms) // (pool.batch_size * max(pool.workers, 1))
+        ahead = len(pool) if deadline_ms is None else pool.ahead(deadline_ms)
+        rounds_ahead = ahead // (pool.batch_size * max(pool.workers, 1))
         return (rounds_ahead + 1) * pool.latency_ms(pool.batch_size)
 
     async def _await(self, job: Job, hard_limit_ms: float, latest_start_ms: float | None = None) -> StageResult:
