@@ -102,7 +102,8 @@ async def test_each_class_gets_its_own_budget_and_an_unknown_class_is_refused_an
     text = rt.metrics.render().decode()
     assert 'diffserve_class_requests_total{outcome="completed",slo_class="interactive"} 1.0' in text
     assert 'diffserve_class_degraded_total{slo_class="interactive"} 1.0' in text
-    assert 'diffserve_class_requests_total{outcome="rejected",slo_class="default"} 1.0' in text
+    assert 'diffserve_class_requests_total{outcome="rejected",slo_class="unknown"} 1.0' in text
+    assert 'diffserve_class_requests_total{outcome="rejected",slo_class="batch"} 1.0' in text  # the slo_ms one
     assert 'diffserve_class_latency_ms_count{slo_class="batch"} 1.0' in text
     assert rt.pools["light"].order == "edf" and rt.offered_by_class == {"default": 0, "interactive": 1, "batch": 2}
     await rt.stop()

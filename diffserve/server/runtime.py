@@ -20,7 +20,7 @@ from diffserve.server.errors import InvalidRequest, QueueFull, ServeError, Unava
 from diffserve.server.metrics import Metrics, PoolMetricsHooks
 from diffserve.server.pool import Pool
 from diffserve.server.router import ImageAnswer, Quality, Router
-from diffserve.server.slo_classes import DEFAULT_CLASS, SloClasses
+from diffserve.server.slo_classes import SloClasses
 from diffserve.server.stage import Backend, StageResult
 from diffserve.server.workers import WorkerSet
 
@@ -314,7 +314,7 @@ class Runtime:
         can only shorten the class's budget.
         """
         self.ledger.offered += n
-        cls_name = DEFAULT_CLASS
+        cls_name = "unknown"  # the metrics label of a request naming no class this server has
         try:
             cls = self.classes.resolve(slo_class, param=class_param)
             cls_name = cls.name
