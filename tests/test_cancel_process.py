@@ -49,3 +49,24 @@ async def test_a_worker_process_stops_a_batch_whose_requests_are_gone() -> None:
         assert rt.ledger.accepted == rt.ledger.completed + rt.ledger.cancelled == 2
     finally:
         await rt.stop()
+
+
+@pytest.mark.slow
+def test_a_real_pipeline_stops_at_the_step_after_it_is_asked() -> None:
+    """The tiny random-weight SD pipeline (25 steps): once ``should_stop`` answers true the
+    interrupt skips every later step, so the callback runs no more."""
+    from diffserve.models import load_variant, resolve_variants, set_torch_threads
+
+    set_torch_threads(1)
+    model = load_variant(next(v for v in resolve_variants("tiny-base") if v.name == "tiny-base"), device="cpu")
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(len(asked))
+        return len(asked) >= 3
+
+    model.generate(["a fox"], [1], should_stop=should_stop)
+    assert model.spec.steps > 3 and len(asked) == 3
+    asked.clear()
+    model.generate(["a fox"], [1], should_stop=lambda: asked.append(0) or False)
+    assert len(asked) == model.spec.steps
