@@ -33,6 +33,8 @@ from diffserve.server.virtualtime import run_virtual, virtual_clock
 #: on the reference profile, about 1% of the 5 s re-plan interval, and charging the host's measured
 #: CPU time would make a run depend on the host.
 DEFAULT_SOLVE_MS = 0.0
+#: The error of a record whose client went away on purpose (the disconnect scenario).
+DISCONNECTED = "client disconnected"
 
 
 @dataclass
@@ -45,6 +47,11 @@ class InProcessLoad:
     plan_poll_model_s: float = 5.0
     #: progressive delivery, as ``stream: true, partial_images: 1`` over HTTP: record ``ttfi_ms``
     stream: bool = False
+    #: the SLO class of each arrival, by index (``bench compare --class-mix``); None: the default class
+    classes: list[str] | None = None
+    #: arrivals (by index) whose client goes away ``disconnect_after_ms`` after sending (``--disconnect-*``)
+    disconnects: frozenset[int] = frozenset()
+    disconnect_after_ms: float = 0.0
 
     @property
     def timeout_ms(self) -> float:
@@ -88,13 +95,17 @@ async def drive(
             if record.ttfi_ms is None:
                 record.ttfi_ms = round(elapsed_ms, 3)
 
+        leaves = record.index in load.disconnects
+        slo_class = load.classes[record.index] if load.classes is not None else None
         try:
             answers = await asyncio.wait_for(
-                runtime.generate(prompt, n=1, seed=request_seed, size=load.size, on_light=on_light if load.stream else None),
-                timeout_s,
+                runtime.generate(prompt, n=1, seed=request_seed, size=load.size, on_light=on_light if load.stream else None,
+                                 slo_class=slo_class),
+                load.disconnect_after_ms / 1000.0 if leaves else timeout_s,
             )
         except asyncio.TimeoutError:
-            record.error = f"client timeout after {load.timeout_ms:.0f} model ms"
+            record.error = (f"{DISCONNECTED} after {load.disconnect_after_ms:.0f} model ms" if leaves
+                            else f"client timeout after {load.timeout_ms:.0f} model ms")
         except ServeError as exc:
             fill_error(record, exc)
         except Exception:  # noqa: BLE001 - what the API's error boundary answers
@@ -125,6 +136,8 @@ def run_in_process(
     solve_ms: float = DEFAULT_SOLVE_MS,
     on_done: Callable[[RequestRecord], None] | None = None,
     stream: bool = False,
+    load: InProcessLoad | None = None,
+    observe: Callable[[Runtime], None] | None = None,
 ) -> LoadResult:
     """Build the runtime from ``opts`` as the server does, serve ``arrivals`` in virtual time, shut down.
 
@@ -132,7 +145,7 @@ def run_in_process(
     records. ``opts.speedup`` is ignored: in virtual time there is nothing to speed up. ``stream``
     asks for progressive delivery as an HTTP client would and records each answer's time to first image.
     """
-    load = InProcessLoad(slo_ms=opts.slo_ms, stream=stream)
+    load = load or InProcessLoad(slo_ms=opts.slo_ms, stream=stream)
     started = time.perf_counter()
 
     async def main() -> LoadResult:
@@ -143,6 +156,8 @@ def run_in_process(
             return await drive(runtime, load, arrivals, prompts, seed=seed, on_done=on_done)
         finally:
             await runtime.drain()
+            if observe is not None:
+                observe(runtime)
             await runtime.stop()
 
     result = run_virtual(main, executor_charge_ms=solve_ms)

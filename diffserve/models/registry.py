@@ -89,10 +89,14 @@ class LoadedModel:
         *,
         strength: float,
         masks: list["Image"] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list["Image"]:
         """Edit ``images`` (one per prompt) at ``strength``: img2img, or in-painting where
         ``masks`` (white = repaint) are given. Runs :func:`~diffserve.models.editsteps.steps_run`
-        of the variant's steps; the output has the input's size."""
+        of the variant's steps; the output has the input's size. ``should_stop`` is asked after
+        every denoising step, as in :meth:`generate` (cancellation at step boundaries)."""
+        import inspect
+
         import torch
 
         from diffserve.models.editsteps import pipeline_steps
@@ -107,6 +111,8 @@ class LoadedModel:
         if masks is not None:
             kwargs.update(mask_image=list(masks), height=images[0].height, width=images[0].width)
         pipe = self.edit_pipeline("inpaint" if masks is not None else "img2img")
+        if should_stop is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            kwargs["callback_on_step_end"] = step_callback(None, should_stop)
         with torch.inference_mode():
             out = pipe(
                 prompt=list(prompts), image=list(images), strength=strength,
@@ -122,6 +128,7 @@ class LoadedModel:
         *,
         deadline: float | None = None,
         steps: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list["Image"]:
         """Images for ``prompts`` (one each) with the variant's steps, guidance and resolution.
 
@@ -129,6 +136,9 @@ class LoadedModel:
         ``deadline`` is a ``time.monotonic()`` instant: past it, the run stops between denoising
         steps with :class:`GenerationTimeout` instead of running to the end. ``steps`` overrides
         the variant's step count (the profiler warms up with one step: same shapes, less time).
+        ``should_stop`` is asked after every denoising step: once it answers true the pipeline's
+        interrupt is set and the remaining steps are skipped (the caller discards the images; the
+        server's cancellation at step boundaries, issue #24).
         """
         import torch
 
@@ -143,8 +153,8 @@ class LoadedModel:
         if deadline is not None:
             if time.monotonic() > deadline:
                 raise GenerationTimeout("deadline passed before the run started")
-            if self._supports_step_callback:
-                kwargs["callback_on_step_end"] = _deadline_callback(deadline)
+        if (deadline is not None or should_stop is not None) and self._supports_step_callback:
+            kwargs["callback_on_step_end"] = step_callback(deadline, should_stop)
         with torch.inference_mode():
             out = self.pipeline(
                 prompt=list(prompts),
@@ -160,10 +170,15 @@ class LoadedModel:
         return list(out.images)
 
 
-def _deadline_callback(deadline: float) -> Callable[..., dict]:
+def step_callback(deadline: float | None, should_stop: Callable[[], bool] | None = None) -> Callable[..., dict]:
+    """diffusers' ``callback_on_step_end``: past ``deadline`` raise; once ``should_stop()`` is true
+    set the pipeline's interrupt (``pipe._interrupt``, read by its ``interrupt`` property), so
+    the denoising loop skips its remaining steps."""
     def check(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise GenerationTimeout(f"deadline passed after denoising step {step + 1}")
+        if should_stop is not None and should_stop():
+            pipe._interrupt = True
         return callback_kwargs
 
     return check

@@ -119,8 +119,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def runtime_limits(runtime: Runtime) -> HttpLimits:
+    """The door's bounds; with SLO classes they follow the loosest class (whose requests stay
+    longest), so the door never sheds a request its class would have admitted."""
     s = runtime.settings
-    return http_limits(runtime.plan, s.slo_ms, s.drop_factor, runtime.clock.to_wall_s(s.slo_ms))
+    slo_ms = runtime.classes.loosest_ms
+    return http_limits(runtime.plan, slo_ms, s.drop_factor, runtime.clock.to_wall_s(slo_ms))
 
 
 def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
@@ -137,7 +140,7 @@ def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
         first = [plan.light, plan.heavy]  # closed only when neither could take it
     else:
         first = [plan.light]
-    left_ms = runtime.settings.slo_ms - runtime.clock.to_model_ms(waited_s)
+    left_ms = runtime.classes.loosest_ms - runtime.clock.to_model_ms(waited_s)  # --slo without classes
     return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > left_ms for m in first)
 
 

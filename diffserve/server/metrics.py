@@ -49,6 +49,24 @@ class Metrics:
         self.demand = Gauge("diffserve_demand_qps", "the controller's demand estimate (model-time QPS)", registry=r)
         self.replans = Counter("diffserve_replans", "controller decisions by result", ["result"], registry=r)
         self.inflight = Gauge("diffserve_inflight_images", "admitted images not yet answered", registry=r)
+        # per SLO class (server/slo_classes.py; one class, "default", without --slo-class)
+        self.class_requests = Counter(
+            "diffserve_class_requests", "images by SLO class and outcome: completed, failed, cancelled, rejected", ["slo_class", "outcome"],
+            registry=r)
+        self.class_slo_violations = Counter(
+            "diffserve_class_slo_violations", "images of the class answered late, failed or expired after admission", ["slo_class"], registry=r)
+        self.class_degraded = Counter("diffserve_class_degraded", "light images returned for a deferred query, by class", ["slo_class"], registry=r)
+        self.class_latency = Histogram(
+            "diffserve_class_latency_ms", "model-time end-to-end latency of answered images, by class", ["slo_class"],
+            buckets=_LATENCY_BUCKETS_MS, registry=r)
+        self.class_demand = Gauge("diffserve_class_demand_qps", "the controller's demand estimate per class", ["slo_class"], registry=r)
+        # GPU time (model seconds of one worker): what ran, and what cancellation at step boundaries saved
+        self.gpu_seconds = Counter("diffserve_gpu_seconds", "worker model-time seconds spent running batches", ["model"], registry=r)
+        self.gpu_seconds_saved = Counter(
+            "diffserve_gpu_seconds_saved", "worker seconds not spent: batches stopped at a step boundary because every request in them was gone",
+            ["model"], registry=r)
+        self.batches_cancelled = Counter(
+            "diffserve_batches_cancelled", "running batches stopped at a step boundary (all their requests gone)", ["model"], registry=r)
 
     # hooks used by pools and workers
     def queue_changed(self, model: str, length: int) -> None:
@@ -56,6 +74,13 @@ class Metrics:
 
     def dropped_job(self, model: str, reason: str) -> None:
         self.dropped.labels(model, reason).inc()
+
+    def class_answered(self, slo_class: str, latency_ms: float, *, degraded: bool, late: bool) -> None:
+        self.class_latency.labels(slo_class).observe(latency_ms)
+        if degraded:
+            self.class_degraded.labels(slo_class).inc()
+        if late:
+            self.class_slo_violations.labels(slo_class).inc()
 
     def update_deferral_rate(self) -> None:
         scored = self.scored._value.get()

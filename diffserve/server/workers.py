@@ -16,7 +16,7 @@ import asyncio
 import logging
 
 from diffserve.server.clock import Clock
-from diffserve.server.errors import DeadlineExceeded, Unavailable, WorkerCrashed, WorkerHung
+from diffserve.server.errors import BatchCancelled, DeadlineExceeded, Unavailable, WorkerCrashed, WorkerHung
 from diffserve.server.metrics import Metrics
 from diffserve.server.pool import Pool
 from diffserve.server.stage import Backend, Job, StageResult
@@ -125,6 +125,7 @@ class WorkerSet:
                 await self._run_batch(slot, pool, batch)
             finally:
                 pool.busy -= 1
+                pool.finished(batch)
                 self.running.pop(slot, None)
 
     async def _run_batch(self, slot: int, pool: Pool, batch: list[Job]) -> None:
@@ -137,6 +138,14 @@ class WorkerSet:
             outputs = await self.backend.predict(slot, model, batch)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"backend returned {len(outputs)} outputs for a batch of {len(batch)}")
+        except BatchCancelled as exc:
+            # every request of the batch was gone: it stopped at a step boundary, the worker is free
+            if self.metrics:
+                self.metrics.gpu_seconds.labels(model).inc(exc.ran_ms / 1000.0)
+                self.metrics.gpu_seconds_saved.labels(model).inc(exc.saved_ms / 1000.0)
+                self.metrics.batches_cancelled.labels(model).inc()
+            _fail(batch, lambda: DeadlineExceeded(f"the {model} batch was stopped: its requests were gone"))
+            return
         except WorkerCrashed as exc:
             log.warning("worker %d crashed running %d %s jobs: %s", slot, len(batch), model, exc)
             for job in reversed(batch):
@@ -169,6 +178,7 @@ class WorkerSet:
             return
         end = self.clock.now_ms()
         if self.metrics:
+            self.metrics.gpu_seconds.labels(model).inc((end - start) / 1000.0)
             self.metrics.batch_size.labels(model).observe(len(batch))
             self.metrics.stage_latency.labels(model, "compute").observe(end - start)
         for job, out in zip(batch, outputs):
