@@ -231,6 +231,7 @@ async def test_a_router_without_classes_asks_its_pools_only_what_it_asked_before
     class OldPool:
         workers, down, batch_size, max_queue, free = 1, 0, 1, 8, 8
         queue_full_error = Unavailable
+        drop_unmeetable = False  # as the Ray engine's RemotePool (the router's #21 admission guard reads it)
 
         def __init__(self) -> None:
             self.jobs: list[Job] = []
