@@ -13,7 +13,7 @@ import bisect
 import datetime as _dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -282,6 +282,20 @@ class PoolPlan(StrictModel):
     latency_ms: float = Field(ge=0, description="predicted worst-case time in this stage, waits included")
 
 
+class ClassPlan(StrictModel):
+    """One SLO class of a plan for a class mix (planner/class_mix.py): its share of the demand,
+    its own threshold and what the planner predicts for it."""
+
+    slo_ms: float = Field(gt=0)
+    demand_qps: float = Field(ge=0)
+    threshold: float | None = Field(default=None, ge=0, le=1, description="defer this class's queries when confidence < threshold")
+    heavy_fraction: float = Field(default=0.0, ge=0, le=1)
+    predicted: dict[str, float] = Field(default_factory=dict, description="predicted quality and degraded share of this class")
+    heavy_workers_reserved: int = Field(
+        default=0, ge=0, description="heavy workers held for this class's urgent work (an EDF pool starts loose work on the others)")
+    heavy_batch_size: int | None = Field(default=None, ge=1, description="batch size of this loose class's heavy batches (None: the pool's)")
+
+
 class PlanFile(StrictModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["diffserve.plan"] = "diffserve.plan"
@@ -303,6 +317,16 @@ class PlanFile(StrictModel):
     solver: str = ""
     solve_time_ms: float = 0.0
     notes: list[str] = Field(default_factory=list)
+    #: per SLO class (a server with --slo-class); absent from the file when the plan has none
+    classes: dict[str, ClassPlan] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_classes(self, handler: Any) -> Any:
+        """A plan without classes serialises exactly as before the field existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("classes") is None:
+            data.pop("classes", None)
+        return data
 
     def pool(self, model: str) -> PoolPlan | None:
         for p in self.pools:

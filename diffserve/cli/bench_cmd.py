@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -169,6 +169,9 @@ def compare_cmd(
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
     stream: Annotated[bool, typer.Option("--stream", help="Ask for progressive delivery (stream: true, partial_images: 1) and report time to first image.")] = False,
     arrivals_mode: Annotated[str | None, typer.Option("--arrivals", help="With --trace: resample (each seed redraws Poisson arrivals within each second at the trace's per-second count; the default for --seeds > 1) or replay (the file's exact times on every seed).")] = None,
+    class_mix: Annotated[Optional[str], typer.Option("--class-mix", help="SLO classes NAME:SLO:SHARE,... (interactive:2.5s:0.3,batch:30s:0.7): each arrival's class drawn per seed; runs ours, diffserve-fifo and single-class with per-class rows.")] = None,
+    disconnect_after: Annotated[Optional[str], typer.Option("--disconnect-after", help="With --class-mix: chosen clients go away this long after sending (model time), e.g. 1s.")] = None,
+    disconnect_share: Annotated[float, typer.Option("--disconnect-share", help="With --disconnect-after: the share of clients that go away (0.2).")] = 0.2,
     output: OutputOpt = Path("bench-compare"),
 ) -> None:
     """Run the same arrivals against each policy on a fresh emulated server and compare them."""
@@ -194,6 +197,10 @@ def compare_cmd(
 
     from diffserve import policies as registry
 
+    if class_mix is not None:
+        return _class_mix_compare(locals())
+    if disconnect_after is not None:
+        raise UserError("--disconnect-after needs --class-mix (the disconnect scenario runs on a class mix)")
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or registry.bench_labels()
     for p in chosen:
         registry.bench_row(p, flag="--policies")
@@ -273,6 +280,60 @@ def _arrival_mode(given: str | None, is_trace: bool, seeds: int) -> str:
             raise UserError("--arrivals applies to --trace only; generated arrivals (--poisson, --shape, --bursty) are drawn per seed")
         return "generated"
     return given or ("resample" if seeds > 1 else "replay")
+
+
+def _class_mix_compare(args: dict) -> None:
+    """``bench compare --class-mix``: the runs of evaluation/class_mix.py, one table row per class."""
+    import time
+
+    from rich.progress import Progress
+
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.errors import UserError
+    from diffserve.evaluation.class_mix import MIX_POLICIES, Disconnect, parse_class_mix, run_class_mix
+    from diffserve.evaluation.compare import CompareSpec
+    from diffserve.evaluation.prompts import load_prompts
+    from diffserve.units import parse_duration_ms, parse_int_list
+
+    mix = parse_class_mix(args["class_mix"])
+    disconnect = None
+    if args["disconnect_after"] is not None:
+        disconnect = Disconnect(parse_duration_ms(args["disconnect_after"], name="--disconnect-after"), args["disconnect_share"])
+    worker_list = parse_int_list(args["workers"], name="--workers")
+    if len(worker_list) > 1:
+        raise UserError("--class-mix takes one --workers value")
+    chosen = tuple(p.strip() for p in args["policies"].split(",") if p.strip()) or MIX_POLICIES
+    prompt_list = load_prompts(args["prompts"])
+    seed, seeds = args["seed"], args["seeds"]
+
+    def arrivals_of(s: int):
+        return _arrivals(args["trace"], args["poisson"], args["shape"], args["qps_range"], args["seconds_per_point"], args["bursty"],
+                         args["on_off"], args["duration"], args["max_requests"], s, len(prompt_list))
+
+    arrivals, source_label = arrivals_of(seed)
+    prof, casc = load_profile(args["profile"]), load_cascade(args["cascade"])
+    spec = CompareSpec(
+        arrivals=arrivals, prompts=prompt_list, profile_spec=args["profile"], cascade_spec=args["cascade"], profile=prof,
+        pair=_pair_of(casc), workers=worker_list[0], slo_ms=parse_duration_ms(args["slo"], name="--slo"), speedup=args["speedup"],
+        output=args["output"], seed=seed, replan_interval_ms=parse_duration_ms(args["replan_interval"], name="--replan-interval"),
+        trace_label=source_label, clock=args["clock"], seeds=tuple(range(seed, seed + seeds)),
+        arrivals_for_seed=None if args["trace"] is not None else (lambda s: arrivals_of(s)[0]),
+    )
+    console.print(f"{len(arrivals)} requests ({source_label}); class mix "
+                  + ", ".join(f"{c.name} {c.slo_ms / 1000:g} s x {c.share:g}" for c in mix)
+                  + (f"; {100 * disconnect.share:g} % leave after {disconnect.after_ms / 1000:g} s" if disconnect else ""))
+    started = time.monotonic()
+    _sigterm_as_exit()
+    with Progress(console=err_console, transient=True) as progress:
+        tasks: dict[str, object] = {}
+
+        def begin(name: str, total: int) -> None:
+            tasks[name] = progress.add_task(name, total=total)
+
+        run_class_mix(spec, mix, disconnect=disconnect, policies=chosen, on_policy_start=begin,
+                      on_request_done=lambda n: progress.advance(tasks[n]), log=lambda line: progress.console.print(line))
+    console.print((args["output"] / "results.md").read_text())
+    console.print(f"wrote {args['output']}/results.json, results.md and one folder per run ({time.monotonic() - started:.0f} s)")
 
 
 def _warn_lag(row: dict, slo_ms: float) -> None:

@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
 def plan(
     profile: Annotated[str, typer.Option("--profile", "-p", help="profile.yaml, or 'reference' (paper's A100 figures).")] = "reference",
     cascade: Annotated[str, typer.Option("--cascade", "-c", help="cascade.yaml, or 'reference'.")] = "reference",
-    demand: Annotated[Optional[float], typer.Option("--demand", help="Demand in queries/s.")] = None,
-    slo: Annotated[str, typer.Option("--slo", help="Latency SLO, e.g. 5s or 500ms.")] = "5s",
+    demand: Annotated[Optional[str], typer.Option("--demand", help="Demand in queries/s, or a class mix NAME=QPS,... (interactive=8,batch=20) with --slo-class.")] = None,
+    slo: Annotated[str, typer.Option("--slo", help="Latency SLO, e.g. 5s or 500ms (with --slo-class: the default class's).")] = "5s",
+    slo_class: Annotated[Optional[list[str]], typer.Option("--slo-class", help="An SLO class NAME=SLO (interactive=2.5s), as serve's; repeat for more.")] = None,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Workers (GPUs) available.")] = 16,
     policy: Annotated[str, typer.Option("--policy", help=policies.choices_help())] = policies.OURS,
     headroom: Annotated[Optional[float], typer.Option("--headroom", help="Plan for this multiple of the demand (default 1.2).")] = None,
@@ -69,10 +70,21 @@ def plan(
         raise UserError("--plot needs --sweep")
     if demand is None:
         raise UserError("give --demand QPS (or --sweep LOW:HIGH)")
-    if workers_per_gpu.strip() != "1":
-        result = _plan_colocated(prof, casc, workers_per_gpu, demand=demand, policy=policy, threshold=threshold, options=options)
+    if "=" in demand or slo_class:
+        if workers_per_gpu.strip() != "1":
+            raise UserError("--workers-per-gpu plans one demand; a class mix (--slo-class) is planned with one worker per GPU")
+        result = _class_mix_plan(prof, casc, demand, slo_ms, slo_class or [], policy, threshold, options)
     else:
-        result = solve_plan(prof, casc, demand_qps=demand, policy=policy, threshold=threshold, **options)
+        try:
+            qps = float(demand)
+        except ValueError:
+            raise UserError(f"--demand must be a number of queries/s or a mix NAME=QPS,..., got {demand!r}") from None
+        if not qps > 0:
+            raise UserError(f"--demand must be positive, got {demand!r}")
+        if workers_per_gpu.strip() != "1":
+            result = _plan_colocated(prof, casc, workers_per_gpu, demand=qps, policy=policy, threshold=threshold, options=options)
+        else:
+            result = solve_plan(prof, casc, demand_qps=qps, policy=policy, threshold=threshold, **options)
     write_model(output, result)
     _print_plan(result)
     console.print(f"plan written to {output}")
@@ -109,6 +121,28 @@ def _plan_colocated(prof, casc, text: str, *, demand: float, policy: str, thresh
             f"{' (degraded)' if p.degraded else ''}"
         )
     return best.plan
+
+
+def _class_mix_plan(prof, casc, demand: str, slo_ms: float, slo_class: list[str], policy: str, threshold, options: dict):
+    """``--demand interactive=8,batch=20 --slo-class interactive=2.5s --slo-class batch=30s``: the
+    plan for the mix (planner/class_mix.py), with per-class predictions in ``classes``."""
+    from diffserve.errors import UserError
+    from diffserve.planner.class_mix import parse_demand_mix, solve_class_mix
+    from diffserve.server.slo_classes import SloClasses, parse_class_specs
+
+    if threshold is not None:
+        raise UserError("--threshold pins one threshold; a class mix plans one per class")
+    mix = parse_demand_mix(demand) if "=" in demand else None
+    slos = SloClasses(slo_ms, parse_class_specs(slo_class)).as_dict()
+    if mix is None:
+        raise UserError("with --slo-class, --demand is a mix NAME=QPS,... naming the classes (default for --slo)")
+    rest = {k: v for k, v in options.items() if k != "slo_ms"}
+    result = solve_class_mix(prof, casc, demands=mix, slos=slos, workers=rest.pop("workers"), policy=policy, **rest)
+    for name, c in (result.classes or {}).items():
+        q = ", ".join(f"{k} {v:g}" for k, v in c.predicted.items())
+        console.print(f"class {name}: SLO {c.slo_ms / 1000:g} s, {c.demand_qps:g} qps, threshold {c.threshold}, "
+                      f"heavy fraction {c.heavy_fraction:.3f}, reserved heavy workers {c.heavy_workers_reserved}; {q}")
+    return result
 
 
 def _parse_wait(text: str) -> float:

@@ -117,6 +117,9 @@ def serve_command(
     plan: Annotated[Optional[str], typer.Option(help="Start from this plan.yaml instead of solving one.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker slots (GPUs in the modelled cluster).")] = 16,
     slo: Annotated[str, typer.Option(help="Latency SLO, model time (5s, 500ms).")] = "5s",
+    slo_class: Annotated[Optional[list[str]], typer.Option("--slo-class", help="An SLO class NAME=SLO (interactive=2.5s); repeat for more. Requests name one by the X-Diffserve-Class header or the slo_class field; the default class keeps --slo.")] = None,
+    pool_order: Annotated[str, typer.Option(help="Queue order of every pool: auto (earliest deadline first with --slo-class, else FIFO), fifo or edf.")] = "auto",
+    cancel: Annotated[bool, typer.Option("--cancel/--no-cancel", help="Withdraw the work of a request whose client left; a running batch whose requests are all gone stops at its next step.")] = True,
     speedup: Annotated[float, typer.Option(min=0.001, help="Emulated backend only: run this many times faster than model time.")] = 1.0,
     policy: Annotated[str, typer.Option(help=policies.choices_help())] = policies.OURS,
     demand: Annotated[float, typer.Option(help="Initial demand estimate in QPS (static: the demand its one plan is solved for).")] = 1.0,
@@ -149,6 +152,7 @@ def serve_command(
 ) -> None:
     """Start the cascade server (OpenAI-compatible POST /v1/images/generations)."""
     from diffserve.server.build import ServeOptions
+    from diffserve.server.slo_classes import parse_class_specs
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise UserError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
@@ -175,6 +179,9 @@ def serve_command(
         device=device,
         workers_per_gpu=workers_per_gpu,
         mps=mps,
+        slo_classes=parse_class_specs(slo_class or []),
+        pool_order=pool_order,
+        cancel=cancel,
     )
     if queue_full_status not in (429, 503):
         raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")

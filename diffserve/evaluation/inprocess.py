@@ -44,6 +44,8 @@ from diffserve.server.virtualtime import run_virtual, virtual_clock
 DEFAULT_SOLVE_MS = 0.0
 #: The error a request shed at the door is recorded with: the message of the door's 503 body.
 DOOR_ERROR = json.loads(SHED_BODY)["error"]["message"]
+#: The error of a record whose client went away on purpose (the disconnect scenario).
+DISCONNECTED = "client disconnected"
 
 
 @dataclass
@@ -56,6 +58,11 @@ class InProcessLoad:
     plan_poll_model_s: float = 5.0
     #: progressive delivery, as ``stream: true, partial_images: 1`` over HTTP: record ``ttfi_ms``
     stream: bool = False
+    #: the SLO class of each arrival, by index (``bench compare --class-mix``); None: the default class
+    classes: list[str] | None = None
+    #: arrivals (by index) whose client goes away ``disconnect_after_ms`` after sending (``--disconnect-*``)
+    disconnects: frozenset[int] = frozenset()
+    disconnect_after_ms: float = 0.0
 
     @property
     def timeout_ms(self) -> float:
@@ -121,13 +128,17 @@ async def drive(
             if record.ttfi_ms is None:
                 record.ttfi_ms = round(elapsed_ms, 3)
 
+        leaves = record.index in load.disconnects
+        slo_class = load.classes[record.index] if load.classes is not None else None
         try:
             answers = await asyncio.wait_for(
-                runtime.generate(prompt, n=1, seed=request_seed, size=load.size, on_light=on_light if load.stream else None),
-                timeout_s,
+                runtime.generate(prompt, n=1, seed=request_seed, size=load.size, on_light=on_light if load.stream else None,
+                                 slo_class=slo_class),
+                load.disconnect_after_ms / 1000.0 if leaves else timeout_s,
             )
         except asyncio.TimeoutError:
-            record.error = f"client timeout after {load.timeout_ms:.0f} model ms"
+            record.error = (f"{DISCONNECTED} after {load.disconnect_after_ms:.0f} model ms" if leaves
+                            else f"client timeout after {load.timeout_ms:.0f} model ms")
         except ServeError as exc:
             fill_error(record, exc)
         except Exception:  # noqa: BLE001 - what the API's error boundary answers
@@ -159,6 +170,8 @@ def run_in_process(
     on_done: Callable[[RequestRecord], None] | None = None,
     stream: bool = False,
     door_log: dict[str, int] | None = None,
+    load: InProcessLoad | None = None,
+    observe: Callable[[Runtime], None] | None = None,
 ) -> LoadResult:
     """Build the runtime from ``opts`` as the server does, serve ``arrivals`` in virtual time, shut down.
 
@@ -166,7 +179,7 @@ def run_in_process(
     records. ``opts.speedup`` is ignored: in virtual time there is nothing to speed up. ``stream``
     asks for progressive delivery as an HTTP client would and records each answer's time to first image.
     """
-    load = InProcessLoad(slo_ms=opts.slo_ms, stream=stream)
+    load = load or InProcessLoad(slo_ms=opts.slo_ms, stream=stream)
     started = time.perf_counter()
 
     async def main() -> LoadResult:
@@ -177,6 +190,8 @@ def run_in_process(
             return await drive(runtime, load, arrivals, prompts, seed=seed, on_done=on_done, door_log=door_log)
         finally:
             await runtime.drain()
+            if observe is not None:
+                observe(runtime)
             await runtime.stop()
 
     result = run_virtual(main, executor_charge_ms=solve_ms)

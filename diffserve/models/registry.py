@@ -93,10 +93,14 @@ class LoadedModel:
         *,
         strength: float,
         masks: list["Image"] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list["Image"]:
         """Edit ``images`` (one per prompt) at ``strength``: img2img, or in-painting where
         ``masks`` (white = repaint) are given. Runs :func:`~diffserve.models.editsteps.steps_run`
-        of the variant's steps; the output has the input's size."""
+        of the variant's steps; the output has the input's size. ``should_stop`` is asked after
+        every denoising step, as in :meth:`generate` (cancellation at step boundaries)."""
+        import inspect
+
         import torch
 
         from diffserve.models.editsteps import pipeline_steps
@@ -111,6 +115,8 @@ class LoadedModel:
         if masks is not None:
             kwargs.update(mask_image=list(masks), height=images[0].height, width=images[0].width)
         pipe = self.edit_pipeline("inpaint" if masks is not None else "img2img")
+        if should_stop is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            kwargs["callback_on_step_end"] = step_callback(None, should_stop)
         with torch.inference_mode():
             out = pipe(
                 prompt=list(prompts), image=list(images), strength=strength,
@@ -126,6 +132,7 @@ class LoadedModel:
         *,
         deadline: float | None = None,
         steps: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list["Image"]:
         """Images for ``prompts`` (one each) with the variant's steps, guidance and resolution.
 
@@ -133,6 +140,9 @@ class LoadedModel:
         ``deadline`` is a ``time.monotonic()`` instant: past it, the run stops between denoising
         steps with :class:`GenerationTimeout` instead of running to the end. ``steps`` overrides
         the variant's step count (the profiler warms up with one step: same shapes, less time).
+        ``should_stop`` is asked after every denoising step: once it answers true the pipeline's
+        interrupt is set and the remaining steps are skipped (the caller discards the images; the
+        server's cancellation at step boundaries, issue #24).
         """
         import torch
 
@@ -147,9 +157,9 @@ class LoadedModel:
         if deadline is not None:
             if time.monotonic() > deadline:
                 raise GenerationTimeout("deadline passed before the run started")
-            if self._supports_step_callback:
-                sync = self.device if self.gpu.get("step_sync") else None
-                kwargs["callback_on_step_end"] = _deadline_callback(deadline, sync)
+        if (deadline is not None or should_stop is not None) and self._supports_step_callback:
+            sync = self.device if self.gpu.get("step_sync") else None
+            kwargs["callback_on_step_end"] = step_callback(deadline, should_stop, sync)
         tensor_path = bool(self.gpu.get("pinned_outputs") or self.gpu.get("same_stream_decode"))
         with torch.inference_mode():
             out = self.pipeline(
@@ -176,17 +186,25 @@ def _tensor_images_to_pil(images: Any, *, pinned: bool) -> list["Image"]:
     return [PILImage.fromarray(a) for a in to_host(to_uint8_nhwc(images), pinned=pinned)]
 
 
-def _deadline_callback(deadline: float, sync_device: str | None = None) -> Callable[..., dict]:
-    """Stop between steps past ``deadline``; with ``sync_device`` (``step_sync``) wait for the step's
-    kernels first, so the check sees finished work rather than queued work."""
+def step_callback(
+    deadline: float | None,
+    should_stop: Callable[[], bool] | None = None,
+    sync_device: str | None = None,
+) -> Callable[..., dict]:
+    """diffusers' ``callback_on_step_end``: past ``deadline`` raise; once ``should_stop()`` is true
+    set the pipeline's interrupt (``pipe._interrupt``, read by its ``interrupt`` property), so
+    the denoising loop skips its remaining steps. With ``sync_device`` (``step_sync``) wait for the
+    step's kernels first, so the check sees finished work rather than queued work."""
 
     def check(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         if sync_device is not None:
             import torch
 
             torch.cuda.synchronize(sync_device)
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise GenerationTimeout(f"deadline passed after denoising step {step + 1}")
+        if should_stop is not None and should_stop():
+            pipe._interrupt = True
         return callback_kwargs
 
     return check

@@ -42,6 +42,7 @@ from diffserve.server.openai_images import Rendering, error_body, image_item, im
 from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import ImageGenerationRequest, check_limits, parse_size
+from diffserve.server.slo_classes import CLASS_HEADER, class_of_request
 from diffserve.server.shedding import waited_s
 from diffserve.server.streaming import stream_images
 from diffserve.server.uploads import UploadLimits
@@ -285,9 +286,10 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         render = Rendering(req.prompt, size, quality, req.output_format, req.ignored())
         # the deadline runs from when the server first saw the request, not from admission
         arrival_ms = runtime.clock.now_ms() - runtime.clock.to_model_ms(waited_s(request.scope))
+        slo_class, class_param = class_of_request(request.headers.get(CLASS_HEADER), req.slo_class)
         generate = functools.partial(
             runtime.generate, req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms,  # type: ignore[arg-type]
-            arrival_ms=arrival_ms,
+            arrival_ms=arrival_ms, slo_class=slo_class, class_param=class_param,
         )
         if req.stream:
             return await stream_images(

@@ -62,6 +62,14 @@ class ServeOptions:
     #: keep the initial plan for the whole run (the controller still measures demand but never
     #: re-plans), as ``PUT /v1/plan`` pins one; the quickstart's demo plan on random weights uses it
     pin_plan: bool = False
+    #: SLO classes (``--slo-class NAME=SLO``) by name -> SLO ms; empty: the default class only (``slo_ms``)
+    slo_classes: dict[str, float] = field(default_factory=dict)
+    #: pool order: auto (EDF with classes, else FIFO), fifo or edf (``--pool-order``)
+    pool_order: str = "auto"
+    #: withdraw the work of requests whose client left, down to a running batch's next step (``--no-cancel``: off)
+    cancel: bool = True
+    #: with classes, plan for the measured class mix (off: one plan at the tightest SLO; an ablation)
+    plan_classes: bool = True
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -77,6 +85,8 @@ class ServeOptions:
             raise UserError(f"--workers-per-gpu must be at least 1, got {self.workers_per_gpu}")
         if self.workers_per_gpu > 1 and (self.backend != "diffusers" or not self.device.startswith("cuda")):
             raise UserError("--workers-per-gpu applies to the diffusers backend on a CUDA --device")
+        if self.pool_order not in ("auto", "fifo", "edf"):
+            raise UserError(f"--pool-order must be auto, fifo or edf, got {self.pool_order!r}")
         if self.backend == "diffusers" and self.speedup != 1.0:
             raise UserError("--speedup only applies to the emulated backend (real models run in real time)")
 
@@ -89,10 +99,21 @@ def initial_plan(
         return plan, f"plan file {opts.plan}"
     solve = solver or default_solver()
     try:
-        plan = solve(
-            profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy,
-            **solver_options(opts),
-        )
+        if opts.slo_classes:
+            # the mix is not known yet: all of the demand on the tightest class (the controller
+            # measures the mix and re-plans at its first interval)
+            from diffserve.planner.class_mix import solve_class_mix
+            from diffserve.server.slo_classes import SloClasses
+
+            slos = SloClasses(opts.slo_ms, opts.slo_classes).as_dict()
+            tight = min(slos, key=lambda c: slos[c])
+            plan = solve_class_mix(profile, cascade, demands={tight: opts.demand_qps}, slos=slos, workers=opts.workers,
+                                   policy=opts.policy, planner=solve, **solver_options(opts))
+        else:
+            plan = solve(
+                profile, cascade, demand_qps=opts.demand_qps, slo_ms=opts.slo_ms, workers=opts.workers, policy=opts.policy,
+                **solver_options(opts),
+            )
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -137,6 +158,10 @@ def runtime_settings(opts: ServeOptions) -> RuntimeSettings:
         queue_full_status=opts.queue_full_status,
         max_batch_wait_ms=opts.max_batch_wait_ms,
         seed=opts.seed,
+        classes=dict(opts.slo_classes),
+        order=opts.pool_order,
+        cancel=opts.cancel,
+        plan_classes=opts.plan_classes,
         controller=dataclasses.replace(
             opts.controller,
             interval_ms=opts.replan_interval_ms,

@@ -20,6 +20,10 @@ default): a move that passes the hysteresis is applied only when its gain over t
 ``load_time_s``); see :meth:`Controller._not_worth_loading`. With a cascade of several pairs
 (``--cascade reference-pool``) the plan may change the pair; the same rule decides.
 
+SLO classes (``--slo-class``): the offered rate is also measured per class in each window, the
+demand estimate is split by those shares (the last known shares when a window saw nothing), and
+the plan is solved for the mix (:func:`~diffserve.planner.class_mix.solve_class_mix`).
+
 Defaults (documented in docs/serving.md, not tuned to any trace): interval 5 s, EWMA alpha 0.5,
 safety factor 1.0 (the planner's headroom is 1.2), demand floor 0.5 QPS, hysteresis 0.2 %.
 """
@@ -126,6 +130,17 @@ class Controller:
         self._last_t = clock.now_ms()
         self._last_offered = 0
         self._task: asyncio.Task | None = None
+        #: SLO classes (name -> SLO ms) to plan for as a mix; None: one class, the ordinary planner
+        self.class_slos: dict[str, float] | None = None
+        self.class_demands: dict[str, float] = {}
+        self._class_shares: dict[str, float] = {}
+        self._last_by_class: dict[str, int] = {}
+
+    def plan_for_classes(self, slos: dict[str, float], shares: dict[str, float] | None = None) -> None:
+        """Plan every re-plan for this class mix; ``shares`` until a window has measured one."""
+        self.class_slos = dict(slos)
+        self._class_shares = dict(shares or {})
+        self._last_by_class = dict(getattr(self.target, "offered_by_class", {}))
 
     @property
     def solver(self) -> Solver:
@@ -145,6 +160,12 @@ class Controller:
             raise RuntimeError(f"solver raised StopIteration: {exc}") from None
 
     def _call_solver(self, demand_qps: float) -> PlanFile:
+        if self.class_slos:
+            from diffserve.planner.class_mix import solve_class_mix
+
+            demands = self._split(demand_qps)
+            return solve_class_mix(self.profile, self.cascade, demands=demands, slos=self.class_slos, workers=self.workers,
+                                   policy=self.policy, planner=self.solver, **self.solver_options)
         return self.solver(
             self.profile,
             self.cascade,
@@ -155,9 +176,29 @@ class Controller:
             **self.solver_options,
         )
 
+    def _split(self, demand_qps: float) -> dict[str, float]:
+        """The demand estimate split over the classes by their measured shares (all on the
+        tightest class while nothing was measured: the conservative plan)."""
+        assert self.class_slos
+        shares = self._class_shares
+        if not shares or sum(shares.values()) <= 0:
+            tight = min(self.class_slos, key=lambda c: self.class_slos[c])  # type: ignore[index]
+            shares = {tight: 1.0}
+        total = sum(shares.values())
+        return {c: demand_qps * shares.get(c, 0.0) / total for c in self.class_slos}
+
+    def _measure_classes(self) -> None:
+        by_class = dict(getattr(self.target, "offered_by_class", {}))
+        window = {c: by_class.get(c, 0) - self._last_by_class.get(c, 0) for c in by_class}
+        self._last_by_class = by_class
+        if sum(window.values()) > 0:
+            self._class_shares = {c: float(n) for c, n in window.items()}
+
     def estimate(self) -> tuple[float, dict[str, Any]]:
         """Demand for the next interval, with the inputs that produced it."""
         now = self.clock.now_ms()
+        if self.class_slos:
+            self._measure_classes()
         elapsed_s = max((now - self._last_t) / 1000.0, 1e-9)
         offered = self.target.offered
         rate = (offered - self._last_offered) / elapsed_s
@@ -185,6 +226,12 @@ class Controller:
         self.demand_qps = demand
         if self.metrics:
             self.metrics.demand.set(demand)
+        if self.class_slos:
+            self.class_demands = self._split(demand)
+            inputs["class_demand_qps"] = {c: round(v, 3) for c, v in self.class_demands.items()}
+            if self.metrics:
+                for c, v in self.class_demands.items():
+                    self.metrics.class_demand.labels(c).set(v)
         if self.pinned:
             return self._record(demand, None, 0.0, applied=False, reason=self.pinned_reason, inputs=inputs)
         t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import check_limits, parse_size
 from diffserve.server.schemas_edits import ImageEditRequest, coerce_form
 from diffserve.server.shedding import waited_s
+from diffserve.server.slo_classes import CLASS_HEADER, class_of_request
 from diffserve.server.stage import EditInput
 from diffserve.server.streaming import stream_images
 from diffserve.server.uploads import UploadLimits, decode_data_url, read_image, read_mask, to_png
@@ -81,9 +82,11 @@ def register_edits(app: FastAPI, runtime: Runtime, cfg: Any, store: Any) -> None
         seed = req.seed if req.seed is not None else runtime.request_seed()
         render = Rendering(req.prompt, size, quality, req.output_format, ignored, events="image_edit")
         arrival_ms = runtime.clock.now_ms() - runtime.clock.to_model_ms(waited_s(request.scope))
+        # an edit names its SLO class as a generation does (header or field; server/slo_classes.py)
+        slo_class, class_param = class_of_request(request.headers.get(CLASS_HEADER), req.slo_class)
         generate = functools.partial(
             runtime.generate, req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms,  # type: ignore[arg-type]
-            arrival_ms=arrival_ms, edit=edit_input,
+            arrival_ms=arrival_ms, edit=edit_input, slo_class=slo_class, class_param=class_param,
         )
         if req.stream:
             return await stream_images(

@@ -3,21 +3,35 @@
 With it the paper's 16 x A100 testbed runs on a laptop: the event loop only sleeps, so in-process
 asyncio workers are enough. Confidences come from :class:`ScoreSampler`, images are a tiny valid
 PNG (solid colour per model) so that clients can decode what they get.
+
+A batch is a run of denoising steps (the profile's ``steps``, else the step count the paper's
+models are served with, else 50): when every request of a running batch is gone (the client
+left, or the router answered it otherwise), it stops at the next step boundary, as the diffusers
+backend does through ``callback_on_step_end``, and the worker is free again
+(:class:`~diffserve.server.errors.BatchCancelled`). The batch's timing is unchanged otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import math
 from collections.abc import Sequence
 
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
-from diffserve.server.editcost import batch_ms, model_steps
+from diffserve.models.editsteps import steps_run
+from diffserve.server.editcost import batch_ms, edit_groups, model_steps
+from diffserve.server.errors import BatchCancelled
 from diffserve.server.latency import profile_tables
 from diffserve.server.scores import ScoreSampler, unit_hash
 from diffserve.server.stage import Backend, Job, StageOutput
 
 DEFAULT_LOAD_TIME_S = 10.0
+#: Steps of a model whose profile states none and that is not one of the paper's reference models
+#: (whose step counts :func:`~diffserve.server.editcost.model_steps` knows); diffusers' default for SD pipelines.
+#: Used only to place the step boundaries a cancelled batch stops at; edits of such a model run full price.
+DEFAULT_STEPS = 50
 
 
 def solid_png(seed_text: str, size: tuple[int, int] = (8, 8)) -> bytes:
@@ -64,6 +78,8 @@ class EmulatedBackend(Backend):
         self._sizes = sizes or [(512, 512), (256, 256)]
         self._png = {m: solid_png(m) for m in self.models}
         self.calls = 0
+        # step boundaries of a running batch (cancellation): the known count, else DEFAULT_STEPS
+        self.denoise_steps = {m: self.steps[m] or DEFAULT_STEPS for m in self.models}
 
     async def setup(self) -> None:
         return None
@@ -93,8 +109,37 @@ class EmulatedBackend(Backend):
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         self.calls += 1
-        await self.clock.sleep_ms(self.run_ms(model, jobs))
+        latency = self.run_ms(model, jobs)
+        if self.cancel_running:
+            await self._denoise(model, latency, jobs)
+        else:
+            await self.clock.sleep_ms(latency)
         png = self._png[model]
         return [
             StageOutput(png=png, confidence=self._scores_of(model).confidence(j.prompt, j.seed) if j.score else None) for j in jobs
         ]
+
+    def _steps_run(self, model: str, jobs: list[Job]) -> int:
+        """Denoising steps the batch runs: all of the model's for generations, an edit group only
+        its strength's share (the same rule :meth:`run_ms` charges by, so steps are equally long)."""
+        steps, known = self.denoise_steps[model], self.steps[model] is not None
+        return sum(
+            steps if kind == "generate" or not known else steps_run(steps, strength)
+            for kind, strength in edit_groups([j.edit for j in jobs])
+        )
+
+    async def _denoise(self, model: str, latency_ms: float, jobs: list[Job]) -> None:
+        """Run the batch's steps; once every job's future is done (gone), stop after the step in
+        progress and raise :class:`BatchCancelled`. Uninterrupted, the timing is one sleep."""
+        start = self.clock.now_ms()
+        _done, pending = await asyncio.wait({j.future for j in jobs}, timeout=self.clock.to_wall_s(latency_ms))
+        if pending:
+            return
+        step = latency_ms / self._steps_run(model, jobs)
+        elapsed = self.clock.now_ms() - start
+        if elapsed >= latency_ms:
+            return
+        ran = min(latency_ms, max(1, math.ceil(elapsed / step - 1e-9)) * step)
+        if ran > elapsed:
+            await self.clock.sleep_ms(ran - elapsed)
+        raise BatchCancelled(model, ran_ms=ran, saved_ms=latency_ms - ran)

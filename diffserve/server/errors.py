@@ -73,6 +73,15 @@ class WouldMissDeadline(Exception):
     """Internal: a queued heavy job can no longer finish in time; the router degrades it."""
 
 
+class BatchCancelled(Exception):
+    """Internal: every request of a running batch was gone, so it stopped at a step boundary."""
+
+    def __init__(self, model: str, *, ran_ms: float, saved_ms: float) -> None:
+        super().__init__(f"{model} batch stopped after {ran_ms:.0f} ms: every request in it was gone")
+        self.ran_ms = ran_ms
+        self.saved_ms = saved_ms
+
+
 class WorkerCrashed(Exception):
     """Internal: the worker process died while running a batch; the batch may be retried once."""
 

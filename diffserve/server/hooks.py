@@ -17,7 +17,8 @@ from diffserve.schemas import PlanFile
 
 class ServingHooks(Protocol):
     """Every event the serving loops report. The pool's two (``queue_changed``, ``dropped``) are
-    :class:`~diffserve.server.pool.PoolHooks`."""
+    :class:`~diffserve.server.pool.PoolHooks`. ``slo_class`` names the request's SLO class
+    (server/slo_classes.py; ``default`` without ``--slo-class``)."""
 
     # pools
     def queue_changed(self, model: str, length: int) -> None: ...
@@ -25,18 +26,19 @@ class ServingHooks(Protocol):
     # router
     def scored(self, deferred: bool) -> None: ...
     def cascade_step_done(self) -> None: ...
-    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool) -> None: ...
+    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool, slo_class: str = "default") -> None: ...
     # runtime
     def plan_applied(self, plan: PlanFile) -> None: ...
     def admitted(self, n: int) -> None: ...
-    def rejected(self, reason: str) -> None: ...
+    def rejected(self, reason: str, *, slo_class: str = "default", images: int = 1) -> None: ...
     def inflight(self, n: int) -> None: ...
-    def finished(self, outcome: str) -> None: ...
-    def failed_in_service(self) -> None: ...
+    def finished(self, outcome: str, *, slo_class: str = "default") -> None: ...
+    def failed_in_service(self, *, slo_class: str = "default") -> None: ...
     def worker_event(self, model: str | None, event: str) -> None: ...
     # worker loops
     def pool_workers(self, model: str, workers: int, down: int) -> None: ...
     def batch_ran(self, model: str, size: int, compute_ms: float) -> None: ...
+    def batch_cancelled(self, model: str, ran_ms: float, saved_ms: float) -> None: ...
     def job_started(self, model: str, queued_ms: float) -> None: ...
 
 
@@ -55,7 +57,7 @@ class NoHooks:
     def cascade_step_done(self) -> None:
         pass
 
-    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool) -> None:
+    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool, slo_class: str = "default") -> None:
         pass
 
     def plan_applied(self, plan: PlanFile) -> None:
@@ -64,16 +66,16 @@ class NoHooks:
     def admitted(self, n: int) -> None:
         pass
 
-    def rejected(self, reason: str) -> None:
+    def rejected(self, reason: str, *, slo_class: str = "default", images: int = 1) -> None:
         pass
 
     def inflight(self, n: int) -> None:
         pass
 
-    def finished(self, outcome: str) -> None:
+    def finished(self, outcome: str, *, slo_class: str = "default") -> None:
         pass
 
-    def failed_in_service(self) -> None:
+    def failed_in_service(self, *, slo_class: str = "default") -> None:
         pass
 
     def worker_event(self, model: str | None, event: str) -> None:
@@ -83,6 +85,9 @@ class NoHooks:
         pass
 
     def batch_ran(self, model: str, size: int, compute_ms: float) -> None:
+        pass
+
+    def batch_cancelled(self, model: str, ran_ms: float, saved_ms: float) -> None:
         pass
 
     def job_started(self, model: str, queued_ms: float) -> None:

@@ -120,8 +120,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def runtime_limits(runtime: Runtime) -> HttpLimits:
+    """The door's bounds; with SLO classes they follow the loosest class (whose requests stay
+    longest), so the door never sheds a request its class would have admitted."""
     s = runtime.settings
-    return http_limits(runtime.plan, s.slo_ms, s.drop_factor, runtime.clock.to_wall_s(s.slo_ms))
+    slo_ms = runtime.classes.loosest_ms
+    return http_limits(runtime.plan, slo_ms, s.drop_factor, runtime.clock.to_wall_s(slo_ms))
 
 
 def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
@@ -134,7 +137,7 @@ def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
     plan = runtime.plan
     # closed only when none of the pools a query may enter first could take it
     first = [plan.heavy if role == "heavy" and plan.heavy else plan.light for role in first_stage_roles(plan.routing)]
-    left_ms = runtime.settings.slo_ms - runtime.clock.to_model_ms(waited_s)
+    left_ms = runtime.classes.loosest_ms - runtime.clock.to_model_ms(waited_s)  # --slo without classes
     return all(runtime.pools[m].free == 0 or runtime.pools[m].estimate_wait_ms(1) > left_ms for m in first)
 
 

@@ -53,6 +53,24 @@ class Metrics:
         self.demand = Gauge("diffserve_demand_qps", "the controller's demand estimate (model-time QPS)", registry=r)
         self.replans = Counter("diffserve_replans", "controller decisions by result", ["result"], registry=r)
         self.inflight = Gauge("diffserve_inflight_images", "admitted images not yet answered", registry=r)
+        # per SLO class (server/slo_classes.py; one class, "default", without --slo-class)
+        self.class_requests = Counter(
+            "diffserve_class_requests", "images by SLO class and outcome: completed, failed, cancelled, rejected", ["slo_class", "outcome"],
+            registry=r)
+        self.class_slo_violations = Counter(
+            "diffserve_class_slo_violations", "images of the class answered late, failed or expired after admission", ["slo_class"], registry=r)
+        self.class_degraded = Counter("diffserve_class_degraded", "light images returned for a deferred query, by class", ["slo_class"], registry=r)
+        self.class_latency = Histogram(
+            "diffserve_class_latency_ms", "model-time end-to-end latency of answered images, by class", ["slo_class"],
+            buckets=_LATENCY_BUCKETS_MS, registry=r)
+        self.class_demand = Gauge("diffserve_class_demand_qps", "the controller's demand estimate per class", ["slo_class"], registry=r)
+        # GPU time (model seconds of one worker): what ran, and what cancellation at step boundaries saved
+        self.gpu_seconds = Counter("diffserve_gpu_seconds", "worker model-time seconds spent running batches", ["model"], registry=r)
+        self.gpu_seconds_saved = Counter(
+            "diffserve_gpu_seconds_saved", "worker seconds not spent: batches stopped at a step boundary because every request in them was gone",
+            ["model"], registry=r)
+        self.batches_cancelled = Counter(
+            "diffserve_batches_cancelled", "running batches stopped at a step boundary (all their requests gone)", ["model"], registry=r)
 
     # hooks used by pools and workers
     def queue_changed(self, model: str, length: int) -> None:
@@ -60,6 +78,13 @@ class Metrics:
 
     def dropped_job(self, model: str, reason: str) -> None:
         self.dropped.labels(model, reason).inc()
+
+    def class_answered(self, slo_class: str, latency_ms: float, *, degraded: bool, late: bool) -> None:
+        self.class_latency.labels(slo_class).observe(latency_ms)
+        if degraded:
+            self.class_degraded.labels(slo_class).inc()
+        if late:
+            self.class_slo_violations.labels(slo_class).inc()
 
     def update_deferral_rate(self) -> None:
         scored = self.scored._value.get()
@@ -90,13 +115,14 @@ class MetricsHooks(NoHooks):
     def cascade_step_done(self) -> None:
         self.m.update_deferral_rate()
 
-    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool) -> None:
+    def answered(self, model: str, latency_ms: float, *, degraded: bool, late: bool, slo_class: str = "default") -> None:
         self.m.answered_by.labels(model).inc()
         self.m.request_latency.observe(latency_ms)
         if degraded:
             self.m.degraded.inc()
         if late:
             self.m.slo_violations.inc()
+        self.m.class_answered(slo_class, latency_ms, degraded=degraded, late=late)
 
     def plan_applied(self, plan: PlanFile) -> None:
         self.m.threshold.set(plan.threshold if plan.threshold is not None else -1)
@@ -106,17 +132,20 @@ class MetricsHooks(NoHooks):
     def admitted(self, n: int) -> None:
         self.m.accepted.inc(n)
 
-    def rejected(self, reason: str) -> None:
+    def rejected(self, reason: str, *, slo_class: str = "default", images: int = 1) -> None:
         self.m.rejected.labels(reason).inc()  # one request, however many images it asked for
+        self.m.class_requests.labels(slo_class, "rejected").inc(images)  # images, as the class's other outcomes
 
     def inflight(self, n: int) -> None:
         self.m.inflight.set(n)
 
-    def finished(self, outcome: str) -> None:
+    def finished(self, outcome: str, *, slo_class: str = "default") -> None:
         self.m.requests.labels(outcome).inc()
+        self.m.class_requests.labels(slo_class, outcome).inc()
 
-    def failed_in_service(self) -> None:
+    def failed_in_service(self, *, slo_class: str = "default") -> None:
         self.m.slo_violations.inc()
+        self.m.class_slo_violations.labels(slo_class).inc()
 
     def worker_event(self, model: str | None, event: str) -> None:
         if event in ("crashed", "hung"):
@@ -129,8 +158,14 @@ class MetricsHooks(NoHooks):
         self.m.workers_down.labels(model).set(down)
 
     def batch_ran(self, model: str, size: int, compute_ms: float) -> None:
+        self.m.gpu_seconds.labels(model).inc(compute_ms / 1000.0)
         self.m.batch_size.labels(model).observe(size)
         self.m.stage_latency.labels(model, "compute").observe(compute_ms)
+
+    def batch_cancelled(self, model: str, ran_ms: float, saved_ms: float) -> None:
+        self.m.gpu_seconds.labels(model).inc(ran_ms / 1000.0)
+        self.m.gpu_seconds_saved.labels(model).inc(saved_ms / 1000.0)
+        self.m.batches_cancelled.labels(model).inc()
 
     def job_started(self, model: str, queued_ms: float) -> None:
         self.m.stage_latency.labels(model, "queue").observe(queued_ms)

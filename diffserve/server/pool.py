@@ -1,16 +1,25 @@
-"""One model's pool: a bounded FIFO queue and the adaptive batcher that feeds its workers.
+"""One model's pool: a bounded queue (FIFO, or earliest deadline first) and the adaptive batcher that feeds its workers.
 
 Invariants (each has a test in tests/test_server_batcher.py):
 - a job's future is resolved exactly once: by the worker, by expiry, or by cancellation;
 - cancelled jobs and jobs past their deadline are dropped before the model runs;
 - an idle worker takes up to ``batch_size`` jobs at once and waits for a fuller batch only while
   the oldest job's SLO slack allows, and never longer than ``max_batch_wait_ms``;
-- the batch size, queue bound and wait are setters, so the controller changes them live.
+- the batch size, queue bound and wait are setters, so the controller changes them live;
+- with ``order="edf"`` (a server with SLO classes, server/slo_classes.py) the queue is kept sorted
+  by deadline (ties in arrival order), so batches form from the most urgent work and a loose
+  class's job is passed only by work due before it; FIFO is the default and unchanged;
+- an EDF pool may hold ``reserve_workers`` of its workers for *urgent* work (due within
+  ``urgent_ms``): a batch led by relaxed work starts only while fewer than ``workers -
+  reserve_workers`` workers run relaxed batches, so a tight class's deferral finds a free worker
+  instead of one busy for seconds with a loose class's batch (batches cannot be pre-empted).
+  Relaxed work turns urgent as its deadline nears, so it is never held past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import itertools
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -71,6 +80,10 @@ class Notifier:
             self._waiters.pop(fut, None)
 
 
+#: Queue disciplines: first in first out, or earliest deadline first.
+ORDERS = ("fifo", "edf")
+
+
 class Pool:
     def __init__(
         self,
@@ -84,7 +97,11 @@ class Pool:
         max_batch_wait_ms: float | None = None,
         queue_full_error: type[Exception] = QueueFull,
         hooks: PoolHooks | None = None,
+        order: str = "fifo",
     ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"pool order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order = order
         self.model = model
         self.clock = clock
         self.latency_ms = latency_ms
@@ -98,6 +115,10 @@ class Pool:
         self.down = 0  # assigned workers that cannot serve now (loading, restarting, given up)
         self.restart_eta_ms = 0.0  # when the first of them should be back
         self.busy = 0
+        self.reserve_workers = 0  # EDF: workers held for urgent work (planner/class_mix.py)
+        self.urgent_ms = float("inf")  # EDF: work due within this is urgent
+        self.relaxed_batch_size = 0  # EDF with a reserve: batch size of a batch led by relaxed work (0: batch_size)
+        self._relaxed_running: set[int] = set()  # ids of the running batches that relaxed work led
         self.set_batch_size(batch_size)
         self.set_max_queue(max_queue)
         self.set_max_batch_wait_ms(max_batch_wait_ms)
@@ -142,13 +163,30 @@ class Pool:
                 f"the {self.model} queue is full ({self.max_queue} waiting)", retry_after_s=self.retry_after_s()
             )
         job.enqueued_ms = self.clock.now_ms()
-        self._queue.append(job)
+        self._insert(job)
         self.hooks.queue_changed(self.model, len(self._queue))
         self._notifier.notify_all()
 
+    def _insert(self, job: Job) -> None:
+        """FIFO: at the tail; EDF: after every queued job due no later than it."""
+        if self.order == "edf":
+            self._queue.insert(bisect.bisect_right(self._queue, job.deadline_ms, key=_deadline), job)
+        else:
+            self._queue.append(job)
+
+    def ahead(self, deadline_ms: float | None = None) -> int:
+        """Queued jobs a new job due at ``deadline_ms`` would wait behind: all of them in FIFO,
+        those due no later than it in EDF."""
+        if self.order != "edf" or deadline_ms is None:
+            return len(self._queue)
+        return bisect.bisect_right(self._queue, deadline_ms, key=_deadline)
+
     def requeue_front(self, job: Job) -> None:
         """Put a job back at the head (retry after a worker crash); bypasses the bound on purpose."""
-        self._queue.appendleft(job)
+        if self.order == "edf":
+            self._insert(job)
+        else:
+            self._queue.appendleft(job)
         self.hooks.queue_changed(self.model, len(self._queue))
         self._notifier.notify_all()
 
@@ -162,7 +200,7 @@ class Pool:
             job = self._queue.popleft()
             if job.future.done():
                 continue
-            other._queue.append(job)
+            other._insert(job)
             moved += 1
         self.hooks.queue_changed(self.model, 0)
         other.hooks.queue_changed(other.model, len(other._queue))
@@ -176,19 +214,23 @@ class Pool:
     def serving_workers(self) -> int:
         return max(0, self.workers - self.down)
 
-    def estimate_wait_ms(self, extra: int = 1) -> float:
+    def estimate_wait_ms(self, extra: int = 1, deadline_ms: float | None = None) -> float:
         """Model time until ``extra`` more jobs would finish here (see :func:`estimate_wait_ms`);
-        with every assigned worker down, the restart comes first."""
+        with every assigned worker down, the restart comes first. In EDF, ``deadline_ms`` (the new
+        jobs' deadline) counts only the queued jobs due before them."""
+        queued = self.ahead(deadline_ms)
         if self.workers and not self.serving_workers:
-            return self.restart_eta_ms + self.latency_ms(1) * (len(self._queue) + extra)
+            return self.restart_eta_ms + self.latency_ms(1) * (queued + extra)
         serving = max(self.serving_workers, 1)
         return estimate_wait_ms(
-            self.latency_ms, queued=len(self._queue), extra=extra, workers=serving, batch_size=self.batch_size,
+            self.latency_ms, queued=queued, extra=extra, workers=serving, batch_size=self.batch_size,
             all_busy=self.busy >= serving,
         )
 
-    def retry_after_s(self) -> int:
-        return self.clock.retry_after_s(self.estimate_wait_ms(0))
+    def retry_after_s(self, deadline_ms: float | None = None) -> int:
+        """Seconds until the work ahead drains: per class in EDF (``deadline_ms``: what the class's
+        request would be due at now), the whole queue in FIFO."""
+        return self.clock.retry_after_s(self.estimate_wait_ms(0, deadline_ms))
 
     def _prune(self) -> None:
         """Drop cancelled jobs, expire late ones; O(queue) and only when a worker looks for work."""
@@ -218,14 +260,43 @@ class Pool:
             self.hooks.queue_changed(self.model, len(kept))
 
     def _fill_wait_ms(self) -> float:
-        """How long waiting for a fuller batch is still worth it: bounded by the cap and the slack."""
+        """How long waiting for a fuller batch is still worth it: bounded by the cap and the slack.
+        A relaxed batch (larger, see :meth:`_batch_for_head`) waits by the same rule for its own
+        size: the automatic cap is the planner's fraction of *its* latency."""
+        target = self._batch_for_head()
         cap = self.max_batch_wait_ms
-        if cap <= 0 or len(self._queue) >= self.batch_size:
+        if target != self.batch_size and self._max_wait is None:
+            cap = BATCHER_WAIT_FRACTION * self.latency_ms(target)
+        if cap <= 0 or len(self._queue) >= target:
             return 0.0
         oldest = self._queue[0]
         now = self.clock.now_ms()
-        until = min(oldest.enqueued_ms + cap, oldest.deadline_ms - self.latency_ms(self.batch_size) - self.reserve_ms)
+        until = min(oldest.enqueued_ms + cap, oldest.deadline_ms - self.latency_ms(target) - self.reserve_ms)
         return until - now
+
+    def _hold_relaxed_ms(self) -> float:
+        """How long the head (relaxed work) must wait for the reserve; 0: take it now."""
+        if self.reserve_workers <= 0 or self.order != "edf":
+            return 0.0
+        until_urgent = self._queue[0].deadline_ms - self.urgent_ms - self.clock.now_ms()
+        if until_urgent <= 0 or len(self._relaxed_running) < max(0, self.workers - self.reserve_workers):
+            return 0.0
+        return until_urgent
+
+    def _batch_for_head(self) -> int:
+        """The batch size for the work at the head: larger for relaxed work when the plan says so
+        (a loose class's work is throughput-bound; planner/class_mix.py)."""
+        if self.reserve_workers > 0 and self.relaxed_batch_size > self.batch_size:
+            slack = self._queue[0].deadline_ms - self.clock.now_ms()
+            if slack > self.urgent_ms and slack >= self.latency_ms(self.relaxed_batch_size):
+                return self.relaxed_batch_size
+        return self.batch_size
+
+    def finished(self, batch: list[Job]) -> None:
+        """A worker is done with ``batch`` (the reserve counts running relaxed batches)."""
+        if batch and batch[0].id in self._relaxed_running:
+            self._relaxed_running.discard(batch[0].id)
+            self._notifier.notify_all()
 
     async def take_batch(self, still_mine: Callable[[], bool] = lambda: True) -> list[Job] | None:
         """Wait for work and return a batch; ``None`` when the worker was moved to another pool."""
@@ -234,22 +305,29 @@ class Pool:
                 return None
             self._prune()
             if self._queue:
+                hold = self._hold_relaxed_ms()
+                if hold > 0:
+                    await self._notifier.wait(self.clock.to_wall_s(hold))
+                    continue
                 wait = self._fill_wait_ms()
                 if wait > 0:
                     await self._notifier.wait(self.clock.to_wall_s(wait))
                     continue
-                batch = self._pop_one_kind(min(self.batch_size, len(self._queue)))
+                # EDF sizes the batch for the head's urgency; the batch keeps to the head's kind
+                batch = self._pop_one_kind(min(self._batch_for_head(), len(self._queue)))
                 self.hooks.queue_changed(self.model, len(self._queue))
                 if self.drop_unmeetable:
                     batch = self._drop_late_in(batch)
                     if not batch:
                         continue
+                if self.reserve_workers > 0 and batch[0].deadline_ms - self.urgent_ms > self.clock.now_ms():
+                    self._relaxed_running.add(batch[0].id)
                 return batch
             await self._notifier.wait(None)
 
     def _pop_one_kind(self, n: int) -> list[Job]:
         """Up to ``n`` jobs of the head job's kind (generation, or edit of one kind and strength),
-        in queue order; the others keep their places. One kind is one pipeline call, so a batch
+        in queue order (EDF: deadline order); the others keep their places. One kind is one pipeline call, so a batch
         costs at most its size's profiled latency (mixed, it would run as groups back to back)."""
         key = group_key(self._queue[0].edit)
         if all(group_key(j.edit) == key for j in itertools.islice(self._queue, n)):
@@ -309,3 +387,7 @@ class Pool:
         self.hooks.queue_changed(self.model, 0)
         self._notifier.notify_all()
         return n
+
+
+def _deadline(job: Job) -> float:
+    return job.deadline_ms

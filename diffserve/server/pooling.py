@@ -36,6 +36,8 @@ class PoolSettings:
     max_batch_wait_ms: float | None
     queue_full_error: type[Exception]
     hooks: "PoolHooks"
+    #: queue order: ``fifo``, or ``edf`` (earliest deadline first, with SLO classes: server/slo_classes.py)
+    order: str = "fifo"
 
 
 @runtime_checkable
@@ -64,6 +66,8 @@ class ServingPool(Protocol):
     def set_batch_size(self, n: int) -> None: ...
     def set_max_queue(self, n: int) -> None: ...
     def submit(self, job: "Job") -> None: ...
+    # with SLO classes (``Router.classes_on``) the router passes a deadline to these two: in an EDF
+    # pool only the work due before it counts; a pool without classes is never asked that way
     def estimate_wait_ms(self, extra: int = 1) -> float: ...
     def retry_after_s(self) -> int: ...
     def hand_over(self, other: "ServingPool") -> int: ...
@@ -96,6 +100,7 @@ def local_pool(model: str, settings: PoolSettings) -> ServingPool:
     return Pool(
         model, clock=settings.clock, latency_ms=settings.latency_ms, max_queue=settings.max_queue,
         max_batch_wait_ms=settings.max_batch_wait_ms, queue_full_error=settings.queue_full_error, hooks=settings.hooks,
+        order=settings.order,
     )
 
 

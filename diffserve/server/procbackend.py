@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 from diffserve.errors import UserError
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
-from diffserve.server.errors import WorkerCrashed, WorkerHung
+from diffserve.server.errors import BatchCancelled, WorkerCrashed, WorkerHung
 from diffserve.server.latency import LatencyTable, profile_tables
 from diffserve.server.stage import Backend, Job, StageOutput
 
@@ -111,7 +111,17 @@ class _Proc:
                 raise WorkerCrashed(f"worker {self.slot} exited (code {code})") from None
         if msg[0] == "fail":
             raise RuntimeError(msg[1])
+        if msg[0] == "cancelled":
+            raise BatchCancelled(model, ran_ms=1000.0 * msg[1], saved_ms=0.0)  # the backend fills in what was saved
         return msg[1]
+
+    def cancel(self) -> None:
+        """Ask the running batch to stop at its next step (sent beside the batch's conversation:
+        the worker reads it between denoising steps)."""
+        try:
+            self.conn.send(("cancel",))
+        except (EOFError, OSError, BrokenPipeError):
+            pass
 
     def ping(self, timeout_s: float) -> bool:
         """False when the idle process is dead or silent for ``timeout_s`` (it is killed then).
@@ -344,15 +354,31 @@ class ProcessBackend(Backend):
         seeds = [j.seed for j in jobs]
         score = any(j.score for j in jobs)
         edits = [j.edit for j in jobs] if any(j.edit is not None for j in jobs) else None
+        watcher = self._cancel_when_gone(proc, jobs) if self.cancel_running else None
         try:
             result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)), edits)
+        except BatchCancelled as exc:
+            # planned at the generation price (an edit batch's is at most that: editcost.py)
+            planned = self.batch_latency_ms(model, len(jobs))
+            raise BatchCancelled(model, ran_ms=exc.ran_ms, saved_ms=max(0.0, planned - exc.ran_ms)) from None
         except WorkerCrashed:
             self._lost(worker, "crashed")
             raise
         except WorkerHung:
             self._lost(worker, "hung")
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         return [StageOutput(png, conf if j.score else None) for (png, conf), j in zip(result, jobs)]
+
+    def _cancel_when_gone(self, proc: _Proc, jobs: list[Job]) -> asyncio.Future:
+        """Once every job's future is done (its request gone), tell the worker to stop the batch."""
+        async def watch() -> None:
+            await asyncio.wait({j.future for j in jobs})
+            proc.cancel()
+
+        return asyncio.ensure_future(watch())
 
     async def close(self) -> None:
         self._closing = True

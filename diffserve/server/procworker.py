@@ -5,8 +5,13 @@ torch loads inside :func:`make_runner`. Protocol (tuples over a ``multiprocessin
 
 - worker -> parent, once: ``("ready", load_time_s, random_weights)`` or ``("error", message)``;
 - parent -> worker: ``("predict", model, prompts, seeds, score, edits)`` -> ``("ok", [(png, conf|None), ...])``
-  or ``("fail", message)``; ``edits`` is ``None`` or one :class:`EditInput` (or ``None``) per prompt; ``("ping",)`` -> ``("pong",)`` (the supervisor's liveness check);
-  ``("stop",)`` ends the loop.
+  or ``("fail", message)`` or ``("cancelled", seconds_run)``; ``edits`` is ``None`` or one
+  :class:`EditInput` (or ``None``) per prompt; ``("ping",)`` -> ``("pong",)``
+  (the supervisor's liveness check); ``("stop",)`` ends the loop;
+- parent -> worker, while a batch runs: ``("cancel",)`` (every request of the batch is gone): the
+  runner stops at its next denoising step (diffusers: ``callback_on_step_end`` sets the pipeline's
+  interrupt) and answers ``("cancelled", seconds_run)``; a ``cancel`` that arrives after the batch
+  ended is ignored.
 
 The ``fake`` runner exists for the fault tests: a prompt ``crash:PATH`` kills the process once
 (while PATH exists, it is deleted first), ``hang`` never returns, anything else sleeps the given
@@ -21,6 +26,27 @@ import time
 from typing import Any
 
 
+class Interrupted(Exception):
+    """The batch was stopped at a step boundary: its requests are gone."""
+
+
+class _StopFlag:
+    """``should_stop()`` for a runner: true once the parent sent ``("cancel",)`` on the pipe.
+    Other messages that arrive meanwhile are kept for the main loop."""
+
+    def __init__(self, conn, pending: list) -> None:
+        self.conn, self.pending, self.stopped = conn, pending, False
+
+    def __call__(self) -> bool:
+        while not self.stopped and self.conn.poll():
+            msg = self.conn.recv()
+            if msg[0] == "cancel":
+                self.stopped = True
+            else:
+                self.pending.append(msg)
+        return self.stopped
+
+
 class FakeRunner:
     random_weights = True
 
@@ -28,8 +54,15 @@ class FakeRunner:
         self.latency_s = dict(spec.get("latency_s", {}))
         self.load_time_s = float(spec.get("load_s", 0.0))  # a test's stand-in for loading real weights
         time.sleep(self.load_time_s)
+        from diffserve.server.testing import PNG_1x1  # imported while loading, not under a batch's watchdog
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None) -> list[tuple[bytes, float | None]]:
+        self.png = PNG_1x1
+
+    #: the fake model's "denoising steps": a cancel is noticed between them
+    steps = 20
+
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None,
+                should_stop=lambda: False) -> list[tuple[bytes, float | None]]:
         for p in prompts:
             if p.startswith("crash:"):
                 path = p.split(":", 1)[1]
@@ -44,10 +77,12 @@ class FakeRunner:
                 deadline = time.monotonic() + 120
                 while os.path.exists(path) and time.monotonic() < deadline:
                     time.sleep(0.01)
-        time.sleep(self.latency_s.get(model, 0.0))
-        from diffserve.server.testing import PNG_1x1
-
-        return [(PNG_1x1, 1.0 if score else None) for _ in prompts]
+        step_s = self.latency_s.get(model, 0.0) / self.steps
+        for _ in range(self.steps):
+            time.sleep(step_s)
+            if should_stop():
+                raise Interrupted()
+        return [(self.png, 1.0 if score else None) for _ in prompts]
 
 
 class DiffusersRunner:
@@ -83,8 +118,11 @@ class DiffusersRunner:
             return [float(c) for c in self.discriminator.confidence(images)]
         return [self.replay.confidence(p, s) for p, s in zip(prompts, seeds)]
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None) -> list[tuple[bytes, float | None]]:
-        images = self._images(model, list(prompts), list(seeds), edits)
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None,
+                should_stop=lambda: False) -> list[tuple[bytes, float | None]]:
+        images = self._images(model, list(prompts), list(seeds), edits, should_stop)
+        if getattr(should_stop, "stopped", False):
+            raise Interrupted()
         confs: list[float | None] = self._confidence(images, prompts, seeds) if score else [None] * len(images)
         out = []
         for img, conf in zip(images, confs):
@@ -93,12 +131,13 @@ class DiffusersRunner:
             out.append((buf.getvalue(), conf))
         return out
 
-    def _images(self, model: str, prompts: list[str], seeds: list[int], edits) -> list:
+    def _images(self, model: str, prompts: list[str], seeds: list[int], edits, should_stop) -> list:
         """Generations as one text-to-image call, edits as one img2img / in-painting call per
-        (kind, strength) group (the grouping the emulated backend charges for)."""
+        (kind, strength) group (the grouping the emulated backend charges for); every call stops
+        at its next step once ``should_stop()`` answers true."""
         loaded = self.models[model]
         if not edits or all(e is None for e in edits):
-            return loaded.generate(prompts, seeds)
+            return loaded.generate(prompts, seeds, should_stop=should_stop)
         from PIL import Image
 
         from diffserve.server.editcost import edit_groups
@@ -106,12 +145,14 @@ class DiffusersRunner:
         out: list = [None] * len(prompts)
         for (kind, strength), idx in edit_groups(edits).items():
             ps, ss = [prompts[i] for i in idx], [seeds[i] for i in idx]
+            if getattr(should_stop, "stopped", False):
+                break  # cancelled: the remaining groups are not run
             if kind == "generate":
-                images = loaded.generate(ps, ss)
+                images = loaded.generate(ps, ss, should_stop=should_stop)
             else:
                 inputs = [Image.open(io.BytesIO(edits[i].image)).convert("RGB") for i in idx]
                 masks = [Image.open(io.BytesIO(edits[i].mask)).convert("L") for i in idx] if kind == "inpaint" else None
-                images = loaded.edit(ps, ss, inputs, strength=strength, masks=masks)
+                images = loaded.edit(ps, ss, inputs, strength=strength, masks=masks, should_stop=should_stop)
             for i, img in zip(idx, images):
                 out[i] = img
         return out
@@ -160,9 +201,10 @@ def _serve(conn, spec: dict[str, Any]) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", runner.load_time_s, runner.random_weights))
+    pending: list = []
     while True:
         try:
-            msg = conn.recv()
+            msg = pending.pop(0) if pending else conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone
         if msg[0] == "stop":
@@ -170,9 +212,15 @@ def _serve(conn, spec: dict[str, Any]) -> None:
         if msg[0] == "ping":
             conn.send(("pong",))
             continue
+        if msg[0] == "cancel":
+            continue  # it came after its batch ended
         _, model, prompts, seeds, score, *rest = msg
+        started = time.perf_counter()
         try:
-            result = runner.predict(model, prompts, seeds, score, rest[0] if rest else None)
+            result = runner.predict(model, prompts, seeds, score, rest[0] if rest else None,
+                                    should_stop=_StopFlag(conn, pending))
+        except Interrupted:
+            conn.send(("cancelled", time.perf_counter() - started))
         except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
             conn.send(("fail", f"{type(exc).__name__}: {exc}"))
         else:

@@ -56,6 +56,8 @@ class Flight:
     hard_limit_ms: float
     first: Job
     first_model: str = ""
+    #: the SLO class (server/slo_classes.py): its deadline, threshold and metrics
+    slo_class: str = "default"
     #: Called with the light image as soon as it exists, before the discriminator's decision is
     #: acted on: progressive delivery streams it as a partial image while the heavy stage runs.
     on_light: Callable[[StageResult], None] | None = None
@@ -84,6 +86,15 @@ class Router:
         self.metrics = metrics
         self.hooks = serving_hooks(metrics, hooks)
         self.plan = plan
+        #: SLO classes are configured: the pools are EDF, estimates count the work due before a request
+        self.classes_on = False
+
+    def threshold_for(self, slo_class: str) -> float | None:
+        """The plan's threshold for a class: its own when the plan has one (planner/class_mix.py)."""
+        per_class = getattr(self.plan, "classes", None)
+        if per_class and slo_class in per_class and per_class[slo_class].threshold is not None:
+            return per_class[slo_class].threshold
+        return self.plan.threshold
 
     # ---------------------------------------------------------------- admission
     def route_for(self, prompt: str, seed: int, quality: Quality) -> Route:
@@ -108,7 +119,7 @@ class Router:
 
     def admit(
         self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float,
-        arrival_ms: float | None = None, edit: EditInput | None = None,
+        arrival_ms: float | None = None, edit: EditInput | None = None, slo_class: str = "default",
     ) -> list[Flight]:
         """Queue the first stage of every image, or none of them: raises 429/503 at once.
 
@@ -117,6 +128,7 @@ class Router:
         arrival = now if arrival_ms is None else min(now, arrival_ms)
         deadline = arrival + budget_ms
         routes = [self.route_for(p, s, quality) for p, s in prompts]
+        due = deadline if self.classes_on else None  # EDF pools count only the work due before this class
         need: dict[str, int] = {}
         for r in routes:
             need[self._model(r)] = need.get(self._model(r), 0) + 1
@@ -138,14 +150,18 @@ class Router:
                 )
             if pool.workers - pool.down <= 0:
                 raise Unavailable(f"no {model} worker is up now (restarting)", retry_after_s=pool.retry_after_s(), reason="worker_down")
+            # an EDF pool is asked about the work due before this request (pools without classes,
+            # and the Ray engine's remote pools, are asked as before)
+            per_class = () if due is None else (due,)
             if pool.free < n:
                 raise pool.queue_full_error(
-                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s()
+                    f"the {model} queue is full ({pool.max_queue} waiting)", retry_after_s=pool.retry_after_s(*per_class)
                 )
-            if now + self._admission_finish_ms(pool, n) > deadline:
+            if now + self._admission_finish_ms(pool, n, due) > deadline:
                 raise Unavailable(
-                    f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now",
-                    retry_after_s=pool.retry_after_s(),
+                    f"the {model} pool cannot answer within {budget_ms:.0f} ms (model time) now"
+                    + (f" (SLO class {slo_class})" if due is not None else ""),
+                    retry_after_s=pool.retry_after_s(*per_class),
                     reason="deadline",
                 )
         flights = []
@@ -153,7 +169,8 @@ class Router:
             job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade", edit=edit)
             self.pools[self._model(route)].submit(job)
             flights.append(
-                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route), edit=edit)
+                Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route),
+                       slo_class=slo_class, edit=edit)
             )
         return flights
 
@@ -176,7 +193,7 @@ class Router:
             if flight.route != "cascade":
                 return self._answer(flight, first, None, degraded=False)
             conf = first.confidence
-            threshold = self.plan.threshold
+            threshold = self.threshold_for(flight.slo_class)
             keep = conf is None or threshold is None or conf >= threshold or not self.plan.heavy
             self.hooks.scored(deferred=not keep)
             if keep:
@@ -189,7 +206,7 @@ class Router:
         assert self.plan.heavy is not None
         pool = self.pools[self.plan.heavy]
         now = self.clock.now_ms()
-        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool) > flight.deadline_ms):
+        if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool, flight.deadline_ms if self.classes_on else None) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
         job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms, edit=flight.edit)
         try:
@@ -208,14 +225,17 @@ class Router:
             raise
         return self._answer(flight, heavy, light, degraded=False)
 
-    def _admission_finish_ms(self, pool: ServingPool, n: int) -> float:
+    def _admission_finish_ms(self, pool: ServingPool, n: int, due: float | None = None) -> float:
         """When ``n`` more jobs admitted now would finish, as the pool will judge them: a pool that
         drops unmeetable jobs (the heavy pool of a degrading cascade) wants a batch started
         :func:`heavy_start_reserve_ms` before the deadline, so admission asks the same (issue #21:
-        admitted, then dropped for want of that guard)."""
-        wait = pool.estimate_wait_ms(n)
+        admitted, then dropped for want of that guard). ``due`` (SLO classes on, EDF pools): only
+        the queued work due no later than the new jobs counts; ``None`` asks as without classes."""
+        per_class = () if due is None else (due,)
+        wait = pool.estimate_wait_ms(n, *per_class)
         if pool.drop_unmeetable:
-            one = pool.latency_ms(min(pool.batch_size, len(pool) + n))
+            ahead = len(pool) if due is None else pool.ahead(due)
+            one = pool.latency_ms(min(pool.batch_size, ahead + n))
             wait += heavy_start_reserve_ms(one) - one
         return wait
 
@@ -231,19 +251,21 @@ class Router:
     def _cannot_start(self, flight: Flight) -> Unavailable:
         """An admitted request that can no longer be started in time: 503 with Retry-After at once."""
         pool = self.pools[flight.first_model]
+        per_class = (flight.deadline_ms,) if self.classes_on else ()  # EDF: the work due before this class
         return Unavailable(
             f"the {flight.first_model} pool cannot start this request in time for its deadline; retry later",
-            retry_after_s=pool.retry_after_s(), reason="deadline",
+            retry_after_s=pool.retry_after_s(*per_class), reason="deadline",
         )
 
     @staticmethod
-    def _earliest_heavy_finish_ms(pool: ServingPool) -> float:
+    def _earliest_heavy_finish_ms(pool: ServingPool, deadline_ms: float | None = None) -> float:
         """A lower bound on when a deferred job queued now could finish: the jobs ahead fill whole
         rounds of batches even if every worker were free at once. Degrading early only on a
         *certain* miss leaves the rest to the start deadline (``latest_start``), which is the
         degraded-share model of the planner (diffserve/planner/queueing.py, deadline_miss_share);
         a pessimistic estimate here would degrade queries that would have made it."""
-        rounds_ahead = len(pool) // (pool.batch_size * max(pool.workers, 1))
+        ahead = len(pool) if deadline_ms is None else pool.ahead(deadline_ms)
+        rounds_ahead = ahead // (pool.batch_size * max(pool.workers, 1))
         return (rounds_ahead + 1) * pool.latency_ms(pool.batch_size)
 
     async def _await(self, job: Job, hard_limit_ms: float, latest_start_ms: float | None = None) -> StageResult:
@@ -284,5 +306,5 @@ class Router:
             latency_ms=now - flight.arrival_ms,
             random_weights=res.random_weights,
         )
-        self.hooks.answered(res.model, answer.latency_ms, degraded=degraded, late=now > flight.deadline_ms)
+        self.hooks.answered(res.model, answer.latency_ms, degraded=degraded, late=now > flight.deadline_ms, slo_class=flight.slo_class)
         return answer

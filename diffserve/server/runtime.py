@@ -21,6 +21,7 @@ from diffserve.server.ledger import Ledger, LedgerCollector
 from diffserve.server.metrics import Metrics, MetricsHooks
 from diffserve.server.pooling import PlacementFactory, PoolFactory, PoolSettings, ServingPool, local_pool, local_workers
 from diffserve.server.router import ImageAnswer, Quality, Router
+from diffserve.server.slo_classes import SloClasses
 from diffserve.server.stage import Backend, EditInput, StageResult
 
 log = logging.getLogger("diffserve.server")
@@ -42,6 +43,16 @@ class RuntimeSettings:
     drop_factor: float = 1.5
     drain_timeout_ms: float | None = None  # default: 2 x SLO
     seed: int = 0  # the run's seed: routing draws and the seeds of requests that name none
+    #: SLO classes by name -> SLO ms (``--slo-class``); empty: the default class only (``slo_ms``)
+    classes: dict[str, float] = field(default_factory=dict)
+    #: pool order: "auto" = earliest deadline first with classes, FIFO without; or "fifo" / "edf"
+    order: str = "auto"
+    #: withdraw the work of a request whose client went away (queued jobs dropped, a batch whose
+    #: requests are all gone stopped at its next step); off: the work runs on as if they had stayed
+    cancel: bool = True
+    #: with classes, the controller plans for the measured class mix (planner/class_mix.py); off:
+    #: one plan at ``slo_ms`` for all, as without classes (the benchmark's ablation)
+    plan_classes: bool = True
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def __post_init__(self) -> None:
@@ -51,6 +62,18 @@ class RuntimeSettings:
             raise ValueError(f"queue_full_status must be 429 or 503, got {self.queue_full_status!r}")
         if self.drop_factor < 1:
             raise ValueError(f"drop factor must be >= 1, got {self.drop_factor!r}")
+        if self.order not in ("auto", "fifo", "edf"):
+            raise ValueError(f"pool order must be auto, fifo or edf, got {self.order!r}")
+
+    @property
+    def slo_classes(self) -> SloClasses:
+        return SloClasses(self.slo_ms, self.classes)
+
+    @property
+    def pool_order(self) -> str:
+        if self.order != "auto":
+            return self.order
+        return "edf" if self.slo_classes.multi else "fifo"
 
 
 class Runtime:
@@ -82,6 +105,9 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.ledger = Ledger()
         self.metrics.registry.register(LedgerCollector(self.ledger))
+        self.classes = self.settings.slo_classes
+        #: images offered per class (admitted or not): the controller's per-class demand
+        self.offered_by_class: dict[str, int] = {name: 0 for name in self.classes.names}
         qf = QueueFull if self.settings.queue_full_status == 429 else QueueFull503
         self.hooks = hooks = MetricsHooks(self.metrics)
         self.pools: dict[str, ServingPool] = {}
@@ -93,13 +119,16 @@ class Runtime:
                 max_batch_wait_ms=self.settings.max_batch_wait_ms,
                 queue_full_error=qf,
                 hooks=hooks,
+                order=self.settings.pool_order,
             ))
         self.workers = placement_factory(backend, self.pools, clock, self.metrics)
+        backend.cancel_running = self.settings.cancel
         backend.on_worker_event = self._worker_event
         self.router = Router(
             self.pools, plan, clock, degrade=self.settings.degrade, drop_factor=self.settings.drop_factor, metrics=self.metrics,
             seed=self.settings.seed, hooks=hooks,
         )
+        self.router.classes_on = self.settings.pool_order == "edf"
         self._request_seeds = random.Random(self.settings.seed)
         self.controller = Controller(
             self,
@@ -115,6 +144,8 @@ class Runtime:
             metrics=self.metrics,
             solver_options=solver_options,
         )
+        if self.classes.multi and self.settings.plan_classes:
+            self.controller.plan_for_classes(self.classes.as_dict())
         self.plan = plan
         self.started = False
         self.draining = False
@@ -170,9 +201,23 @@ class Runtime:
             # the plan switched the light model (a cascade of several pairs) and no worker serves
             # the old one any more: its queued first-stage jobs run on the new light model
             old_light.hand_over(self.pools[plan.light])
+        self._apply_reserve(plan)
         self.router.plan = plan
         self.plan = plan
         self.hooks.plan_applied(plan)
+
+    def _apply_reserve(self, plan: PlanFile) -> None:
+        """EDF pools with classes: hold the plan's reserved heavy workers for urgent work (due
+        within the tightest class's SLO); planner/class_mix.py sizes the reserve."""
+        reserve = max((c.heavy_workers_reserved for c in (plan.classes or {}).values()), default=0)
+        relaxed = max((c.heavy_batch_size or 0 for c in (plan.classes or {}).values()), default=0)
+        for model, pool in self.pools.items():
+            if getattr(pool, "order", None) is None:
+                continue  # a pool without a queue order of its own (the Ray engine's remote pools)
+            on = pool.order == "edf" and model == plan.heavy and reserve > 0
+            pool.reserve_workers = reserve if on else 0
+            pool.urgent_ms = self.classes.tightest_ms if on else float("inf")
+            pool.relaxed_batch_size = relaxed if on else 0
 
     def plan_view(self) -> dict:
         """What ``GET /v1/plan`` answers (and what an in-process benchmark observes): the plan in
@@ -252,6 +297,7 @@ class Runtime:
         on_answer: Callable[[int, ImageAnswer], None] | None = None,
         arrival_ms: float | None = None,
         edit: EditInput | None = None,
+        slo_class: str | None = None, class_param: str = "slo_class",
     ) -> list[ImageAnswer]:
         """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
 
@@ -264,16 +310,25 @@ class Runtime:
 
         ``edit`` makes every image an edit of one input image (img2img, or in-painting with a
         mask) through the same cascade: light edit, discriminator, heavy edit when doubted.
+
+        ``slo_class`` names the request's SLO class (server/slo_classes.py; ``None``: the default
+        class, whose SLO is ``--slo``); an unknown one is a 400 naming ``class_param``. ``slo_ms``
+        can only shorten the class's budget.
         """
         self.ledger.offer(n)
+        cls_name = "unknown"  # the metrics label of a request naming no class this server has
         try:
+            cls = self.classes.resolve(slo_class, param=class_param)
+            cls_name = cls.name
+            self.offered_by_class[cls_name] += n
             if not self.ready:
                 raise self._not_ready()
-            budget = self.settings.slo_ms if slo_ms is None else min(float(slo_ms), self.settings.slo_ms)
-            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms, edit=edit)
+            budget = cls.slo_ms if slo_ms is None else min(float(slo_ms), cls.slo_ms)
+            flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms,
+                                        edit=edit, slo_class=cls_name)
         except ServeError as exc:
             self.ledger.reject(n)
-            self.hooks.rejected(exc.reason)  # a count of requests, as at the door
+            self.hooks.rejected(exc.reason, slo_class=cls_name, images=n)  # a count of requests, as at the door; images per class
             exc.counted = True
             raise
         self.ledger.accept(n)
@@ -284,6 +339,8 @@ class Runtime:
             for i, f in enumerate(flights):
                 f.on_light = lambda res, i=i, f=f: on_light(i, res, self.clock.now_ms() - f.arrival_ms)
         settled: dict[int, str] = {}  # id(flight) -> its outcome
+        if not self.settings.cancel:
+            return await self._run_on(flights, settled, on_answer)
         try:
             results = await asyncio.gather(
                 *(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
@@ -305,6 +362,32 @@ class Runtime:
                 raise r
         return results  # type: ignore[return-value]
 
+    async def _run_on(self, flights, settled: dict[int, str], on_answer) -> list[ImageAnswer]:
+        """``cancel`` off: the flights run to their end even when the caller is cancelled (a server
+        that does not notice a client going away); each image is counted when it ends, the request
+        once all of them have."""
+        tasks = [asyncio.ensure_future(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)))
+                 for i, f in enumerate(flights)]
+        left = [len(tasks)]
+
+        def ended(task: asyncio.Future) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved here: a client that left never reads it
+            left[0] -= 1
+            if left[0] == 0:  # the request's last image: counted once, whatever order the tasks end in
+                self.ledger.settle_request(list(settled.values()))
+            self.hooks.inflight(self.ledger.inflight)
+            if self.ledger.inflight == 0:
+                self._idle.set()
+
+        for task in tasks:
+            task.add_done_callback(ended)
+        results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
     def _not_ready(self) -> Unavailable:
         if self.draining:
             return Unavailable("the server is draining", retry_after_s=5, reason="draining")
@@ -319,7 +402,7 @@ class Runtime:
     def _count(self, flight, settled: dict[int, str], outcome: str) -> None:
         settled[id(flight)] = outcome
         self.ledger.settle_image(outcome)
-        self.hooks.finished(outcome)
+        self.hooks.finished(outcome, slo_class=flight.slo_class)
 
     async def _one(self, flight, settled: dict[int, str], on_answer: Callable[[ImageAnswer], None] | None = None) -> ImageAnswer:
         try:
@@ -330,7 +413,7 @@ class Runtime:
         except BaseException as exc:
             self._count(flight, settled, "failed")
             if not isinstance(exc, ServeError) or exc.status >= 500:
-                self.hooks.failed_in_service()
+                self.hooks.failed_in_service(slo_class=flight.slo_class)
             raise
         self._count(flight, settled, "completed")
         if on_answer is not None:

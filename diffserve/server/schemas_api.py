@@ -55,6 +55,8 @@ class ImageGenerationRequest(BaseModel):
     # --- diffserve extensions
     seed: StrictInt | None = None
     slo_ms: float | None = Field(default=None, gt=0)
+    #: the request's SLO class (server/slo_classes.py); the X-Diffserve-Class header says the same
+    slo_class: str | None = Field(default=None, max_length=64)
 
     @model_validator(mode="before")
     @classmethod

@@ -85,6 +85,9 @@ class Backend(abc.ABC):
 
     name: str = "backend"
     random_weights: bool = False
+    #: stop a running batch at its next step once every request in it is gone (where the backend
+    #: can: emulated, diffusers); the runtime sets it from ``--cancel/--no-cancel``
+    cancel_running: bool = True
 
     def __init__(self, models: list[str], n_workers: int) -> None:
         self.models = list(models)

@@ -17,7 +17,7 @@ import logging
 from typing import Mapping
 
 from diffserve.server.clock import Clock
-from diffserve.server.errors import DeadlineExceeded, Unavailable, WorkerCrashed, WorkerHung
+from diffserve.server.errors import BatchCancelled, DeadlineExceeded, Unavailable, WorkerCrashed, WorkerHung
 from diffserve.server.hooks import ServingHooks
 from diffserve.server.metrics import Metrics, serving_hooks
 from diffserve.server.pool import Pool
@@ -131,6 +131,7 @@ class WorkerSet:
                 await self._run_batch(slot, pool, batch)
             finally:
                 pool.busy -= 1
+                pool.finished(batch)
                 self.running.pop(slot, None)
 
     async def _run_batch(self, slot: int, pool: Pool, batch: list[Job]) -> None:
@@ -143,6 +144,11 @@ class WorkerSet:
             outputs = await self.backend.predict(slot, model, batch)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"backend returned {len(outputs)} outputs for a batch of {len(batch)}")
+        except BatchCancelled as exc:
+            # every request of the batch was gone: it stopped at a step boundary, the worker is free
+            self.hooks.batch_cancelled(model, exc.ran_ms, exc.saved_ms)
+            _fail(batch, lambda: DeadlineExceeded(f"the {model} batch was stopped: its requests were gone"))
+            return
         except WorkerCrashed as exc:
             log.warning("worker %d crashed running %d %s jobs: %s", slot, len(batch), model, exc)
             for job in reversed(batch):
