@@ -61,6 +61,12 @@ async def test_the_router_runtime_and_workers_report_through_their_hooks() -> No
     m: Metrics = rt.metrics
     assert m.scored._value.get() == 2 and m.deferred._value.get() == 1 and m.accepted._value.get() == 2
     assert m.deferral_rate._value.get() == 0.5
+    # the SLO class rides on the events (the default class without --slo-class) and moves the class figures
+    assert {dict(e[3:])["slo_class"] for e in answered} == {"default"}
+    assert [dict(e[2:]) for e in rec.events if e[0] == "finished"] == [{"slo_class": "default"}] * 2
+    assert m.class_requests.labels("default", "completed")._value.get() == 2
+    assert m.class_latency.labels("default")._sum.get() == pytest.approx(easy.latency_ms + hard.latency_ms)
+    assert m.gpu_seconds.labels("heavy")._value.get() > 0
 
 
 def test_no_hooks_accept_every_event() -> None:
@@ -69,3 +75,5 @@ def test_no_hooks_accept_every_event() -> None:
         assert hasattr(hooks, name)
     hooks.answered("light", 1.0, degraded=False, late=False)
     hooks.batch_ran("light", 2, 10.0)
+    hooks.batch_cancelled("heavy", 10.0, 30.0)
+    hooks.finished("completed", slo_class="interactive")
