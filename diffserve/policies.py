@@ -46,8 +46,14 @@ class BenchConfig:
     latency_model: str = "queueing"
     #: ``--demand``: one of :data:`BENCH_DEMANDS`.
     demand: str = "first-window"
+    #: ``--pool-order`` (``auto``: EDF with SLO classes): ``fifo`` reads ours with FIFO pools
+    pool_order: str = "auto"
+    #: ``--cancel/--no-cancel``: withdraw the work of a client that left
+    cancel: bool = True
 
     def __post_init__(self) -> None:
+        if self.pool_order not in ("auto", "fifo", "edf"):
+            raise ValueError(f"bench pool order must be auto, fifo or edf, got {self.pool_order!r}")
         if self.latency_model not in LATENCY_MODELS:
             raise ValueError(f"bench latency model must be one of {LATENCY_MODELS}, got {self.latency_model!r}")
         if self.demand not in BENCH_DEMANDS:
@@ -80,6 +86,10 @@ class Policy:
     #: reading of a baseline, shown beside its first so that ours is never judged against only the
     #: weaker of the two
     bench_readings: tuple[tuple[str, BenchConfig], ...] = ()
+    #: rows ``bench compare --class-mix`` can run beside this policy, each a (label, BenchConfig):
+    #: readings that differ only under SLO classes (FIFO pools, no cancellation), so they are not
+    #: rows of the plain compare
+    class_readings: tuple[tuple[str, BenchConfig], ...] = ()
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -132,7 +142,9 @@ BUILTIN: tuple[Policy, ...] = (
     Policy("proteus", "a random split of queries between light and heavy, no discriminator (Proteus-style)",
            routing="random-split"),
     Policy("diffserve", "ours: the query-aware cascade planned for quality as served, with degrade-to-light",
-           routing="cascade", served_objective=True, ours=True, bench=BenchConfig(degrade=True)),
+           routing="cascade", served_objective=True, ours=True, bench=BenchConfig(degrade=True),
+           class_readings=(("diffserve-fifo", BenchConfig(degrade=True, pool_order="fifo")),
+                           ("diffserve-no-cancel", BenchConfig(degrade=True, cancel=False)))),
 )
 
 _REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN}
@@ -181,6 +193,16 @@ def bench_row(label: str, *, flag: str | None = None) -> tuple[Policy, BenchConf
                 return policy, config
     where = f"{flag} must be one of" if flag else f"unknown policy {label!r}; choose one of:"
     raise UserError(f"{where} {', '.join(bench_labels())}" + (f", got {label!r}" if flag else ""))
+
+
+def class_row(label: str) -> tuple[Policy, BenchConfig]:
+    """A row of ``bench compare --class-mix``: a bench row, or a policy's class reading
+    (``diffserve-fifo`` -> ours with FIFO pools); an unknown label is a :class:`UserError`."""
+    for policy in _REGISTRY.values():
+        for reading, config in policy.class_readings:
+            if reading == label:
+                return policy, config
+    return bench_row(label)
 
 
 def register(policy: Policy) -> Policy:

@@ -126,3 +126,15 @@ def test_a_registered_policy_runs_in_the_benchmark_as_configured(toy, tmp_path):
     assert row["demand_flag_qps"] == rows["static"]["demand_flag_qps"]
     assert (out / toy.name / "requests.jsonl").exists()
     assert toy.name in (out / "results.md").read_text()
+
+
+def test_the_class_mix_baselines_are_class_readings_of_ours() -> None:
+    """``diffserve-fifo`` (FIFO pools) and ``diffserve-no-cancel`` are rows of ``bench compare
+    --class-mix`` only: readings of ours in the registry, not rows of the plain compare."""
+    fifo_policy, fifo = policies.class_row("diffserve-fifo")
+    assert fifo_policy.name == policies.OURS and fifo.pool_order == "fifo" and fifo.cancel and fifo.degrade
+    assert policies.class_row("diffserve-no-cancel")[1].cancel is False
+    assert policies.class_row(policies.OURS)[1].pool_order == "auto"
+    assert "diffserve-fifo" not in policies.bench_labels()
+    with pytest.raises(UserError, match="diffserve-lifo"):
+        policies.class_row("diffserve-lifo")

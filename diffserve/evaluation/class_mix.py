@@ -11,6 +11,9 @@ so every run of a seed sees the same classes. The runs (virtual time, in-process
 - with a disconnect scenario, also ``diffserve-no-cancel``: ours, but work of a client that left
   runs on (``serve --no-cancel``), the reference for the GPU-seconds that cancellation saves.
 
+``diffserve-fifo`` and ``diffserve-no-cancel`` are class readings of ours in the policy registry
+(``Policy.class_readings``, :func:`diffserve.policies.class_row`): how their servers differ is stated there.
+
 Every row carries ``classes: {name: {slo_ms, sent, slo_violation_ratio, fid, degraded_share, ...}}``,
 each class scored against its own SLO by the usual rules (metrics.score_records); requests whose
 client left on purpose are not scored (``disconnected`` counts them). The row's own
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from diffserve import policies as registry
 from diffserve.errors import UserError
 from diffserve.evaluation import report
 from diffserve.evaluation.compare import CompareSpec, _fmt, aggregate_seeds, compare_title, serve_options
@@ -118,7 +122,8 @@ def mix_options(spec: CompareSpec, mix: list[MixClass], label: str, seed: int) -
     if label == SINGLE:
         return replace(opts, slo_ms=tight, demand_qps=spec.demand_for(OURS, seed))
     classes = {c.name: c.slo_ms for c in mix}
-    return replace(opts, slo_classes=classes, pool_order="fifo" if label == FIFO else "auto", cancel=label != NO_CANCEL)
+    bench = registry.class_row(label)[1]  # ours, or its class reading (diffserve-fifo, diffserve-no-cancel)
+    return replace(opts, slo_classes=classes, pool_order=bench.pool_order, cancel=bench.cancel)
 
 
 def score_classes(records: list[RequestRecord], classes: list[str], mix: list[MixClass], spec: CompareSpec) -> dict[str, Any]:
