@@ -243,7 +243,7 @@ def bound(arrivals: list[Arrival], *, duration_s: float | None = None, max_reque
 
 
 #: How ``bench compare`` treats a trace file across seeds (see :func:`resample_within_seconds`).
-ARRIVAL_MODES = ("resample", "replay")
+ARRIVAL_MODES = ("resample", "resample-times", "replay")
 
 
 def arrivals_from_counts(counts: "np.ndarray | list[int]", rng: np.random.Generator, n_prompts: int) -> list[Arrival]:
