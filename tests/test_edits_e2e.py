@@ -74,8 +74,7 @@ def _tiny_files(tmp_path, threshold: float = 0.5) -> ServeOptions:
     (random weights) in two worker processes, half the queries deferred (threshold at the median)."""
     from diffserve.server.testing import tiny_diffusers_files
 
-    # generous figures: the worker watchdog is a multiple of them, and this CPU is shared
-    return tiny_diffusers_files(tmp_path, batch_ms=(20_000.0, 30_000.0), steps=(1, 25), threshold=threshold)
+    return tiny_diffusers_files(tmp_path, steps=(1, 25), threshold=threshold)
 
 
 @pytest.mark.e2e
