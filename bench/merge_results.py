@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,12 +22,21 @@ sys.path.insert(0, str(ROOT))
 from diffserve.fileio import atomic_write_text  # noqa: E402
 
 SAME = ("trace", "workers", "slo_ms", "clock", "speedup", "seeds", "arrivals", "oracle")
+_FILE = re.compile(r"[\w.-]+\.(?:txt|csv)")
+
+
+def trace_key(label: str | None) -> str | None:
+    """The trace a label names: its file where it names one (``maf-4to32 (the artifact's
+    maf_trace_4to32qps.txt)`` and ``maf_trace_4to32qps.txt`` are one trace), else the label."""
+    found = _FILE.findall(label or "")
+    return found[-1] if found else label
 
 
 def merge(into: dict, extra: dict) -> dict:
     """``into`` with ``extra``'s policy rows appended; a ValueError names what differs."""
     for key in SAME:
-        if into.get(key) != extra.get(key):
+        same = trace_key(into.get(key)) == trace_key(extra.get(key)) if key == "trace" else into.get(key) == extra.get(key)
+        if not same:
             raise ValueError(f"the runs differ in {key!r}: {into.get(key)!r} against {extra.get(key)!r}")
     have = {p["policy"] for p in into["policies"]}
     both = have & {p["policy"] for p in extra["policies"]}

@@ -27,6 +27,13 @@ def test_rows_of_another_cell_or_other_requests_are_refused(over):
         merge(_run("static"), _run("proteus", **over))
 
 
+def test_a_trace_is_known_by_its_file_whatever_the_label():
+    into = _run("static", trace="maf_trace_4to32qps.txt")
+    assert len(merge(into, _run("proteus", trace="maf-4to32 (the artifact's maf_trace_4to32qps.txt)"))["policies"]) == 2
+    with pytest.raises(ValueError, match="trace"):
+        merge(into, _run("proteus", trace="maf-4to32 (drawn from the shipped per-second counts, seed 0)"))
+
+
 def test_a_policy_in_both_runs_is_refused():
     with pytest.raises(ValueError, match="both runs hold static"):
         merge(_run("static"), _run("static", "proteus"))
