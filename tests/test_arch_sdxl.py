@@ -1,0 +1,76 @@
+"""SDXL and SDXL-Lightning: one real denoising step each on the CPU at 64 px (random weights, real architecture).
+
+The full pipeline runs: both text encoders, the UNet (2.57 B parameters), the scheduler step and the
+VAE decode, producing an image. The two variants share every component (same configurations, and
+the same seed fills them with the same values), so this module builds them once, inside
+:func:`~diffserve.models.arch.shared_modules`: 14.6 GB resident in float32, released when the module
+ends. Each variant still goes through ``load_variant`` with its own scheduler configuration and
+guidance. float32, because these CPUs have no native bfloat16 (AVX2 only): one step in bfloat16
+was several times slower. At most two torch threads. The GPU runs are in bench/gpu.py.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from diffserve.models import load_variant
+from diffserve.models.arch import ARCH_LABEL, arch_config, arch_variant, shared_modules
+
+
+@pytest.fixture(scope="module")
+def sdxl_modules_once():
+    """SDXL's modules built at most once for this module's tests, with at most two torch threads."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        with shared_modules():
+            yield
+    finally:
+        torch.set_num_threads(before)
+        gc.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "cfg_batch", "first_timestep"), [
+    ("sdxl", 2, 1),  # guidance 5.0: negative and positive prompt in one UNet batch; 'leading' spacing + offset 1
+    ("sdxl-lightning", 1, 999),  # guidance 0: no CFG; 'trailing' spacing starts at the last training step
+])
+def test_sdxl_variant_runs_one_real_step_on_cpu_at_64px(name, cfg_batch, first_timestep, sdxl_modules_once):
+    spec = arch_variant(name, resolution=64, steps=1, dtype="float32")
+    model = load_variant(spec, device="cpu")
+    seen: list[tuple[int, float]] = []  # (UNet batch, timestep) of every UNet call
+
+    def record(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.append((int(sample.shape[0]), float(timestep.flatten()[0]) if hasattr(timestep, "flatten") else float(timestep)))
+
+    pipe = model.pipeline
+    hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        assert model.label == ARCH_LABEL and model.random_weights
+        assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+        assert pipe.scheduler.config.timestep_spacing == arch_config(name)["scheduler"]["config"]["timestep_spacing"]
+        assert sum(p.numel() for p in pipe.unet.parameters()) == pytest.approx(2.567e9, rel=0.005)
+        weight = next(pipe.unet.parameters())
+        assert str(weight.dtype) == "torch.float32" and weight.device.type == "cpu"
+        del weight
+        images = model.generate(["a red cube on a blue table"], seeds=[0])
+    finally:
+        hook.remove()
+        del pipe
+    try:
+        assert seen == [(cfg_batch, first_timestep)], seen  # one step, with this variant's guidance and scheduler
+        assert len(images) == 1 and images[0].size == (64, 64)
+        pixels = np.asarray(images[0])
+        assert pixels.dtype == np.uint8 and pixels.std() > 0  # a decoded image, not a blank
+    finally:
+        del model, images
+        gc.collect()
