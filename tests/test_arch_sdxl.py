@@ -5,8 +5,9 @@ VAE decode, producing an image. The two variants share every component (same con
 the same seed fills them with the same values), so this module builds them once, inside
 :func:`~diffserve.models.arch.shared_modules`: 14.6 GB resident in float32, released when the module
 ends. Each variant still goes through ``load_variant`` with its own scheduler configuration and
-guidance. float32, because these CPUs have no native bfloat16 (AVX2 only): one step in bfloat16
-was several times slower. At most two torch threads. The GPU runs are in bench/gpu.py.
+guidance. float32, because these CPUs have no native bfloat16 (AVX2 only): the VAE decode alone
+took 25 times as long in bfloat16 (``python bench/arch_cpu.py --compare-bf16`` measures it, and the
+time and memory of these two tests). At most two torch threads. The GPU runs are in bench/gpu.py.
 """
 
 from __future__ import annotations
