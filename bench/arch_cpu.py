@@ -3,14 +3,14 @@
 tests/test_arch_sdxl.py runs one denoising step of each at 64 px, the full pipeline (both text
 encoders, UNet, scheduler step, VAE decode), with the two variants sharing their modules
 (``diffserve.models.arch.shared_modules``). This script measures the same thing outside pytest:
-build time, step time and peak resident memory per variant, in float32 with at most two torch
-threads; with ``--compare-bf16`` also SDXL's CLIP-L text encoder and VAE decode in float32 against
+build time, step time and peak resident memory per variant, in float32 on one torch thread (as
+the suite; ``--threads 2`` to compare); with ``--compare-bf16`` also SDXL's CLIP-L text encoder and VAE decode in float32 against
 bfloat16 (why the suite runs float32 on CPUs without native bfloat16). The machine's load average
 is recorded next to the figures: on a shared machine they mean little without it.
 
 Writes JSON (default bench/results/arch_cpu.json) and prints a short table. Needs about 15 GB free.
 
-    python bench/arch_cpu.py [--threads 2] [--compare-bf16] [--out PATH]
+    python bench/arch_cpu.py [--threads 1] [--compare-bf16] [--out PATH]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def bf16_comparison() -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the suite uses at most 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the suite uses 1)")
     parser.add_argument("--compare-bf16", action="store_true", help="also time CLIP-L and the VAE decode in bfloat16")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "arch_cpu.json")
     args = parser.parse_args()

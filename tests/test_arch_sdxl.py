@@ -7,7 +7,7 @@ the same seed fills them with the same values), so this module builds them once,
 ends. Each variant still goes through ``load_variant`` with its own scheduler configuration and
 guidance. float32, because these CPUs have no native bfloat16 (AVX2 only): the VAE decode alone
 took 25 times as long in bfloat16 (``python bench/arch_cpu.py --compare-bf16`` measures it, and the
-time and memory of these two tests). At most two torch threads. The GPU runs are in bench/gpu.py.
+time and memory of these two tests). One torch thread. The GPU runs are in bench/gpu.py.
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from diffserve.models.arch import ARCH_LABEL, arch_config, arch_variant, shared_
 
 @pytest.fixture(scope="module")
 def sdxl_modules_once():
-    """SDXL's modules built at most once for this module's tests, with at most two torch threads."""
-    import os
+    """SDXL's modules built at most once for this module's tests, on one torch thread.
 
+    One thread, not two: on a 2-core machine shared with other work, two threads took 118 s for
+    both variants against 73 s for one (``bench/arch_cpu.py --threads 1|2``), since a preempted
+    thread stalls the other at every op. A second thread would at best halve the compute part,
+    and only on an idle machine."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)
     try:
         with shared_modules():
             yield
