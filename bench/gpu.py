@@ -21,7 +21,7 @@ value and each is skipped (and listed under ``skipped``) when the remaining budg
 ``--dry-run`` runs the whole script on the CPU at 64 px with 1 step (batch 1-2 for SD-Turbo, 1 for
 SD v1.5; float32), with the ``eager`` compile backend (the compile path without code generation),
 k = 2 co-located workers and a 10 s server run on one worker; it checks the script, not the
-hardware, and the test suite runs it. It leaves out SDXL (14.6 GB in float32 on a CPU; a profile
+hardware, and the test suite runs it. It leaves out SDXL (13.9 GiB in float32 on a CPU; a profile
 would build it in each of its processes) and lists it under ``skipped``: tests/test_arch_sdxl.py runs
 one real 64 px step of SDXL and SDXL-Lightning on the CPU instead.
 
@@ -318,7 +318,7 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
 
     compiled("sdxl", 60)
     if dry_run:
-        result["skipped"] = [{"item": "profile sdxl", "reason": "--dry-run: SDXL on a CPU needs 14.6 GB in float32 per profiling "
+        result["skipped"] = [{"item": "profile sdxl", "reason": "--dry-run: SDXL on a CPU needs 13.9 GiB in float32 per profiling "
                               "process; tests/test_arch_sdxl.py runs one real 64 px step of SDXL and SDXL-Lightning instead"},
                              {"item": "profile sd-v1.5 / sdxl torch.compile", "reason": "--dry-run compiles sd-turbo only (same code path)"},
                              {"item": "co-located sd-v1.5", "reason": "--dry-run serves one CPU worker, which needs no co-located rows"}]

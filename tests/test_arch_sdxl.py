@@ -3,11 +3,12 @@
 The full pipeline runs: both text encoders, the UNet (2.57 B parameters), the scheduler step and the
 VAE decode, producing an image. The two variants share every component (same configurations, and
 the same seed fills them with the same values), so this module builds them once, inside
-:func:`~diffserve.models.arch.shared_modules`: 14.6 GB resident in float32, released when the module
+:func:`~diffserve.models.arch.shared_modules`: 13.9 GiB resident in float32, released when the module
 ends. Each variant still goes through ``load_variant`` with its own scheduler configuration and
 guidance. float32, because these CPUs have no native bfloat16 (AVX2 only): the VAE decode alone
-took 25 times as long in bfloat16 (``python bench/arch_cpu.py --compare-bf16`` measures it, and the
-time and memory of these two tests). One torch thread. The GPU runs are in bench/gpu.py.
+took 114 s in bfloat16 against 1.1 s in float32 (``python bench/arch_cpu.py --compare-bf16``
+measures that, and the time and memory of these two tests). One torch thread. The GPU runs are in
+bench/gpu.py.
 """
 
 from __future__ import annotations
