@@ -212,6 +212,90 @@ def door_summary(root: Path = RESULTS) -> str:
     )
 
 
+#: Issue #24's runs: the class mix (ours, FIFO, single-class) and its disconnect scenario, one command each.
+CLASS_MIX = "class-mix-4to32.json"
+CLASS_MIX_DISCONNECT = "class-mix-disconnect-4to32.json"
+
+
+def _pct(value: float | None, sd: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return "0 %" if value == 0 and not sd else f"{100 * value:.1f} %" + (f" ± {100 * sd:.1f}" if sd else "")
+
+
+def class_mix_table(root: Path = RESULTS) -> str:
+    """One row per run and class (each class scored against its own SLO), then issue #24's checks."""
+    from diffserve.evaluation.class_mix import FIFO, MIX_POLICIES, SINGLE
+
+    path = root / CLASS_MIX
+    if not path.is_file():
+        return f"(`bench/results/{CLASS_MIX}` is not committed: not run)"
+    doc = json.loads(path.read_text())
+    by = _by_policy(doc)
+    tight = min(c["slo_ms"] for c in doc["class_mix"])
+    names = {OURS: "**diffserve (ours)**"}
+    out = ["| run | class (SLO) | violations | FID | degraded | p99 latency |", "| --- | --- | --- | --- | --- | --- |"]
+    for policy in (p for p in MIX_POLICIES if p in by):
+        for name, e in by[policy]["classes"].items():
+            served = f", served at {tight / 1000:g} s" if policy == SINGLE and e["slo_ms"] != tight else ""
+            cls = f"{name} ({e['slo_ms'] / 1000:g} s{served})"
+            if policy == OURS:
+                cls = f"**{cls}**"
+            p99 = "n/a" if e.get("latency_p99_ms") is None else f"{e['latency_p99_ms']:.0f} ms"
+            out.append(f"| {names.get(policy, policy)} | {cls} | {_num(e['slo_violation_ratio'], e.get('slo_violation_ratio_std'), 4)} | "
+                       f"{_num(e['fid'], e.get('fid_std'), 2)} | {_pct(e['degraded_share'], e.get('degraded_share_std'))} | {p99} |")
+    out += ["", *class_mix_checks(by, tight, FIFO, SINGLE)]
+    return "\n".join(out)
+
+
+def class_mix_checks(by: dict[str, dict[str, Any]], tight: float, fifo: str, single: str) -> list[str]:
+    """Issue #24's "Done when" items for the mix, judged from the file (mean ± sample sd over seeds)."""
+    if OURS not in by:
+        return []
+    ours = by[OURS]["classes"]
+    tight_cls = next((n for n, e in ours.items() if e["slo_ms"] == tight), None)
+    loose = [n for n, e in ours.items() if e["slo_ms"] > tight]
+    if tight_cls is None:
+        return []
+    mine = ours[tight_cls]
+
+    def verdict(ok: bool) -> str:
+        return "holds" if ok else "**does not hold**"
+
+    lines = [f"- {tight_cls} violations at most 1 %: {_pct(mine['slo_violation_ratio'], None)}: {verdict(mine['slo_violation_ratio'] <= 0.01)}."]
+    if fifo in by:
+        theirs = by[fifo]["classes"][tight_cls]
+        spread = max(mine.get("slo_violation_ratio_std") or 0.0, theirs.get("slo_violation_ratio_std") or 0.0)
+        fewer = theirs["slo_violation_ratio"] - mine["slo_violation_ratio"] > spread
+        as_few = mine["slo_violation_ratio"] <= theirs["slo_violation_ratio"]
+        better_fid = mine["fid"] is not None and theirs["fid"] is not None and mine["fid"] < theirs["fid"]
+        lines.append(f"- {tight_cls} better than under FIFO (fewer violations by more than the spread, or as few and a better FID): "
+                     f"violations {_pct(mine['slo_violation_ratio'], None)} against {_pct(theirs['slo_violation_ratio'], None)}, "
+                     f"FID {_num(mine['fid'], None, 2)} against {_num(theirs['fid'], None, 2)}: {verdict(fewer or (as_few and better_fid))}.")
+    if single in by and tight_cls in by[single]["classes"]:
+        theirs = by[single]["classes"][tight_cls]
+        lines.append(f"- {tight_cls} FID no worse than with everything served at {tight / 1000:g} s: {_num(mine['fid'], None, 2)} "
+                     f"against {_num(theirs['fid'], None, 2)}: {verdict(mine['fid'] <= theirs['fid'])}.")
+    for name in loose:
+        lines.append(f"- {name} FID below {tight_cls}'s (slack turned into quality): {_num(ours[name]['fid'], None, 2)} against "
+                     f"{_num(mine['fid'], None, 2)}: {verdict(ours[name]['fid'] < mine['fid'])}.")
+    return lines
+
+
+def class_mix_disconnect_table(root: Path = RESULTS) -> str:
+    """The disconnect scenario: heavy GPU-seconds with and without cancellation, in all and for departed clients."""
+    from diffserve.evaluation.class_mix import GONE_HEADER, gone_row, saving_sentence
+
+    path = root / CLASS_MIX_DISCONNECT
+    if not path.is_file():
+        return f"(`bench/results/{CLASS_MIX_DISCONNECT}` is not committed: not run)"
+    doc = json.loads(path.read_text())
+    out = [GONE_HEADER, "| --- " * GONE_HEADER.count(" | ") + "| --- |", *(gone_row(r) for r in doc["policies"])]
+    if "heavy_gpu_seconds_saved_share" in doc:
+        out += ["", saving_sentence(doc)]
+    return "\n".join(out)
+
+
 #: Every table this script writes: marker name -> renderer.
 TABLES: dict[str, Callable[[Path], str]] = {
     "three-traces": lambda root: policy_table(TRACES, root),
@@ -219,10 +303,12 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "three-cascades": lambda root: policy_table(CASCADES, root),
     "run-reports": run_reports,
     "door": door_summary,
+    "class-mix": class_mix_table,
+    "class-mix-disconnect": class_mix_disconnect_table,
 }
 #: The documents that hold the tables, and which tables each holds.
 DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md")
-TABLES_OF = {"README.md": ("three-traces", "sweep", "three-cascades", "door"), "benchmarks.md": ("sweep", "run-reports")}
+TABLES_OF = {"README.md": ("three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect"), "benchmarks.md": ("sweep", "run-reports")}
 
 
 def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:

@@ -4,8 +4,9 @@
 
 writes ``diffserve/data/reference/``: the A100 latencies, the FID table, the SLOs, each score
 file's deferral curve as an empirical CDF (counts of prompts below each of the artifact's 201
-thresholds, not the per-prompt scores), the Azure Functions hourly shape and DiffusionDB's first
-5,000 prompts (CC0). Each file states where its figures come from. Rerunning it on the same
+thresholds, not the per-prompt scores), the Azure Functions hourly shape, each maf trace's
+requests per second (a histogram: no arrival time or prompt of the trace files) and DiffusionDB's
+first 5,000 prompts (CC0). Each file states where its figures come from. Rerunning it on the same
 artifact rewrites the same bytes; ``tests/test_reference_data.py`` checks that where the artifact
 is present. The raw score files and trace files are never copied.
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffserve.evaluation.sources import demand_per_second, read_trace  # noqa: E402
 from diffserve.fileio import atomic_write_text  # noqa: E402
 from diffserve.formats.runtime_csv import NAMES_BY_SUFFIX, PREFERRED_ACCEL, read_runtime_csv  # noqa: E402
 from diffserve.formats.scores import read_confidences, threshold_grid  # noqa: E402
@@ -32,6 +34,7 @@ from diffserve.reference.shipped import (  # noqa: E402
     PROMPTS_FILE,
     SCORE_FILES,
 )
+from diffserve.reference.traces import NAMED_TRACES  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "diffserve" / "data" / "reference"
 
@@ -124,6 +127,20 @@ def shape(art: Path) -> str:
     return "".join(out)
 
 
+def trace_counts(art: Path) -> str:
+    files = [f"traces/{t.artifact_file}" for t in NAMED_TRACES.values()]
+    out = [_header(
+        "Requests per second of the paper's three maf traces: each trace file's histogram at one second, "
+        "nothing finer (no arrival time, no prompt index).", files,
+    )]
+    out.append("# The seconds are model seconds from the trace's start; a request at t ms counts in second floor(t / 1000).\n")
+    out.append("traces:\n")
+    for name, spec in NAMED_TRACES.items():
+        counts = demand_per_second(read_trace(art / "traces" / spec.artifact_file))
+        out.append(f"  {name}:\n    requests: {int(counts.sum())}\n    per_second: [{', '.join(str(int(c)) for c in counts)}]\n")
+    return "".join(out)
+
+
 def prompts(art: Path) -> str:
     text = (art / "prompts" / "diffusiondb_first_5k.txt").read_text(encoding="utf-8")
     lines = text.split("\n")
@@ -149,7 +166,7 @@ def main() -> None:
     art, out = args.artifact, args.output
     for name, make in (
         (DATA["latency"], latency), (DATA["quality"], quality), (DATA["slo"], slos), (DATA["deferral"], deferral),
-        (DATA["shape"], shape), (PROMPTS_FILE, prompts),
+        (DATA["shape"], shape), (DATA["trace_counts"], trace_counts), (PROMPTS_FILE, prompts),
     ):
         atomic_write_text(out / name, make(art))
         print(f"wrote {out / name}")

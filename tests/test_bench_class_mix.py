@@ -72,5 +72,11 @@ def test_a_class_mix_run_writes_per_class_rows_and_the_disconnect_figures(tmp_pa
         assert row["ledger_holds"] and row["status_500"] == 0 and row["disconnected"] == len(left)
         assert row["heavy_gpu_seconds"] > 0
     assert rows[1]["gpu_seconds_saved"] == 0  # no cancellation, nothing saved
-    assert "heavy_gpu_seconds_saved_share" in doc
+    assert "heavy_gpu_seconds_saved_share" in doc and "heavy_gpu_seconds_gone_saved_share" in doc
+    ours, ref = rows
+    # with cancellation no heavy job starts after its client left; without, the departed clients' work runs
+    assert ours["heavy_jobs_gone_before_start"] == 0
+    assert ref["heavy_gpu_seconds_gone"] > 0 and ref["heavy_jobs_gone_before_start"] + ref["heavy_jobs_gone_while_running"] > 0
+    assert ours["heavy_gpu_seconds_gone"] <= ref["heavy_gpu_seconds_gone"] <= ref["heavy_gpu_seconds"]
+    assert doc["heavy_gpu_seconds_gone_saved_share"] == round(1 - ours["heavy_gpu_seconds_gone"] / ref["heavy_gpu_seconds_gone"], 4)
     assert "| diffserve | interactive | 2.5 s |" in (tmp_path / "results.md").read_text()

@@ -50,7 +50,7 @@ def test_arrival_mode_defaults_to_resample_for_several_seeds(given, is_trace, se
 
 
 @pytest.mark.parametrize(("given", "is_trace", "message"), [
-    ("shuffle", True, "--arrivals must be one of resample, replay, got 'shuffle'"),
+    ("shuffle", True, "--arrivals must be one of resample, resample-times, replay, got 'shuffle'"),
     ("replay", False, "--arrivals applies to --trace only"),
 ])
 def test_arrival_mode_errors_name_the_flag(given, is_trace, message):

@@ -58,3 +58,43 @@ def test_a_missing_marker_is_a_clear_error():
     tables = _script()
     with pytest.raises(SystemExit, match="no <!-- readme-table three-traces -->"):
         tables.render("no markers here", "README.md")
+
+
+def _copy_results(tables, tmp_path) -> Path:
+    root = tmp_path / "results"
+    for path in tables.RESULTS.rglob("*.json"):
+        target = root / path.relative_to(tables.RESULTS)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    return root
+
+
+def test_the_class_mix_table_and_its_checks_come_from_the_file(tmp_path):
+    """Issue #24's table: every row from one committed run; worsen ours' interactive FID and the checks say so."""
+    tables = _script()
+    root = _copy_results(tables, tmp_path)
+    doc = json.loads((root / tables.CLASS_MIX).read_text())
+    assert {r["policy"] for r in doc["policies"]} == {"single-class", "diffserve-fifo", "diffserve"}
+    before = tables.class_mix_table(root)
+    assert "does not hold" not in before
+    ours = next(r for r in doc["policies"] if r["policy"] == "diffserve")
+    ours["classes"]["interactive"]["fid"], ours["classes"]["interactive"]["fid_std"] = 30.0, 0.0
+    (root / tables.CLASS_MIX).write_text(json.dumps(doc))
+    after = tables.class_mix_table(root)
+    assert "| **diffserve (ours)** | **interactive (2.5 s)** | 0 | 30.00 |" in after
+    # worse than FIFO's and single-class's interactive FID; batch's FID is then below it
+    assert after.count("**does not hold**") == 2
+    (root / tables.CLASS_MIX).unlink()
+    assert "not run" in tables.class_mix_table(root)
+
+
+def test_the_disconnect_table_recomputes_the_saving_from_the_file(tmp_path):
+    tables = _script()
+    root = _copy_results(tables, tmp_path)
+    doc = json.loads((root / tables.CLASS_MIX_DISCONNECT).read_text())
+    assert [r["policy"] for r in doc["policies"]] == ["diffserve", "diffserve-no-cancel"]
+    assert all(r["ledger_holds"] and r["status_500"] == 0 for r in doc["policies"])
+    assert doc["policies"][0]["heavy_jobs_gone_before_start"] == 0  # with cancellation no departed client's job starts
+    doc["heavy_gpu_seconds_saved_share"] = 0.5
+    (root / tables.CLASS_MIX_DISCONNECT).write_text(json.dumps(doc))
+    assert "cancellation are 50.0 % (per seed" in tables.class_mix_disconnect_table(root)

@@ -76,23 +76,36 @@ def test_diffusiondb_prompts_ship_in_trace_order():
     assert load_prompts("diffusiondb-5k", limit=10, seed=3).texts == load_prompts("diffusiondb-5k").sample(10, 3).texts
 
 
-@pytest.mark.parametrize("name", sorted(NAMED_TRACES))
-def test_a_named_trace_is_the_papers_procedure_on_the_shipped_shape(name):
+@pytest.mark.parametrize(("name", "requests"), [("maf-1to8", 1633), ("maf-2to16", 3338), ("maf-4to32", 6680)])
+def test_a_named_trace_keeps_the_artifacts_requests_per_second_and_follows_the_shape(name, requests):
     from diffserve.evaluation.sources import demand_per_second, named_trace, trace_arrivals
 
     spec = NAMED_TRACES[name]
     arrivals, label = named_trace(name)
     assert "shipped" in label and arrivals == trace_arrivals(name)[0]  # one trace per name, like a file
+    counts = shipped.trace_counts(name)
+    assert len(arrivals) == sum(counts) == requests  # the artifact files' totals
+    assert demand_per_second(arrivals).tolist() == counts[: len(demand_per_second(arrivals))] and not any(counts[len(demand_per_second(arrivals)):])
     shape = np.array(shipped.hourly_shape())
     low, high = spec.qps_range
     rate = low + (high - low) * (shape - shape.min()) / (shape.max() - shape.min())
-    per_second = np.round(rate)  # the paper's procedure: round(rate) requests a second, exponential gaps
-    kept = 1 - np.exp(-per_second)  # a gap of a whole second or more is dropped
-    expected, spread = (per_second * kept).sum(), np.sqrt((per_second * kept * (1 - kept)).sum())
-    assert abs(len(arrivals) - expected) < 4 * spread + 1
-    counts = demand_per_second(arrivals, len(shape))[: len(shape)]
-    assert np.corrcoef(counts, rate)[0, 1] > 0.6  # the per-second counts follow the shape
-    assert all(0 <= a.prompt_index < 5000 for a in arrivals) and arrivals[-1].time_ms < (len(shape) + 2) * 1000
+    assert np.corrcoef(np.array(counts[: len(shape)]), rate)[0, 1] > 0.6  # the paper drew the traces from the shape
+    assert all(0 <= a.prompt_index < 5000 for a in arrivals) and [a.time_ms for a in arrivals] == sorted(a.time_ms for a in arrivals)
+
+
+def test_resampled_traces_with_the_same_counts_are_the_same_requests_for_a_seed():
+    """Why the shipped counts agree with the artifact's files seed for seed (bench --arrivals resample)."""
+    from diffserve.evaluation.sources import demand_per_second, named_trace, resample_within_seconds
+
+    ours, _ = named_trace("maf-1to8")
+    rng = np.random.default_rng(11)
+    other = [type(a)(a.time_ms + 0.5 * (1000 - a.time_ms % 1000) * rng.random(), int(rng.integers(5000))) for a in ours]  # same seconds, other times and prompts
+    assert demand_per_second(other).tolist() == demand_per_second(ours).tolist() and other != ours
+    for seed in (0, 1):
+        a = resample_within_seconds(ours, np.random.default_rng(seed), n_prompts=5000)
+        b = resample_within_seconds(other, np.random.default_rng(seed), n_prompts=5000)
+        assert a == b and demand_per_second(a).tolist() == demand_per_second(ours).tolist()
+    assert resample_within_seconds(ours, np.random.default_rng(0), n_prompts=5000) != resample_within_seconds(ours, np.random.default_rng(1), n_prompts=5000)
 
 
 def test_an_unknown_trace_name_is_a_file_that_is_not_there(tmp_path):
@@ -195,15 +208,15 @@ def test_named_traces_replay_the_artifacts_files_where_named(reference_dir):
 
 
 def test_the_benchmark_agrees_on_either_source(reference_dir, tmp_path, monkeypatch):
-    """The agreement of bench/reference_agreement.py, in small: on the artifact's own trace (a 30 s
-    slice of 1to8, on 4 workers), the shipped figures and the artifact's files give the same FID and
-    violations for every policy; the whole-trace comparison, shipped trace included, is in
-    bench/results/reference_agreement.json."""
+    """The agreement of bench/reference_agreement.py, in small: on the named trace (a 30 s slice of
+    1to8, on 4 workers, two seeds: resampled arrivals), the shipped figures and counts and the
+    artifact's files give the same FID and violations for every policy; the whole-trace
+    comparison is in bench/results/reference_agreement.json."""
     from diffserve.cli.main import app
 
     def run(out: Path) -> dict:
         result = CliRunner().invoke(app, [
-            "bench", "compare", "--trace", str(reference_dir / "traces" / "maf_trace_1to8qps.txt"), "--workers", "4",
+            "bench", "compare", "--trace", "maf-1to8", "--seeds", "2", "--workers", "4",
             "--slo", "5s", "--clock", "virtual", "--duration", "30s", "--policies", "static,diffserve-paper,diffserve",
             "--output", str(out),
         ])

@@ -168,7 +168,7 @@ def compare_cmd(
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to run (default: all seven rows: the six policies and static-queueing, ours last).")] = "",
     replan_interval: Annotated[str, typer.Option("--replan-interval", help="Re-plan interval of the servers, model time.")] = "5s",
     stream: Annotated[bool, typer.Option("--stream", help="Ask for progressive delivery (stream: true, partial_images: 1) and report time to first image.")] = False,
-    arrivals_mode: Annotated[str | None, typer.Option("--arrivals", help="With --trace: resample (each seed redraws Poisson arrivals within each second at the trace's per-second count; the default for --seeds > 1) or replay (the file's exact times on every seed).")] = None,
+    arrivals_mode: Annotated[str | None, typer.Option("--arrivals", help="With --trace: resample (each seed redraws Poisson arrivals within each second at the trace's per-second count, and each request's prompt; the default for --seeds > 1), resample-times (the same, keeping the file's prompts) or replay (the file's exact times on every seed).")] = None,
     class_mix: Annotated[Optional[str], typer.Option("--class-mix", help="SLO classes NAME:SLO:SHARE,... (interactive:2.5s:0.3,batch:30s:0.7): each arrival's class drawn per seed; runs ours, diffserve-fifo and single-class with per-class rows.")] = None,
     disconnect_after: Annotated[Optional[str], typer.Option("--disconnect-after", help="With --class-mix: chosen clients go away this long after sending (model time), e.g. 1s.")] = None,
     disconnect_share: Annotated[float, typer.Option("--disconnect-share", help="With --disconnect-after: the share of clients that go away (0.2).")] = 0.2,
@@ -213,8 +213,9 @@ def compare_cmd(
 
     def arrivals_of(s: int):
         arrivals, label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, s, len(prompt_list))
-        if mode == "resample":
-            arrivals = resample_within_seconds(arrivals, np.random.default_rng((s, ARRIVALS_STREAM)))
+        if mode in ("resample", "resample-times"):
+            n_prompts = len(prompt_list) if mode == "resample" else None  # resample-times: the file's prompts
+            arrivals = resample_within_seconds(arrivals, np.random.default_rng((s, ARRIVALS_STREAM)), n_prompts=n_prompts)
         return arrivals, label
 
     arrivals, source_label = arrivals_of(seed)

@@ -386,7 +386,8 @@ def title_of(doc: dict[str, Any]) -> str:
 
 #: What each ``arrivals`` mode of ``results.json`` means, for the tables.
 ARRIVALS_TEXT = {
-    "resample": "each seed redraws Poisson arrivals within each second at the trace's per-second count (--arrivals resample)",
+    "resample": "each seed redraws Poisson arrivals within each second at the trace's per-second count, and the prompts (--arrivals resample)",
+    "resample-times": "each seed redraws Poisson arrivals within each second at the trace's per-second count; the prompts keep the file's order (--arrivals resample-times)",
     "replay": "every seed replays the trace file's exact arrival times (--arrivals replay)",
     "generated": "arrivals generated per seed",
 }

@@ -65,11 +65,15 @@ def named_trace(name: str) -> tuple[list[Arrival], str]:
     """One of the paper's traces by name (``maf-4to32``), and a label saying where it came from.
 
     With the artifact's folder named (``--reference-dir``), its own trace file is replayed exactly;
-    otherwise the trace is drawn from the shipped Azure Functions shape by :func:`shape_arrivals`,
-    the paper's procedure, with the name's fixed seed (:mod:`diffserve.reference.traces`).
+    otherwise the trace is drawn from the shipped requests per second of that file: each second
+    keeps the file's count, its arrival times are drawn uniformly within it (a Poisson process given
+    its count) and the prompts uniformly, with the name's fixed seed (:func:`arrivals_from_counts`).
+    A fresh draw from the Azure Functions shape (``--shape --qps-range``, the paper's procedure)
+    has the same total but other counts per second (266 of 1to8's 347 seconds differ), and its
+    busiest 2 s window can differ by 15 %: the peak ``static`` is planned for.
     """
     from diffserve.reference import NAMED_TRACES, artifact_dir
-    from diffserve.reference.shipped import hourly_shape
+    from diffserve.reference.shipped import trace_counts
 
     spec = NAMED_TRACES.get(name)
     if spec is None:
@@ -77,9 +81,8 @@ def named_trace(name: str) -> tuple[list[Arrival], str]:
     folder = artifact_dir()
     if folder is not None:
         return read_trace(folder / "traces" / spec.artifact_file), f"{name} (the artifact's {spec.artifact_file})"
-    rng = np.random.default_rng(spec.seed)
-    arrivals = shape_arrivals(hourly_shape(), spec.qps_range, spec.seconds_per_point, rng, n_prompts=spec.n_prompts)
-    return arrivals, f"{name} (drawn from the shipped Azure Functions shape, seed {spec.seed})"
+    arrivals = arrivals_from_counts(trace_counts(name), np.random.default_rng(spec.seed), spec.n_prompts)
+    return arrivals, f"{name} (drawn from the shipped per-second counts of the artifact's {spec.artifact_file}, seed {spec.seed})"
 
 
 def trace_arrivals(spec: str | Path) -> tuple[list[Arrival], str]:
@@ -240,23 +243,46 @@ def bound(arrivals: list[Arrival], *, duration_s: float | None = None, max_reque
 
 
 #: How ``bench compare`` treats a trace file across seeds (see :func:`resample_within_seconds`).
-ARRIVAL_MODES = ("resample", "replay")
+ARRIVAL_MODES = ("resample", "resample-times", "replay")
 
 
-def resample_within_seconds(arrivals: list[Arrival], rng: np.random.Generator) -> list[Arrival]:
+def arrivals_from_counts(counts: "np.ndarray | list[int]", rng: np.random.Generator, n_prompts: int) -> list[Arrival]:
+    """``counts[i]`` arrivals in model second ``i``, each uniform within it (a Poisson process given
+    its count), with prompts drawn uniformly from ``n_prompts``."""
+    if n_prompts < 1:
+        raise UserError(f"the prompt set must hold at least one prompt, got {n_prompts}")
+    times = _times_within_seconds(counts, rng)
+    return [Arrival(float(t), int(p)) for t, p in zip(times, rng.integers(0, n_prompts, size=len(times)))]
+
+
+def _times_within_seconds(counts: "np.ndarray | list[int]", rng: np.random.Generator) -> np.ndarray:
+    """Sorted arrival times (ms): ``counts[i]`` of them uniform within second ``i``."""
+    starts = np.repeat(np.arange(len(counts), dtype=float), np.asarray(counts, dtype=int))
+    return np.sort((starts + rng.random(len(starts))) * 1000.0)
+
+
+def resample_within_seconds(arrivals: list[Arrival], rng: np.random.Generator, n_prompts: int | None = None) -> list[Arrival]:
     """The trace's per-second counts, with each second's arrivals redrawn as a Poisson process.
 
     Given its count ``n``, a Poisson process in one second places its ``n`` arrivals uniformly at
     random: so each second keeps exactly the trace's count (the demand every planner and the
     oracle see, :func:`demand_per_second`, is unchanged) while the times within it vary by seed.
     This is the arrival noise that replaying the file's exact times on every seed leaves out of
-    a comparison's spread. Prompt indices keep the file's order.
+    a comparison's spread.
+
+    With ``n_prompts``, each request's prompt is redrawn too, uniformly from that many (the paper's
+    traces drew theirs so): which prompts a trace happened to hold is the same kind of noise as
+    where its requests fell, and the discriminator's draws follow the prompts. Two traces with
+    the same per-second counts then give the same requests for a seed (the shipped named traces
+    and the artifact's files do: :func:`named_trace`). Without it the prompt indices keep the
+    file's order.
     """
     if not arrivals:
         return []
     counts = demand_per_second(arrivals)
-    starts = np.repeat(np.arange(len(counts), dtype=float), counts)
-    times = np.sort((starts + rng.random(len(starts))) * 1000.0)  # uniform within its second; sorted per second
+    if n_prompts is not None:
+        return arrivals_from_counts(counts, rng, n_prompts)
+    times = _times_within_seconds(counts, rng)
     ordered = sorted(arrivals, key=lambda a: a.time_ms)
     return [Arrival(float(t), a.prompt_index) for t, a in zip(times, ordered)]
 

@@ -4,9 +4,10 @@ The figures are transcribed from the DiffServe artifact by ``scripts/make_refere
 each file names its source in its header. None of them is one of the artifact's raw files: the
 latencies, FID table and SLOs are the published figures; each discriminator is kept as the
 empirical CDF of its per-prompt confidences at the artifact's 201 thresholds (the exact f(t)
-the artifact's score files give, nothing finer); the Azure Functions shape is kept instead of
-the traces drawn from it (:mod:`diffserve.evaluation.sources` draws them again, by the same
-procedure); DiffusionDB's first 5,000 prompts are CC0.
+the artifact's score files give, nothing finer); each trace is kept as its requests per second
+(the histogram at one second: :mod:`diffserve.evaluation.sources` draws the arrival times within
+each second and the prompts again), beside the Azure Functions shape they were drawn from;
+DiffusionDB's first 5,000 prompts are CC0.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ DATA = {
     "slo": "slo.yaml",
     "deferral": "deferral_cdf.yaml",
     "shape": "azure_functions_hourly.yaml",
+    "trace_counts": "trace_counts.yaml",
 }
 PROMPTS_FILE = "diffusiondb_first_5k.txt"
 #: the artifact's per-image score files, by the key the deferral CDF is stored under
@@ -102,6 +104,17 @@ def published_sdturbo() -> list[tuple[float, float]]:
 def hourly_shape() -> list[float]:
     """The 347 hourly Azure Functions invocation counts the paper's traces follow."""
     return [float(v) for v in _yaml("shape")["invocations"]]
+
+
+def trace_counts(name: str) -> list[int]:
+    """Requests in each second of the paper's trace ``name`` (``maf-4to32``)."""
+    traces = _yaml("trace_counts")["traces"]
+    if name not in traces:
+        raise UserError(f"no shipped per-second counts for the trace {name!r} (known: {', '.join(traces)})")
+    counts = [int(c) for c in traces[name]["per_second"]]
+    if sum(counts) != int(traces[name]["requests"]) or min(counts, default=0) < 0:
+        raise UserError(f"diffserve's shipped reference data {LOCATION}/{DATA['trace_counts']} is damaged: reinstall diffserve")
+    return counts
 
 
 def diffusiondb_lines() -> list[str]:

@@ -1,12 +1,14 @@
 """The paper's three request traces, by name: ``maf-1to8``, ``maf-2to16``, ``maf-4to32``.
 
-Each is the Azure Functions hourly shape (:func:`diffserve.reference.shipped.hourly_shape`)
-rescaled linearly onto a QPS range, one hour compressed into one second, with Poisson arrivals
-within each second and prompt indices drawn uniformly from DiffusionDB's first 5,000: the
-procedure the paper's traces were made by, and the one ``bench --shape --qps-range`` runs
-(:func:`diffserve.evaluation.sources.named_trace` draws them). The draw uses a fixed seed, so a
-name means one trace everywhere, like a file; the artifact's own trace files replace the draw
-where ``--reference-dir`` names them.
+The paper made each from the Azure Functions hourly shape
+(:func:`diffserve.reference.shipped.hourly_shape`) rescaled linearly onto a QPS range, one hour
+compressed into one second, with Poisson arrivals within each second and prompt indices drawn
+uniformly from DiffusionDB's first 5,000 (``bench --shape --qps-range`` runs that procedure).
+diffserve ships each file's requests per second (:func:`diffserve.reference.shipped.trace_counts`),
+and :func:`diffserve.evaluation.sources.named_trace` draws the times within each second and the
+prompts with a fixed seed, so a name means one trace everywhere, like a file, with the artifact's
+demand second by second; the artifact's own trace files replace the draw where
+``--reference-dir`` names them.
 """
 
 from __future__ import annotations

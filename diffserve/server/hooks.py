@@ -39,6 +39,7 @@ class ServingHooks(Protocol):
     def pool_workers(self, model: str, workers: int, down: int) -> None: ...
     def batch_ran(self, model: str, size: int, compute_ms: float) -> None: ...
     def batch_cancelled(self, model: str, ran_ms: float, saved_ms: float) -> None: ...
+    def gone_work(self, model: str, size: int, ran_ms: float, *, gone_at_start: int, gone_at_end: int) -> None: ...
     def job_started(self, model: str, queued_ms: float) -> None: ...
 
 
@@ -88,6 +89,9 @@ class NoHooks:
         pass
 
     def batch_cancelled(self, model: str, ran_ms: float, saved_ms: float) -> None:
+        pass
+
+    def gone_work(self, model: str, size: int, ran_ms: float, *, gone_at_start: int, gone_at_end: int) -> None:
         pass
 
     def job_started(self, model: str, queued_ms: float) -> None:

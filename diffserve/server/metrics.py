@@ -71,6 +71,14 @@ class Metrics:
             ["model"], registry=r)
         self.batches_cancelled = Counter(
             "diffserve_batches_cancelled", "running batches stopped at a step boundary (all their requests gone)", ["model"], registry=r)
+        # work done for clients that had gone away: with cancellation only the share of batches
+        # that ran on for their live requests; without it, also work that started after the client left
+        self.gpu_seconds_gone = Counter(
+            "diffserve_gpu_seconds_gone",
+            "worker seconds spent, pro rata over a batch's jobs, on jobs whose client had gone away by the batch's end", ["model"], registry=r)
+        self.jobs_gone = Counter(
+            "diffserve_jobs_gone", "jobs run whose client went away: before the batch started (none with cancellation) "
+            "or while it ran", ["model", "when"], registry=r)
 
     # hooks used by pools and workers
     def queue_changed(self, model: str, length: int) -> None:
@@ -166,6 +174,13 @@ class MetricsHooks(NoHooks):
         self.m.gpu_seconds.labels(model).inc(ran_ms / 1000.0)
         self.m.gpu_seconds_saved.labels(model).inc(saved_ms / 1000.0)
         self.m.batches_cancelled.labels(model).inc()
+
+    def gone_work(self, model: str, size: int, ran_ms: float, *, gone_at_start: int, gone_at_end: int) -> None:
+        self.m.gpu_seconds_gone.labels(model).inc(ran_ms / 1000.0 * gone_at_end / max(size, 1))
+        if gone_at_start:
+            self.m.jobs_gone.labels(model, "before_start").inc(gone_at_start)
+        if gone_at_end > gone_at_start:
+            self.m.jobs_gone.labels(model, "while_running").inc(gone_at_end - gone_at_start)
 
     def job_started(self, model: str, queued_ms: float) -> None:
         self.m.stage_latency.labels(model, "queue").observe(queued_ms)

@@ -63,6 +63,18 @@ class Flight:
     on_light: Callable[[StageResult], None] | None = None
     #: an edit's input: both stages edit it (img2img or in-painting) instead of generating
     edit: EditInput | None = None
+    #: the heavy stage's job, once the image was deferred
+    heavy_job: Job | None = None
+    #: the client went away (:meth:`client_left`)
+    client_gone: bool = False
+
+    def client_left(self) -> None:
+        """The request's client went away: mark this image's jobs, queued, running or yet to come
+        (without cancellation a departed client's image still reaches the heavy stage)."""
+        self.client_gone = True
+        for job in (self.first, self.heavy_job):
+            if job is not None:
+                job.client_gone = True
 
 
 class Router:
@@ -208,7 +220,9 @@ class Router:
         now = self.clock.now_ms()
         if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool, flight.deadline_ms if self.classes_on else None) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
-        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms, edit=flight.edit)
+        job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms, edit=flight.edit,
+                  client_gone=flight.client_gone)
+        flight.heavy_job = job
         try:
             pool.submit(job)
         except QueueFull:

@@ -346,6 +346,9 @@ class Runtime:
                 *(self._one(f, settled, None if on_answer is None else lambda a, i=i: on_answer(i, a)) for i, f in enumerate(flights)),
                 return_exceptions=True,
             )
+        except asyncio.CancelledError:
+            _client_left(flights)
+            raise
         finally:
             # a cancel can land before a flight's task first runs: it is still answered, as cancelled
             for flight in flights:
@@ -382,7 +385,11 @@ class Runtime:
 
         for task in tasks:
             task.add_done_callback(ended)
-        results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        try:
+            results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        except asyncio.CancelledError:
+            _client_left(flights)  # the flights run on, but for nobody: their work is counted as gone
+            raise
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -408,6 +415,9 @@ class Runtime:
         try:
             answer = await self.router.complete(flight)
         except asyncio.CancelledError:
+            # only the caller's going away cancels a flight's task; marked here, in the same step
+            # that withdraws its job, so a batch stopped for it counts the client as gone
+            flight.client_left()
             self._count(flight, settled, "cancelled")
             raise
         except BaseException as exc:
@@ -419,3 +429,9 @@ class Runtime:
         if on_answer is not None:
             on_answer(answer)
         return answer
+
+
+def _client_left(flights) -> None:
+    """The caller of :meth:`Runtime.generate` was cancelled: its client went away."""
+    for flight in flights:
+        flight.client_left()

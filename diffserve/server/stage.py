@@ -53,6 +53,9 @@ class Job:
     #: set for an edit: the light and the heavy stage both run img2img / in-painting on it
     edit: EditInput | None = None
     id: int = field(default_factory=lambda: next(_ids))
+    #: the request's client went away (set by the runtime with or without ``--cancel``): work
+    #: done for this job after that is done for nobody (``diffserve_gpu_seconds_gone_total``)
+    client_gone: bool = False
 
     @property
     def done(self) -> bool:

@@ -134,6 +134,12 @@ class WorkerSet:
                 pool.finished(batch)
                 self.running.pop(slot, None)
 
+    def _count_gone(self, model: str, batch: list[Job], ran_ms: float, gone_at_start: int) -> None:
+        """Report the batch's work for clients that had gone away (its share of ``ran_ms``)."""
+        gone_at_end = _gone(batch)
+        if gone_at_end:
+            self.hooks.gone_work(model, len(batch), ran_ms, gone_at_start=gone_at_start, gone_at_end=gone_at_end)
+
     async def _run_batch(self, slot: int, pool: Pool, batch: list[Job]) -> None:
         model = pool.model
         try:
@@ -141,12 +147,14 @@ class WorkerSet:
             for job in batch:
                 job.started = True
             start = self.clock.now_ms()
+            gone_at_start = _gone(batch)
             outputs = await self.backend.predict(slot, model, batch)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"backend returned {len(outputs)} outputs for a batch of {len(batch)}")
         except BatchCancelled as exc:
             # every request of the batch was gone: it stopped at a step boundary, the worker is free
             self.hooks.batch_cancelled(model, exc.ran_ms, exc.saved_ms)
+            self._count_gone(model, batch, exc.ran_ms, gone_at_start)
             _fail(batch, lambda: DeadlineExceeded(f"the {model} batch was stopped: its requests were gone"))
             return
         except WorkerCrashed as exc:
@@ -181,6 +189,7 @@ class WorkerSet:
             return
         end = self.clock.now_ms()
         self.hooks.batch_ran(model, len(batch), end - start)
+        self._count_gone(model, batch, end - start, gone_at_start)
         for job, out in zip(batch, outputs):
             if job.future.done():
                 continue
@@ -196,6 +205,10 @@ class WorkerSet:
                     random_weights=self.backend.random_weights,
                 )
             )
+
+
+def _gone(batch: list[Job]) -> int:
+    return sum(1 for job in batch if job.client_gone)
 
 
 def _fail(batch: list[Job], make) -> None:
