@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ray_overhead import throughput  # noqa: E402
-from server_overhead import pct, start_server, stop_server, write_plan  # noqa: E402
+from server_overhead import start_server, stop_server, write_plan  # noqa: E402
 
 SLOT = "worker_slot"
 SLO_S = 5.0  # model seconds
@@ -342,12 +342,9 @@ def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup
 
 
 def refusal_stats(recs: list[dict], slo_s: float, batch_s: float) -> dict:
-    refused = [r["wall_ms"] for r in recs if r["status"] in (429, 503)]
-    admitted = [r["wall_ms"] for r in recs if r["status"] == 200]
-    return {"sent": len(recs), "answered": len(admitted), "refused": len(refused),
-            "statuses": {str(s): sum(r["status"] == s for r in recs) for s in sorted({r["status"] for r in recs})},
-            "refusal_ms_p50": pct(refused, 50), "refusal_ms_p99": pct(refused, 99),
-            "admitted_ms_p99": pct(admitted, 99), "slo_plus_batch_ms": (slo_s + batch_s) * 1000}
+    from diffserve.evaluation.loadgen import answer_summary
+
+    return {**answer_summary(recs), "slo_plus_batch_ms": (slo_s + batch_s) * 1000}
 
 
 def main() -> None:
@@ -441,7 +438,7 @@ def main() -> None:
           f"{results['duplicates']:>4} {results['unanswered']:>4} {results['replan_after_loss_s']:>8.1f} "
           f"{results['throughput_rps']:>8.1f} {results['embedded_throughput_rps']:>8.1f} {results['throughput_ratio']:>6.0%}")
     for name, o in (("embedded", embedded_overload), ("ray", ray_overload)):
-        print(f"{args.overload:g}x overload, {name}: refusals p99 {o['refusal_ms_p99']} ms, admitted p99 {o['admitted_ms_p99']} ms "
+        print(f"{args.overload:g}x overload, {name}: refusals p99 {o['refused_ms_p99']} ms, admitted p99 {o['admitted_ms_p99']} ms "
               f"(SLO + one batch = {o['slo_plus_batch_ms']:.0f} ms)")
     print(f"Wrote {out_path}")
 

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 from diffserve.evaluation.compare import BENCH_POLICIES  # noqa: E402
 from diffserve.evaluation.verdicts import Verdict, format_penalty, verdicts  # noqa: E402
 from diffserve.fileio import atomic_write_text  # noqa: E402
-from diffserve.planner.policies import OURS  # noqa: E402
+from diffserve.policies import OURS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"

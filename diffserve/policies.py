@@ -61,6 +61,20 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """A further bench row of a policy: the same policy, its server started another way.
+
+    A second reading of a baseline is shown beside its first, so that ours is never judged against
+    only the weaker of the two. ``class_mix_only``: the reading differs only under SLO classes
+    (FIFO pools, no cancellation), so it is a row of ``bench compare --class-mix`` and not of the
+    plain compare."""
+
+    label: str
+    config: BenchConfig
+    class_mix_only: bool = False
+
+
+@dataclass(frozen=True)
 class Policy:
     """One policy, all its behaviour in one place."""
 
@@ -82,14 +96,8 @@ class Policy:
     #: ours (highlighted in plots, the row the verdicts compare against)
     ours: bool = False
     bench: BenchConfig = field(default_factory=BenchConfig)
-    #: further rows ``bench compare`` can run for this policy, each a (label, BenchConfig): a second
-    #: reading of a baseline, shown beside its first so that ours is never judged against only the
-    #: weaker of the two
-    bench_readings: tuple[tuple[str, BenchConfig], ...] = ()
-    #: rows ``bench compare --class-mix`` can run beside this policy, each a (label, BenchConfig):
-    #: readings that differ only under SLO classes (FIFO pools, no cancellation), so they are not
-    #: rows of the plain compare
-    class_readings: tuple[tuple[str, BenchConfig], ...] = ()
+    #: further rows the bench can run for this policy (:class:`Reading`)
+    readings: tuple[Reading, ...] = ()
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -136,15 +144,15 @@ BUILTIN: tuple[Policy, ...] = (
     # paper's); ``static-queueing`` keeps that reading as a second row
     Policy("static", "a cascade planned once for the peak demand, never re-planned", routing="cascade",
            replans=False, holds_all_workers=True, bench=BenchConfig(demand="peak", latency_model="batch"),
-           bench_readings=(("static-queueing", BenchConfig(demand="peak")),)),
+           readings=(Reading("static-queueing", BenchConfig(demand="peak")),)),
     Policy("diffserve-paper", "the paper artifact's controller: a cascade that maximises the threshold",
            routing="cascade", rank="threshold", bench=BenchConfig(latency_model="batch")),
     Policy("proteus", "a random split of queries between light and heavy, no discriminator (Proteus-style)",
            routing="random-split"),
     Policy("diffserve", "ours: the query-aware cascade planned for quality as served, with degrade-to-light",
            routing="cascade", served_objective=True, ours=True, bench=BenchConfig(degrade=True),
-           class_readings=(("diffserve-fifo", BenchConfig(degrade=True, pool_order="fifo")),
-                           ("diffserve-no-cancel", BenchConfig(degrade=True, cancel=False)))),
+           readings=(Reading("diffserve-fifo", BenchConfig(degrade=True, pool_order="fifo"), class_mix_only=True),
+                     Reading("diffserve-no-cancel", BenchConfig(degrade=True, cancel=False), class_mix_only=True))),
 )
 
 _REGISTRY: dict[str, Policy] = {p.name: p for p in BUILTIN}
@@ -177,32 +185,30 @@ def get(name: str, *, flag: str | None = None) -> Policy:
         raise UserError(f"unknown policy {name!r}; choose one of: {', '.join(names())}") from None
 
 
-def bench_labels() -> tuple[str, ...]:
-    """Every row ``bench compare`` can run, in table order: each policy, then its further readings."""
-    return tuple(q for n in names() for q in (n, *(label for label, _ in _REGISTRY[n].bench_readings)))
+def bench_labels(*, class_mix: bool = False) -> tuple[str, ...]:
+    """Every row ``bench compare`` can run, in table order: each policy, then its further readings
+    (``class_mix``: also those of ``--class-mix`` runs only)."""
+    return tuple(q for n in names() for q in (
+        n, *(r.label for r in _REGISTRY[n].readings if class_mix or not r.class_mix_only)))
 
 
-def bench_row(label: str, *, flag: str | None = None) -> tuple[Policy, BenchConfig]:
+def bench_row(label: str, *, flag: str | None = None, class_mix: bool = False) -> tuple[Policy, BenchConfig]:
     """The policy behind a bench row and how the bench starts it (``static-queueing`` -> static
-    with the queueing model); an unknown label is a :class:`UserError` naming the choices."""
+    with the queueing model; with ``class_mix`` also ``diffserve-fifo`` -> ours with FIFO pools);
+    an unknown label is a :class:`UserError` naming the choices."""
     for policy in _REGISTRY.values():
         if policy.name == label:
             return policy, policy.bench
-        for reading, config in policy.bench_readings:
-            if reading == label:
-                return policy, config
+        for reading in policy.readings:
+            if reading.label == label and (class_mix or not reading.class_mix_only):
+                return policy, reading.config
     where = f"{flag} must be one of" if flag else f"unknown policy {label!r}; choose one of:"
-    raise UserError(f"{where} {', '.join(bench_labels())}" + (f", got {label!r}" if flag else ""))
+    raise UserError(f"{where} {', '.join(bench_labels(class_mix=class_mix))}" + (f", got {label!r}" if flag else ""))
 
 
 def class_row(label: str) -> tuple[Policy, BenchConfig]:
-    """A row of ``bench compare --class-mix``: a bench row, or a policy's class reading
-    (``diffserve-fifo`` -> ours with FIFO pools); an unknown label is a :class:`UserError`."""
-    for policy in _REGISTRY.values():
-        for reading, config in policy.class_readings:
-            if reading == label:
-                return policy, config
-    return bench_row(label)
+    """A row of ``bench compare --class-mix``: :func:`bench_row` with the class-mix readings."""
+    return bench_row(label, class_mix=True)
 
 
 def register(policy: Policy) -> Policy:

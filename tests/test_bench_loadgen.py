@@ -275,3 +275,20 @@ def test_server_commands_reproduce_each_baseline():
     assert all("--latency-model" not in cmd for policy, cmd in commands.items() if policy not in ("diffserve-paper", "static"))
     queueing = commands["static-queueing"]
     assert queueing[queueing.index("--policy") + 1] == "static"
+
+
+def test_answer_summary_counts_every_status_and_splits_admitted_from_refused():
+    """The overload benches' one summary: 429 and 503 are refusals, a 200 is admitted, anything
+    else (a 500, or 0 for no answer) is counted by status but in neither latency set."""
+    from diffserve.evaluation.loadgen import answer_summary
+
+    records = [{"status": 200, "wall_ms": ms} for ms in (10.0, 20.0, 30.0)]
+    records += [{"status": 503, "wall_ms": 2.0}, {"status": 429, "wall_ms": 4.0}, {"status": 0, "wall_ms": 999.0},
+                {"status": 500, "wall_ms": 500.0}]
+    summary = answer_summary(records)
+    assert summary["statuses"] == {"0": 1, "200": 3, "429": 1, "500": 1, "503": 1}
+    assert (summary["sent"], summary["answered"], summary["refused"]) == (7, 3, 2)
+    assert summary["admitted_ms_p50"] == 20.0 and summary["refused_ms_max"] == 4.0
+    assert summary["refused_ms_p50"] == 3.0
+    empty = answer_summary([{"status": 200, "wall_ms": 1.0}])
+    assert empty["refused"] == 0 and empty["refused_ms_p99"] is None and empty["refused_ms_max"] is None

@@ -69,25 +69,12 @@ def test_the_official_client_edits_on_an_emulated_server(tmp_path) -> None:
     assert rt.ledger.accepted == rt.ledger.completed > 0
 
 
-def _tiny_files(tmp_path) -> ServeOptions:
+def _tiny_files(tmp_path, threshold: float = 0.5) -> ServeOptions:
     """The quickstart's server, without its profile and cascade stages: tiny-turbo -> tiny-base
     (random weights) in two worker processes, half the queries deferred (threshold at the median)."""
-    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
+    from diffserve.server.testing import tiny_diffusers_files
 
-    models = {
-        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64, steps=steps,
-                        # generous figures: the worker watchdog is a multiple of them, and this CPU is shared
-                        batches=[BatchProfile(batch_size=1, median_ms=20_000.0), BatchProfile(batch_size=2, median_ms=30_000.0)])
-        for m, steps in (("tiny-turbo", 1), ("tiny-base", 25))
-    }
-    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
-    grid = [0.0, 0.5, 1.0]
-    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
-                       discriminator=DiscriminatorRef(kind="replayed"))
-    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
-    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, light="tiny-turbo", heavy="tiny-base", threshold=0.5, slo_ms=600_000))
-    return ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
-                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
+    return tiny_diffusers_files(tmp_path, steps=(1, 25), threshold=threshold)
 
 
 @pytest.mark.e2e
@@ -114,8 +101,7 @@ def test_the_official_client_edits_on_the_quickstart_server(tmp_path) -> None:
 @pytest.mark.slow
 def test_a_deferred_edit_is_edited_by_the_heavy_tiny_model(tmp_path) -> None:
     """Threshold 1 defers every query: the heavy model's in-painting answers, at the input's size."""
-    opts = _tiny_files(tmp_path)
-    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, light="tiny-turbo", heavy="tiny-base", threshold=1.0, slo_ms=600_000))
+    opts = _tiny_files(tmp_path, threshold=1.0)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (250, 250, 250)).save(buf, format="PNG")
     mask = io.BytesIO()

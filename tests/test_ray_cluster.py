@@ -13,26 +13,18 @@ node's loss inside that interval is the one the loss itself triggers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-import socket
 import threading
-import time
 from collections import Counter
 
 import pytest
 
-ONLY_LOOPBACK = [name for _, name in socket.if_nameindex()] == ["lo"]
+import ray_helpers
+from ray_helpers import NEEDS_LOOPBACK_ONLY
 
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.ray_cluster,
-    pytest.mark.skipif(
-        not ONLY_LOOPBACK,
-        reason="Ray tests need a network namespace with only loopback: "
-        "unshare --net sh -c 'ip link set lo up && exec python -m pytest -m ray'",
-    ),
-]
+pytestmark = [pytest.mark.ray, pytest.mark.ray_cluster, NEEDS_LOOPBACK_ONLY]
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 import httpx  # noqa: E402
@@ -41,15 +33,7 @@ WAIT_S = 120.0
 SLOT = "worker_slot"
 NODE = {"num_cpus": 1, "resources": {SLOT: 2}, "node_ip_address": "127.0.0.1"}
 
-
-def wait_for(predicate, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+wait_for = functools.partial(ray_helpers.wait_for, timeout_s=WAIT_S, poll_s=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +41,6 @@ def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     from ray import serve
     from ray.cluster_utils import Cluster
-
-    from diffserve.ports import free_port
 
     for attempt in range(1, 4):
         # Ray waits a fixed 30 s for a raylet to register; on a busy 2-core host a start can miss
@@ -74,7 +56,7 @@ def cluster():
                 raise
     ray.init(address=c.address, log_to_driver=False)
     # one proxy, on the head: every node of this cluster has the same address
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+    ray_helpers.start_serve(proxy_location="HeadOnly")
     try:
         yield c, workers
     finally:

@@ -9,24 +9,18 @@ One Ray instance and one deployment serve the whole module (a start costs 10-30 
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-ONLY_LOOPBACK = [name for _, name in socket.if_nameindex()] == ["lo"]
+import ray_helpers
+from ray_helpers import NEEDS_LOOPBACK_ONLY
 
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.skipif(
-        not ONLY_LOOPBACK,
-        reason="Ray tests need a network namespace with only loopback: "
-        "unshare --net sh -c 'ip link set lo up && exec python -m pytest -m ray'",
-    ),
-]
+pytestmark = [pytest.mark.ray, NEEDS_LOOPBACK_ONLY]
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 import httpx  # noqa: E402
@@ -34,15 +28,7 @@ import httpx  # noqa: E402
 #: Bounds on every wait in this module (wall seconds): nothing here may hang.
 WAIT_S = 60.0
 
-
-def wait_for(predicate, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+wait_for = functools.partial(ray_helpers.wait_for, timeout_s=WAIT_S, poll_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +36,8 @@ def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     from ray import serve
 
-    from diffserve.ports import free_port
-
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    ray_helpers.start_serve()
     yield
     serve.shutdown()
     ray.shutdown()
@@ -276,26 +260,11 @@ def test_diffusers_backend_on_ray_with_tiny_random_models(cluster, tmp_path):
     from PIL import Image
     from ray import serve
 
-    from diffserve.fileio import write_model
-    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
-    from diffserve.server.build import ServeOptions
-    from diffserve.server.testing import hand_plan
+    from diffserve.server.testing import tiny_diffusers_files
 
     from diffserve.ray_engine import RayOptions, deploy
 
-    models = {
-        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64,
-                        batches=[BatchProfile(batch_size=1, median_ms=500.0), BatchProfile(batch_size=2, median_ms=900.0)])
-        for m in ("tiny-turbo", "tiny-base")
-    }
-    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
-    grid = [0.0, 0.5, 1.0]
-    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
-                       discriminator=DiscriminatorRef(kind="replayed"))
-    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
-    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, light="tiny-turbo", heavy="tiny-base", threshold=1.0, slo_ms=600_000))
-    opts = ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
-                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
+    opts = tiny_diffusers_files(tmp_path, threshold=1.0)
     serve.delete("diffserve")  # one app owns the route "/"
     live = deploy(opts, RayOptions(num_cpus=0.5), port=0)
     try:

@@ -166,32 +166,11 @@ async def test_estimate_wait_counts_rounds_of_batches_over_replicas():
 async def test_controller_moves_replicas_when_load_changes(monkeypatch):
     """The embedded controller drives the Ray runtime: more demand, more replicas via the scaler."""
     from diffserve.planner import solve_plan
-    from diffserve.ray_engine import runtime as rt
-    from diffserve.server.runtime import RuntimeSettings
 
     calls: list[tuple[str, str, int]] = []
-
-    async def fake_set(app: str, deployment: str, n: int) -> None:
-        calls.append((app, deployment, n))
-
-    async def running_as_set(app: str) -> dict:
-        """Serve's view: every deployment runs the replicas it was last set to (on one node)."""
-        last = {d: n for _, d, n in calls}
-        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "node-a") for i in range(n)]
-                for d, n in last.items()}
-
-    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
-    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)  # no Serve controller here
     profile, cascade = load_profile("reference"), load_cascade("reference")
     plan = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=8, spare_workers="idle")  # leaves workers idle
-    pair = cascade.recommended()
-    clock = Clock(1.0)
-    catalogue = rt.CatalogueBackend(profile, pair, 8, clock, [(512, 512)])
-    handles = {m: FakeHandle() for m in catalogue.models}
-    deployments = {m: f"Pool_{m}" for m in catalogue.models}
-    runtime = rt.RayRuntime(
-        catalogue, handles, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock, settings=RuntimeSettings()
-    )
+    runtime, _, deployments = _ray_runtime(monkeypatch, plan, calls, pair=cascade.recommended(), speedup=1.0)
     await runtime.start()
     await asyncio.gather(*runtime.placement._scaling)
     first = {d: n for _, d, n in calls}
@@ -224,24 +203,33 @@ async def test_both_pools_implement_the_one_pool_protocol():
     assert remote.hand_over(local) == 0  # jobs already sent to replicas stay there
 
 
-def _ray_runtime(monkeypatch, plan, calls):
+def _fake_scaler(monkeypatch, calls: list) -> None:
+    """No Serve controller here: setting a deployment's replicas appends (app, deployment, n) to
+    ``calls``, and Serve's view runs every deployment at the count it was last set to (on one node)."""
     from diffserve.ray_engine import runtime as rt
-    from diffserve.server.runtime import RuntimeSettings
 
     async def fake_set(app: str, deployment: str, n: int) -> None:
         calls.append((app, deployment, n))
 
     async def running_as_set(app: str) -> dict:
-        """Serve's view: every deployment runs the replicas it was last set to (on one node)."""
         last = {d: n for _, d, n in calls}
         return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "node-a") for i in range(n)]
                 for d, n in last.items()}
 
     monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
-    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)  # no Serve controller here
+    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)
+
+
+def _ray_runtime(monkeypatch, plan, calls, *, pair=None, speedup: float = 1000.0):
+    """A RayRuntime (not started) on the reference profile and cascade, with fake handles and the
+    fake scaler; ``pair`` defaults to the plan's own."""
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.server.runtime import RuntimeSettings
+
+    _fake_scaler(monkeypatch, calls)
     profile, cascade = load_profile("reference"), load_cascade("reference")
-    pair = cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended()
-    clock = Clock(1000.0)
+    pair = pair or (cascade.pair(plan.light, plan.heavy) if plan.heavy else cascade.recommended())
+    clock = Clock(speedup)
     catalogue = rt.CatalogueBackend(profile, pair, 8, clock, [(512, 512)])
     handles = {m: FakeHandle() for m in catalogue.models}
     deployments = {m: f"Pool_{m}" for m in catalogue.models}
@@ -305,21 +293,10 @@ async def test_the_ray_ingress_sheds_past_the_plan_with_json_503_before_any_mode
     import httpx
 
     from diffserve.planner import solve_plan
-    from diffserve.ray_engine import runtime as rt
     from diffserve.ray_engine.ingress import Ingress
     from diffserve.server.build import ServeOptions
 
-    calls: list = []
-
-    async def fake_set(app: str, deployment: str, n: int) -> None:
-        calls.append((app, deployment, n))
-
-    async def running_as_set(app: str) -> dict:
-        last = {d: n for _, d, n in calls}
-        return {d: [rt.scaler.ReplicaInfo(f"{d}-{i}", "RUNNING", 1, None, "127.0.0.1", "n") for i in range(n)] for d, n in last.items()}
-
-    monkeypatch.setattr(rt.scaler, "set_replicas_async", fake_set)
-    monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)
+    _fake_scaler(monkeypatch, [])
     profile, cascade = load_profile("reference"), load_cascade("reference")
     # model time runs 100x slower than the wall: no deadline can pass while the replicas are held
     opts = ServeOptions(backend="emulated", workers=2, slo_ms=2000, speedup=0.01, demand_qps=1.0, replan_interval_ms=3.6e6)

@@ -119,23 +119,9 @@ def test_the_official_openai_client_gets_images() -> None:
 @pytest.mark.slow
 def test_diffusers_backend_serves_tiny_models_through_the_cascade(tmp_path) -> None:
     """Real (random-weight) tiny pipelines in worker processes; the heavy one answers when deferred."""
-    from diffserve.fileio import write_model
-    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
-    from diffserve.server.testing import hand_plan
+    from diffserve.server.testing import tiny_diffusers_files
 
-    models = {
-        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64,
-                        batches=[BatchProfile(batch_size=1, median_ms=500.0), BatchProfile(batch_size=2, median_ms=900.0)])
-        for m in ("tiny-turbo", "tiny-base")
-    }
-    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
-    grid = [0.0, 0.5, 1.0]
-    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
-                       discriminator=DiscriminatorRef(kind="replayed"))
-    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
-    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, light="tiny-turbo", heavy="tiny-base", threshold=1.0, slo_ms=600_000))
-    opts = ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
-                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
+    opts = tiny_diffusers_files(tmp_path, threshold=1.0)
 
     async def main():
         rt, _ = build_runtime(opts)

@@ -24,19 +24,10 @@ from diffserve.server.runtime import Runtime
 from diffserve.server.shedding import ARRIVAL_KEY, READ_TIMEOUT_BOUNDS_S, HttpLimits, http_limits, in_flight_bound, listen_backlog, timed_protocol
 from diffserve.server.testing import GatedBackend, hand_plan, server_in_thread
 from test_server_reliability import _runtime  # one runtime builder for the fault tests
+from server_helpers import LIGHT_ONLY, URL, anyio_backend  # noqa: F401 (anyio_backend: the fixture)
+from server_helpers import asgi_client as _client
 
 pytestmark = pytest.mark.anyio
-URL = "/v1/images/generations"
-LIGHT_ONLY = dict(routing="light-only", heavy=None)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def _client(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 def _processes(n: int, **kw) -> ProcessBackend:

@@ -12,26 +12,16 @@ import asyncio
 import json
 import socket
 
-import httpx
 import pytest
 
 from diffserve.errors import UserError
 from diffserve.server.api import create_app
 from diffserve.server.launch import check_admin_exposure
 from diffserve.server.testing import GatedBackend, hand_plan, tiny_runtime
+from server_helpers import LIGHT_ONLY, URL, anyio_backend  # noqa: F401 (anyio_backend: the fixture)
+from server_helpers import asgi_client as _client
 
 pytestmark = pytest.mark.anyio
-URL = "/v1/images/generations"
-LIGHT_ONLY = dict(routing="light-only", heavy=None)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def _client(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 # ---------------------------------------------------------------- row 2: the control plane is never shed
@@ -210,24 +200,10 @@ def _tiny_diffusers_runtime(tmp_path, *, latency_ms: float):
     """Real (random-weight) tiny pipelines in 2 worker processes: one light, one heavy (batch 2).
     The profile states ``latency_ms`` per batch, far below what the pipelines take on a CPU, as a
     profile measured on another machine would: admission then believes more fits than does."""
-    from diffserve.fileio import write_model
-    from diffserve.schemas import BatchProfile, CascadeFile, CascadePair, DiscriminatorRef, ModelProfile, ProfileFile
-    from diffserve.server.build import ServeOptions, build_runtime
+    from diffserve.server.build import build_runtime
+    from diffserve.server.testing import tiny_diffusers_files
 
-    models = {
-        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64,
-                        batches=[BatchProfile(batch_size=1, median_ms=latency_ms), BatchProfile(batch_size=2, median_ms=latency_ms)])
-        for m in ("tiny-turbo", "tiny-base")
-    }
-    write_model(tmp_path / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
-    grid = [0.0, 0.5, 1.0]
-    pair = CascadePair(light="tiny-turbo", heavy="tiny-base", grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
-                       discriminator=DiscriminatorRef(kind="replayed"))
-    write_model(tmp_path / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
-    write_model(tmp_path / "plan.yaml", hand_plan(1, 1, heavy_batch=2, light="tiny-turbo", heavy="tiny-base", slo_ms=600_000))
-    opts = ServeOptions(backend="diffusers", profile=str(tmp_path / "profile.yaml"), cascade=str(tmp_path / "cascade.yaml"),
-                        plan=str(tmp_path / "plan.yaml"), policy="static", workers=2, slo_ms=600_000)
-    rt, _ = build_runtime(opts)
+    rt, _ = build_runtime(tiny_diffusers_files(tmp_path, batch_ms=(latency_ms, latency_ms), heavy_batch=2))
     rt.settings.drop_factor = rt.router.drop_factor = 4.0  # a started batch is never cut short: only admission is judged
     rt.backend.watchdog_s = 300.0  # the stated profile is not what the CPU takes: no watchdog from it
     return rt

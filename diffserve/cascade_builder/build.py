@@ -34,14 +34,7 @@ from diffserve.cascade_builder.curves import (
 from diffserve.cascade_builder.discriminator import classification_metrics, fit_clip_logreg, fit_efficientnet
 from diffserve.models.discriminator import ClipLogRegDiscriminator, Discriminator
 from diffserve.cascade_builder.fid import MIN_FID_SAMPLES, FidFeatures, fid, kid
-from diffserve.cascade_builder.generation import (
-    ModelLoader,
-    VariantImages,
-    generate_all,
-    load_image_folder,
-    open_images,
-    progress_bar,
-)
+from diffserve.cascade_builder.generation import ModelLoader, VariantImages, generate_all, load_image_folder, open_images, progress_bar
 from diffserve.cascade_builder.pairs import CurvePoints, candidate_pairs, cost_curve, select_pairs
 from diffserve.cascade_builder.plots import plot_cascade
 from diffserve.cascade_builder.scoring import ImageRunOptions

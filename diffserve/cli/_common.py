@@ -1,8 +1,12 @@
-"""What every subcommand shares: the consoles and the one error boundary for user mistakes."""
+"""What every subcommand shares: the consoles, the one error boundary for user mistakes, and
+option groups (options several commands take, declared once)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import typing
 from typing import Callable, NoReturn, TypeVar
 
 import typer
@@ -43,3 +47,38 @@ def warn_random_weights(what: str) -> None:
         "latencies are real, image quality figures are not.",
         soft_wrap=True,
     )
+
+
+def option_group(param: str, group: type) -> Callable[[F], F]:
+    """Splice the options of the dataclass ``group`` into a command in place of its parameter
+    ``param``, and call the command with one ``group`` built from them.
+
+    Options that several commands share are then declared once, as the dataclass's fields (each an
+    ``Annotated[..., typer.Option(...)]`` with its default), and so is what the commands do with
+    them (its methods). typer reads the options from the command's ``__signature__``."""
+    hints = typing.get_type_hints(group, include_extras=True)
+    fields = [f for f in dataclasses.fields(group) if f.init]
+
+    def wrap(func: F) -> F:
+        own = inspect.signature(func, eval_str=True)
+        if param not in own.parameters:
+            raise TypeError(f"{func.__name__} has no parameter {param!r} to hold the {group.__name__} options")
+        params: list[inspect.Parameter] = []
+        for p in own.parameters.values():
+            if p.name != param:
+                params.append(p)
+                continue
+            for f in fields:
+                default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
+                params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name], default=default))
+
+        @functools.wraps(func)
+        def command(**kwargs: object) -> object:
+            values = {f.name: kwargs.pop(f.name) for f in fields if f.name in kwargs}
+            return func(**kwargs, **{param: group(**values)})
+
+        command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": own.return_annotation}
+        return command  # type: ignore[return-value]
+
+    return wrap

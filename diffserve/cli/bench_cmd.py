@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from diffserve.cli._common import cli_errors, console, err_console
+from diffserve.cli._common import cli_errors, console, err_console, option_group
 
 bench_app = typer.Typer(
     help="Replay a trace open-loop against a server and measure SLO violations, goodput and quality.",
     no_args_is_help=True,
 )
 
-TraceOpt = Annotated[Path | None, typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line, or a paper trace by name: maf-1to8, maf-2to16, maf-4to32.")]
-PoissonOpt = Annotated[float | None, typer.Option("--poisson", min=0.001, help="Poisson arrivals at this rate (q/s).")]
-ShapeOpt = Annotated[Path | None, typer.Option("--shape", help="Shape file (e.g. hourly invocations), rescaled to --qps-range.")]
-QpsRangeOpt = Annotated[str, typer.Option("--qps-range", help="LOW:HIGH q/s that the shape is rescaled onto.")]
-PerPointOpt = Annotated[float, typer.Option("--seconds-per-point", min=0.001, help="Model seconds each shape point lasts (time compression).")]
-BurstyOpt = Annotated[str | None, typer.Option("--bursty", help="On/off process ON_QPS:OFF_QPS (use with --on-off).")]
-OnOffOpt = Annotated[str, typer.Option("--on-off", help="ON_S:OFF_S seconds of each bursty phase.")]
-DurationOpt = Annotated[str | None, typer.Option("--duration", help="Send only arrivals in the first DURATION of model time (e.g. 60s); required for --poisson/--bursty.")]
-MaxReqOpt = Annotated[int | None, typer.Option("--max-requests", min=1, help="Send at most this many requests.")]
 PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line; trace indices point into it; 'diffusiondb-5k' is DiffusionDB's first 5,000 (the paper's traces index them; shipped). Default: a small built-in set.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of generated arrivals and of the servers.")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help="profile.yaml or 'reference' (the paper's A100 figures).")]
@@ -32,37 +24,55 @@ OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for resu
 SloOpt = Annotated[str, typer.Option("--slo", help="Latency SLO in model time, e.g. 5s.")]
 
 
-def _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, n_prompts):
-    import numpy as np
+@dataclass
+class ArrivalSource:
+    """Where a bench's arrivals come from (exactly one of a trace, Poisson, a shape or an on/off
+    process), bounded by --duration and --max-requests: the options of ``bench run`` and ``bench compare``."""
 
-    from diffserve.errors import UserError
-    from diffserve.evaluation import sources
-    from diffserve.units import parse_duration_ms, parse_range
+    trace: Annotated[Path | None, typer.Option("--trace", help="Trace file, one 'arrival_ms,prompt_index' per line, or a paper trace by name: maf-1to8, maf-2to16, maf-4to32.")] = None
+    poisson: Annotated[float | None, typer.Option("--poisson", min=0.001, help="Poisson arrivals at this rate (q/s).")] = None
+    shape: Annotated[Path | None, typer.Option("--shape", help="Shape file (e.g. hourly invocations), rescaled to --qps-range.")] = None
+    qps_range: Annotated[str, typer.Option("--qps-range", help="LOW:HIGH q/s that the shape is rescaled onto.")] = "4:32"
+    seconds_per_point: Annotated[float, typer.Option("--seconds-per-point", min=0.001, help="Model seconds each shape point lasts (time compression).")] = 1.0
+    bursty: Annotated[str | None, typer.Option("--bursty", help="On/off process ON_QPS:OFF_QPS (use with --on-off).")] = None
+    on_off: Annotated[str, typer.Option("--on-off", help="ON_S:OFF_S seconds of each bursty phase.")] = "10:20"
+    duration: Annotated[str | None, typer.Option("--duration", help="Send only arrivals in the first DURATION of model time (e.g. 60s); required for --poisson/--bursty.")] = None
+    max_requests: Annotated[int | None, typer.Option("--max-requests", min=1, help="Send at most this many requests.")] = None
 
-    chosen = [name for name, value in (("--trace", trace), ("--poisson", poisson), ("--shape", shape), ("--bursty", bursty)) if value is not None]
-    if len(chosen) != 1:
-        raise UserError(f"give exactly one arrival source (--trace, --poisson, --shape or --bursty), got {chosen or 'none'}")
-    duration_s = parse_duration_ms(duration, name="--duration") / 1000.0 if duration is not None else None
-    rng = np.random.default_rng(seed)
-    if trace is not None:
-        arrivals, label = sources.trace_arrivals(trace)
-    elif shape is not None:
-        arrivals = sources.shape_arrivals(sources.read_shape(shape), parse_range(qps_range, name="--qps-range"), seconds_per_point, rng, n_prompts=n_prompts)
-        label = f"{Path(shape).name} at {qps_range} q/s"
-    else:
-        if duration_s is None:
-            raise UserError(f"{chosen[0]} needs --duration (for example --duration 60s)")
-        if poisson is not None:
-            arrivals, label = sources.poisson_arrivals(poisson, duration_s, rng, n_prompts=n_prompts), f"Poisson {poisson:g} q/s"
+    def draw(self, seed: int, n_prompts: int) -> tuple[list, str]:
+        """The arrivals (generated ones drawn with ``seed``) and a label naming their source."""
+        import numpy as np
+
+        from diffserve.errors import UserError
+        from diffserve.evaluation import sources
+        from diffserve.units import parse_duration_ms, parse_range
+
+        given = (("--trace", self.trace), ("--poisson", self.poisson), ("--shape", self.shape), ("--bursty", self.bursty))
+        chosen = [name for name, value in given if value is not None]
+        if len(chosen) != 1:
+            raise UserError(f"give exactly one arrival source (--trace, --poisson, --shape or --bursty), got {chosen or 'none'}")
+        duration_s = parse_duration_ms(self.duration, name="--duration") / 1000.0 if self.duration is not None else None
+        rng = np.random.default_rng(seed)
+        if self.trace is not None:
+            arrivals, label = sources.trace_arrivals(self.trace)
+        elif self.shape is not None:
+            qps = parse_range(self.qps_range, name="--qps-range")
+            arrivals = sources.shape_arrivals(sources.read_shape(self.shape), qps, self.seconds_per_point, rng, n_prompts=n_prompts)
+            label = f"{Path(self.shape).name} at {self.qps_range} q/s"
         else:
-            on_qps, off_qps = _pair(bursty, "--bursty")
-            on_s, off_s = _pair(on_off, "--on-off")
-            arrivals = sources.bursty_arrivals(on_qps, off_qps, on_s, off_s, duration_s, rng, n_prompts=n_prompts)
-            label = f"bursty {bursty} q/s, {on_off} s"
-    arrivals = sources.bound(arrivals, duration_s=duration_s, max_requests=max_requests)
-    if not arrivals:
-        raise UserError("no arrivals left to send after --duration/--max-requests")
-    return arrivals, label
+            if duration_s is None:
+                raise UserError(f"{chosen[0]} needs --duration (for example --duration 60s)")
+            if self.poisson is not None:
+                arrivals, label = sources.poisson_arrivals(self.poisson, duration_s, rng, n_prompts=n_prompts), f"Poisson {self.poisson:g} q/s"
+            else:
+                on_qps, off_qps = _pair(self.bursty, "--bursty")
+                on_s, off_s = _pair(self.on_off, "--on-off")
+                arrivals = sources.bursty_arrivals(on_qps, off_qps, on_s, off_s, duration_s, rng, n_prompts=n_prompts)
+                label = f"bursty {self.bursty} q/s, {self.on_off} s"
+        arrivals = sources.bound(arrivals, duration_s=duration_s, max_requests=self.max_requests)
+        if not arrivals:
+            raise UserError("no arrivals left to send after --duration/--max-requests")
+        return arrivals, label
 
 
 def _pair(text: str, name: str) -> tuple[float, float]:
@@ -80,17 +90,10 @@ def _pair_of(cascade):
 
 
 @cli_errors
+@option_group("source", ArrivalSource)
 def run_cmd(
     url: Annotated[str, typer.Option("--url", help="Base URL of a running server (loopback only).")] = "http://127.0.0.1:8000",
-    trace: TraceOpt = None,
-    poisson: PoissonOpt = None,
-    shape: ShapeOpt = None,
-    qps_range: QpsRangeOpt = "4:32",
-    seconds_per_point: PerPointOpt = 1.0,
-    bursty: BurstyOpt = None,
-    on_off: OnOffOpt = "10:20",
-    duration: DurationOpt = None,
-    max_requests: MaxReqOpt = None,
+    source: ArrivalSource = ArrivalSource(),
     prompts: PromptsOpt = None,
     seed: SeedOpt = 0,
     profile: ProfileOpt = "reference",
@@ -115,7 +118,7 @@ def run_cmd(
 
     base = check_loopback(url)
     prompt_list = load_prompts(prompts)
-    arrivals, source_label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, seed, len(prompt_list))
+    arrivals, source_label = source.draw(seed, len(prompt_list))
     prof, pair = load_profile(profile), _pair_of(load_cascade(cascade))
     plan: dict = {}
     try:
@@ -145,16 +148,9 @@ def run_cmd(
 
 
 @cli_errors
+@option_group("source", ArrivalSource)
 def compare_cmd(
-    trace: TraceOpt = None,
-    poisson: PoissonOpt = None,
-    shape: ShapeOpt = None,
-    qps_range: QpsRangeOpt = "4:32",
-    seconds_per_point: PerPointOpt = 1.0,
-    bursty: BurstyOpt = None,
-    on_off: OnOffOpt = "10:20",
-    duration: DurationOpt = None,
-    max_requests: MaxReqOpt = None,
+    source: ArrivalSource = ArrivalSource(),
     prompts: PromptsOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="First seed: of generated arrivals, request seeds and the servers.")] = 0,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Run every policy on seeds SEED..SEED+N-1; rows report the mean and spread.")] = 1,
@@ -209,10 +205,10 @@ def compare_cmd(
     solve_ms = 0.0 if solve_time.strip() in ("0", "0ms", "0s") else parse_duration_ms(solve_time, name="--solve-time", default_unit="ms")
     prompt_list = load_prompts(prompts)
 
-    mode = _arrival_mode(arrivals_mode, trace is not None, seeds)
+    mode = _arrival_mode(arrivals_mode, source.trace is not None, seeds)
 
     def arrivals_of(s: int):
-        arrivals, label = _arrivals(trace, poisson, shape, qps_range, seconds_per_point, bursty, on_off, duration, max_requests, s, len(prompt_list))
+        arrivals, label = source.draw(s, len(prompt_list))
         if mode in ("resample", "resample-times"):
             n_prompts = len(prompt_list) if mode == "resample" else None  # resample-times: the file's prompts
             arrivals = resample_within_seconds(arrivals, np.random.default_rng((s, ARRIVALS_STREAM)), n_prompts=n_prompts)
@@ -308,8 +304,7 @@ def _class_mix_compare(args: dict) -> None:
     seed, seeds = args["seed"], args["seeds"]
 
     def arrivals_of(s: int):
-        return _arrivals(args["trace"], args["poisson"], args["shape"], args["qps_range"], args["seconds_per_point"], args["bursty"],
-                         args["on_off"], args["duration"], args["max_requests"], s, len(prompt_list))
+        return args["source"].draw(s, len(prompt_list))
 
     arrivals, source_label = arrivals_of(seed)
     prof, casc = load_profile(args["profile"]), load_cascade(args["cascade"])
@@ -318,7 +313,7 @@ def _class_mix_compare(args: dict) -> None:
         pair=_pair_of(casc), workers=worker_list[0], slo_ms=parse_duration_ms(args["slo"], name="--slo"), speedup=args["speedup"],
         output=args["output"], seed=seed, replan_interval_ms=parse_duration_ms(args["replan_interval"], name="--replan-interval"),
         trace_label=source_label, clock=args["clock"], seeds=tuple(range(seed, seed + seeds)),
-        arrivals_for_seed=None if args["trace"] is not None else (lambda s: arrivals_of(s)[0]),
+        arrivals_for_seed=None if args["source"].trace is not None else (lambda s: arrivals_of(s)[0]),
     )
     console.print(f"{len(arrivals)} requests ({source_label}); class mix "
                   + ", ".join(f"{c.name} {c.slo_ms / 1000:g} s x {c.share:g}" for c in mix)

@@ -6,12 +6,13 @@ Heavy libraries (torch, open_clip, diffusers) are imported inside the commands s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from diffserve.cli._common import cli_errors, console, err_console, warn_random_weights
+from diffserve.cli._common import cli_errors, console, err_console, option_group, warn_random_weights
 
 DEFAULT_CACHE = Path(".diffserve-cache/images")
 
@@ -21,99 +22,87 @@ def register(app: typer.Typer) -> None:
     app.command("build-cascade")(build_cascade)
 
 
-# Options shared by both commands ------------------------------------------------------------
-Models = Annotated[str, typer.Option("--models", "-m", help="builtin, built-in/preset names (sd-turbo,sd-v1.5) or variant YAML files, comma-separated.")]
-Prompts = Annotated[str, typer.Option("--prompts", help="builtin, or a prompt file: .txt, DiffusionDB .txt/.json/.parquet, COCO captions .json, PartiPrompts .tsv.")]
-PromptFormat = Annotated[str, typer.Option("--prompt-format", help="auto | text | diffusiondb | coco | parti | builtin")]
-NumPrompts = Annotated[Optional[int], typer.Option("--num-prompts", "-n", min=1, help="Sample this many prompts (seeded); default all.")]
-CocoImages = Annotated[Optional[Path], typer.Option("--coco-images", help="MS-COCO image folder (default: val2017 next to the captions file).")]
-ImagesPerPrompt = Annotated[int, typer.Option("--images-per-prompt", min=1, help="Images generated per prompt and model.")]
-CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Image cache (resumable: rerunning generates only what is missing).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Generation batch size.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of prompt sampling, splits and image seeds.")]
-ClipModel = Annotated[str, typer.Option("--clip-model", help="open_clip model name (ViT-B-32, ViT-L-14, ViT-S-32 ...).")]
-ClipPretrained = Annotated[Optional[str], typer.Option("--clip-pretrained", help="open_clip pretrained tag, e.g. openai (downloads: online only).")]
-ClipWeights = Annotated[Optional[Path], typer.Option("--clip-weights", help="Local open_clip checkpoint file (offline real weights).")]
-ClipImageSize = Annotated[Optional[int], typer.Option("--clip-image-size", min=16, help="Force CLIP's input size (default: the model's own; 96 px with random weights).")]
-InceptionWeights = Annotated[Optional[Path], typer.Option("--inception-weights", help="Local FID Inception-v3 weights (pt_inception-2015-12-05). Without it FID/KID use a RANDOM feature net.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps (default: the variant's own).")]
-Threads = Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")]
-FeatureDevice = Annotated[str, typer.Option("--feature-device", help="Where CLIP, the FID net and the discriminator run: cpu, cuda, cuda:N.")]
+@dataclass
+class ImageRun:
+    """The options of ``score`` and ``build-cascade``: which models generate which prompts, how the
+    images are made and cached, and how CLIP and FID read them. Its methods turn them into what the
+    cascade builder takes, checked once for both commands."""
 
+    models: Annotated[str, typer.Option("--models", "-m", help="builtin, built-in/preset names (sd-turbo,sd-v1.5) or variant YAML files, comma-separated.")] = "builtin"
+    prompts: Annotated[str, typer.Option("--prompts", help="builtin, or a prompt file: .txt, DiffusionDB .txt/.json/.parquet, COCO captions .json, PartiPrompts .tsv.")] = "builtin"
+    prompt_format: Annotated[str, typer.Option("--prompt-format", help="auto | text | diffusiondb | coco | parti | builtin")] = "auto"
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", "-n", min=1, help="Sample this many prompts (seeded); default all.")] = None
+    coco_images: Annotated[Optional[Path], typer.Option("--coco-images", help="MS-COCO image folder (default: val2017 next to the captions file).")] = None
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", min=1, help="Images generated per prompt and model.")] = 1
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Image cache (resumable: rerunning generates only what is missing).")] = DEFAULT_CACHE
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Generation batch size.")] = 8
+    seed: Annotated[int, typer.Option("--seed", help="Seed of prompt sampling, splits and image seeds.")] = 0
+    clip_model: Annotated[str, typer.Option("--clip-model", help="open_clip model name (ViT-B-32, ViT-L-14, ViT-S-32 ...).")] = "ViT-B-32"
+    clip_pretrained: Annotated[Optional[str], typer.Option("--clip-pretrained", help="open_clip pretrained tag, e.g. openai (downloads: online only).")] = None
+    clip_weights: Annotated[Optional[Path], typer.Option("--clip-weights", help="Local open_clip checkpoint file (offline real weights).")] = None
+    clip_image_size: Annotated[Optional[int], typer.Option("--clip-image-size", min=16, help="Force CLIP's input size (default: the model's own; 96 px with random weights).")] = None
+    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="Local FID Inception-v3 weights (pt_inception-2015-12-05). Without it FID/KID use a RANDOM feature net.")] = None
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps (default: the variant's own).")] = None
+    feature_device: Annotated[str, typer.Option("--feature-device", help="Where CLIP, the FID net and the discriminator run: cpu, cuda, cuda:N.")] = "cpu"
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 1
 
-def _prompts(prompts: str, fmt: str, num: Optional[int], seed: int, coco_images: Optional[Path]):
-    from diffserve.datasets import load_prompts
+    def variants(self):
+        from diffserve.models import resolve_variants
 
-    return load_prompts(prompts, fmt, limit=num, seed=seed, images_dir=coco_images)
+        return resolve_variants(self.models)
 
+    def prompt_set(self):
+        from diffserve.datasets import load_prompts
 
-def _clip(model: str, pretrained: Optional[str], weights: Optional[Path], size: Optional[int], seed: int):
-    from diffserve.models.clip import ClipConfig
-    from diffserve.errors import UserError
+        return load_prompts(self.prompts, self.prompt_format, limit=self.num_prompts, seed=self.seed, images_dir=self.coco_images)
 
-    if pretrained and weights:
-        raise UserError("give either --clip-pretrained or --clip-weights, not both")
-    if weights is not None and not weights.is_file():
-        raise UserError(f"--clip-weights file not found: {weights}")
-    return ClipConfig(model=model, pretrained=pretrained, weights=str(weights) if weights else None, image_size=size, seed=seed)
+    def run_options(self) -> dict:
+        """The fields of :class:`~diffserve.cascade_builder.scoring.ImageRunOptions`, checked."""
+        return dict(images_per_prompt=self.images_per_prompt, cache_dir=self.cache_dir, batch_size=self.batch_size, seed=self.seed,
+                    clip=self._clip(), fid=self._fid(), feature_device=self.feature_device)
 
+    def _clip(self):
+        from diffserve.models.clip import ClipConfig
+        from diffserve.errors import UserError
 
-def _fid(weights: Optional[Path], seed: int):
-    from diffserve.cascade_builder.fid import FidConfig
-    from diffserve.errors import UserError
+        if self.clip_pretrained and self.clip_weights:
+            raise UserError("give either --clip-pretrained or --clip-weights, not both")
+        if self.clip_weights is not None and not self.clip_weights.is_file():
+            raise UserError(f"--clip-weights file not found: {self.clip_weights}")
+        weights = str(self.clip_weights) if self.clip_weights else None
+        return ClipConfig(model=self.clip_model, pretrained=self.clip_pretrained, weights=weights, image_size=self.clip_image_size, seed=self.seed)
 
-    if weights is not None and not weights.is_file():
-        raise UserError(f"--inception-weights file not found: {weights}")
-    return FidConfig(inception_weights=str(weights) if weights else None, seed=seed)
+    def _fid(self):
+        from diffserve.cascade_builder.fid import FidConfig
+        from diffserve.errors import UserError
 
+        if self.inception_weights is not None and not self.inception_weights.is_file():
+            raise UserError(f"--inception-weights file not found: {self.inception_weights}")
+        return FidConfig(inception_weights=str(self.inception_weights) if self.inception_weights else None, seed=self.seed)
 
-def _setup(threads: int) -> None:
-    from diffserve.models import set_torch_threads
+    def loader(self):
+        """The model loader, after setting torch's CPU threads (--threads)."""
+        from diffserve.cascade_builder.generation import default_loader
+        from diffserve.models import set_torch_threads
 
-    set_torch_threads(threads)
-
-
-def _loader(device: Optional[str]):
-    from diffserve.cascade_builder.generation import default_loader
-
-    return default_loader(device)
+        set_torch_threads(self.threads)
+        return default_loader(self.device)
 
 
 @cli_errors
+@option_group("run", ImageRun)
 def score(
-    models: Models = "builtin",
-    prompts: Prompts = "builtin",
-    prompt_format: PromptFormat = "auto",
-    num_prompts: NumPrompts = None,
-    coco_images: CocoImages = None,
-    images_per_prompt: ImagesPerPrompt = 1,
+    run: ImageRun = ImageRun(),
     reference_images: Annotated[Optional[Path], typer.Option("--reference-images", help="Folder of real images for FID/KID (COCO captions bring their own).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="quality.yaml to write (per-image scores go next to it).")] = Path("quality.yaml"),
-    cache_dir: CacheDir = DEFAULT_CACHE,
-    batch_size: BatchSize = 8,
-    seed: Seed = 0,
-    clip_model: ClipModel = "ViT-B-32",
-    clip_pretrained: ClipPretrained = None,
-    clip_weights: ClipWeights = None,
-    clip_image_size: ClipImageSize = None,
-    inception_weights: InceptionWeights = None,
-    device: Device = None,
-    feature_device: FeatureDevice = "cpu",
-    threads: Threads = 1,
 ) -> None:
     """Generate images for a prompt set with each model and score them: CLIP score, FID/KID."""
     from diffserve.cascade_builder.scoring import ScoreOptions, score_variants
-    from diffserve.models import resolve_variants
 
-    specs = resolve_variants(models)
-    prompt_set = _prompts(prompts, prompt_format, num_prompts, seed, coco_images)
-    options = ScoreOptions(
-        images_per_prompt=images_per_prompt, cache_dir=cache_dir, batch_size=batch_size, seed=seed,
-        clip=_clip(clip_model, clip_pretrained, clip_weights, clip_image_size, seed), fid=_fid(inception_weights, seed),
-        reference_images=reference_images, feature_device=feature_device,
-    )
-    _setup(threads)
-    quality = score_variants(specs, prompt_set, output, options, _loader(device), console=err_console)
+    specs = run.variants()
+    prompt_set = run.prompt_set()
+    options = ScoreOptions(**run.run_options(), reference_images=reference_images)
+    quality = score_variants(specs, prompt_set, output, options, run.loader(), console=err_console)
     from rich.table import Table
 
     table = Table(title=f"quality on {prompt_set.name} ({len(prompt_set)} prompts)")
@@ -132,13 +121,10 @@ def score(
 
 
 @cli_errors
+@option_group("run", ImageRun)
 def build_cascade(
-    models: Models = "builtin",
-    prompts: Prompts = "builtin",
+    run: ImageRun = ImageRun(),
     output: Annotated[Path, typer.Option("--output", "-o", help="cascade.yaml to write (plot, details and discriminators go next to it).")] = Path("cascade.yaml"),
-    prompt_format: PromptFormat = "auto",
-    num_prompts: NumPrompts = None,
-    coco_images: CocoImages = None,
     real_images: Annotated[Optional[Path], typer.Option("--real-images", help="Folder of real images: the discriminator's positive class (the paper's method). Default: the heavy model's images.")] = None,
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="profile.yaml or 'reference' for the latency references; default: generation time measured here ('reference' with --from-scores, which needs the models in it).")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="clip (frozen open_clip features + logistic regression) | efficientnet (EfficientNet-V2-S fine-tuned, the paper's).")] = "clip",
@@ -150,18 +136,6 @@ def build_cascade(
     split: Annotated[str, typer.Option("--split", help="train,val,test fractions of the prompts.")] = "0.5,0.2,0.3",
     keep_all_pairs: Annotated[bool, typer.Option("--keep-all-pairs", help="Also write pairs that are not on the cost/quality Pareto front.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of f(t) and Q(t) (default: next to the output).")] = None,
-    images_per_prompt: ImagesPerPrompt = 1,
-    cache_dir: CacheDir = DEFAULT_CACHE,
-    batch_size: BatchSize = 8,
-    seed: Seed = 0,
-    clip_model: ClipModel = "ViT-B-32",
-    clip_pretrained: ClipPretrained = None,
-    clip_weights: ClipWeights = None,
-    clip_image_size: ClipImageSize = None,
-    inception_weights: InceptionWeights = None,
-    device: Device = None,
-    feature_device: FeatureDevice = "cpu",
-    threads: Threads = 1,
     from_scores: Annotated[Optional[Path], typer.Option("--from-scores", help="Build from offline discriminator scores instead of images: the artifact's P(fake) text file or a CSV of prompt,confidence.")] = None,
     quality_table: Annotated[Optional[Path], typer.Option("--quality-table", help="With --from-scores: CSV of light_fraction and FID (or CLIP) columns.")] = None,
     quality_column: Annotated[Optional[str], typer.Option("--quality-column", help="With --from-scores: the quality table's column to use (needed when it has several).")] = None,
@@ -187,7 +161,6 @@ def build_cascade(
     from diffserve.artifacts import load_profile
     from diffserve.cascade_builder.build import BuildOptions
     from diffserve.cascade_builder.build import build_cascade as run_build
-    from diffserve.models import resolve_variants
 
     if backbone not in ("clip", "efficientnet"):
         raise UserError(f"--backbone must be clip or efficientnet, got {backbone!r}")
@@ -203,20 +176,18 @@ def build_cascade(
         raise UserError(f"--split must look like 0.5,0.2,0.3, got {split!r}") from None
     if len(fractions) != 3 or any(f <= 0 for f in fractions):
         raise UserError(f"--split needs three positive fractions train,val,test, got {split!r}")
-    specs = resolve_variants(models)
-    prompt_set = _prompts(prompts, prompt_format, num_prompts, seed, coco_images)
+    specs = run.variants()
+    prompt_set = run.prompt_set()
     options = BuildOptions(
-        images_per_prompt=images_per_prompt, cache_dir=cache_dir, batch_size=batch_size, seed=seed,
-        clip=_clip(clip_model, clip_pretrained, clip_weights, clip_image_size, seed), fid=_fid(inception_weights, seed),
-        real_images=real_images, backbone=backbone,  # type: ignore[arg-type]
+        **run.run_options(), real_images=real_images, backbone=backbone,  # type: ignore[arg-type]
         backbone_weights=str(backbone_weights) if backbone_weights else None, epochs=epochs,
         backbone_image_size=backbone_image_size, metric=metric,  # type: ignore[arg-type]
         grid_points=grid_points or 101, split=fractions, keep_all_pairs=keep_all_pairs,  # type: ignore[arg-type]
-        profile=load_profile(profile) if profile else None, plot=plot, feature_device=feature_device,
+        profile=load_profile(profile) if profile else None, plot=plot,
     )
-    _setup(threads)
+    loader = run.loader()
     start = time.perf_counter()
-    cascade = run_build(specs, prompt_set, output, options, _loader(device), console=err_console)
+    cascade = run_build(specs, prompt_set, output, options, loader, console=err_console)
     if cascade.random_weights:
         warn_random_weights("build-cascade (diffusion models, CLIP or FID features)")
     best = cascade.recommended()

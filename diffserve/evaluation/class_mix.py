@@ -12,7 +12,7 @@ so every run of a seed sees the same classes. The runs (virtual time, in-process
   runs on (``serve --no-cancel``), the reference for the GPU-seconds that cancellation saves.
 
 ``diffserve-fifo`` and ``diffserve-no-cancel`` are class readings of ours in the policy registry
-(``Policy.class_readings``, :func:`diffserve.policies.class_row`): how their servers differ is stated there.
+(``Reading(..., class_mix_only=True)`` in ``Policy.readings``, :func:`diffserve.policies.class_row`): how their servers differ is stated there.
 
 Every row carries ``classes: {name: {slo_ms, sent, slo_violation_ratio, fid, degraded_share, ...}}``,
 each class scored against its own SLO by the usual rules (metrics.score_records); requests whose

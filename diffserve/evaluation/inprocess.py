@@ -116,11 +116,8 @@ async def drive(
             door.on_shed()
             record.status, record.error, record.retry_after = 503, DOOR_ERROR, max(1, int(door.retry_after_s()))
             return
-        door.active += 1
-        try:
+        with door.holding():
             await admitted(record, prompt, request_seed)
-        finally:
-            door.active -= 1
 
     async def admitted(record: RequestRecord, prompt: str, request_seed: int) -> None:
         def on_light(_index: int, _light: object, elapsed_ms: float) -> None:

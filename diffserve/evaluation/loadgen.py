@@ -205,6 +205,30 @@ def poisson_offsets_s(qps: float, duration_s: float, rng: random.Random) -> list
         offsets.append(t)
 
 
+#: The statuses of a refusal: the pool's queue is full (429) or the door shed the request (503).
+REFUSED_STATUSES = (429, 503)
+
+
+def answer_summary(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """How a bench script's load was answered, from its client records (``status``, ``wall_ms``):
+    the count of each status, and the wall-clock latency percentiles (ms, None when there are
+    none) of the admitted answers (200) and of the refusals (:data:`REFUSED_STATUSES`). The one
+    summary of the overload benches (``bench/overload.py``, ``bench/ray_cluster.py``)."""
+    import numpy as np
+
+    def pct(values: list[float], q: float) -> float | None:
+        return float(np.percentile(values, q)) if values else None
+
+    admitted = [r["wall_ms"] for r in records if r["status"] == 200]
+    refused = [r["wall_ms"] for r in records if r["status"] in REFUSED_STATUSES]
+    return {
+        "sent": len(records), "answered": len(admitted), "refused": len(refused),
+        "statuses": {str(s): sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
+        "admitted_ms_p50": pct(admitted, 50), "admitted_ms_p99": pct(admitted, 99),
+        "refused_ms_p50": pct(refused, 50), "refused_ms_p99": pct(refused, 99), "refused_ms_max": max(refused, default=None),
+    }
+
+
 async def replay(
     arrivals: list[Arrival],
     prompts: list[str],

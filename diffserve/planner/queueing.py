@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from diffserve.planner.settings import BATCHER_WAIT_FRACTION
 
@@ -173,22 +173,10 @@ def stage_estimate(
     return StageEstimate(service_ms, float(fill), float(queue), rho)
 
 
-def stage_latency_ms(
-    service_ms: float,
-    batch: int,
-    workers: int,
-    rate_qps: float,
-    *,
-    quantile: float | None = 0.99,
-    max_wait_ms: float | None = None,
-    max_wait_fraction: float | None = None,
-    queueing: bool = True,
-) -> float:
-    """Shorthand for ``stage_estimate(...).total_ms``."""
-    return stage_estimate(
-        service_ms, batch, workers, rate_qps, quantile=quantile, max_wait_ms=max_wait_ms,
-        max_wait_fraction=max_wait_fraction, queueing=queueing,
-    ).total_ms
+def stage_latency_ms(service_ms: float, batch: int, workers: int, rate_qps: float, **options: Any) -> float:
+    """Shorthand for ``stage_estimate(...).total_ms``; ``options`` are :func:`stage_estimate`'s
+    keywords (``quantile``, ``max_wait_ms``, ``max_wait_fraction``, ``queueing``), defined there once."""
+    return stage_estimate(service_ms, batch, workers, rate_qps, **options).total_ms
 
 
 def wait_cap_ms(service_ms: float, max_wait_ms: float | None, max_wait_fraction: float | None) -> float:

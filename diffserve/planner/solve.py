@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from diffserve.errors import UserError
 from diffserve.planner.brute import enumerate_best
@@ -28,7 +29,6 @@ from diffserve.planner.tables import build_table, rank_across
 from diffserve.schemas import CascadeFile, CascadePair, ModelProfile, PlanFile, PoolPlan, ProfileFile
 
 SOLVERS = ("auto", "highs", "cbc", "enumerate")
-_UNSET = object()
 
 log = logging.getLogger("diffserve.planner")
 _said_no_solver: set[str] = set()
@@ -126,20 +126,14 @@ def solve_plan(
     threshold: float | None = None,
     worker_memory_mb: float | None = None,
     time_limit_s: float = 10.0,
-    headroom=_UNSET,
-    degrade=_UNSET,
-    quantile=_UNSET,
-    violation_budget=_UNSET,
-    max_wait_ms=_UNSET,
-    max_wait_fraction=_UNSET,
-    spare_workers=_UNSET,
-    latency_model=_UNSET,
+    **overrides: Any,
 ) -> PlanFile:
     """Best plan for ``policy`` at ``demand_qps`` under ``slo_ms`` on ``workers`` workers.
 
     ``settings`` is the planning contract (:class:`~diffserve.planner.settings.PlanSettings`;
     default: the settings of a default ``diffserve serve``); the keyword arguments named like its
-    fields override one field each. ``pair`` ("light->heavy") restricts the choice of cascade;
+    fields (``overrides``: ``headroom=1.5``, ``degrade=False`` ...) override one field each; any other
+    name is a TypeError, as for an unknown keyword. ``pair`` ("light->heavy") restricts the choice of cascade;
     ``threshold`` pins a cascade policy's threshold (the nearest grid point; workers and batch
     sizes are still optimised); ``worker_memory_mb`` drops batch sizes whose peak memory does not
     fit; ``solver``: auto | highs | cbc | enumerate. ``diffserve`` with degrade on (and the
@@ -147,11 +141,7 @@ def solve_plan(
     solved exactly by :mod:`diffserve.planner.served_fast` (``solver="enumerate"``: by the full
     enumeration); every other policy by the MILP or its enumerator.
     """
-    given = {name: value for name, value in (
-        ("headroom", headroom), ("degrade", degrade), ("quantile", quantile), ("violation_budget", violation_budget),
-        ("max_wait_ms", max_wait_ms), ("max_wait_fraction", max_wait_fraction), ("spare_workers", spare_workers),
-        ("latency_model", latency_model)) if value is not _UNSET}
-    settings = (settings or PlanSettings()).replace(**given) if given else (settings or PlanSettings())
+    settings = (settings or PlanSettings()).replace(**overrides) if overrides else (settings or PlanSettings())
     start = time.perf_counter()
     pairs = _validate(profile, cascade, demand_qps, slo_ms, workers, policy, solver, pair)
     batches = _check_models(profile, pairs, slo_ms, worker_memory_mb)

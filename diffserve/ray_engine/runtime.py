@@ -14,12 +14,12 @@ import asyncio
 import logging
 from typing import Any, Callable, Mapping
 
-from diffserve.schemas import CascadeFile, CascadePair, PlanFile, ProfileFile
+from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.emulated import EmulatedBackend
 from diffserve.server.metrics import Metrics
 from diffserve.server.pooling import PoolSettings, ServingPool, WorkerPlacement
-from diffserve.server.runtime import Runtime, RuntimeSettings
+from diffserve.server.runtime import Runtime
 from diffserve.server.stage import Backend, Job, StageOutput
 
 from diffserve.ray_engine import scaler
@@ -200,7 +200,10 @@ class ReplicaPlacement:
 
 
 class RayRuntime(Runtime):
-    """The embedded :class:`Runtime`, composed with remote pools and replica placement."""
+    """The embedded :class:`Runtime`, composed with remote pools and replica placement.
+
+    ``runtime`` are :class:`Runtime`'s own keywords (profile, cascade, plan, clock, policy, settings,
+    solver, solver_options), passed through; its pool and placement factories are this engine's."""
 
     def __init__(
         self,
@@ -209,16 +212,9 @@ class RayRuntime(Runtime):
         deployments: dict[str, str],
         *,
         app_name: str,
-        profile: ProfileFile,
-        cascade: CascadeFile,
-        plan: PlanFile,
-        clock: Clock,
-        policy: str = "diffserve",
-        settings: RuntimeSettings | None = None,
-        solver: Any = None,
-        solver_options: dict | None = None,
         scale: bool = True,
         worker_resource: str | None = None,
+        **runtime: Any,
     ) -> None:
         self.app_name = app_name
         self.catalogue = catalogue
@@ -244,10 +240,7 @@ class RayRuntime(Runtime):
             )
             return self.placement
 
-        super().__init__(
-            catalogue, profile=profile, cascade=cascade, plan=plan, clock=clock, policy=policy, settings=settings,
-            solver=solver, solver_options=solver_options, pool_factory=remote_pool, placement_factory=replicas,
-        )
+        super().__init__(catalogue, **runtime, pool_factory=remote_pool, placement_factory=replicas)
 
     def _capacity_changed(self, slots: int) -> None:
         """A node left or joined: re-plan now for the slots there are (not at the next interval),

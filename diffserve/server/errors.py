@@ -8,9 +8,17 @@ from __future__ import annotations
 
 
 class ServeError(Exception):
+    """The base: a subclass states what differs as class keywords (``status=``, ``type=``, ``code=``)."""
+
     status = 500
     type = "server_error"
     code: str | None = None
+
+    def __init_subclass__(cls, *, status: int | None = None, type: str | None = None, code: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in (("status", status), ("type", type), ("code", code)):
+            if value is not None:
+                setattr(cls, name, value)
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
@@ -22,51 +30,36 @@ class ServeError(Exception):
         self.counted = False  # already in diffserve_rejected_total (the runtime counted it at admission)
 
 
-class InvalidRequest(ServeError):
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_request"
+class InvalidRequest(ServeError, status=400, type="invalid_request_error", code="invalid_request"):
+    """The request itself is wrong (a field, a value): the client must change it."""
 
 
-class UnprocessableRequest(InvalidRequest):
-    status = 422
+class UnprocessableRequest(InvalidRequest, status=422):
+    """Well-formed, but asks for what this server cannot do."""
 
 
-class BodyTooLarge(InvalidRequest):
-    status = 413
-    code = "body_too_large"
+class BodyTooLarge(InvalidRequest, status=413, code="body_too_large"):
+    """The body exceeds the server's limit."""
 
 
-class NotFound(InvalidRequest):
-    status = 404
-    code = "not_found"
+class NotFound(InvalidRequest, status=404, code="not_found"):
+    """No such route or object."""
 
 
-class Unauthorized(InvalidRequest):
-    status = 401
-    code = "unauthorized"
+class Unauthorized(InvalidRequest, status=401, code="unauthorized"):
+    """An admin route without the right token."""
 
 
-class QueueFull(ServeError):
+class QueueFull(ServeError, status=429, type="rate_limit_error", code="queue_full"):
     """Admission control: the pool's bounded queue is full. 429 by default (configurable 503)."""
 
-    status = 429
-    type = "rate_limit_error"
-    code = "queue_full"
 
-
-class Unavailable(ServeError):
+class Unavailable(ServeError, status=503, type="server_unavailable", code="unavailable"):
     """Not ready, draining, or the request cannot be served at all: answered at once."""
 
-    status = 503
-    type = "server_unavailable"
-    code = "unavailable"
 
-
-class DeadlineExceeded(ServeError):
-    status = 504
-    type = "timeout_error"
-    code = "deadline_exceeded"
+class DeadlineExceeded(ServeError, status=504, type="timeout_error", code="deadline_exceeded"):
+    """The request's deadline passed before its images were ready."""
 
 
 class WouldMissDeadline(Exception):

@@ -27,10 +27,8 @@ from diffserve.server.stage import Backend, EditInput, StageResult
 log = logging.getLogger("diffserve.server")
 
 
-class QueueFull503(Unavailable):
+class QueueFull503(Unavailable, code="queue_full"):
     """Admission control answered as 503 (Triton/Ray style) when configured so."""
-
-    code = "queue_full"
 
 
 @dataclass

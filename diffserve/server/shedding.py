@@ -40,8 +40,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -100,7 +101,21 @@ def is_control(path: str) -> bool:
     return path in CONTROL_PATHS
 
 
-class ControlBudget:
+class InFlight:
+    """A count of the requests inside (``active``): each is held for exactly as long as it runs."""
+
+    active: int = 0
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+class ControlBudget(InFlight):
     """Control-plane requests in progress, shared by every connection of one server."""
 
     def __init__(self, limit: int = CONTROL_BUDGET) -> None:
@@ -112,11 +127,8 @@ class ControlBudget:
         if self.active >= self.limit:
             await send_shed(send, 1, close=True, body=CONTROL_BUSY_BODY)
             return
-        self.active += 1
-        try:
+        with self.holding():
             await app(scope, receive, send)
-        finally:
-            self.active -= 1
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,7 @@ def listen_backlog(limits: HttpLimits, somaxconn: int | None = None) -> int:
     return max(MIN_CONCURRENCY, limits.backstop, somaxconn)
 
 
-class ShedMiddleware:
+class ShedMiddleware(InFlight):
     """Answer image requests 503 at the door while ``limit()`` of them are already in the app."""
 
     def __init__(
@@ -187,11 +199,8 @@ class ShedMiddleware:
         if self.closed(waited_s(scope)):
             await self.refuse(scope, send)
             return
-        self.active += 1
-        try:
+        with self.holding():
             await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
 
     def closed(self, waited_s: float) -> bool:
         """Would an image request that has spent ``waited_s`` in the server be shed now?"""

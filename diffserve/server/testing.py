@@ -221,3 +221,39 @@ def tiny_runtime(backend: Backend, plan: PlanFile | None = None, **settings: Any
         clock=getattr(backend, "clock", None) or Clock(1.0), policy=STATIC,
         settings=RuntimeSettings(**{"slo_ms": 1e7, "max_batch_wait_ms": 0, **settings}),
     )
+
+
+#: The real tiny pipelines (random weights) that the diffusers tests serve: light, then heavy.
+TINY_PIPELINES = ("tiny-turbo", "tiny-base")
+
+
+def tiny_diffusers_files(
+    folder, *, batch_ms: tuple[float, float] = (20_000.0, 30_000.0), steps: tuple[int, int] | None = None, **plan: Any,
+) -> Any:
+    """tiny-turbo -> tiny-base on 2 worker processes of the diffusers backend, static policy, 600 s SLO:
+    writes profile.yaml (``batch_ms`` for batches of 1 and 2; ``steps`` per model, light first),
+    cascade.yaml (f(t) = t, flat quality) and plan.yaml (1 + 1 workers; ``plan`` goes to
+    :func:`hand_plan`) into ``folder``, and returns the ServeOptions that serve them.
+
+    The default figures are generous: the worker watchdog is a multiple of them, and a shared CPU
+    can take seconds per tiny image (at 0.5 s, a loaded host's heavy model was "hung" and the
+    answer degraded); a test about admission or latency states its own."""
+    from pathlib import Path
+
+    from diffserve.fileio import write_model
+    from diffserve.server.build import ServeOptions  # build imports the backends, not this
+
+    folder = Path(folder)
+    models = {
+        m: ModelProfile(name=m, source=f"builtin:{m}", random_weights=True, resolution=64, steps=steps[i] if steps else None,
+                        batches=[BatchProfile(batch_size=1, median_ms=batch_ms[0]), BatchProfile(batch_size=2, median_ms=batch_ms[1])])
+        for i, m in enumerate(TINY_PIPELINES)
+    }
+    write_model(folder / "profile.yaml", ProfileFile(device="cpu", random_weights=True, models=models))
+    grid = [0.0, 0.5, 1.0]
+    pair = CascadePair(light=TINY_PIPELINES[0], heavy=TINY_PIPELINES[1], grid=grid, f_t=grid, q_t=[1.0, 1.0, 1.0],
+                       discriminator=DiscriminatorRef(kind="replayed"))
+    write_model(folder / "cascade.yaml", CascadeFile(pairs=[pair], random_weights=True))
+    write_model(folder / "plan.yaml", hand_plan(1, 1, light=TINY_PIPELINES[0], heavy=TINY_PIPELINES[1], slo_ms=600_000, **plan))
+    return ServeOptions(backend="diffusers", profile=str(folder / "profile.yaml"), cascade=str(folder / "cascade.yaml"),
+                        plan=str(folder / "plan.yaml"), policy=STATIC, workers=2, slo_ms=600_000)
