@@ -14,6 +14,8 @@ which takes seconds on a GPU. Every output from them says **random weights, real
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -159,12 +161,53 @@ def _init_random(module, pool) -> None:
                 raise RuntimeError(f"do not know how to initialise buffer {bname} of {type(module).__name__}")
 
 
+#: Built modules by (class, configuration, device, dtype) while :func:`shared_modules` is active.
+_shared: dict[tuple[str, str, str, str], Any] | None = None
+
+
+@contextmanager
+def shared_modules() -> Iterator[None]:
+    """Within this block, a component whose class, configuration, device and dtype match one already
+    built is that same module, not a second copy.
+
+    Why it is honest: :func:`_init_random` fills a module from the fixed seed, so two builds of
+    the same component are equal value for value (SDXL and SDXL-Lightning share every component;
+    only their scheduler, steps and guidance differ). Sharing halves the memory and build time
+    of running both one after the other, which is what lets the test suite run both SDXL
+    variants for real on a CPU (14 GB in float32 each). Options applied to modules in place
+    (``channels_last``) then hold for every pipeline that shares them, so share only between
+    variants run with the same GPU options. Leaving the block drops the cache's references."""
+    global _shared
+    outer, _shared = _shared, ({} if _shared is None else _shared)
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def _materialise(kind: str, config: dict[str, Any], device: str, torch_dtype, pool):
+    """One component: built on the ``meta`` device, materialised on ``device``, seeded random fill."""
+    import torch
+
+    key = (kind, json.dumps(config, sort_keys=True), str(device), str(torch_dtype))
+    if _shared is not None and key in _shared:
+        return _shared[key]
+    with torch.device("meta"):
+        module = _build_component(kind, config)
+    module = module.to_empty(device=device).to(dtype=torch_dtype).eval()
+    _init_random(module, pool)
+    if _shared is not None:
+        _shared[key] = module
+    return module
+
+
 def build_arch_pipeline(name: str, *, device: str = "cpu", dtype: str = "float32", tokenizer_dir: str | Path):
     """The random-weight pipeline of ``name``, built directly on ``device`` in ``dtype``.
 
     Each component is created on the ``meta`` device (no memory), materialised on ``device`` in
     ``dtype`` and filled by :func:`_init_random` with a seeded generator, so no full-precision copy
-    is ever held (SDXL would need 14 GB) and GPU builds never touch the CPU."""
+    is ever held (SDXL would need 14 GB) and GPU builds never touch the CPU. Inside
+    :func:`shared_modules`, identical components are built once."""
     import diffusers
     import torch
 
@@ -176,11 +219,7 @@ def build_arch_pipeline(name: str, *, device: str = "cpu", dtype: str = "float32
     pool = torch.randn(POOL_SIZE, generator=gen, device=device, dtype=torch.float32).to(torch_dtype)
     parts: dict[str, Any] = {}
     for comp, spec in cfg["components"].items():
-        with torch.device("meta"):
-            module = _build_component(spec["class"], spec["config"])
-        module = module.to_empty(device=device).to(dtype=torch_dtype).eval()
-        _init_random(module, pool)
-        parts[comp] = module
+        parts[comp] = _materialise(spec["class"], spec["config"], device, torch_dtype, pool)
     sched = cfg["scheduler"]
     # from_config, as from_pretrained does: published scheduler files carry keys the class ignores
     parts["scheduler"] = getattr(diffusers, sched["class"]).from_config(sched["config"])
