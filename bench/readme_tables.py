@@ -53,9 +53,30 @@ SWEEP_EXTRA = ("compare-4to32.json",)
 SWEEP_BASELINES = ("static", "proteus", "diffserve-paper")
 
 
+#: What runs merged into one table cell must share: then every policy saw the same requests
+#: (seed s of each run drew the same arrivals and prompts), and the paired verdicts hold.
+SAME_REQUESTS = ("trace", "workers", "slo_ms", "clock", "speedup", "seeds", "arrivals", "oracle")
+_TRACE_FILE = re.compile(r"[\w.-]+\.(?:txt|csv)")
+
+
+def trace_key(label: str | None) -> str | None:
+    """The trace a label names: its file where it names one (``maf-4to32 (the artifact's
+    maf_trace_4to32qps.txt)`` and ``maf_trace_4to32qps.txt`` are one trace), else the label."""
+    found = _TRACE_FILE.findall(label or "")
+    return found[-1] if found else label
+
+
 def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Runs of the same settings as one: the first's settings, every policy's row once, in table order."""
-    merged = {**docs[0], "policies": []}
+    """Runs of the same settings as one: the first's settings, every policy's row once, in table order.
+    A cell finished in parts (a policy run later on a busy machine) merges only when the parts
+    saw the same requests; otherwise the table would pair seeds that differ (ValueError)."""
+    first = docs[0]
+    for doc in docs[1:]:
+        for key in SAME_REQUESTS:
+            a, b = first.get(key), doc.get(key)
+            if (trace_key(a) != trace_key(b)) if key == "trace" else (a != b):
+                raise ValueError(f"runs of one table cell differ in {key!r}: {a!r} against {b!r}")
+    merged = {**first, "policies": []}
     for doc in docs:
         have = {r["policy"] for r in merged["policies"]}
         merged["policies"] += [r for r in doc["policies"] if r["policy"] not in have]

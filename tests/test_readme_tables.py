@@ -93,3 +93,18 @@ def test_the_disconnect_table_recomputes_the_saving_from_the_file(tmp_path):
     doc["heavy_gpu_seconds_saved_share"] = 0.5
     (root / tables.CLASS_MIX_DISCONNECT).write_text(json.dumps(doc))
     assert "cancellation are 50.0 % (per seed" in tables.class_mix_disconnect_table(root)
+
+
+def _cell(*policies: str, **over) -> dict:
+    doc = {"trace": "maf_trace_4to32qps.txt", "workers": 4, "slo_ms": 5000.0, "clock": "virtual", "speedup": None,
+           "seeds": [0, 1, 2], "arrivals": "resample-times", "oracle": {"fid": 19.35}, "policies": [{"policy": p} for p in policies]}
+    return {**doc, **over}
+
+
+def test_a_cell_finished_in_parts_merges_only_when_the_parts_saw_the_same_requests():
+    tables = _script()
+    merged = tables.merge([_cell("diffserve", "static"), _cell("proteus", trace="maf-4to32 (the artifact's maf_trace_4to32qps.txt)")])
+    assert [r["policy"] for r in merged["policies"]] == ["static", "proteus", "diffserve"]  # table order
+    for over in ({"workers": 8}, {"seeds": [0, 1]}, {"arrivals": "resample"}, {"oracle": {"fid": 19.4}}, {"trace": "maf_trace_1to8qps.txt"}):
+        with pytest.raises(ValueError, match=next(iter(over))):
+            tables.merge([_cell("static"), _cell("proteus", **over)])
