@@ -343,10 +343,24 @@ def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:
     return text
 
 
+def sweep_figure(path: Path, root: Path = RESULTS) -> Path:
+    """The sweep's plot (docs/img/sweep-4to32.png) from the same committed cells as its table."""
+    from diffserve.evaluation.sweep import sweep_png
+
+    cells = sweep_cells(root)
+    rows = [{**r, "slo_ms": slo_ms, "workers": workers} for (slo_ms, workers), doc in cells.items() for r in doc["policies"]]
+    policies = [p for p in (*SWEEP_BASELINES, OURS) if any(r["policy"] == p for r in rows)]
+    return sweep_png(path, rows, policies, sorted({w for _, w in cells}), sorted({s for s, _ in cells}),
+                     "maf-4to32, emulated (the paper's A100 figures), virtual time, seeds 0-2")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="Exit 1 if a document differs from the committed results.")
+    parser.add_argument("--sweep-png", type=Path, default=None, help="Also draw the sweep's plot from the committed cells to this file.")
     args = parser.parse_args()
+    if args.sweep_png is not None:
+        print(f"drew {sweep_figure(args.sweep_png)}")
     stale = []
     for path in DOCUMENTS:
         current = path.read_text()

@@ -115,12 +115,13 @@ def sweep_png(path, cells, policies, workers, slos_ms, title: str, metric: str =
     plt = pyplot()
     fig, axes = plt.subplots(2, len(slos_ms), figsize=(4.2 * len(slos_ms), 7), sharex=True, sharey="row", squeeze=False)
     for j, slo_ms in enumerate(slos_ms):
-        for policy in policies:
+        for k, policy in enumerate(policies):
             mine = sorted((c for c in cells if c["policy"] == policy and c["slo_ms"] == slo_ms), key=lambda c: c["workers"])
             if not mine:
                 continue
             xs = [c["workers"] for c in mine]
             style = {"lw": 2.2, "zorder": 5} if registry.get(policy).ours else {"lw": 1.1, "alpha": 0.85}
+            style["color"] = f"C{k}"  # one colour per policy in every column, whichever columns lack it
             for row, (key, spread) in enumerate((("fid", "fid_std"), ("slo_violation_ratio", "violation_std"))):
                 ys = [float("nan") if c[key] is None else c[key] for c in mine]
                 errs = [c.get(spread) or 0.0 for c in mine]
