@@ -43,8 +43,8 @@ TRACES = (
 #: The three-cascade table.
 CASCADES = (
     (("compare-4to32.json",), "SD-Turbo -> SD v1.5, 5 s"),
-    (("compare-sdxs.json", "compare-sdxs-clipper.json", "compare-sdxs-proteus.json"), "SDXS -> SD v1.5, 5 s"),
-    (("compare-sdxl.json", "compare-sdxl-clipper.json", "compare-sdxl-proteus.json"), "SDXL-Lightning -> SDXL, 15 s"),
+    (("compare-sdxs.json", "compare-sdxs-clipper-queueing-proteus.json"), "SDXS -> SD v1.5, 5 s"),
+    (("compare-sdxl.json", "compare-sdxl-clipper.json", "compare-sdxl-queueing-proteus.json"), "SDXL-Lightning -> SDXL, 15 s"),
 )
 #: The sweep's cells: every file under bench/results/sweep/, plus the 4to32 run (16 workers, 5 s).
 SWEEP_DIR = "sweep"
