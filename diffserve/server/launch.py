@@ -25,8 +25,8 @@ import uvicorn
 
 from diffserve.errors import UserError
 from diffserve.planner.capacity import first_stage_roles
-from diffserve.server.runtime import Runtime
 from diffserve.server.backlog import AcceptBacklog
+from diffserve.server.runtime import Runtime
 from diffserve.server.shedding import HttpLimits, ShedMiddleware, http_limits, listen_backlog, timed_protocol
 
 log = logging.getLogger("diffserve.server")
