@@ -105,7 +105,10 @@ class DiffusersRunner:
         if spec.get("discriminator"):
             from diffserve.models.discriminator import load_discriminator
 
-            self.discriminator = load_discriminator(spec["discriminator"], base=spec.get("cascade_path"))
+            # on the light model's device: on a GPU its images never wait for a host-side network,
+            # and its kernels queue on the same (default) stream right after the VAE decode
+            self.discriminator = load_discriminator(spec["discriminator"], base=spec.get("cascade_path"),
+                                                    device=self.models[self.light].device)
         # when no discriminator artifact ships, confidences are replayed from the curve (grid, f_t)
         from diffserve.server.scores import ScoreSampler
 
