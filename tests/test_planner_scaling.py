@@ -93,6 +93,8 @@ def test_vectorised_queueing_is_bit_equal_to_the_scalar_formulas():
     table = erlang_b_table(12, a)
     for n in range(13):
         assert np.array_equal(table[n], erlang_b_array(n, a))
+    scalar = erlang_b_table(12, 2.5)  # one load: the plain-float path
+    assert scalar.shape == (13,) and all(scalar[n] == erlang_b_array(n, np.float64(2.5)) for n in range(13))
     for quantile in (None, 0.995):
         totals = stage_totals_by_workers(1200.0, 4, 20, 11.0, quantile=quantile, max_wait_fraction=0.25)
         for k in range(1, 21):
