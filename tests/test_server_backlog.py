@@ -91,3 +91,15 @@ def test_the_heap_alive_at_start_up_is_frozen_out_of_the_collectors_view() -> No
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+def test_the_doors_bounds_are_computed_once_per_plan_and_follow_a_new_one() -> None:
+    from diffserve.server.launch import runtime_limits
+
+    small, big = hand_plan(1, 0, routing="light-only", heavy=None), hand_plan(4, 0, routing="light-only", heavy=None)
+    big.pools[0].capacity_qps = 4 * small.pools[0].capacity_qps
+    rt = _runtime(GatedBackend(n_workers=4), small)
+    first = runtime_limits(rt)
+    assert runtime_limits(rt) is first  # the same plan: not computed again on the request path
+    rt.plan = big
+    assert runtime_limits(rt).concurrency == 4 * first.concurrency

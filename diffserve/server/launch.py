@@ -18,6 +18,7 @@ import gc
 import ipaddress
 import logging
 import socket
+import weakref
 from types import FrameType
 from typing import Any, Callable, Coroutine
 
@@ -121,12 +122,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_limits_of: "weakref.WeakKeyDictionary[Runtime, tuple[Any, HttpLimits]]" = weakref.WeakKeyDictionary()
+
+
 def runtime_limits(runtime: Runtime) -> HttpLimits:
     """The door's bounds; with SLO classes they follow the loosest class (whose requests stay
-    longest), so the door never sheds a request its class would have admitted."""
+    longest), so the door never sheds a request its class would have admitted.
+
+    The door asks on every request, the bounds change only with the plan: computed once per plan
+    the runtime applies (the settings, classes and clock of a runtime are fixed)."""
+    cached = _limits_of.get(runtime)
+    if cached is not None and cached[0] is runtime.plan:
+        return cached[1]
     s = runtime.settings
     slo_ms = runtime.classes.loosest_ms
-    return http_limits(runtime.plan, slo_ms, s.drop_factor, runtime.clock.to_wall_s(slo_ms))
+    limits = http_limits(runtime.plan, slo_ms, s.drop_factor, runtime.clock.to_wall_s(slo_ms))
+    _limits_of[runtime] = (runtime.plan, limits)
+    return limits
 
 
 def door_closed(runtime: Runtime, waited_s: float = 0.0) -> bool:
