@@ -317,6 +317,14 @@ def class_mix_disconnect_table(root: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
+def agreement_table(root: Path = RESULTS) -> str:
+    """Shipped figures against the artifact's files, as ``bench/reference_agreement.py`` prints it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reference_agreement import markdown
+
+    return markdown(json.loads((root / "reference_agreement.json").read_text()))
+
+
 #: Every table this script writes: marker name -> renderer.
 TABLES: dict[str, Callable[[Path], str]] = {
     "three-traces": lambda root: policy_table(TRACES, root),
@@ -324,12 +332,13 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "three-cascades": lambda root: policy_table(CASCADES, root),
     "run-reports": run_reports,
     "door": door_summary,
+    "reference-agreement": agreement_table,
     "class-mix": class_mix_table,
     "class-mix-disconnect": class_mix_disconnect_table,
 }
 #: The documents that hold the tables, and which tables each holds.
 DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md")
-TABLES_OF = {"README.md": ("three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect"), "benchmarks.md": ("sweep", "run-reports")}
+TABLES_OF = {"README.md": ("reference-agreement", "three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect"), "benchmarks.md": ("sweep", "run-reports")}
 
 
 def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:

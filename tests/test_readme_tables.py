@@ -51,7 +51,7 @@ def test_a_changed_result_changes_the_table(tmp_path):
 
 def test_a_missing_marker_is_a_clear_error():
     tables = _script()
-    with pytest.raises(SystemExit, match="no <!-- readme-table three-traces -->"):
+    with pytest.raises(SystemExit, match=f"no <!-- readme-table {tables.TABLES_OF['README.md'][0]} -->"):
         tables.render("no markers here", "README.md")
 
 
