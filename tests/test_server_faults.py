@@ -15,6 +15,7 @@ import socket
 import httpx
 import pytest
 
+from diffserve.evaluation.serverproc import ServerProcess
 from diffserve.server.api import ApiSettings, create_app
 from diffserve.server.clock import Clock
 from diffserve.server.errors import ServeError, Unavailable
@@ -563,9 +564,7 @@ def test_public_url_under_the_ray_engine_is_a_user_error_not_ignored() -> None:
 def test_a_second_signal_exits_at_once_with_json_answers(tmp_path, sig) -> None:
     """A second SIGTERM exits without waiting for the drain bound; a double SIGINT gives no
     plain-text 500: in-flight requests get a JSON 503."""
-    import subprocess
     import sys
-    import time
 
     from diffserve.fileio import write_model
     from diffserve.ports import free_port
@@ -574,21 +573,15 @@ def test_a_second_signal_exits_at_once_with_json_answers(tmp_path, sig) -> None:
     write_model(plan, hand_plan(4, 12, light="sd-turbo", heavy="sd-v1.5", threshold=0.1, policy="static"))
     port = free_port()
     # heavy images take 1.78 s of model time = 17.8 s of wall time at speedup 0.1; the drain bound is 2 x 60 s
-    proc = subprocess.Popen(
+    base = f"http://127.0.0.1:{port}"
+    server = ServerProcess(
         [sys.executable, "-m", "diffserve.cli.main", "serve", "--plan", str(plan), "--policy", "static", "--speedup", "0.1",
          "--slo", "60s", "--port", str(port), "--workers", "16"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+        base, tmp_path / "server.log",
+    ).start()
+    proc = server.proc
     try:
-        for _ in range(600):
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        server.wait_ready(60)
 
         async def scenario():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
@@ -608,6 +601,4 @@ def test_a_second_signal_exits_at_once_with_json_answers(tmp_path, sig) -> None:
             assert not isinstance(a, BaseException), a
             assert a.status_code == 503 and a.json()["error"]["code"] == "unavailable" and a.headers["retry-after"].isdigit()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.stop()
