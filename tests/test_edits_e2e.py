@@ -117,7 +117,7 @@ def test_a_deferred_edit_is_edited_by_the_heavy_tiny_model(tmp_path) -> None:
 
     [answer] = asyncio.run(main())
     assert answer.model == "tiny-base" and answer.random_weights
-    assert Image.open(io.BytesIO(answer.png)).size == (64, 64)
+    assert Image.open(io.BytesIO(answer.image)).size == (64, 64)
 
 
 @pytest.mark.slow

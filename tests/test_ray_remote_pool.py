@@ -26,6 +26,7 @@ from diffserve.artifacts import load_cascade, load_profile  # noqa: E402
 from diffserve.ray_engine.remote_pool import RemotePool  # noqa: E402
 from diffserve.server.clock import Clock  # noqa: E402
 from diffserve.server.errors import QueueFull, Unavailable  # noqa: E402
+from diffserve.server.imageformat import ImageFormat  # noqa: E402
 from diffserve.server.stage import Job  # noqa: E402
 
 
@@ -50,15 +51,17 @@ class FakeHandle:
         self.error = error
         self.gate = gate
         self.calls: list[tuple[Any, ...]] = []
+        self.kwargs: list[dict[str, Any]] = []
         self.responses: list[FakeResponse] = []
 
-    def remote(self, *args: Any) -> FakeResponse:
+    def remote(self, *args: Any, **kwargs: Any) -> FakeResponse:
         self.calls.append(args)
-        response = FakeResponse(self._answer(args))
+        self.kwargs.append(kwargs)
+        response = FakeResponse(self._answer(args, kwargs))
         self.responses.append(response)
         return response
 
-    async def _answer(self, args: tuple[Any, ...]) -> dict[str, Any]:
+    async def _answer(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.gate is not None:
             await self.gate.wait()
         if self.die > 0:
@@ -66,7 +69,9 @@ class FakeHandle:
             raise ActorDiedError()
         if self.error is not None:
             raise self.error
-        return {"png": b"\x89PNG", "confidence": 0.5, "queue_ms": 1.0, "compute_ms": 100.0, "pid": 4242}
+        fmt = kwargs.get("output_format", "png")  # a replica encodes the format it is sent
+        return {"image": b"bytes-" + fmt.encode(), "format": fmt, "confidence": 0.5, "queue_ms": 1.0, "compute_ms": 100.0,
+                "pid": 4242}
 
 
 def make_pool(handle: FakeHandle, **kw: Any) -> RemotePool:
@@ -85,8 +90,19 @@ async def test_job_answered_with_the_replica_result_and_plan_batch_size():
     result = await asyncio.wait_for(j.future, 5)
     assert (result.model, result.confidence, result.worker) == ("sd-turbo", 0.5, 4242)
     assert handle.calls == [("p0", 0, (512, 512), True, 4, None)]
+    assert handle.kwargs == [{"output_format": "png", "output_compression": 100}]
     await asyncio.sleep(0)
     assert len(pool) == 0
+
+
+async def test_the_requested_format_goes_to_the_replica_and_its_bytes_come_back():
+    handle = FakeHandle()
+    pool = make_pool(handle)
+    j = Job(prompt="p", seed=0, size=(512, 512), deadline_ms=1e9, arrival_ms=0.0, output=ImageFormat.of("jpeg", 70))
+    pool.submit(j)
+    result = await asyncio.wait_for(j.future, 5)
+    assert handle.kwargs == [{"output_format": "jpeg", "output_compression": 70}]
+    assert (result.image, result.format) == (b"bytes-jpeg", "jpeg")
 
 
 async def test_dead_replica_is_retried_once_then_answered():
@@ -94,7 +110,7 @@ async def test_dead_replica_is_retried_once_then_answered():
     pool = make_pool(FakeHandle(die=1), on_crash=crashes.append)
     j = job()
     pool.submit(j)
-    assert (await asyncio.wait_for(j.future, 5)).png == b"\x89PNG"
+    assert (await asyncio.wait_for(j.future, 5)).image == b"bytes-png"
     assert pool.retries == 1 and crashes == ["sd-turbo"]
 
 

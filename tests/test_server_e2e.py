@@ -135,7 +135,7 @@ def test_diffusers_backend_serves_tiny_models_through_the_cascade(tmp_path) -> N
     [answer] = asyncio.run(main())
     from PIL import Image
 
-    img = Image.open(io.BytesIO(answer.png))
+    img = Image.open(io.BytesIO(answer.image))
     assert img.size == (64, 64)
     assert answer.model == "tiny-base" and answer.confidence is not None and answer.confidence < 1.0  # threshold 1 defers all
     assert answer.random_weights

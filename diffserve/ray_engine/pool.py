@@ -30,6 +30,7 @@ class _Item:
     size: tuple[int, int]
     score: bool
     enqueued: float
+    output: Any = None  # the ImageFormat the replica encodes this image in
 
 
 def batch_wait_s(batch_size: int, latency_ms_of_batch: float, wait_ms: float | None, speedup: float) -> float:
@@ -99,10 +100,16 @@ class ModelPool:
 
     # ---------------------------------------------------------------- serving
     async def __call__(
-        self, prompt: str, seed: int, size: tuple[int, int], score: bool, batch_size: int, wait_ms: float | None = None
+        self, prompt: str, seed: int, size: tuple[int, int], score: bool, batch_size: int, wait_ms: float | None = None,
+        output_format: str = "png", output_compression: int = 100,
     ) -> dict[str, Any]:
+        """One image of a batch; its bytes come back already in ``output_format`` (the replica
+        encodes, the ingress passes them on)."""
+        from diffserve.server.imageformat import ImageFormat
+
         self.reconfigure({"batch_size": batch_size, "wait_ms": wait_ms})
-        return await self._run_batch(_Item(prompt, seed, tuple(size), score, time.monotonic()))
+        output = ImageFormat.of(output_format, output_compression)
+        return await self._run_batch(_Item(prompt, seed, tuple(size), score, time.monotonic(), output))
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _run_batch(self, items: list[_Item]) -> list[dict[str, Any]]:
@@ -111,7 +118,8 @@ class ModelPool:
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         jobs = [
-            Job(prompt=i.prompt, seed=i.seed, size=i.size, deadline_ms=float("inf"), arrival_ms=0.0, score=i.score, future=loop.create_future())
+            Job(prompt=i.prompt, seed=i.seed, size=i.size, deadline_ms=float("inf"), arrival_ms=0.0, score=i.score,
+                future=loop.create_future(), output=i.output)
             for i in items
         ]
         outputs = await self.backend.predict(0, self.model, jobs)
@@ -121,7 +129,8 @@ class ModelPool:
         self.batches += 1
         return [
             {
-                "png": out.png,
+                "image": out.image,
+                "format": out.format,
                 "confidence": out.confidence,
                 "queue_ms": self.clock.to_model_ms(start - item.enqueued),
                 "compute_ms": compute_ms,

@@ -139,7 +139,8 @@ class RemotePool:
         try:
             while not job.future.done():
                 wait_ms = self.max_batch_wait_ms
-                response = self.handle.remote(job.prompt, job.seed, job.size, job.score, self.batch_size, wait_ms)
+                response = self.handle.remote(job.prompt, job.seed, job.size, job.score, self.batch_size, wait_ms,
+                                              output_format=job.output.name, output_compression=job.output.compression)
                 try:
                     out = await response
                 except asyncio.CancelledError:
@@ -164,7 +165,8 @@ class RemotePool:
                     job.future.set_result(
                         StageResult(
                             model=self.model,
-                            png=out["png"],
+                            image=out["image"],
+                            format=out["format"],
                             confidence=out["confidence"],
                             queue_ms=out["queue_ms"],
                             compute_ms=out["compute_ms"],

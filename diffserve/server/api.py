@@ -37,8 +37,9 @@ from diffserve.server.errors import (
     Unavailable,
     UnprocessableRequest,
 )
-from diffserve.server.imagestore import ImageStore, encode_async
-from diffserve.server.openai_images import Rendering, error_body, image_item, images_response
+from diffserve.server.imageformat import ImageFormat
+from diffserve.server.imagestore import ImageStore
+from diffserve.server.openai_images import Rendering, error_body, image_item, images_response, worker_bytes
 from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import ImageGenerationRequest, check_limits, parse_size
@@ -191,9 +192,9 @@ async def answer_images(
     items = []
     for a in answers:
         ttfi.observe(slowest)
-        data = await encode_async(a.png, req.output_format, req.output_compression)
+        data = worker_bytes(render, a)  # already in output_format: the worker encoded it
         if req.response_format == "url":
-            key = store.put(data, req.output_format)
+            key = store.put(data, a.format)
             items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
         else:
             items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
@@ -290,10 +291,11 @@ def create_app(runtime: Runtime, settings: ApiSettings | None = None, *, manage_
         generate = functools.partial(
             runtime.generate, req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms,  # type: ignore[arg-type]
             arrival_ms=arrival_ms, slo_class=slo_class, class_param=class_param,
+            output=ImageFormat.of(req.output_format, req.output_compression),
         )
         if req.stream:
             return await stream_images(
-                runtime, generate, render, partials=req.partial_images > 0, compression=req.output_compression,
+                runtime, generate, render, partials=req.partial_images > 0,
                 disconnected=lambda: _wait_disconnect(request),
             )
         return await answer_images(request, runtime, store, cfg, generate, render, req)

@@ -31,6 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from diffserve.server.errors import InvalidRequest
+from diffserve.server.imageformat import ImageFormat
 from diffserve.server.openai_images import Rendering
 from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import check_limits, parse_size
@@ -87,10 +88,11 @@ def register_edits(app: FastAPI, runtime: Runtime, cfg: Any, store: Any) -> None
         generate = functools.partial(
             runtime.generate, req.prompt, n=req.n, seed=seed, size=size, quality=quality, slo_ms=req.slo_ms,  # type: ignore[arg-type]
             arrival_ms=arrival_ms, edit=edit_input, slo_class=slo_class, class_param=class_param,
+            output=ImageFormat.of(req.output_format, req.output_compression),
         )
         if req.stream:
             return await stream_images(
-                runtime, generate, render, partials=req.partial_images > 0, compression=req.output_compression,
+                runtime, generate, render, partials=req.partial_images > 0,
                 disconnected=lambda: api._wait_disconnect(request),
             )
         return await api.answer_images(request, runtime, store, cfg, generate, render, req)

@@ -1,8 +1,10 @@
 """The emulated backend: a batch "runs" by sleeping its profiled latency on the model-time clock.
 
 With it the paper's 16 x A100 testbed runs on a laptop: the event loop only sleeps, so in-process
-asyncio workers are enough. Confidences come from :class:`ScoreSampler`, images are a tiny valid
-PNG (solid colour per model) so that clients can decode what they get.
+asyncio workers are enough. Confidences come from :class:`ScoreSampler`. Images are stand-in
+pixels (:mod:`diffserve.server.standin`) of the requested size, in the requested output format,
+encoded once per (model, size, format) and reused: answers weigh what real ones do (a 512x512
+PNG is ~0.5 MB), though nothing is drawn.
 
 A batch is a run of denoising steps (the profile's ``steps``, else the step count the paper's
 models are served with, else 50): when every request of a running batch is gone (the client
@@ -14,7 +16,6 @@ backend does through ``callback_on_step_end``, and the worker is free again
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 from collections.abc import Sequence
 
@@ -24,25 +25,15 @@ from diffserve.models.editsteps import steps_run
 from diffserve.server.editcost import batch_ms, edit_groups, model_steps
 from diffserve.server.errors import BatchCancelled
 from diffserve.server.latency import profile_tables
-from diffserve.server.scores import ScoreSampler, unit_hash
+from diffserve.server.scores import ScoreSampler
 from diffserve.server.stage import Backend, Job, StageOutput
+from diffserve.server.standin import StandInImages, native_resolution
 
 DEFAULT_LOAD_TIME_S = 10.0
 #: Steps of a model whose profile states none and that is not one of the paper's reference models
 #: (whose step counts :func:`~diffserve.server.editcost.model_steps` knows); diffusers' default for SD pipelines.
 #: Used only to place the step boundaries a cancelled batch stops at; edits of such a model run full price.
 DEFAULT_STEPS = 50
-
-
-def solid_png(seed_text: str, size: tuple[int, int] = (8, 8)) -> bytes:
-    """A small PNG whose colour depends on ``seed_text``; a real decodable image, not a stub."""
-    from PIL import Image
-
-    h = unit_hash(seed_text)
-    colour = (int(h * 255), int((h * 7 % 1) * 255), int((h * 13 % 1) * 255))
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class EmulatedBackend(Backend):
@@ -75,8 +66,10 @@ class EmulatedBackend(Backend):
             self._lights[p.light] = (ScoreSampler(p, seed), p.discriminator.latency_ms)
         self.hold_all = hold_all
         self._held: dict[int, str | None] = {w: None for w in range(n_workers)}
-        self._sizes = sizes or [(512, 512), (256, 256)]
-        self._png = {m: solid_png(m) for m in self.models}
+        # 512x512 first ("auto"), and 1024x1024 when a model draws at that size natively (SDXL)
+        native = sorted({native_resolution(profile, m) for m in self.models} - {512, 256})
+        self._sizes = sizes or [(512, 512), (256, 256), *((r, r) for r in native)]
+        self.images = StandInImages()
         self.calls = 0
         # step boundaries of a running batch (cancellation): the known count, else DEFAULT_STEPS
         self.denoise_steps = {m: self.steps[m] or DEFAULT_STEPS for m in self.models}
@@ -114,9 +107,13 @@ class EmulatedBackend(Backend):
             await self._denoise(model, latency, jobs)
         else:
             await self.clock.sleep_ms(latency)
-        png = self._png[model]
+        scores = self._scores_of(model)
         return [
-            StageOutput(png=png, confidence=self._scores_of(model).confidence(j.prompt, j.seed) if j.score else None) for j in jobs
+            StageOutput(
+                image=await self.images.get(model, j.size, j.output), format=j.output.name,
+                confidence=scores.confidence(j.prompt, j.seed) if j.score else None,
+            )
+            for j in jobs
         ]
 
     def _steps_run(self, model: str, jobs: list[Job]) -> int:

@@ -1,61 +1,43 @@
-"""Image bytes on the way out: the requested ``output_format``, and the URL store.
+"""Images served by URL (``response_format: url``), kept in memory, bounded and expired.
 
-Backends produce PNG. :func:`encode` re-encodes to JPEG or WebP at the requested
-``output_compression`` (OpenAI's 0-100 scale, read as the encoder's quality: 100 keeps the most).
-The store keeps images served by URL (``response_format: url``) in memory, bounded and expired.
+The bytes are stored as the worker made them, already in the requested ``output_format``
+(:mod:`diffserve.server.imageformat`): the ingress never re-encodes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import io
 import secrets
 import time
 from typing import Callable
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from diffserve.server.imageformat import MEDIA_TYPES
 
 
-def encode(png: bytes, output_format: str, compression: int = 100) -> bytes:
-    """The PNG ``png`` in ``output_format``; PNG is returned untouched (it is lossless)."""
-    if output_format == "png":
-        return png
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as img:
-        out = io.BytesIO()
-        rgb = img.convert("RGB")
-        if output_format == "jpeg":
-            rgb.save(out, format="JPEG", quality=max(1, min(95, compression)))
-        elif output_format == "webp":
-            rgb.save(out, format="WEBP", quality=compression, lossless=compression >= 100)
-        else:
-            raise ValueError(f"unknown output format {output_format!r}; use one of {', '.join(MEDIA_TYPES)}")
-        return out.getvalue()
-
-
-async def encode_async(png: bytes, output_format: str, compression: int = 100) -> bytes:
-    """:func:`encode` off the event loop when it has work to do (a 1024x1024 JPEG takes ~10 ms)."""
-    if output_format == "png":
-        return png
-    return await asyncio.to_thread(encode, png, output_format, compression)
+#: Bytes the store keeps at most: real-size images are ~0.5 MB (512x512 PNG) to ~2 MB (1024x1024),
+#: so a count alone would not bound memory. The oldest images go first.
+MAX_BYTES = 256 * 1024 * 1024
 
 
 class ImageStore:
-    def __init__(self, ttl_s: float = 600.0, max_items: int = 1000, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl_s: float = 600.0, max_items: int = 1000, now: Callable[[], float] = time.monotonic, max_bytes: int = MAX_BYTES,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self._now = now
         self._items: collections.OrderedDict[str, tuple[float, bytes, str]] = collections.OrderedDict()
+        self._bytes = 0
 
     def put(self, data: bytes, output_format: str = "png") -> str:
         """Keep ``data``; the key ends in the format's extension so the URL says what it holds."""
         self._expire()
         key = f"{secrets.token_urlsafe(16)}.{output_format}"
         self._items[key] = (self._now() + self.ttl_s, data, MEDIA_TYPES[output_format])
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        self._bytes += len(data)
+        while len(self._items) > self.max_items or (self._bytes > self.max_bytes and len(self._items) > 1):
+            self._drop_oldest()
         return key
 
     def get(self, key: str) -> tuple[bytes, str] | None:
@@ -70,4 +52,8 @@ class ImageStore:
             key, (expires, _, _) = next(iter(self._items.items()))
             if expires > now:
                 break
-            self._items.popitem(last=False)
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, (_, data, _) = self._items.popitem(last=False)
+        self._bytes -= len(data)

@@ -14,6 +14,7 @@ the tokenizer the diffusion models' text encoders use); output tokens count one 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from diffserve.server.stage import StageResult
 #: The sizes the spec's response and event objects can name (others are reported as the extension).
 SPEC_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+log = logging.getLogger("diffserve.server.openai_images")
 
 
 @dataclass
@@ -51,6 +53,19 @@ class Rendering:
 
     def extension(self) -> dict[str, Any]:
         return {"size": self.size_text, "routing": self.routing, "ignored": self.ignored}
+
+
+def worker_bytes(r: Rendering, res: ImageAnswer | StageResult) -> bytes:
+    """The image bytes to send, as the worker made them: the ingress never re-encodes
+    (:mod:`diffserve.server.imageformat`). A backend that ignored the requested format is a bug
+    in that backend, answered as a 500 rather than as bytes that contradict ``output_format``."""
+    if res.format != r.output_format:
+        log.error("%s worker returned %s bytes for a request asking for %s", res.model, res.format, r.output_format)
+        raise ServeError(
+            f"the {res.model} worker returned {res.format} bytes for a request that asked for {r.output_format}; "
+            "this is a backend bug, the details are in the server log"
+        )
+    return res.image
 
 
 def usage(prompt: str, images: int) -> dict[str, Any]:

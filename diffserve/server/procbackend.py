@@ -97,10 +97,11 @@ class _Proc:
 
     def run(
         self, model: str, prompts: list[str], seeds: list[int], score: bool, watchdog_s: float, edits: list | None = None,
+        formats: list | None = None,
     ) -> list[tuple[bytes, float | None]]:
         with self.lock:
             try:
-                self.conn.send(("predict", model, prompts, seeds, score, edits))
+                self.conn.send(("predict", model, prompts, seeds, score, edits, formats))
                 if not self.conn.poll(watchdog_s):
                     self.kill()
                     raise WorkerHung(f"worker {self.slot} gave no answer in {watchdog_s:.1f} s")
@@ -354,9 +355,10 @@ class ProcessBackend(Backend):
         seeds = [j.seed for j in jobs]
         score = any(j.score for j in jobs)
         edits = [j.edit for j in jobs] if any(j.edit is not None for j in jobs) else None
+        formats = [j.output for j in jobs]  # the worker encodes each image as its request asked
         watcher = self._cancel_when_gone(proc, jobs) if self.cancel_running else None
         try:
-            result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)), edits)
+            result = await self._call(proc.run, model, prompts, seeds, score, self._watchdog(model, len(jobs)), edits, formats)
         except BatchCancelled as exc:
             # planned at the generation price (an edit batch's is at most that: editcost.py)
             planned = self.batch_latency_ms(model, len(jobs))
@@ -370,7 +372,7 @@ class ProcessBackend(Backend):
         finally:
             if watcher is not None:
                 watcher.cancel()
-        return [StageOutput(png, conf if j.score else None) for (png, conf), j in zip(result, jobs)]
+        return [StageOutput(image, j.output.name, conf if j.score else None) for (image, conf), j in zip(result, jobs)]
 
     def _cancel_when_gone(self, proc: _Proc, jobs: list[Job]) -> asyncio.Future:
         """Once every job's future is done (its request gone), tell the worker to stop the batch."""

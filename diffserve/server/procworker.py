@@ -4,9 +4,11 @@ This module imports only the standard library at top level, so a spawned worker 
 torch loads inside :func:`make_runner`. Protocol (tuples over a ``multiprocessing`` pipe):
 
 - worker -> parent, once: ``("ready", load_time_s, random_weights)`` or ``("error", message)``;
-- parent -> worker: ``("predict", model, prompts, seeds, score, edits)`` -> ``("ok", [(png, conf|None), ...])``
-  or ``("fail", message)`` or ``("cancelled", seconds_run)``; ``edits`` is ``None`` or one
-  :class:`EditInput` (or ``None``) per prompt; ``("ping",)`` -> ``("pong",)``
+- parent -> worker: ``("predict", model, prompts, seeds, score, edits, formats)`` ->
+  ``("ok", [(image bytes, conf|None), ...])`` or ``("fail", message)`` or ``("cancelled", seconds_run)``;
+  ``edits`` is ``None`` or one :class:`EditInput` (or ``None``) per prompt; ``formats`` is one
+  :class:`~diffserve.server.imageformat.ImageFormat` per prompt (``None``: PNG): the worker encodes
+  each image in its request's format, so the server only passes bytes on; ``("ping",)`` -> ``("pong",)``
   (the supervisor's liveness check); ``("stop",)`` ends the loop;
 - parent -> worker, while a batch runs: ``("cancel",)`` (every request of the batch is gone): the
   runner stops at its next denoising step (diffusers: ``callback_on_step_end`` sets the pipeline's
@@ -54,14 +56,16 @@ class FakeRunner:
         self.latency_s = dict(spec.get("latency_s", {}))
         self.load_time_s = float(spec.get("load_s", 0.0))  # a test's stand-in for loading real weights
         time.sleep(self.load_time_s)
-        from diffserve.server.testing import PNG_1x1  # imported while loading, not under a batch's watchdog
+        from PIL import Image  # noqa: F401 - imported while loading, not under a batch's watchdog
 
-        self.png = PNG_1x1
+        from diffserve.server.testing import tiny_image
+
+        self.image = tiny_image
 
     #: the fake model's "denoising steps": a cancel is noticed between them
     steps = 20
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None,
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None, formats=None,
                 should_stop=lambda: False) -> list[tuple[bytes, float | None]]:
         for p in prompts:
             if p.startswith("crash:"):
@@ -82,7 +86,7 @@ class FakeRunner:
             time.sleep(step_s)
             if should_stop():
                 raise Interrupted()
-        return [(self.png, 1.0 if score else None) for _ in prompts]
+        return [(self.image(fmt), 1.0 if score else None) for fmt in _formats(formats, len(prompts))]
 
 
 class DiffusersRunner:
@@ -121,18 +125,16 @@ class DiffusersRunner:
             return [float(c) for c in self.discriminator.confidence(images)]
         return [self.replay.confidence(p, s) for p, s in zip(prompts, seeds)]
 
-    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None,
+    def predict(self, model: str, prompts: list[str], seeds: list[int], score: bool, edits=None, formats=None,
                 should_stop=lambda: False) -> list[tuple[bytes, float | None]]:
         images = self._images(model, list(prompts), list(seeds), edits, should_stop)
         if getattr(should_stop, "stopped", False):
             raise Interrupted()
+        # the discriminator judges the image itself, before (lossy) encoding
         confs: list[float | None] = self._confidence(images, prompts, seeds) if score else [None] * len(images)
-        out = []
-        for img, conf in zip(images, confs):
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            out.append((buf.getvalue(), conf))
-        return out
+        from diffserve.server.imageformat import encode_image
+
+        return [(encode_image(img, fmt), conf) for img, conf, fmt in zip(images, confs, _formats(formats, len(images)))]
 
     def _images(self, model: str, prompts: list[str], seeds: list[int], edits, should_stop) -> list:
         """Generations as one text-to-image call, edits as one img2img / in-painting call per
@@ -178,6 +180,13 @@ def _variant_for(name: str, source: str):
     )
 
 
+def _formats(formats: list | None, n: int) -> list:
+    """One output format per image: as sent, or PNG for a caller that sent none."""
+    from diffserve.server.imageformat import PNG
+
+    return list(formats) if formats is not None else [PNG] * n
+
+
 def make_runner(spec: dict[str, Any]):
     kind = spec.get("kind")
     if kind == "fake":
@@ -218,10 +227,10 @@ def _serve(conn, spec: dict[str, Any]) -> None:
         if msg[0] == "cancel":
             continue  # it came after its batch ended
         _, model, prompts, seeds, score, *rest = msg
+        edits, formats = (list(rest) + [None, None])[:2]
         started = time.perf_counter()
         try:
-            result = runner.predict(model, prompts, seeds, score, rest[0] if rest else None,
-                                    should_stop=_StopFlag(conn, pending))
+            result = runner.predict(model, prompts, seeds, score, edits, formats, should_stop=_StopFlag(conn, pending))
         except Interrupted:
             conn.send(("cancelled", time.perf_counter() - started))
         except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on

@@ -22,6 +22,7 @@ from diffserve.schemas import PlanFile
 from diffserve.server.clock import Clock
 from diffserve.server.errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, WouldMissDeadline
 from diffserve.server.hooks import ServingHooks
+from diffserve.server.imageformat import PNG, ImageFormat
 from diffserve.server.metrics import Metrics, serving_hooks
 from diffserve.server.pooling import ServingPool
 from diffserve.server.scores import unit_hash
@@ -33,7 +34,8 @@ Route = Literal["cascade", "light", "heavy"]
 
 @dataclass
 class ImageAnswer:
-    png: bytes
+    #: the image as the worker encoded it, in ``format`` (the request's ``output_format``)
+    image: bytes
     model: str
     confidence: float | None
     degraded: bool
@@ -41,6 +43,7 @@ class ImageAnswer:
     compute_ms: float
     latency_ms: float
     random_weights: bool = False
+    format: str = "png"
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Flight:
     heavy_job: Job | None = None
     #: the client went away (:meth:`client_left`)
     client_gone: bool = False
+    #: the bytes both stages return (a degraded answer is the light image: it is already in this format)
+    output: ImageFormat = PNG
 
     def client_left(self) -> None:
         """The request's client went away: mark this image's jobs, queued, running or yet to come
@@ -132,10 +137,12 @@ class Router:
     def admit(
         self, prompts: list[tuple[str, int]], size: tuple[int, int], quality: Quality, budget_ms: float,
         arrival_ms: float | None = None, edit: EditInput | None = None, slo_class: str = "default",
+        output: ImageFormat = PNG,
     ) -> list[Flight]:
         """Queue the first stage of every image, or none of them: raises 429/503 at once.
 
-        The budget runs from ``arrival_ms`` (default: now); time already spent counts against it."""
+        The budget runs from ``arrival_ms`` (default: now); time already spent counts against it.
+        ``output``: the format the workers encode each image in."""
         now = self.clock.now_ms()
         arrival = now if arrival_ms is None else min(now, arrival_ms)
         deadline = arrival + budget_ms
@@ -178,11 +185,12 @@ class Router:
                 )
         flights = []
         for (prompt, seed), route in zip(prompts, routes):
-            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade", edit=edit)
+            job = Job(prompt=prompt, seed=seed, size=size, deadline_ms=deadline, arrival_ms=arrival, score=route == "cascade", edit=edit,
+                      output=output)
             self.pools[self._model(route)].submit(job)
             flights.append(
                 Flight(prompt, seed, size, route, arrival, deadline, arrival + self.drop_factor * budget_ms, job, self._model(route),
-                       slo_class=slo_class, edit=edit)
+                       slo_class=slo_class, edit=edit, output=output)
             )
         return flights
 
@@ -221,7 +229,7 @@ class Router:
         if self.degrade and (pool.workers == 0 or now + self._earliest_heavy_finish_ms(pool, flight.deadline_ms if self.classes_on else None) > flight.deadline_ms):
             return self._answer(flight, light, None, degraded=True)
         job = Job(flight.prompt, flight.seed, flight.size, flight.deadline_ms, flight.arrival_ms, edit=flight.edit,
-                  client_gone=flight.client_gone)
+                  client_gone=flight.client_gone, output=flight.output)
         flight.heavy_job = job
         try:
             pool.submit(job)
@@ -311,7 +319,8 @@ class Router:
         compute = res.compute_ms + (light.compute_ms if light else 0.0)
         conf = light.confidence if light is not None else res.confidence
         answer = ImageAnswer(
-            png=res.png,
+            image=res.image,
+            format=res.format,
             model=res.model,
             confidence=conf,
             degraded=degraded,

@@ -22,6 +22,7 @@ from diffserve.server.metrics import Metrics, MetricsHooks
 from diffserve.server.pooling import PlacementFactory, PoolFactory, PoolSettings, ServingPool, local_pool, local_workers
 from diffserve.server.router import ImageAnswer, Quality, Router
 from diffserve.server.slo_classes import SloClasses
+from diffserve.server.imageformat import PNG, ImageFormat
 from diffserve.server.stage import Backend, EditInput, StageResult
 
 log = logging.getLogger("diffserve.server")
@@ -296,6 +297,7 @@ class Runtime:
         arrival_ms: float | None = None,
         edit: EditInput | None = None,
         slo_class: str | None = None, class_param: str = "slo_class",
+        output: ImageFormat = PNG,
     ) -> list[ImageAnswer]:
         """Admit ``n`` images (all or none) and wait for them; raises a :class:`ServeError`.
 
@@ -312,6 +314,9 @@ class Runtime:
         ``slo_class`` names the request's SLO class (server/slo_classes.py; ``None``: the default
         class, whose SLO is ``--slo``); an unknown one is a 400 naming ``class_param``. ``slo_ms``
         can only shorten the class's budget.
+
+        ``output`` is the format the workers encode every image in (light, heavy and degraded
+        answers alike); the answers' bytes are that format's, ready to send.
         """
         self.ledger.offer(n)
         cls_name = "unknown"  # the metrics label of a request naming no class this server has
@@ -323,7 +328,7 @@ class Runtime:
                 raise self._not_ready()
             budget = cls.slo_ms if slo_ms is None else min(float(slo_ms), cls.slo_ms)
             flights = self.router.admit([(prompt, seed + i) for i in range(n)], size, quality, budget, arrival_ms=arrival_ms,
-                                        edit=edit, slo_class=cls_name)
+                                        edit=edit, slo_class=cls_name, output=output)
         except ServeError as exc:
             self.ledger.reject(n)
             self.hooks.rejected(exc.reason, slo_class=cls_name, images=n)  # a count of requests, as at the door; images per class

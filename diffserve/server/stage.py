@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
+from diffserve.server.imageformat import PNG, ImageFormat
+
 _ids = itertools.count(1)
 
 
@@ -56,6 +58,9 @@ class Job:
     #: the request's client went away (set by the runtime with or without ``--cancel``): work
     #: done for this job after that is done for nobody (``diffserve_gpu_seconds_gone_total``)
     client_gone: bool = False
+    #: the bytes the worker returns for it (the request's ``output_format``/``output_compression``):
+    #: workers encode, the ingress passes the bytes through
+    output: ImageFormat = PNG
 
     @property
     def done(self) -> bool:
@@ -64,9 +69,12 @@ class Job:
 
 @dataclass
 class StageOutput:
-    """What a stage produced for one job: a PNG, the discriminator's confidence when asked."""
+    """What a stage produced for one job: the image's bytes, encoded by the worker in the job's
+    ``output`` format (``format`` names it), and the discriminator's confidence when asked (scored
+    on the image itself, before encoding)."""
 
-    png: bytes
+    image: bytes
+    format: str
     confidence: float | None = None
 
 
@@ -75,12 +83,14 @@ class StageResult:
     """A stage output with the timings the API reports (model-time milliseconds)."""
 
     model: str
-    png: bytes
+    image: bytes
     confidence: float | None
     queue_ms: float
     compute_ms: float
     worker: int
     random_weights: bool = False
+    #: what ``image`` holds (``png``, ``jpeg`` or ``webp``), as the worker encoded it
+    format: str = "png"
 
 
 class Backend(abc.ABC):

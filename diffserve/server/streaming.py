@@ -25,8 +25,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from diffserve.server.errors import ServeError
-from diffserve.server.imagestore import encode_async
-from diffserve.server.openai_images import Rendering, completed_event, partial_event, sse, sse_error
+from diffserve.server.openai_images import Rendering, completed_event, partial_event, sse, sse_error, worker_bytes
 from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.stage import StageResult
@@ -43,7 +42,6 @@ async def stream_images(
     render: Rendering,
     *,
     partials: bool,
-    compression: int,
     disconnected: Callable[[], Awaitable[None]],
 ) -> Response:
     """Run ``generate(on_light=..., on_answer=...)`` and answer with its events as they come."""
@@ -86,7 +84,11 @@ async def stream_images(
                     if i not in seen:
                         seen.add(i)
                         ttfi.observe(elapsed_ms)
-                    data = base64.b64encode(await encode_async(obj.png, render.output_format, compression)).decode("ascii")
+                    try:
+                        data = base64.b64encode(worker_bytes(render, obj)).decode("ascii")
+                    except ServeError as exc:
+                        yield sse_error(exc)
+                        return
                     if kind == "partial":
                         yield sse(partial_event(render, i, obj, data, elapsed_ms))
                     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -27,12 +28,23 @@ from diffserve.schemas import (
 )
 from diffserve.server.clock import Clock
 from diffserve.server.errors import WorkerCrashed
+from diffserve.server.imageformat import PNG, ImageFormat, encode_image
 from diffserve.server.stage import Backend, Job, StageOutput
 
 PNG_1x1 = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
     "0000000c4944415408d763f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
 )
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_image(fmt: ImageFormat = PNG) -> bytes:
+    """A 1x1 image in ``fmt``, as a worker would encode it (:data:`PNG_1x1` for PNG)."""
+    if fmt.name == "png":
+        return PNG_1x1
+    from PIL import Image
+
+    return encode_image(Image.new("RGB", (1, 1), (255, 0, 0)), fmt)
 
 
 class GatedBackend(Backend):
@@ -103,7 +115,9 @@ class GatedBackend(Backend):
         if bad:
             raise UnicodeEncodeError("utf-8", bad[0], 0, 1, "surrogates not allowed")
         await self.clock.sleep_ms(self.latency[model])
-        return [StageOutput(PNG_1x1, self.confidences.get(j.prompt, 1.0) if j.score else None) for j in jobs]
+        return [
+            StageOutput(tiny_image(j.output), j.output.name, self.confidences.get(j.prompt, 1.0) if j.score else None) for j in jobs
+        ]
 
 
 def tiny_profile(latency_ms: dict[str, float] | None = None) -> ProfileFile:

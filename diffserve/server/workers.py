@@ -197,7 +197,8 @@ class WorkerSet:
             job.future.set_result(
                 StageResult(
                     model=model,
-                    png=out.png,
+                    image=out.image,
+                    format=out.format,
                     confidence=out.confidence,
                     queue_ms=max(0.0, start - job.enqueued_ms),
                     compute_ms=end - start,
