@@ -15,6 +15,7 @@ from diffserve.fileio import write_model
 from diffserve.models.editsteps import pipeline_steps, steps_run
 from diffserve.server.api import create_app
 from diffserve.server.build import ServeOptions, build_runtime
+from diffserve.server.imageformat import ImageFormat
 from diffserve.server.stage import EditInput, Job
 from diffserve.server.testing import hand_plan, uvicorn_in_thread
 from openai_spec import validate
@@ -100,7 +101,8 @@ def test_the_official_client_edits_on_the_quickstart_server(tmp_path) -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_deferred_edit_is_edited_by_the_heavy_tiny_model(tmp_path) -> None:
-    """Threshold 1 defers every query: the heavy model's in-painting answers, at the input's size."""
+    """Threshold 1 defers every query: the heavy model's in-painting answers, at the input's size,
+    encoded by its worker process in the requested format (WebP)."""
     opts = _tiny_files(tmp_path, threshold=1.0)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (250, 250, 250)).save(buf, format="PNG")
@@ -111,13 +113,15 @@ def test_a_deferred_edit_is_edited_by_the_heavy_tiny_model(tmp_path) -> None:
         rt, _ = build_runtime(opts)
         await rt.start()
         try:
-            return await rt.generate("a fox", seed=2, size=(64, 64), edit=EditInput(buf.getvalue(), 0.5, mask.getvalue()))
+            return await rt.generate("a fox", seed=2, size=(64, 64), edit=EditInput(buf.getvalue(), 0.5, mask.getvalue()),
+                                     output=ImageFormat.of("webp", 80))
         finally:
             await rt.stop()
 
     [answer] = asyncio.run(main())
     assert answer.model == "tiny-base" and answer.random_weights
-    assert Image.open(io.BytesIO(answer.image)).size == (64, 64)
+    img = Image.open(io.BytesIO(answer.image))
+    assert img.size == (64, 64) and img.format == "WEBP" and answer.format == "webp"
 
 
 @pytest.mark.slow

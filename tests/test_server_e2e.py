@@ -12,6 +12,7 @@ import pytest
 from diffserve.reference import reference_cascade
 from diffserve.server.api import create_app
 from diffserve.server.build import ServeOptions, build_runtime
+from diffserve.server.imageformat import ImageFormat
 from diffserve.server.scores import ScoreSampler
 from diffserve.server.testing import uvicorn_in_thread
 from diffserve.server.virtualtime import run_virtual
@@ -118,7 +119,8 @@ def test_the_official_openai_client_gets_images() -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_diffusers_backend_serves_tiny_models_through_the_cascade(tmp_path) -> None:
-    """Real (random-weight) tiny pipelines in worker processes; the heavy one answers when deferred."""
+    """Real (random-weight) tiny pipelines in worker processes; the heavy one answers when deferred,
+    its worker process encoding the requested format (JPEG), not the server."""
     from diffserve.server.testing import tiny_diffusers_files
 
     opts = tiny_diffusers_files(tmp_path, threshold=1.0)
@@ -128,7 +130,7 @@ def test_diffusers_backend_serves_tiny_models_through_the_cascade(tmp_path) -> N
         await rt.start()
         try:
             assert rt.backend.random_weights
-            return await rt.generate("a watercolour fox", seed=1, size=(64, 64))
+            return await rt.generate("a watercolour fox", seed=1, size=(64, 64), output=ImageFormat.of("jpeg", 80))
         finally:
             await rt.stop()
 
@@ -136,6 +138,6 @@ def test_diffusers_backend_serves_tiny_models_through_the_cascade(tmp_path) -> N
     from PIL import Image
 
     img = Image.open(io.BytesIO(answer.image))
-    assert img.size == (64, 64)
+    assert img.size == (64, 64) and img.format == "JPEG" and answer.format == "jpeg"
     assert answer.model == "tiny-base" and answer.confidence is not None and answer.confidence < 1.0  # threshold 1 defers all
     assert answer.random_weights
