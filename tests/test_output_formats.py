@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -24,6 +25,7 @@ from diffserve.server.clock import Clock
 from diffserve.server.emulated import EmulatedBackend
 from diffserve.server.imageformat import ImageFormat
 from diffserve.server.imagestore import ImageStore
+from diffserve.server.openai_images import ImageSlots
 from diffserve.server.runtime import Runtime, RuntimeSettings
 from diffserve.server.stage import Job, StageOutput
 from diffserve.server.standin import StandInImages
@@ -99,6 +101,16 @@ def test_the_url_store_is_bounded_in_bytes() -> None:
     keys = [store.put(bytes(1_000), "jpeg") for _ in range(5)]
     assert [store.get(k) is not None for k in keys] == [False, False, False, True, True]
     assert store.get(keys[-1]) == (bytes(1_000), "image/jpeg")
+
+
+def test_image_slots_splice_the_base64_into_the_json_and_nothing_else() -> None:
+    slots = ImageSlots()
+    images = [b"\x89PNG first", bytes(range(256))]
+    body = {"data": [{"b64_json": slots.slot(img)} for img in images], "ignored": {"style": "0-1", "x": "\u00e9\"-0\""}}
+    for ensure_ascii in (False, True):
+        parsed = json.loads(slots.dumps(body, ensure_ascii=ensure_ascii))
+        assert [base64.b64decode(d["b64_json"]) for d in parsed["data"]] == images
+        assert parsed["ignored"] == body["ignored"]  # text that looks like a slot's index is left alone
 
 
 # ---------------------------------------------------------------- the ingress passes bytes through

@@ -9,7 +9,6 @@ content type and JSON syntax each get their own clear answer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hmac
@@ -39,7 +38,7 @@ from diffserve.server.errors import (
 )
 from diffserve.server.imageformat import ImageFormat
 from diffserve.server.imagestore import ImageStore
-from diffserve.server.openai_images import Rendering, error_body, image_item, images_response, worker_bytes
+from diffserve.server.openai_images import ImageSlots, Rendering, error_body, image_item, images_response, worker_bytes
 from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.schemas_api import ImageGenerationRequest, check_limits, parse_size
@@ -190,6 +189,7 @@ async def answer_images(
     slowest = max(a.latency_ms for a in answers)
     ttfi = runtime.metrics.time_to_first_image.labels("false")
     items = []
+    slots = ImageSlots()
     for a in answers:
         ttfi.observe(slowest)
         data = worker_bytes(render, a)  # already in output_format: the worker encoded it
@@ -197,8 +197,8 @@ async def answer_images(
             key = store.put(data, a.format)
             items.append(image_item(a, url=(cfg.public_url or "").rstrip("/") + f"/v1/images/{key}"))
         else:
-            items.append(image_item(a, b64_json=base64.b64encode(data).decode("ascii")))
-    return JSONResponse(images_response(render, items))
+            items.append(image_item(a, b64_json=slots.slot(data)))
+    return Response(slots.dumps(images_response(render, items)), media_type="application/json")
 
 
 def _install_error_boundary(app: FastAPI, runtime: Runtime) -> None:

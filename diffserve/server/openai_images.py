@@ -13,9 +13,11 @@ the tokenizer the diffusion models' text encoders use); output tokens count one 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +68,32 @@ def worker_bytes(r: Rendering, res: ImageAnswer | StageResult) -> bytes:
             "this is a backend bug, the details are in the server log"
         )
     return res.image
+
+
+class ImageSlots:
+    """Image bytes kept out of ``json.dumps``: a body's ``b64_json`` holds a marker from
+    :meth:`slot`, and :meth:`dumps` puts each image's base64 in its place. ``json.dumps`` scans
+    every character of a string for escapes: ~4 ms for the 0.7 MB of one 512x512 PNG, more than
+    the rest of the request; base64's alphabet needs no escaping, so the splice is only a copy.
+    The marker carries a random nonce, so no text from the request can stand for one."""
+
+    def __init__(self) -> None:
+        self._nonce = secrets.token_hex(8)
+        self._images: list[bytes] = []
+
+    def slot(self, data: bytes) -> str:
+        """The stand-in string for ``data`` in the body (``dumps`` makes it ``data``'s base64)."""
+        self._images.append(data)
+        return f"{self._nonce}-{len(self._images) - 1}"
+
+    def dumps(self, obj: Any, *, ensure_ascii: bool = False) -> bytes:
+        """``obj`` as compact JSON (UTF-8), every slot replaced by its image's base64."""
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=False).encode("utf-8")
+        pieces = re.split(b'"' + self._nonce.encode() + rb'-(\d+)"', text)
+        out = [pieces[0]]
+        for i in range(1, len(pieces), 2):
+            out += [b'"', base64.b64encode(self._images[int(pieces[i])]), b'"', pieces[i + 1]]
+        return b"".join(out)
 
 
 def usage(prompt: str, images: int) -> dict[str, Any]:
@@ -151,8 +179,10 @@ def error_body(exc: ServeError) -> dict[str, Any]:
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
-def sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+def sse(event: dict[str, Any], slots: ImageSlots | None = None) -> bytes:
+    """One server-sent event; ``slots`` fills in the image its ``b64_json`` stands for."""
+    data = (slots or ImageSlots()).dumps(event, ensure_ascii=True)
+    return f"event: {event['type']}\ndata: ".encode() + data + b"\n\n"
 
 
 def sse_error(exc: ServeError) -> bytes:

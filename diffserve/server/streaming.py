@@ -16,7 +16,6 @@ heavy model (C2 in RELIABILITY.md).
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from diffserve.server.errors import ServeError
-from diffserve.server.openai_images import Rendering, completed_event, partial_event, sse, sse_error, worker_bytes
+from diffserve.server.openai_images import ImageSlots, Rendering, completed_event, partial_event, sse, sse_error, worker_bytes
 from diffserve.server.router import ImageAnswer
 from diffserve.server.runtime import Runtime
 from diffserve.server.stage import StageResult
@@ -84,15 +83,16 @@ async def stream_images(
                     if i not in seen:
                         seen.add(i)
                         ttfi.observe(elapsed_ms)
+                    slots = ImageSlots()
                     try:
-                        data = base64.b64encode(worker_bytes(render, obj)).decode("ascii")
+                        data = slots.slot(worker_bytes(render, obj))
                     except ServeError as exc:
                         yield sse_error(exc)
                         return
                     if kind == "partial":
-                        yield sse(partial_event(render, i, obj, data, elapsed_ms))
+                        yield sse(partial_event(render, i, obj, data, elapsed_ms), slots)
                     else:
-                        yield sse(completed_event(render, i, obj, data))
+                        yield sse(completed_event(render, i, obj, data), slots)
                 if gen.done():
                     if ready:
                         continue
