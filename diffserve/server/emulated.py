@@ -103,17 +103,20 @@ class EmulatedBackend(Backend):
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         self.calls += 1
         latency = self.run_ms(model, jobs)
-        if self.cancel_running:
-            await self._denoise(model, latency, jobs)
-        else:
-            await self.clock.sleep_ms(latency)
+        # a stand-in not made yet is encoded while the batch "runs" (a one-off, in a thread)
+        images = asyncio.gather(*(self.images.get(model, j.size, j.output) for j in jobs))
+        try:
+            if self.cancel_running:
+                await self._denoise(model, latency, jobs)
+            else:
+                await self.clock.sleep_ms(latency)
+        except BaseException:
+            images.cancel()  # the encode itself goes on and is cached for the next batch
+            raise
         scores = self._scores_of(model)
         return [
-            StageOutput(
-                image=await self.images.get(model, j.size, j.output), format=j.output.name,
-                confidence=scores.confidence(j.prompt, j.seed) if j.score else None,
-            )
-            for j in jobs
+            StageOutput(image=image, format=j.output.name, confidence=scores.confidence(j.prompt, j.seed) if j.score else None)
+            for image, j in zip(await images, jobs)
         ]
 
     def _steps_run(self, model: str, jobs: list[Job]) -> int:
