@@ -235,6 +235,29 @@ def embedded(formats: Sequence[str], qps: float, duration_s: float, speedup: flo
             "idle_cpu_per_s": idle, "summary": summarise(runs), "runs": runs, "server_exit_code": rc}
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The README's table of a run (bench/readme_tables.py renders it from the committed JSON)."""
+    m = result["machine"]
+    lines = [
+        f"Embedded server, emulated backend (stand-in pixels, {result['runs'][0]['size']}), "
+        f"{result['runs'][0]['offered_qps']:g} QPS x {result['runs'][0]['duration_s']:g} s per run, "
+        f"{result['summary'][next(iter(result['summary']))]['repeats']} runs per format, {m['cpus']} CPUs, "
+        f"load average {m['load_average_before'][0]:.2f}; idle baseline {1000 * result['idle_cpu_per_s']:.1f} CPU-ms/s.",
+        "",
+        "| output format | response | image | ingress CPU per image: total | marginal (minus idle) | re-encoding in the ingress would add (decode + encode) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for fmt, r in result["summary"].items():
+        total, marginal = r["cpu_ms_per_image"], r["marginal_cpu_ms_per_image"]
+        re = "nothing (PNG passed through)" if r["reencode_in_ingress_ms"] is None else f"{r['reencode_in_ingress_ms']:.1f} ms"
+        lines.append(
+            f"| {fmt} | {r['response_bytes_mean'] / 1024:.0f} KB | {r['image_bytes_mean'] / 1024:.0f} KB "
+            f"| {total['mean']:.2f} ms ({total['min']:.2f}-{total['max']:.2f}) "
+            f"| {marginal['mean']:.2f} ms ({marginal['min']:.2f}-{marginal['max']:.2f}) | {re} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qps", type=float, default=50.0, help="requests a second, fixed rate")

@@ -325,6 +325,14 @@ def agreement_table(root: Path = RESULTS) -> str:
     return markdown(json.loads((root / "reference_agreement.json").read_text()))
 
 
+def ingress_cpu_table(root: Path = RESULTS) -> str:
+    """CPU per answered image of the embedded ingress, as ``bench/ingress_cpu.py`` measured it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ingress_cpu import markdown
+
+    return markdown(json.loads((root / "ingress_cpu.json").read_text()))
+
+
 #: Every table this script writes: marker name -> renderer.
 TABLES: dict[str, Callable[[Path], str]] = {
     "three-traces": lambda root: policy_table(TRACES, root),
@@ -335,10 +343,11 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "reference-agreement": agreement_table,
     "class-mix": class_mix_table,
     "class-mix-disconnect": class_mix_disconnect_table,
+    "ingress-cpu": ingress_cpu_table,
 }
 #: The documents that hold the tables, and which tables each holds.
 DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md")
-TABLES_OF = {"README.md": ("reference-agreement", "three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect"), "benchmarks.md": ("sweep", "run-reports")}
+TABLES_OF = {"README.md": ("reference-agreement", "three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect", "ingress-cpu"), "benchmarks.md": ("sweep", "run-reports")}
 
 
 def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:
