@@ -18,6 +18,11 @@ Scenarios, in one run:
    embedded server (same machine, same plan, same workers) and through the cluster.
 3. ``overload``: the same pinned plan offered ``--overload`` x its capacity: refusal latency and
    the admitted requests' latency against SLO + one batch.
+4. ``overload_small``: the same, with a plan of one light worker at batch 1 pinned: the same
+   factor over a capacity of about 1 request/s of wall time. Through Serve a request costs tens
+   of ms of CPU (proxy and ingress) on a small machine, so scenario 3 measures, on 2 cores, how
+   fast the machine drains a CPU backlog; this one offers a rate the machine can carry, so it
+   measures the refusal path itself.
 
 Ray binds to the machine's address: run inside a loopback-only namespace, like the tests:
 
@@ -69,6 +74,29 @@ def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proxy_pids() -> list[int]:
+    """Serve's HTTP proxies on this machine (``ray::ProxyActor``): the other half of the Ray ingress."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::ProxyActor"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_s(pid)
+        except OSError:  # gone
+            continue
+    return total
 
 
 class LocalCluster:
@@ -316,10 +344,8 @@ def loss_scenario(args, cluster, base: str, capacity_wall: float) -> dict:
     return out
 
 
-def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, pid: int | None,
-                ray: bool = False) -> tuple[list[dict], float]:
-    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and ingress CPU s.
-    On Ray the load starts once the plan's replicas run (a replica start is not throughput)."""
+def pin_plan(base: str, plan_path: Path, ray: bool = False) -> None:
+    """Pin ``plan_path``; on Ray, return once the plan's replicas run (a replica start is not load)."""
     import yaml
 
     plan = yaml.safe_load(plan_path.read_text())
@@ -336,9 +362,42 @@ def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup
 
         wait_for(running, "the pinned plan's replicas", 300)
     time.sleep(2.0)
-    c0 = cpu_s(pid) if pid else 0.0
+
+
+def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, pid: int | None,
+                ray: bool = False) -> tuple[list[dict], float]:
+    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and the CPU seconds
+    each process of the ingress used meanwhile (``pid``; on Ray also Serve's proxies), by pid."""
+    pin_plan(base, plan_path, ray)
+    pids = [pid, *(proxy_pids() if ray else [])] if pid else []
+    c0 = {p: cpu_of([p]) for p in pids}
     recs = asyncio.run(records_with_errors(base, qps, duration, speedup, seed))
-    return recs, (cpu_s(pid) - c0) if pid else float("nan")
+    used = {p: cpu_of([p]) - c0[p] for p in pids}
+    return recs, used
+
+
+def small_plan(path: Path) -> dict:
+    """One light worker at batch 1 (``overload_small``): its capacity in model-time QPS."""
+    from diffserve.fileio import write_model
+    from diffserve.reference import reference_profile
+    from diffserve.schemas import PlanFile, PoolPlan
+
+    latency = reference_profile().model("sd-turbo").latency_ms(1)
+    capacity = 1000.0 / latency
+    plan = PlanFile(policy="hand-built", routing="light-only", light="sd-turbo", heavy=None, threshold=None,
+                    pools=[PoolPlan(model="sd-turbo", workers=1, batch_size=1, capacity_qps=capacity, latency_ms=latency)],
+                    demand_qps=capacity, slo_ms=SLO_S * 1000, workers_available=1)
+    write_model(path, plan)
+    return {"routing": plan.routing, "pools": [p.model_dump() for p in plan.pools], "capacity_qps": capacity,
+            "batch_s": latency / 1000}
+
+
+def overload_small(base: str, plan_path: Path, info: dict, args, ray: bool = False) -> dict:
+    """``overload_small``: the small plan pinned, ``--overload`` x its capacity for 2 x ``--sat-duration``."""
+    pin_plan(base, plan_path, ray)
+    qps = info["capacity_qps"] * args.speedup * args.overload
+    recs = asyncio.run(records_with_errors(base, qps, 2 * args.sat_duration, args.speedup, args.seed + 2))
+    return refusal_stats(recs, SLO_S / args.speedup, info["batch_s"] / args.speedup)
 
 
 def refusal_stats(recs: list[dict], slo_s: float, batch_s: float) -> dict:
@@ -377,6 +436,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sat_path = Path(tmp) / "sat.yaml"
         sat_info = write_plan(sat_path, "clipper-light", 50, workers_total)
+        small_path = Path(tmp) / "small.yaml"
+        small_info = small_plan(small_path)
         cap = sum(p["capacity_qps"] for p in sat_info["pools"]) * args.speedup
         batch = sat_info["pools"][0]["batch_size"]
         from diffserve.reference import reference_profile
@@ -388,9 +449,10 @@ def main() -> None:
         try:
             recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, proc.pid)
             embedded = throughput(recs, args.sat_duration, cap)
-            embedded["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
+            embedded["ingress_cpu_ms_per_image"] = 1000 * cpu[proc.pid] / max(1, sum(r["status"] == 200 for r in recs))
             embedded_overload = refusal_stats(asyncio.run(records_with_errors(
                 base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
+            embedded_small = overload_small(base, small_path, small_info, args)
         finally:
             stop_server(proc)
 
@@ -410,9 +472,12 @@ def main() -> None:
             # network namespaces share one PID namespace: the ingress's /proc entry reads from here
             recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, pid, ray=True)
             ray_sat = throughput(recs, args.sat_duration, cap)
-            ray_sat["ingress_cpu_ms_per_image"] = 1000 * cpu / max(1, sum(r["status"] == 200 for r in recs))
+            images = max(1, sum(r["status"] == 200 for r in recs))
+            ray_sat["ingress_cpu_ms_per_image"] = 1000 * cpu[pid] / images
+            ray_sat["proxy_cpu_ms_per_image"] = 1000 * sum(v for p, v in cpu.items() if p != pid) / images
             ray_overload = refusal_stats(asyncio.run(records_with_errors(
                 base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
+            ray_small = overload_small(base, small_path, small_info, args, ray=True)
         finally:
             cluster.close()
 
@@ -423,8 +488,10 @@ def main() -> None:
         "throughput_rps": ray_sat["achieved_qps"], "embedded_throughput_rps": embedded["achieved_qps"],
         "throughput_ratio": ray_sat["achieved_qps"] / max(embedded["achieved_qps"], 1e-9),
         "ingress_cpu_ms_per_image": {"embedded": embedded["ingress_cpu_ms_per_image"], "ray": ray_sat["ingress_cpu_ms_per_image"],
+                                     "ray_proxy": ray_sat["proxy_cpu_ms_per_image"],
                                      "payload": "the emulated backend's small PNG, not a real-size image"},
         "overload": {"factor": args.overload, "embedded": embedded_overload, "ray": ray_overload},
+        "overload_small": {"factor": args.overload, "plan": small_info, "embedded": embedded_small, "ray": ray_small},
         "loss": loss, "startup_s": startup, "settings": vars(args), "plan": sat_info, "machine": {"cpus": os.cpu_count()},
         "models": "emulated (the paper's A100 profiles replayed)",
     }
@@ -437,10 +504,15 @@ def main() -> None:
     print(f"{args.hosts:<6} {results['sent']:>5} {results['answered']:>5} {results['refused']:>7} {results['failed_5xx']:>4} "
           f"{results['duplicates']:>4} {results['unanswered']:>4} {results['replan_after_loss_s']:>8.1f} "
           f"{results['throughput_rps']:>8.1f} {results['embedded_throughput_rps']:>8.1f} {results['throughput_ratio']:>6.0%}")
-    for name, o in (("embedded", embedded_overload), ("ray", ray_overload)):
-        print(f"{args.overload:g}x overload, {name}: refusals p99 {o['refused_ms_p99']} ms, admitted p99 {o['admitted_ms_p99']} ms "
-              f"(SLO + one batch = {o['slo_plus_batch_ms']:.0f} ms)")
+    for scenario, name, o in (("overload", "embedded", embedded_overload), ("overload", "ray", ray_overload),
+                              ("overload_small", "embedded", embedded_small), ("overload_small", "ray", ray_small)):
+        print(f"{scenario} {args.overload:g}x, {name}: refusals p99 {_ms(o['refused_ms_p99'])}, admitted p99 "
+              f"{_ms(o['admitted_ms_p99'])} (SLO + one batch = {o['slo_plus_batch_ms']:.0f} ms)")
     print(f"Wrote {out_path}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
 
 
 if __name__ == "__main__":

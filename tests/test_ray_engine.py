@@ -154,14 +154,16 @@ def test_replan_changes_replicas_and_threshold_without_restarts_or_losses(engine
     assert status["replica_targets"] == {grow: len(after[grow]), shrink: len(after[shrink])}
     assert client.get("/v1/plan").json()["plan"]["threshold"] == new["threshold"]
 
-    # The light pool's replicas switch batch size live, through the batcher's setter.
+    # The light pool forms batches of the new size at once (in the ingress); its replicas run them.
     from ray import serve
 
-    for i in range(4):
-        assert generate(client, seed=200 + i, quality="fast").status_code == 200
+    assert status["batch_size"][light] == 2
+    with ThreadPoolExecutor(8) as ex:
+        burst = [ex.submit(generate, client, seed=200 + i, quality="fast") for i in range(8)]
+        assert [f.result(timeout=WAIT_S).status_code for f in burst] == [200] * 8
     handle = serve.get_deployment_handle(deployed.deployments[light], app_name=deployed.app_name)
     infos = [handle.info.remote().result(timeout_s=WAIT_S) for _ in range(6)]
-    assert {i["batch_size"] for i in infos if i["batches"] > 0} == {2}
+    assert {i["last_batch"] for i in infos if i["batches"] > 0} <= {1, 2}
     assert {i["pid"] for i in infos} <= after[light]
 
 
@@ -178,10 +180,12 @@ def test_killed_replica_is_restarted_and_no_request_is_lost(engine):
     n = 4
     with ThreadPoolExecutor(n) as ex:
         # quality=best goes straight to the heavy pool: 1780 ms of model time = 0.9 s of wall time
-        # each; Serve spreads the 4 jobs over the 2 replicas, so the victim holds work when killed.
+        # each; the ingress sends one batch of 1 to each of the 2 replicas (the other 2 jobs wait in
+        # its pool), so the victim holds work when killed.
         inflight = [ex.submit(generate, client, seed=300 + i, quality="best") for i in range(n)]
-        wait_for(lambda: _queued(client, heavy) >= n, "all jobs in the heavy pool", poll_s=0.05)
-        time.sleep(0.2)  # let the ingress hand them to the replicas (no event to wait on across processes)
+        wait_for(lambda: (lambda s: s["running"][heavy] == 2 and s["queued"][heavy] == 2)(client.get("/v1/ray").json()),
+                 "a batch on each heavy replica, two waiting", poll_s=0.05)
+        time.sleep(0.2)  # let Serve hand the batches to the replicas (no event to wait on across processes)
         os.kill(victim.pid, signal.SIGKILL)
         answers = [f.result(timeout=WAIT_S) for f in inflight]
     # Every request was answered with its image: the victim's jobs were re-sent to the live replica
@@ -198,13 +202,6 @@ def test_killed_replica_is_restarted_and_no_request_is_lost(engine):
     for unit in ("requests", "images"):
         assert ledger[f"{unit}_accepted"] == ledger[f"{unit}_completed"] + ledger[f"{unit}_failed"] + ledger[f"{unit}_cancelled"]
     assert ledger["images_failed"] == 0
-
-
-def _queued(client, model: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("diffserve_queue_length") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_controller_moves_replicas_as_load_changes(engine):

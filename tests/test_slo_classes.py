@@ -225,13 +225,13 @@ async def test_a_relaxed_batch_waits_for_its_own_size_by_the_batchers_rule() -> 
 
 
 async def test_a_router_without_classes_asks_its_pools_only_what_it_asked_before() -> None:
-    """Pools that predate classes (the Ray engine's remote pools) keep working: no per-class arguments."""
+    """Pools with only the ServingPool protocol (no classes of their own) keep working: no per-class arguments."""
     from diffserve.server.router import Router
 
     class OldPool:
         workers, down, batch_size, max_queue, free = 1, 0, 1, 8, 8
         queue_full_error = Unavailable
-        drop_unmeetable = False  # as the Ray engine's RemotePool (the router's #21 admission guard reads it)
+        drop_unmeetable = False  # the router's #21 admission guard reads it
 
         def __init__(self) -> None:
             self.jobs: list[Job] = []

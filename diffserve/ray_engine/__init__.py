@@ -7,9 +7,9 @@ Public entry points (Ray is imported only when they are called):
 - :func:`connect` / :func:`deploy` -- the two halves, for tests and benchmarks;
 - :class:`RayOptions` -- cluster address, resources per replica.
 
-Layout: ``pool`` (a model's deployment, ``@serve.batch``), ``remote_pool`` (that deployment as
-the router sees it), ``runtime`` (the embedded runtime on remote pools), ``ingress`` (FastAPI
-app), ``app`` (the Serve application), ``scaler`` (the one adapter to Ray's private API).
+Layout: ``pool`` (a model's deployment: a replica runs one batch per call), ``runtime`` (the
+embedded runtime, its worker slots sending batches to those replicas), ``ingress`` (FastAPI app),
+``app`` (the Serve application), ``scaler`` (the one adapter to Ray's private API).
 """
 
 from __future__ import annotations

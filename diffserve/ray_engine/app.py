@@ -1,7 +1,8 @@
 """Assemble the Serve application: one pool deployment per model, the ingress in front.
 
 Resources per replica come from :class:`RayOptions` (``num_gpus``, fractional ``num_cpus``);
-initial replica counts and batch settings from the plan. Built-in autoscaling stays off: the
+initial replica counts from the plan. A pool replica takes one request at a time: a whole batch,
+formed in the ingress (``max_ongoing_requests=1``, so Serve routes each batch to a free worker). Built-in autoscaling stays off: the
 application is deployed with ``external_scaler_enabled=True`` and the diffserve controller owns
 the counts.
 """
@@ -43,15 +44,13 @@ def build_application(
     for model in models:
         p = plan.pool(model)
         workers = p.workers if p else 0
-        batch = p.batch_size if p else 1
         dep = serve.deployment(ModelPool).options(
             name=deployments[model],
             # Serve refuses num_replicas=0 at deploy time; a pool of 0 workers starts with one
             # replica and the ingress's first plan (ReplicaPlacement.assign) scales it to 0
             num_replicas=max(1, workers),
             ray_actor_options=actor_opts,
-            max_ongoing_requests=max(ray_options.max_ongoing_requests, batch),
-            user_config={"batch_size": batch, "wait_ms": options.max_batch_wait_ms},
+            max_ongoing_requests=1,  # one batch at a time, as on a GPU; the next waits in Serve's router
             health_check_period_s=2.0,
             graceful_shutdown_timeout_s=max(5.0, 2 * options.slo_ms / 1000.0 / options.speedup),
         )

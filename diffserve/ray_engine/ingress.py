@@ -34,17 +34,16 @@ class Ingress:
         from diffserve.server.clock import Clock
         from diffserve.server.build import pair_lock, runtime_settings, solver_options
 
-        from diffserve.ray_engine.runtime import CatalogueBackend, RayRuntime
+        from diffserve.ray_engine.runtime import RayBackend, RayRuntime
 
         pair = cascade.pair_for(plan.light, plan.heavy)
         clock = Clock(options.speedup)
-        catalogue = CatalogueBackend(
+        backend = RayBackend(
             profile, pair, options.workers, clock, sizes,
-            random_weights=options.backend != "emulated",
+            random_weights=options.backend != "emulated", handles=pools,
         )
         self.runtime = RayRuntime(
-            catalogue,
-            pools,
+            backend,
             deployments,
             app_name=app_name,
             profile=profile,
@@ -53,7 +52,7 @@ class Ingress:
             clock=clock,
             policy=options.policy,
             settings=runtime_settings(options),
-            solver_options={**solver_options(options), **pair_lock(cascade, plan, catalogue.models)},
+            solver_options={**solver_options(options), **pair_lock(cascade, plan, backend.models)},
             worker_resource=worker_resource,
         )
         self.admin_token = admin_token

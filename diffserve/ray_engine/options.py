@@ -32,8 +32,6 @@ class RayOptions:
     #: GPUs per pool replica: 1 for a real model per GPU, a fraction to pack small models.
     num_gpus: float = 0.0
     ingress_num_cpus: float = 0.1
-    #: Largest number of requests one pool replica holds at once (queued in its batcher + running).
-    max_ongoing_requests: int = 64
     #: A custom Ray resource that stands for one worker (a GPU slot), e.g. ``worker_slot``: each
     #: pool replica needs one, so replicas land only on nodes that offer it, and the cluster's
     #: total of it is the plan's worker count (followed as nodes leave and join). None: no
@@ -55,5 +53,3 @@ class RayOptions:
                 f"resources per replica must be >= 0, got num_cpus={self.num_cpus}, num_gpus={self.num_gpus}, "
                 f"ingress_num_cpus={self.ingress_num_cpus}"
             )
-        if self.max_ongoing_requests < 1:
-            raise UserError(f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")

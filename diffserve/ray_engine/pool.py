@@ -1,51 +1,42 @@
-"""One model's pool as a Ray Serve deployment: each replica is one worker running batches.
+"""One model's workers as a Ray Serve deployment: each replica is one worker, running whole batches.
 
-Batching is Ray Serve's own (``@serve.batch``). Its size and wait come from the plan: the first
-values arrive as the deployment's ``user_config`` (Serve calls :meth:`ModelPool.reconfigure`
-when a replica starts), later ones ride on every request (``batch_size``/``wait_ms``) and go
-through the same ``reconfigure``, which uses the batcher's public setters. So a re-plan changes
-them on running replicas at once, without a redeploy (which would restart every replica).
+Batches are formed in the ingress, by the embedded server's own pool (:class:`diffserve.server.pool.Pool`:
+EDF with SLO classes, batch sizes and waits from the plan, the deadline checks, hand-over between
+pairs); a worker slot there sends a formed batch in one call, and Serve routes it to a replica that
+is free (``max_ongoing_requests=1``: a worker runs one batch at a time, as a GPU does). So both
+engines form the same batches, and a batch crosses processes once, not once per image.
 
-The replica wraps one :class:`diffserve.server.stage.Backend` slot (emulated or diffusers). For
-the light model the discriminator runs in the same replica, on the same batch (``score=True``).
+The replica wraps one :class:`diffserve.server.stage.Backend` slot (emulated or diffusers). For the
+light model the discriminator runs in the same replica, on the same batch (``score``). A call that
+the ingress cancels (every request of the batch gone) withdraws the batch's jobs: the backend stops
+at the next denoising step, as on the embedded server, and the replica is free again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
-
-from ray import serve
 
 from diffserve.schemas import CascadeFile, PlanFile, ProfileFile
 
 
-@dataclass
-class _Item:
-    prompt: str
-    seed: int
-    size: tuple[int, int]
-    score: bool
-    enqueued: float
-    output: Any = None  # the ImageFormat the replica encodes this image in
-
-
-def batch_wait_s(batch_size: int, latency_ms_of_batch: float, wait_ms: float | None, speedup: float) -> float:
-    """Wall seconds the batcher waits for a fuller batch: given, or a quarter of the batch's latency.
-
-    The default mirrors the embedded server's batcher (0 for batch 1) so both engines trade the
-    same slack of the SLO for fuller batches.
-    """
-    if wait_ms is None:
-        wait_ms = 0.0 if batch_size <= 1 else 0.25 * latency_ms_of_batch
-    return max(0.0, wait_ms) / 1000.0 / speedup
+def batch_items(jobs: list[Any]) -> list[dict[str, Any]]:
+    """What crosses to the replica for each job of a batch: plain values (pickled once per batch)."""
+    items = []
+    for j in jobs:
+        item: dict[str, Any] = {"prompt": j.prompt, "seed": j.seed, "size": tuple(j.size), "score": j.score,
+                                "output": (j.output.name, j.output.compression)}  # the replica encodes it
+        if j.edit is not None:
+            item["edit"] = {"image": j.edit.image, "strength": j.edit.strength, "mask": j.edit.mask}
+        items.append(item)
+    return items
 
 
 class ModelPool:
-    """A pool replica. Constructed by Serve on a node with the resources of the plan."""
+    """A worker replica. Constructed by Serve on a node with the resources of the plan."""
 
     async def __init__(
         self, model: str, options: Any, profile: ProfileFile, cascade: CascadeFile, plan: PlanFile, cascade_path: str | None = None
@@ -77,79 +68,52 @@ class ModelPool:
             self.backend = make_backend(one, profile, cascade, plan, self.clock, cascade_path)
         if model not in self.backend.models:
             raise ValueError(f"model {model!r} is not served by this backend (it has {self.backend.models})")
+        self.backend.cancel_running = bool(getattr(options, "cancel", True))
         await self.backend.setup()
         await self.backend.ensure_loaded(0, model)
-        self._settings: tuple[int, float | None] | None = None
         self.batches = 0
+        self.last_batch = 0
         self.pid = os.getpid()
 
-    # ---------------------------------------------------------------- settings
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """Apply ``{"batch_size": int, "wait_ms": float | None}`` through the batcher's setters."""
-        bs = int(config.get("batch_size", 1))
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {bs}")
-        wait_ms = config.get("wait_ms")
-        if self._settings == (bs, wait_ms):
-            return
-        self._settings = (bs, wait_ms)
-        self._run_batch.set_max_batch_size(bs)
-        self._run_batch.set_batch_wait_timeout_s(
-            batch_wait_s(bs, self.backend.batch_latency_ms(self.model, bs), wait_ms, self.clock.speedup)
-        )
-
-    # ---------------------------------------------------------------- serving
-    async def __call__(
-        self, prompt: str, seed: int, size: tuple[int, int], score: bool, batch_size: int, wait_ms: float | None = None,
-        output_format: str = "png", output_compression: int = 100,
-    ) -> dict[str, Any]:
-        """One image of a batch; its bytes come back already in ``output_format`` (the replica
-        encodes, the ingress passes them on)."""
+    async def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Run one batch; returns ``{"outputs": [{"image", "format", "confidence"}...], "compute_ms", "pid", ...}``:
+        each image already in its request's output format (the ingress passes the bytes on)."""
         from diffserve.server.imageformat import ImageFormat
+        from diffserve.server.stage import EditInput, Job
 
-        self.reconfigure({"batch_size": batch_size, "wait_ms": wait_ms})
-        output = ImageFormat.of(output_format, output_compression)
-        return await self._run_batch(_Item(prompt, seed, tuple(size), score, time.monotonic(), output))
-
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
-    async def _run_batch(self, items: list[_Item]) -> list[dict[str, Any]]:
-        from diffserve.server.stage import Job
-
-        start = time.monotonic()
         loop = asyncio.get_running_loop()
         jobs = [
-            Job(prompt=i.prompt, seed=i.seed, size=i.size, deadline_ms=float("inf"), arrival_ms=0.0, score=i.score,
-                future=loop.create_future(), output=i.output)
+            Job(prompt=i["prompt"], seed=i["seed"], size=tuple(i["size"]), deadline_ms=float("inf"), arrival_ms=0.0,
+                score=i["score"], future=loop.create_future(),
+                edit=EditInput(**i["edit"]) if i.get("edit") else None, output=ImageFormat.of(*i.get("output", ("png",))))
             for i in items
         ]
-        outputs = await self.backend.predict(0, self.model, jobs)
+        start = time.monotonic()
+        run = loop.create_task(self.backend.predict(0, self.model, jobs))
+        try:
+            outputs = await asyncio.shield(run)
+        except asyncio.CancelledError:
+            # the ingress withdrew the batch: its jobs are gone, the backend stops at the next step
+            for j in jobs:
+                if not j.future.done():
+                    j.future.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+            raise
         if len(outputs) != len(items):
             raise RuntimeError(f"{self.model}: backend returned {len(outputs)} outputs for a batch of {len(items)}")
-        compute_ms = self.clock.to_model_ms(time.monotonic() - start)
         self.batches += 1
-        return [
-            {
-                "image": out.image,
-                "format": out.format,
-                "confidence": out.confidence,
-                "queue_ms": self.clock.to_model_ms(start - item.enqueued),
-                "compute_ms": compute_ms,
-                "batch": len(items),
-                "pid": self.pid,
-                "random_weights": bool(getattr(self.backend, "random_weights", False)),
-            }
-            for item, out in zip(items, outputs)
-        ]
+        self.last_batch = len(items)
+        return {
+            "outputs": [{"image": o.image, "format": o.format, "confidence": o.confidence} for o in outputs],
+            "compute_ms": self.clock.to_model_ms(time.monotonic() - start),
+            "pid": self.pid,
+            "random_weights": bool(getattr(self.backend, "random_weights", False)),
+        }
 
     def info(self) -> dict[str, Any]:
-        """Process id, batch settings and batches run: what tests and ``/metrics`` look at."""
-        return {
-            "pid": self.pid,
-            "model": self.model,
-            "batch_size": self._settings[0] if self._settings else None,
-            "wait_ms": self._settings[1] if self._settings else None,
-            "batches": self.batches,
-        }
+        """Process id, batches run and the size of the last one: what tests look at."""
+        return {"pid": self.pid, "model": self.model, "batches": self.batches, "last_batch": self.last_batch}
 
     def check_health(self) -> None:
         if not self.backend.healthy():

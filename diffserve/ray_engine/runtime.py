@@ -1,11 +1,13 @@
-"""The embedded server's runtime with its pools moved onto Ray Serve deployments.
+"""The embedded server's runtime with its worker slots served by Ray Serve deployments.
 
 :class:`RayRuntime` *is* a :class:`diffserve.server.runtime.Runtime`: same router, controller,
-ledger, metrics, plan switching and HTTP app. It hands ``Runtime`` two factories
-(:mod:`diffserve.server.pooling`) and overrides nothing of its behaviour: its pools are
-:class:`RemotePool` proxies that send each job to the model's deployment, and its placement
-(:class:`ReplicaPlacement`) turns a plan's worker counts into each deployment's replica count
-(through :mod:`diffserve.ray_engine.scaler`) instead of moving local worker slots.
+ledger, metrics, plan switching, HTTP app, and the same in-process pools (:class:`diffserve.server.pool.Pool`:
+EDF with SLO classes, batches formed from the plan's sizes and waits). What differs is where a formed
+batch runs: :class:`RayBackend` sends it, in one call, to the model's deployment, and Serve routes it
+to a free replica (one batch per replica at a time). :class:`ReplicaPlacement` keeps the embedded
+worker slots (:class:`diffserve.server.workers.WorkerSet`) and turns a plan's worker counts into each
+deployment's replica count too (through :mod:`diffserve.ray_engine.scaler`); a slot serves only
+while its model has a running replica for it, so the router's estimates see the replicas that run.
 """
 
 from __future__ import annotations
@@ -17,35 +19,95 @@ from typing import Any, Callable, Mapping
 from diffserve.schemas import CascadePair, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.emulated import EmulatedBackend
+from diffserve.server.errors import BatchCancelled, ServeError, WorkerCrashed, WorkerHung
 from diffserve.server.metrics import Metrics
-from diffserve.server.pooling import PoolSettings, ServingPool, WorkerPlacement
+from diffserve.server.pooling import ServingPool, WorkerPlacement
 from diffserve.server.runtime import Runtime
 from diffserve.server.stage import Backend, Job, StageOutput
+from diffserve.server.workers import WorkerSet
 
 from diffserve.ray_engine import scaler
-from diffserve.ray_engine.remote_pool import RemotePool
+from diffserve.ray_engine.pool import batch_items
 
 log = logging.getLogger("diffserve.ray_engine")
 
 
-class CatalogueBackend(EmulatedBackend):
-    """What the ingress needs to know about the models without running any: names, sizes, costs.
+def replica_died(exc: BaseException) -> bool:
+    """Errors meaning "the replica process went away", as opposed to the model raising."""
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
 
-    The emulated backend's latency model, reused; ``predict`` is never called here (the replicas
-    run the models), so it raises to make a wiring mistake loud.
+
+def as_embedded(exc: BaseException) -> BaseException:
+    """The error the embedded server's worker slot would have seen: Ray wraps what a replica raised
+    in a ``RayTaskError`` whose cause decides (a hung worker is a 504 there, a ServeError keeps its
+    status, a cancelled batch stays cancelled); anything else stays as it is (a 500)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, (ServeError, WorkerHung, BatchCancelled)):
+        return cause
+    return exc
+
+
+class RayBackend(EmulatedBackend):
+    """The ingress's backend: knows the models (names, sizes, profiled costs: the emulated backend's
+    latency model, reused) and runs each batch on a replica of the model's deployment.
+
+    ``handles`` maps each model to its deployment handle. A replica that dies under a batch is a
+    :class:`WorkerCrashed` (the worker slot re-queues the batch once, Serve replaces the replica);
+    a batch whose every request is gone is withdrawn from its replica, which stops at the next step.
     """
 
     name = "ray"
 
     def __init__(
         self, profile: ProfileFile, pair: CascadePair, n_workers: int, clock: Clock, sizes: list[tuple[int, int]] | None = None,
-        random_weights: bool = False,
+        random_weights: bool = False, handles: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(profile, pair, n_workers, clock, sizes=sizes)
+        super().__init__(profile, pair, n_workers, clock, sizes=sizes, hold_all=True)
         self.random_weights = random_weights
+        self.handles: dict[str, Any] = dict(handles or {})
+        #: the worker slots' models and each model's running replicas: which slots can serve
+        self.slot_model: Callable[[int], str | None] = lambda worker: None
+        self.running: dict[str, int] = {}
+        #: batches re-sent after their replica died, per model (``/v1/ray``)
+        self.retries: dict[str, int] = {m: 0 for m in self.models}
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
-        raise RuntimeError("the Ray ingress never runs a model itself; jobs go to the pool deployments")
+        handle = self.handles.get(model)
+        if handle is None:
+            raise RuntimeError(f"no deployment handle for {model!r}; the Ray ingress was built without it")
+        start = self.clock.now_ms()
+        response = handle.remote(batch_items(jobs))
+        call = asyncio.ensure_future(_result(response))
+        gone = asyncio.ensure_future(asyncio.wait({j.future for j in jobs}))  # every job withdrawn
+        try:
+            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            response.cancel()
+            call.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if not call.done() and self.cancel_running:
+            response.cancel()  # the replica withdraws the batch and stops after its current step
+            call.cancel()
+            ran = self.clock.now_ms() - start
+            latency = self.run_ms(model, jobs)
+            step = latency / self._steps_run(model, jobs)
+            ran = min(latency, max(step, -(-ran // step) * step))
+            raise BatchCancelled(model, ran_ms=ran, saved_ms=max(0.0, latency - ran))
+        try:
+            out = await call
+        except Exception as exc:  # noqa: BLE001 - mapped to what the worker slot handles
+            if replica_died(exc):
+                self.retries[model] = self.retries.get(model, 0) + 1
+                self.on_worker_event(worker, "crashed")
+                raise WorkerCrashed(f"the {model} replica died: {type(exc).__name__}") from None
+            raise as_embedded(exc) from None
+        return [StageOutput(image=o["image"], format=o["format"], confidence=o["confidence"]) for o in out["outputs"]]
 
     #: worker slots the cluster offers now (None: all ``n_workers``); the rest count as down
     live_workers: int | None = None
@@ -60,7 +122,15 @@ class CatalogueBackend(EmulatedBackend):
         return self.replicas_up
 
     def serving(self, worker: int) -> bool:
-        return self.live_workers is None or worker < self.live_workers
+        """A slot serves while the cluster still has it and its model runs a replica for it: the
+        k-th slot of a model needs k running replicas."""
+        if self.live_workers is not None and worker >= self.live_workers:
+            return False
+        model = self.slot_model(worker)
+        if model is None:
+            return True
+        rank = sum(1 for w in range(worker) if self.slot_model(w) == model)
+        return rank < self.running.get(model, 0)
 
     def set_capacity(self, slots: int) -> None:
         """The cluster now offers ``slots`` workers: ``n_workers`` keeps the most it ever had, so
@@ -69,17 +139,27 @@ class CatalogueBackend(EmulatedBackend):
         self.live_workers = slots
 
 
+async def _result(response: Any) -> Any:
+    return await response
+
+
 class ReplicaPlacement:
-    """The plan's worker counts as replica counts of the pool deployments (Serve's external
-    scaler); the ingress has no worker slots of its own. A pool of 0 workers is a deployment
-    scaled to 0 replicas, and the router refuses or degrades its jobs before sending any."""
+    """The plan's worker counts as local worker slots (the embedded :class:`WorkerSet`, which form
+    and send the batches) and as replica counts of the pool deployments (Serve's external scaler).
+    A pool of 0 workers is a deployment scaled to 0 replicas, and the router refuses or degrades
+    its jobs before sending any."""
 
     def __init__(
-        self, pools: Mapping[str, ServingPool], metrics: Metrics, *, app_name: str, deployments: dict[str, str], scale: bool = True,
-        worker_resource: str | None = None, poll_s: float = 1.0, on_capacity: Callable[[int], None] | None = None,
-        on_refresh: Callable[[bool], None] | None = None,
+        self, backend: RayBackend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics, *, app_name: str,
+        deployments: dict[str, str], scale: bool = True, worker_resource: str | None = None, poll_s: float = 1.0,
+        on_capacity: Callable[[int], None] | None = None, on_refresh: Callable[[bool], None] | None = None,
     ) -> None:
+        from diffserve.server.pool import Pool
+
+        self.backend = backend
         self.pools = pools
+        self.slots = WorkerSet(backend, {m: p for m, p in pools.items() if isinstance(p, Pool)}, clock, metrics)
+        backend.slot_model = self.slots.model_of
         self.metrics = metrics
         self.app_name = app_name
         self.deployments = deployments
@@ -89,7 +169,7 @@ class ReplicaPlacement:
         self.on_capacity = on_capacity
         self.on_refresh = on_refresh  # called with "every pool that has workers runs a replica"
         self.targets: dict[str, int] = {}
-        self.slots: int | None = None  # the cluster's worker_resource total, last seen
+        self.cluster_slots: int | None = None  # the cluster's worker_resource total, last seen
         #: running replicas per node id and model, last seen (what /v1/ray reports)
         self.per_node: dict[str, dict[str, int]] = {}
         self.node_ips: dict[str, str] = {}  # node id -> address, of every node that ran a replica
@@ -106,26 +186,40 @@ class ReplicaPlacement:
         self.replicas_gauge = Gauge(
             "diffserve_ray_replicas", "running pool replicas per model and Ray node", ["model", "node"], registry=metrics.registry,
         )
+        if not scale:  # counts are someone else's: every slot of a model serves
+            backend.running = {m: backend.n_workers for m in pools}
 
     def assign(self, counts: Mapping[str, int]) -> None:
         unknown = set(counts) - set(self.pools)
         if unknown:
             raise ValueError(f"no pool for {sorted(unknown)} (pools: {sorted(self.pools)})")
         targets = {m: max(0, int(counts.get(m, 0))) for m in self.pools}
-        for model, pool in self.pools.items():
-            pool.workers = targets[model]
-            self.metrics.workers.labels(model).set(targets[model])
+        self.slots.assign(targets)
         if self.scale:
             self._set_replicas(targets)
 
     def model_of(self, worker: int) -> str | None:
-        return None  # no local worker slots: the replicas are Serve's
+        return self.slots.model_of(worker)
 
     def health_changed(self, worker: int | None = None) -> None:
-        """Serve's health checks replace dead replicas; nothing local to re-count."""
+        self.slots.health_changed(worker)
+
+    @property
+    def running(self) -> dict[int, list[Job]]:
+        return self.slots.running
+
+    def jobs_running(self) -> dict[str, int]:
+        """Jobs per model in batches sent to replicas and not yet answered."""
+        out = {m: 0 for m in self.pools}
+        for slot, batch in list(self.slots.running.items()):
+            model = self.slots.model_of(slot)
+            if model is not None:
+                out[model] += len(batch)
+        return out
 
     def start(self) -> None:
-        """Replicas are started by Serve (deploy, then :meth:`assign`); this watches them."""
+        """The worker slots start; replicas are started by Serve (deploy, then :meth:`assign`) and watched."""
+        self.slots.start()
         if self.scale and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop(), name="watch-replicas")
         elif not self.scale and self.on_refresh is not None:
@@ -136,6 +230,7 @@ class ReplicaPlacement:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
+        await self.slots.stop()
         await asyncio.gather(*self._scaling, return_exceptions=True)
 
     async def _watch_loop(self) -> None:
@@ -152,14 +247,20 @@ class ReplicaPlacement:
         ``on_capacity`` (the runtime re-plans for the workers that remain)."""
         by_deployment = await scaler.replicas_async(self.app_name)
         per_node: dict[str, dict[str, int]] = {}
-        for model, pool in self.pools.items():
-            running = [r for r in by_deployment.get(self.deployments[model], []) if r.state == "RUNNING"]
-            for r in running:
+        running: dict[str, int] = {}
+        for model in self.pools:
+            replicas = [r for r in by_deployment.get(self.deployments[model], []) if r.state == "RUNNING"]
+            running[model] = len(replicas)
+            for r in replicas:
                 node = per_node.setdefault(r.node_id or "?", {})
                 self.node_ips[r.node_id or "?"] = r.node_ip or "?"
                 node[model] = node.get(model, 0) + 1
-            pool.down = max(0, pool.workers - len(running))
-            self.metrics.workers_down.labels(model).set(pool.down)
+        before = [self.backend.serving(w) for w in range(self.slots.n)]
+        self.backend.running = running
+        self.slots.health_changed()  # each pool's workers and down, and their metrics
+        for w in range(self.slots.n):
+            if self.backend.serving(w) != before[w]:
+                self.slots.health_changed(w)  # wakes a slot whose replica came (or went)
         for node, models in self.per_node.items():  # series of nodes that left go to 0, not stale
             for model in models:
                 self.replicas_gauge.labels(model, node).set(0)
@@ -175,8 +276,8 @@ class ReplicaPlacement:
             total = await asyncio.to_thread(ray.cluster_resources)
             slots = int(total.get(self.worker_resource, 0))
             self.slots_gauge.set(slots)
-            if slots != self.slots:
-                first, self.slots = self.slots is None, slots
+            if slots != self.cluster_slots:
+                first, self.cluster_slots = self.cluster_slots is None, slots
                 if not first and self.on_capacity is not None:
                     self.on_capacity(slots)
 
@@ -200,15 +301,15 @@ class ReplicaPlacement:
 
 
 class RayRuntime(Runtime):
-    """The embedded :class:`Runtime`, composed with remote pools and replica placement.
+    """The embedded :class:`Runtime`, with its batches run on Ray Serve replicas.
 
     ``runtime`` are :class:`Runtime`'s own keywords (profile, cascade, plan, clock, policy, settings,
-    solver, solver_options), passed through; its pool and placement factories are this engine's."""
+    solver, solver_options), passed through. The pools are the embedded ones (the default pool
+    factory); the placement factory is this engine's."""
 
     def __init__(
         self,
-        catalogue: CatalogueBackend,
-        handles: dict[str, Any],
+        backend: RayBackend,
         deployments: dict[str, str],
         *,
         app_name: str,
@@ -217,30 +318,21 @@ class RayRuntime(Runtime):
         **runtime: Any,
     ) -> None:
         self.app_name = app_name
-        self.catalogue = catalogue
+        self.catalogue = backend
         self.deployments = deployments
-        self.remote_pools: dict[str, RemotePool] = {}
         self._replans: set[asyncio.Task] = set()
         self.placement: ReplicaPlacement | None = None
 
-        def remote_pool(model: str, s: PoolSettings) -> ServingPool:
-            pool = RemotePool(
-                model, handles[model], clock=s.clock, latency_ms=s.latency_ms, max_queue=s.max_queue,
-                max_batch_wait_ms=s.max_batch_wait_ms, queue_full_error=s.queue_full_error,
-                on_crash=lambda m: self.metrics.worker_crashes.labels(m).inc(),
-            )
-            self.remote_pools[model] = pool
-            return pool
-
-        def replicas(backend: Backend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics) -> WorkerPlacement:
+        def replicas(_backend: Backend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics) -> WorkerPlacement:
             self.placement = ReplicaPlacement(
-                pools, metrics, app_name=app_name, deployments=deployments, scale=scale, worker_resource=worker_resource,
-                poll_s=min(1.0, clock.to_wall_s(self.settings.controller.interval_ms) / 4), on_capacity=self._capacity_changed,
-                on_refresh=lambda up: setattr(catalogue, "replicas_up", catalogue.replicas_up or up),
+                backend, pools, clock, metrics, app_name=app_name, deployments=deployments, scale=scale,
+                worker_resource=worker_resource, poll_s=min(1.0, clock.to_wall_s(self.settings.controller.interval_ms) / 4),
+                on_capacity=self._capacity_changed,
+                on_refresh=lambda up: setattr(backend, "replicas_up", backend.replicas_up or up),
             )
             return self.placement
 
-        super().__init__(catalogue, **runtime, pool_factory=remote_pool, placement_factory=replicas)
+        super().__init__(backend, **runtime, placement_factory=replicas)
 
     def _capacity_changed(self, slots: int) -> None:
         """A node left or joined: re-plan now for the slots there are (not at the next interval),
@@ -250,7 +342,11 @@ class RayRuntime(Runtime):
         if slots < 1:
             log.warning("the cluster has no %s left; every request is refused until a node joins", self.placement and self.placement.worker_resource)
             return
-        self.controller.workers = slots
+        usable = min(slots, self.placement.slots.n) if self.placement else slots
+        if usable < slots:
+            log.warning("the cluster offers %d worker slots; this ingress was started with %d and uses those "
+                        "(restart diffserve serve to use more)", slots, usable)
+        self.controller.workers = usable
         reason = f"re-plan: the cluster has {slots} worker slots (was {before})"
         task = asyncio.get_running_loop().create_task(self.controller.step(forced=reason), name="replan-capacity")
         self._replans.add(task)
@@ -264,10 +360,12 @@ class RayRuntime(Runtime):
         return {
             "replica_targets": self.replica_targets,
             "replicas_per_node": dict(self.placement.per_node) if self.placement else {},
-            "worker_slots": self.placement.slots if self.placement else None,
+            "worker_slots": self.placement.cluster_slots if self.placement else None,
             "node_ips": dict(self.placement.node_ips) if self.placement else {},
-            "retries": {m: p.retries for m, p in self.remote_pools.items()},
+            "retries": dict(self.catalogue.retries),
             "ledger": self.ledger.view(),
             "threshold": self.plan.threshold,
             "batch_size": {m: p.batch_size for m, p in self.pools.items()},
+            "queued": {m: len(p) for m, p in self.pools.items()},
+            "running": self.placement.jobs_running() if self.placement else {},
         }

@@ -39,8 +39,7 @@ def estimate_wait_ms(
     latency_ms: Callable[[int], float], *, queued: int, extra: int, workers: int, batch_size: int, all_busy: bool
 ) -> float:
     """Model time until ``extra`` more jobs behind ``queued`` would finish on ``workers``: after the
-    running batches when every worker is busy, then the queue drained in rounds of batches.
-    The one estimate both the in-process pool and the Ray engine's remote pool use."""
+    running batches when every worker is busy, then the queue drained in rounds of batches."""
     workers = max(workers, 1)
     ahead = queued + extra
     rounds = -(-ahead // (batch_size * workers))

@@ -1,9 +1,10 @@
 """The seam between the serving core and where models run: what a pool is, and who gives it workers.
 
 :class:`diffserve.server.runtime.Runtime` routes, plans and keeps the ledger; it does not care
-whether a model's queue lives in this process (:class:`diffserve.server.pool.Pool`, fed by the
-worker slots of :class:`diffserve.server.workers.WorkerSet`) or in replicas on other machines
-(:class:`diffserve.ray_engine.remote_pool.RemotePool`, sized by Ray Serve). Both sides meet here:
+who runs the batches: worker slots of this process (:class:`diffserve.server.workers.WorkerSet`
+on a local backend) or replicas on other machines (the Ray engine's
+:class:`diffserve.ray_engine.runtime.ReplicaPlacement`, whose slots send each batch to Ray Serve).
+Both sides meet here:
 
 - :class:`ServingPool` is everything the router, the runtime, the HTTP door and ``/metrics``
   read or call on a pool. Whoever changes :class:`~diffserve.server.pool.Pool` sees in this one

@@ -169,8 +169,8 @@ class Router:
                 )
             if pool.workers - pool.down <= 0:
                 raise Unavailable(f"no {model} worker is up now (restarting)", retry_after_s=pool.retry_after_s(), reason="worker_down")
-            # an EDF pool is asked about the work due before this request (pools without classes,
-            # and the Ray engine's remote pools, are asked as before)
+            # an EDF pool is asked about the work due before this request (pools without classes
+            # are asked as before)
             per_class = () if due is None else (due,)
             if pool.free < n:
                 raise pool.queue_full_error(

@@ -212,7 +212,7 @@ class Runtime:
         relaxed = max((c.heavy_batch_size or 0 for c in (plan.classes or {}).values()), default=0)
         for model, pool in self.pools.items():
             if getattr(pool, "order", None) is None:
-                continue  # a pool without a queue order of its own (the Ray engine's remote pools)
+                continue  # a ServingPool with no queue order of its own (the protocol does not promise one)
             on = pool.order == "edf" and model == plan.heavy and reserve > 0
             pool.reserve_workers = reserve if on else 0
             pool.urgent_ms = self.classes.tightest_ms if on else float("inf")
