@@ -86,6 +86,9 @@ class Ingress:
                 raise Unauthorized("this endpoint needs the admin token: Authorization: Bearer <token>")
             return {"ingress_pid": self.pid, "ingress_node_id": self.node_id, "ingress_node_ip": self.node_ip, **self.runtime.ray_stats()}
 
+        from diffserve.server.launch import freeze_startup_heap
+
+        freeze_startup_heap()  # as the embedded server does: no full collection walks the startup heap mid-refusal
         return app
 
 
