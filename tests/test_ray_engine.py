@@ -87,6 +87,20 @@ def test_request_end_to_end(engine):
     assert bad.status_code in (400, 422) and bad.json()["error"]["param"] in ("n", None)
 
 
+def test_the_replica_makes_the_requested_format_at_the_real_size(engine):
+    """The pool replica encodes the JPEG (emulated stand-in pixels, 512x512); the ingress only passes it on."""
+    import io
+
+    from PIL import Image
+
+    deployed, client = engine
+    r = generate(client, seed=5, size="512x512", output_format="jpeg", output_compression=80)
+    assert r.status_code == 200, r.text
+    assert r.json()["output_format"] == "jpeg"
+    img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert (img.format, img.size) == ("JPEG", (512, 512))
+
+
 def test_streaming_through_the_ray_proxy_sends_the_light_image_first(engine):
     """Progressive delivery through Serve's proxy: partial (light) image, then the final one."""
     import json
