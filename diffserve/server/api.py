@@ -60,7 +60,7 @@ class ApiSettings:
     admin_token: str | None = None
     image_ttl_s: float = 600.0
     #: the base of ``url`` responses (``--public-url``); never taken from the request's Host header.
-    #: Without it a ``url`` is the server-relative path ``/v1/images/<id>.png``.
+    #: Without it a ``url`` is the server-relative path ``/v1/images/<id>.<output_format>``.
     public_url: str | None = None
     max_json_depth: int = 32
     #: bounds on ``POST /v1/images/edits`` uploads (body, per image, images, pixels)
