@@ -101,6 +101,24 @@ def test_the_replica_makes_the_requested_format_at_the_real_size(engine):
     assert (img.format, img.size) == ("JPEG", (512, 512))
 
 
+def test_an_edit_runs_on_the_replicas_as_an_edit(engine):
+    """POST /v1/images/edits through Serve's proxy and the Ray ingress: answered by the light
+    replica (the engine refused edits while its calls carried no input image)."""
+    import io
+
+    from PIL import Image
+
+    deployed, client = engine
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    r = client.post("/v1/images/edits", files={"image": ("a.png", buf.getvalue(), "image/png")},
+                    data={"prompt": "make it blue", "quality": "fast", "strength": "0.5", "seed": "7"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["data"][0]["diffserve"]
+    assert meta["model"] == "sd-turbo"
+    assert base64.b64decode(r.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+
+
 def test_streaming_through_the_ray_proxy_sends_the_light_image_first(engine):
     """Progressive delivery through Serve's proxy: partial (light) image, then the final one."""
     import json

@@ -256,17 +256,17 @@ async def test_streamed_edit_sends_the_light_edit_then_the_final_one() -> None:
     await rt.stop()
 
 
-async def test_the_ray_engine_refuses_an_edit_rather_than_serving_it_as_a_generation() -> None:
-    from diffserve.ray_engine.remote_pool import RemotePool
-    from diffserve.server.clock import Clock
-    from diffserve.server.errors import InvalidRequest
+async def test_the_ray_engine_sends_an_edit_to_its_replica_as_an_edit() -> None:
+    """A batch crosses to a Ray replica as plain values; an edit's image, strength and mask must
+    cross with it (else the replica would serve it as a generation) and come back the same."""
+    from diffserve.ray_engine.pool import batch_items
     from diffserve.server.stage import EditInput
 
-    pool = RemotePool("light", handle=None, clock=Clock(1000.0), latency_ms=lambda bs: 100.0)
-    job = Job("p", 0, (512, 512), 1e9, 0.0, edit=EditInput(png(), 0.5))
-    with pytest.raises(InvalidRequest, match="not served by the Ray engine"):
-        pool.submit(job)
-    assert len(pool) == 0
+    edit = EditInput(png(), 0.5, mask=png())
+    [item] = batch_items([Job("p", 0, (512, 512), 1e9, 0.0, edit=edit)])
+    assert EditInput(**item["edit"]) == edit
+    [plain] = batch_items([Job("p", 0, (512, 512), 1e9, 0.0)])
+    assert "edit" not in plain
 
 
 async def test_a_deferred_edit_that_cannot_make_its_deadline_comes_back_degraded() -> None:
