@@ -15,7 +15,10 @@ Scenarios, in one run:
    client's timeout). ``replan_after_loss_s`` is the wall time from the removal to the
    controller's capacity re-plan. The node then joins again.
 2. ``throughput``: a light-only plan pinned on every slot, offered 1.5x its capacity, through the
-   embedded server (same machine, same plan, same workers) and through the cluster.
+   embedded server (same machine, same plan, same workers) and through the cluster. Then, on the
+   same plan at 0.8x its capacity, the ingress's CPU ms per answered real-size image (512x512,
+   made by the workers) for PNG and JPEG output (``bench/ingress_cpu.py``'s measurement): the
+   server process for the embedded server; Serve's HTTP proxy plus the ingress replica for Ray.
 3. ``overload``: the same pinned plan offered ``--overload`` x its capacity: refusal latency and
    the admitted requests' latency against SLO + one batch.
 4. ``overload_small``: the same, with a plan of one light worker at batch 1 pinned: the same
@@ -56,6 +59,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ingress_cpu import idle_cpu_per_s, measure_ingress_cpu, warm_up  # noqa: E402
 from ray_overhead import throughput  # noqa: E402
 from server_overhead import start_server, stop_server, write_plan  # noqa: E402
 
@@ -70,12 +74,6 @@ HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def proxy_pids() -> list[int]:
     """Serve's HTTP proxies on this machine (``ray::ProxyActor``): the other half of the Ray ingress."""
     pids = []
@@ -87,16 +85,6 @@ def proxy_pids() -> list[int]:
             except OSError:
                 continue
     return pids
-
-
-def cpu_of(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            total += cpu_s(pid)
-        except OSError:  # gone
-            continue
-    return total
 
 
 class LocalCluster:
@@ -230,6 +218,8 @@ class NetnsCluster:
 
 
 HEADERS: dict[str, str] = {}  # the admin token, where the ingress has one
+#: the ingress CPU is measured at this share of the pinned plan's capacity (every request answered)
+INGRESS_LOAD = 0.8
 
 
 def plan_view(base: str) -> dict:
@@ -364,16 +354,27 @@ def pin_plan(base: str, plan_path: Path, ray: bool = False) -> None:
     time.sleep(2.0)
 
 
-def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, pid: int | None,
-                ray: bool = False) -> tuple[list[dict], float]:
-    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns records and the CPU seconds
-    each process of the ingress used meanwhile (``pid``; on Ray also Serve's proxies), by pid."""
+def pinned_load(base: str, plan_path: Path, qps: float, duration: float, speedup: float, seed: int, ray: bool = False) -> list[dict]:
+    """Pin ``plan_path``, offer ``qps`` (wall) for ``duration``; returns the client records."""
     pin_plan(base, plan_path, ray)
-    pids = [pid, *(proxy_pids() if ray else [])] if pid else []
-    c0 = {p: cpu_of([p]) for p in pids}
-    recs = asyncio.run(records_with_errors(base, qps, duration, speedup, seed))
-    used = {p: cpu_of([p]) - c0[p] for p in pids}
-    return recs, used
+    return asyncio.run(records_with_errors(base, qps, duration, speedup, seed))
+
+
+INGRESS_FORMATS = ("png", "jpeg")
+
+
+def ingress_cpu(base: str, pids: list[int], qps: float, duration: float) -> dict:
+    """CPU ms per answered real-size image of the ingress processes ``pids``, per output format, at
+    ``qps`` (below the pinned plan's capacity, so that every request is answered): the total and
+    the marginal (minus the processes' idle baseline over the same wall time)."""
+    warm_up(base, INGRESS_FORMATS, "512x512")
+    idle = idle_cpu_per_s(pids, 5.0)
+    out: dict = {"idle_cpu_per_s": idle, "offered_qps": qps}
+    for fmt in INGRESS_FORMATS:
+        m = measure_ingress_cpu(base, pids, output_format=fmt, qps=qps, duration_s=duration, idle_per_s=idle, headers=HEADERS)
+        out[fmt] = {k: m[k] for k in ("cpu_ms_per_image", "marginal_cpu_ms_per_image", "answered", "statuses",
+                                      "response_bytes_mean", "image_bytes_mean")}
+    return out
 
 
 def small_plan(path: Path) -> dict:
@@ -447,9 +448,9 @@ def main() -> None:
         # the embedded server first, alone on the machine (on loopback)
         proc, base = start_server(sat_path, workers_total, args.speedup)
         try:
-            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, proc.pid)
+            recs = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed)
             embedded = throughput(recs, args.sat_duration, cap)
-            embedded["ingress_cpu_ms_per_image"] = 1000 * cpu[proc.pid] / max(1, sum(r["status"] == 200 for r in recs))
+            embedded_cpu = ingress_cpu(base, [proc.pid], cap * INGRESS_LOAD, args.sat_duration)
             embedded_overload = refusal_stats(asyncio.run(records_with_errors(
                 base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
             embedded_small = overload_small(base, small_path, small_info, args)
@@ -470,11 +471,9 @@ def main() -> None:
             wait_for(lambda: replicas_total(base) == workers_total, "every replica running after the rejoin")
             pid = ray_view(base)["ingress_pid"]
             # network namespaces share one PID namespace: the ingress's /proc entry reads from here
-            recs, cpu = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, pid, ray=True)
+            recs = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, ray=True)
             ray_sat = throughput(recs, args.sat_duration, cap)
-            images = max(1, sum(r["status"] == 200 for r in recs))
-            ray_sat["ingress_cpu_ms_per_image"] = 1000 * cpu[pid] / images
-            ray_sat["proxy_cpu_ms_per_image"] = 1000 * sum(v for p, v in cpu.items() if p != pid) / images
+            ray_cpu = ingress_cpu(base, [pid, *proxy_pids()], cap * INGRESS_LOAD, args.sat_duration)
             ray_overload = refusal_stats(asyncio.run(records_with_errors(
                 base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
             ray_small = overload_small(base, small_path, small_info, args, ray=True)
@@ -487,9 +486,14 @@ def main() -> None:
                                     "replicas_per_node_before", "replicas_per_node_after", "replan_after_loss_s")},
         "throughput_rps": ray_sat["achieved_qps"], "embedded_throughput_rps": embedded["achieved_qps"],
         "throughput_ratio": ray_sat["achieved_qps"] / max(embedded["achieved_qps"], 1e-9),
-        "ingress_cpu_ms_per_image": {"embedded": embedded["ingress_cpu_ms_per_image"], "ray": ray_sat["ingress_cpu_ms_per_image"],
-                                     "ray_proxy": ray_sat["proxy_cpu_ms_per_image"],
-                                     "payload": "the emulated backend's small PNG, not a real-size image"},
+        "ingress_cpu_ms_per_image": {
+            "embedded": {f: embedded_cpu[f]["cpu_ms_per_image"] for f in INGRESS_FORMATS},
+            "ray": {f: ray_cpu[f]["cpu_ms_per_image"] for f in INGRESS_FORMATS},
+            "processes": {"embedded": "the server process (HTTP, router, batcher, emulated workers)",
+                          "ray": "Serve's HTTP proxy + the ingress replica (HTTP, router, batcher); the replicas run the models"},
+            "payload": "emulated stand-in pixels at the real size, 512x512, encoded by the worker",
+            "details": {"embedded": embedded_cpu, "ray": ray_cpu},
+        },
         "overload": {"factor": args.overload, "embedded": embedded_overload, "ray": ray_overload},
         "overload_small": {"factor": args.overload, "plan": small_info, "embedded": embedded_small, "ray": ray_small},
         "loss": loss, "startup_s": startup, "settings": vars(args), "plan": sat_info, "machine": {"cpus": os.cpu_count()},
@@ -504,6 +508,8 @@ def main() -> None:
     print(f"{args.hosts:<6} {results['sent']:>5} {results['answered']:>5} {results['refused']:>7} {results['failed_5xx']:>4} "
           f"{results['duplicates']:>4} {results['unanswered']:>4} {results['replan_after_loss_s']:>8.1f} "
           f"{results['throughput_rps']:>8.1f} {results['embedded_throughput_rps']:>8.1f} {results['throughput_ratio']:>6.0%}")
+    cpu = results["ingress_cpu_ms_per_image"]
+    print("ingress CPU ms per image: " + ", ".join(f"{e} {f} {cpu[e][f]:.1f}" for e in ("embedded", "ray") for f in INGRESS_FORMATS))
     for scenario, name, o in (("overload", "embedded", embedded_overload), ("overload", "ray", ray_overload),
                               ("overload_small", "embedded", embedded_small), ("overload_small", "ray", ray_small)):
         print(f"{scenario} {args.overload:g}x, {name}: refusals p99 {_ms(o['refused_ms_p99'])}, admitted p99 "
