@@ -371,3 +371,29 @@ async def test_the_ray_ingress_sheds_past_the_plan_with_json_503_before_any_mode
     assert sum(r.status_code == 200 for r in answers) == admitted  # every admitted one answered
     assert sum(len(c) for c in handles[pair.light].calls) == admitted  # the shed ones never sent
     assert ingress.runtime.ledger.requests_shed == len(shed)  # counted as demand the controller sees
+
+
+async def test_after_a_node_loss_a_pool_serves_from_any_slot_and_lost_slots_count_as_down(monkeypatch):
+    """Serve places replicas anywhere: after the cluster shrinks from 8 to 2 slots and the plan
+    keeps one worker per pool, the heavy pool's slot serves though its index is past 2, and
+    /readyz counts the 6 slots the cluster lost as down."""
+    from diffserve.planner import solve_plan
+
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=2.0, slo_ms=5000, workers=8)
+    runtime, _, _ = _ray_runtime(monkeypatch, plan, [])
+    await runtime.start()
+    await asyncio.gather(*runtime.placement._scaling)
+    runtime.placement.assign({plan.light: 8, plan.heavy: 0})
+    runtime.placement.assign({plan.light: 7, plan.heavy: 1})  # slots stay where they are: heavy gets the last
+    await asyncio.gather(*runtime.placement._scaling)
+    await runtime.placement.refresh()
+    assert runtime.placement.model_of(7) == plan.heavy and runtime.workers_down() == 0
+    runtime.catalogue.set_capacity(2)
+    runtime.placement.assign({plan.light: 1, plan.heavy: 1})
+    await asyncio.gather(*runtime.placement._scaling)
+    await runtime.placement.refresh()
+    heavy = runtime.pools[plan.heavy]
+    assert (heavy.workers, heavy.serving_workers) == (1, 1)
+    assert runtime.workers_down() == 6
+    await runtime.stop()

@@ -122,20 +122,23 @@ class RayBackend(EmulatedBackend):
         return self.replicas_up
 
     def serving(self, worker: int) -> bool:
-        """A slot serves while the cluster still has it and its model runs a replica for it: the
-        k-th slot of a model needs k running replicas."""
-        if self.live_workers is not None and worker >= self.live_workers:
-            return False
+        """A slot with a model serves while that model runs a replica for it (the k-th slot of a
+        model needs k running replicas), wherever Serve placed them. An idle slot counts as up
+        while the cluster still offers it: the slots in use plus the idle ones before it fit in
+        ``live_workers`` (so ``/readyz`` reports the slots lost with a node as down)."""
         model = self.slot_model(worker)
-        if model is None:
+        if model is not None:
+            rank = sum(1 for w in range(worker) if self.slot_model(w) == model)
+            return rank < self.running.get(model, 0)
+        if self.live_workers is None:
             return True
-        rank = sum(1 for w in range(worker) if self.slot_model(w) == model)
-        return rank < self.running.get(model, 0)
+        in_use = sum(1 for w in range(self.n_workers) if self.slot_model(w) is not None)
+        idle_before = sum(1 for w in range(worker) if self.slot_model(w) is None)
+        return in_use + idle_before < self.live_workers
 
     def set_capacity(self, slots: int) -> None:
-        """The cluster now offers ``slots`` workers: ``n_workers`` keeps the most it ever had, so
-        ``/readyz``'s ``workers_down`` counts the slots lost with a node."""
-        self.n_workers = max(self.n_workers, slots)
+        """The cluster now offers ``slots`` workers. ``n_workers`` (the worker slots the ingress
+        started with) stays, so ``/readyz``'s ``workers_down`` counts the slots lost with a node."""
         self.live_workers = slots
 
 
