@@ -389,7 +389,7 @@ async def test_after_a_node_loss_a_pool_serves_from_any_slot_and_lost_slots_coun
     await asyncio.gather(*runtime.placement._scaling)
     await runtime.placement.refresh()
     assert runtime.placement.model_of(7) == plan.heavy and runtime.workers_down() == 0
-    runtime.catalogue.set_capacity(2)
+    runtime.ray_backend.set_capacity(2)
     runtime.placement.assign({plan.light: 1, plan.heavy: 1})
     await asyncio.gather(*runtime.placement._scaling)
     await runtime.placement.refresh()

@@ -2,9 +2,9 @@
 
 Resources per replica come from :class:`RayOptions` (``num_gpus``, fractional ``num_cpus``);
 initial replica counts from the plan. A pool replica takes one request at a time: a whole batch,
-formed in the ingress (``max_ongoing_requests=1``, so Serve routes each batch to a free worker). Built-in autoscaling stays off: the
-application is deployed with ``external_scaler_enabled=True`` and the diffserve controller owns
-the counts.
+formed in the ingress (``max_ongoing_requests=1``, so Serve routes each batch to a free worker).
+Built-in autoscaling stays off: the application is deployed with ``external_scaler_enabled=True``
+and the diffserve controller owns the counts.
 """
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ class RayRuntime(Runtime):
         **runtime: Any,
     ) -> None:
         self.app_name = app_name
-        self.catalogue = backend
+        self.ray_backend = backend
         self.deployments = deployments
         self._replans: set[asyncio.Task] = set()
         self.placement: ReplicaPlacement | None = None
@@ -341,7 +341,7 @@ class RayRuntime(Runtime):
         """A node left or joined: re-plan now for the slots there are (not at the next interval),
         even where hysteresis would keep the running plan, which may no longer fit."""
         before = self.controller.workers
-        self.catalogue.set_capacity(slots)
+        self.ray_backend.set_capacity(slots)
         if slots < 1:
             log.warning("the cluster has no %s left; every request is refused until a node joins", self.placement and self.placement.worker_resource)
             return
@@ -365,7 +365,7 @@ class RayRuntime(Runtime):
             "replicas_per_node": dict(self.placement.per_node) if self.placement else {},
             "worker_slots": self.placement.cluster_slots if self.placement else None,
             "node_ips": dict(self.placement.node_ips) if self.placement else {},
-            "retries": dict(self.catalogue.retries),
+            "retries": dict(self.ray_backend.retries),
             "ledger": self.ledger.view(),
             "threshold": self.plan.threshold,
             "batch_size": {m: p.batch_size for m, p in self.pools.items()},
