@@ -1,12 +1,12 @@
-"""Write the README's benchmark tables (and docs/benchmarks.md's) from the committed runs in bench/results/.
+"""Write the README's benchmark tables (and docs/benchmarks.md's, docs/ray.md's) from the committed runs in bench/results/.
 
-Each table sits in README.md or docs/benchmarks.md between ``<!-- readme-table NAME -->`` and
+Each table sits in README.md, docs/benchmarks.md or docs/ray.md between ``<!-- readme-table NAME -->`` and
 ``<!-- /readme-table NAME -->``; everything between the two markers is this script's output, so
 a figure in those tables always comes from a committed ``results.json`` (written by the
 ``bench compare`` command printed above each table). Verdicts and break-even penalties are
 recomputed from each file's per-seed rows (:mod:`diffserve.evaluation.verdicts`).
 
-    python bench/readme_tables.py            # rewrite README.md and docs/benchmarks.md in place
+    python bench/readme_tables.py            # rewrite README.md, docs/benchmarks.md and docs/ray.md in place
     python bench/readme_tables.py --check    # exit 1 if either differs from what the files give
 
 tests/test_readme_tables.py runs the check.
@@ -333,6 +333,36 @@ def ingress_cpu_table(root: Path = RESULTS) -> str:
     return markdown(json.loads((root / "ingress_cpu.json").read_text()))
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms"
+
+
+def ray_cluster_table(root: Path = RESULTS) -> str:
+    """One row per committed ``bench/ray_cluster.py`` run (``ray_cluster_*.json``): the node loss,
+    throughput against the embedded server, ingress CPU per real-size image, and refusals at 10x."""
+    head = ("| run | workers (nodes) | loss: sent / answered / 5xx / duplicates / unanswered | re-plan after loss | "
+            "throughput Ray / embedded | ingress CPU per image, PNG / JPEG: Ray (embedded) | "
+            "10x the plan on every slot: refusal p99 Ray (embedded) | 10x one worker: refusal p99 Ray (embedded) | "
+            "admitted p99 / SLO + one batch (Ray, one worker) |")
+    rows = [head, "| " + " | ".join(["---"] * 9) + " |"]
+    for path in sorted(root.glob("ray_cluster_*.json")):
+        d = json.loads(path.read_text())
+        cpu = d["ingress_cpu_ms_per_image"]
+        over, small = d["overload"], d["overload_small"]
+        rows.append(" | ".join([
+            f"| `{path.name}` ({d['hosts']}, speedup {d['settings']['speedup']:g})",
+            f"{d['workers']} ({d['nodes']})",
+            f"{d['sent']} / {d['answered']} / {d['failed_5xx']} / {d['duplicates']} / {d['unanswered']}",
+            f"{d['replan_after_loss_s']:.1f} s (interval {d['settings']['replan_interval']:g} s)",
+            f"{d['throughput_rps']:.1f} / {d['embedded_throughput_rps']:.1f} img/s ({d['throughput_ratio']:.0%})",
+            f"{cpu['ray']['png']:.0f} / {cpu['ray']['jpeg']:.0f} ms ({cpu['embedded']['png']:.1f} / {cpu['embedded']['jpeg']:.1f} ms)",
+            f"{_ms(over['ray']['refused_ms_p99'])} ({_ms(over['embedded']['refused_ms_p99'])})",
+            f"{_ms(small['ray']['refused_ms_p99'])} ({_ms(small['embedded']['refused_ms_p99'])})",
+            f"{small['ray']['admitted_ms_p99'] / 1000:.1f} s / {small['ray']['slo_plus_batch_ms'] / 1000:.1f} s |",
+        ]))
+    return "\n".join(rows)
+
+
 #: Every table this script writes: marker name -> renderer.
 TABLES: dict[str, Callable[[Path], str]] = {
     "three-traces": lambda root: policy_table(TRACES, root),
@@ -344,10 +374,13 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "class-mix": class_mix_table,
     "class-mix-disconnect": class_mix_disconnect_table,
     "ingress-cpu": ingress_cpu_table,
+    "ray-cluster": ray_cluster_table,
 }
 #: The documents that hold the tables, and which tables each holds.
-DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md")
-TABLES_OF = {"README.md": ("reference-agreement", "three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect", "ingress-cpu"), "benchmarks.md": ("sweep", "run-reports")}
+DOCUMENTS = (README, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "ray.md")
+TABLES_OF = {"README.md": ("reference-agreement", "three-traces", "sweep", "three-cascades", "door", "class-mix", "class-mix-disconnect",
+                           "ingress-cpu", "ray-cluster"),
+             "benchmarks.md": ("sweep", "run-reports"), "ray.md": ("ray-cluster",)}
 
 
 def render(text: str, document: str = "README.md", root: Path = RESULTS) -> str:
@@ -392,7 +425,7 @@ def main() -> int:
         if stale:
             print(f"{', '.join(stale)}: tables differ from bench/results/; run python bench/readme_tables.py", file=sys.stderr)
             return 1
-        print("README.md and docs/benchmarks.md tables match bench/results/")
+        print(f"{', '.join(p.name for p in DOCUMENTS)} tables match bench/results/")
         return 0
     print(f"rewrote {', '.join(stale) or 'nothing (all current)'}")
     return 0
