@@ -113,6 +113,18 @@ async def test_a_dead_replica_is_a_crashed_worker_and_counted():
     assert events == [(1, "crashed")] and backend.retries == {pair.light: 1, pair.heavy: 0}
 
 
+@pytest.mark.parametrize("lost", ["node", "object"])
+async def test_a_lost_node_or_lost_result_is_a_crashed_worker_too(lost):
+    """A node lost under a batch, or after the replica answered but before the ingress read the
+    images from that node's object store: the batch may run again elsewhere, as after a dead replica."""
+    from ray.exceptions import NodeDiedError, ObjectLostError
+
+    error = NodeDiedError("node gone") if lost == "node" else ObjectLostError("0" * 56, "owner", "call site")
+    backend, pair = ray_backend(FakeHandle(error=error))
+    with pytest.raises(WorkerCrashed):
+        await backend.predict(0, pair.light, [job()])
+
+
 async def test_a_model_error_is_the_replicas_own_error():
     backend, pair = ray_backend(FakeHandle(error=ValueError("bad batch")))
     with pytest.raises(ValueError, match="bad batch"):

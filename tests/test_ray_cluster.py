@@ -157,7 +157,7 @@ def test_a_node_lost_under_load_every_request_answered_once_replan_and_rejoin(cl
     assert errors == [], f"requests with no HTTP answer: {errors[:3]}"
     statuses = Counter(s for s, _ in results)
     assert statuses[200] > 0
-    assert set(statuses) <= {200, 429, 503, 504}, statuses  # no 500
+    assert set(statuses) <= {200, 429, 503, 504}, (statuses, [b for s, b in results if s not in (200, 429, 503, 504)][:3])  # no 500
     for status, body in results:
         if status != 200:
             assert body is not None and body["error"]["message"], (status, body)  # a clear JSON error
@@ -165,14 +165,16 @@ def test_a_node_lost_under_load_every_request_answered_once_replan_and_rejoin(cl
     after = client.get("/v1/plan").json()
     ledger = after["ledger"]
     completed = ledger["requests_completed"] - ledger_before["requests_completed"]
-    assert completed == statuses[200]
+    refusals = Counter((s, b["error"]["message"][:60]) for s, b in results if s != 200 and b)
+    assert completed == statuses[200], (statuses, ledger, ledger_before, refusals.most_common(5))
     assert ledger["requests_accepted"] - (ledger["requests_completed"] + ledger["requests_failed"] + ledger["requests_cancelled"]) == 0
     # the re-plan is for the 2 slots that remain, and every surviving node runs replicas
-    assert sum(replan["workers"].values()) == 2 and replan["applied"]
+    assert sum(replan["workers"].values()) == 2 and replan["applied"], (replan, after["decisions"][decisions_before:])
     survivors = worker_node_ids(workers) - {victim.node_id}
     wait_for(lambda: set(ray_status(client)["replicas_per_node"]) == survivors, f"replicas on the surviving node {survivors}")
-    ready = client.get("/readyz").json()
-    assert ready["workers_down"] == 2  # the slots lost with the node
+    # the slots lost with the node, once the re-plan's replicas run on the survivor (until then a
+    # planned worker whose replica is still starting counts as down too)
+    wait_for(lambda: client.get("/readyz").json()["workers_down"] == 2, "/readyz: the 2 slots lost with the node down")
     metrics = client.get("/metrics").text
     assert "diffserve_ray_worker_slots 2.0" in metrics
 

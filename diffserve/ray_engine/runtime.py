@@ -33,12 +33,15 @@ log = logging.getLogger("diffserve.ray_engine")
 
 
 def replica_died(exc: BaseException) -> bool:
-    """Errors meaning "the replica process went away", as opposed to the model raising."""
+    """Errors meaning "the replica, its process or its node went away", as opposed to the model
+    raising: the batch may run again elsewhere. A batch's images (0.5 MB each at 512x512) come
+    back through the object store of the replica's node, so a node lost after the replica
+    answered but before the ingress read them is an :class:`ObjectLostError`, not an actor error."""
     try:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+    return isinstance(exc, (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, LocalRayletDiedError))
 
 
 def as_embedded(exc: BaseException) -> BaseException:
