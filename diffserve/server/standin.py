@@ -23,9 +23,6 @@ from typing import Any
 from diffserve.schemas import ProfileFile
 from diffserve.server.imageformat import ImageFormat, encode_image
 
-#: Native resolution of the paper's reference models (their profiles state none).
-REFERENCE_RESOLUTION = {"sd-turbo": 512, "sdxs": 512, "sd-v1.5": 512, "sdxl-lightning": 1024, "sdxl": 1024}
-
 #: Encoded stand-ins kept at most (bytes): ~30 images of 1024x1024 PNG, ~120 of 512x512.
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -36,9 +33,12 @@ Key = tuple[str, tuple[int, int], ImageFormat]
 
 
 def native_resolution(profile: ProfileFile, model: str) -> int:
-    """A model's native square resolution: the profile's, else the reference model's, else 512."""
+    """A model's native square resolution: the profile's, else its architecture's (the paper's
+    reference models, whose profiles state none: ``diffserve/data/arch``), else 512."""
+    from diffserve.models.arch import ARCH_NAMES, arch_config
+
     res = profile.models[model].resolution if model in profile.models else None
-    return res or REFERENCE_RESOLUTION.get(model, 512)
+    return res or (arch_config(model)["resolution"] if model in ARCH_NAMES else 512)
 
 
 @functools.lru_cache(maxsize=4)
