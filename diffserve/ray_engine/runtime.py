@@ -72,9 +72,12 @@ class RayBackend(EmulatedBackend):
         super().__init__(profile, pair, n_workers, clock, sizes=sizes, hold_all=True)
         self.random_weights = random_weights
         self.handles: dict[str, Any] = dict(handles or {})
-        #: the worker slots' models and each model's running replicas: which slots can serve
-        self.slot_model: Callable[[int], str | None] = lambda worker: None
+        #: the worker slots' models (the placement's list) and each model's running replicas:
+        #: which slots can serve, worked out once per change (:meth:`serving` is asked per batch)
+        self.assignment: Callable[[], list[str | None]] = lambda: [None] * self.n_workers
         self.running: dict[str, int] = {}
+        self._serving: list[bool] = []
+        self._serving_of: tuple[object, dict[str, int], int | None] | None = None
         #: batches re-sent after their replica died, per model (``/v1/ray``)
         self.retries: dict[str, int] = {m: 0 for m in self.models}
 
@@ -97,11 +100,8 @@ class RayBackend(EmulatedBackend):
         if not call.done() and self.cancel_running:
             response.cancel()  # the replica withdraws the batch and stops after its current step
             call.cancel()
-            ran = self.clock.now_ms() - start
-            latency = self.run_ms(model, jobs)
-            step = latency / self._steps_run(model, jobs)
-            ran = min(latency, max(step, -(-ran // step) * step))
-            raise BatchCancelled(model, ran_ms=ran, saved_ms=max(0.0, latency - ran))
+            ran = self.stop_after_ms(model, jobs, self.clock.now_ms() - start)
+            raise BatchCancelled(model, ran_ms=ran, saved_ms=max(0.0, self.run_ms(model, jobs) - ran))
         try:
             out = await call
         except Exception as exc:  # noqa: BLE001 - mapped to what the worker slot handles
@@ -129,15 +129,26 @@ class RayBackend(EmulatedBackend):
         model needs k running replicas), wherever Serve placed them. An idle slot counts as up
         while the cluster still offers it: the slots in use plus the idle ones before it fit in
         ``live_workers`` (so ``/readyz`` reports the slots lost with a node as down)."""
-        model = self.slot_model(worker)
-        if model is not None:
-            rank = sum(1 for w in range(worker) if self.slot_model(w) == model)
-            return rank < self.running.get(model, 0)
-        if self.live_workers is None:
-            return True
-        in_use = sum(1 for w in range(self.n_workers) if self.slot_model(w) is not None)
-        idle_before = sum(1 for w in range(worker) if self.slot_model(w) is None)
-        return in_use + idle_before < self.live_workers
+        assignment = self.assignment()
+        key = self._serving_of
+        if key is None or key[0] is not assignment or key[1] is not self.running or key[2] != self.live_workers:
+            self._serving = self._serving_slots(assignment)
+            self._serving_of = (assignment, self.running, self.live_workers)
+        return worker < len(self._serving) and self._serving[worker]
+
+    def _serving_slots(self, assignment: list[str | None]) -> list[bool]:
+        in_use = sum(1 for m in assignment if m is not None)
+        ranks: dict[str, int] = {}
+        idle = 0
+        out = []
+        for model in assignment:
+            if model is not None:
+                out.append(ranks.get(model, 0) < self.running.get(model, 0))
+                ranks[model] = ranks.get(model, 0) + 1
+            else:
+                out.append(self.live_workers is None or in_use + idle < self.live_workers)
+                idle += 1
+        return out
 
     def set_capacity(self, slots: int) -> None:
         """The cluster now offers ``slots`` workers. ``n_workers`` (the worker slots the ingress
@@ -165,7 +176,7 @@ class ReplicaPlacement:
         self.backend = backend
         self.pools = pools
         self.slots = WorkerSet(backend, {m: p for m, p in pools.items() if isinstance(p, Pool)}, clock, metrics)
-        backend.slot_model = self.slots.model_of
+        backend.assignment = lambda: self.slots.assignment  # WorkerSet.assign replaces the list
         self.metrics = metrics
         self.app_name = app_name
         self.deployments = deployments

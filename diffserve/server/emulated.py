@@ -128,6 +128,13 @@ class EmulatedBackend(Backend):
             for kind, strength in edit_groups([j.edit for j in jobs])
         )
 
+    def stop_after_ms(self, model: str, jobs: list[Job], elapsed_ms: float) -> float:
+        """Model time a batch has run when it stops at the step boundary after ``elapsed_ms``
+        (at least one step, at most the whole batch): the step it is in always finishes."""
+        latency = self.run_ms(model, jobs)
+        step = latency / self._steps_run(model, jobs)
+        return min(latency, max(1, math.ceil(elapsed_ms / step - 1e-9)) * step)
+
     async def _denoise(self, model: str, latency_ms: float, jobs: list[Job]) -> None:
         """Run the batch's steps; once every job's future is done (gone), stop after the step in
         progress and raise :class:`BatchCancelled`. Uninterrupted, the timing is one sleep."""
@@ -135,11 +142,10 @@ class EmulatedBackend(Backend):
         _done, pending = await asyncio.wait({j.future for j in jobs}, timeout=self.clock.to_wall_s(latency_ms))
         if pending:
             return
-        step = latency_ms / self._steps_run(model, jobs)
         elapsed = self.clock.now_ms() - start
         if elapsed >= latency_ms:
             return
-        ran = min(latency_ms, max(1, math.ceil(elapsed / step - 1e-9)) * step)
+        ran = self.stop_after_ms(model, jobs, elapsed)
         if ran > elapsed:
             await self.clock.sleep_ms(ran - elapsed)
         raise BatchCancelled(model, ran_ms=ran, saved_ms=latency_ms - ran)
