@@ -338,7 +338,7 @@ if __name__ == "__main__":
     worker.start()
     child.close()
     assert parent.recv()[0] == "ready"
-    parent.send(("predict", "light", ["a"], [0], False))  # the worker answers in 1 s, to nobody
+    parent.send(("predict", "light", ["a"], [0], False, None, None))  # the worker answers in 1 s, to nobody
     print(worker.pid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # the server dies without a word
 """

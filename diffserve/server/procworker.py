@@ -226,8 +226,7 @@ def _serve(conn, spec: dict[str, Any]) -> None:
             continue
         if msg[0] == "cancel":
             continue  # it came after its batch ended
-        _, model, prompts, seeds, score, *rest = msg
-        edits, formats = (list(rest) + [None, None])[:2]
+        _, model, prompts, seeds, score, edits, formats = msg
         started = time.perf_counter()
         try:
             result = runner.predict(model, prompts, seeds, score, edits, formats, should_stop=_StopFlag(conn, pending))
