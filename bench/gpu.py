@@ -19,11 +19,14 @@ models, not their images. The run fits in 8 minutes on one H100/H200-class GPU: 
 value and each is skipped (and listed under ``skipped``) when the remaining budget cannot hold it.
 
 ``--dry-run`` runs the whole script on the CPU at 64 px with 1 step (batch 1-2 for SD-Turbo, 1 for
-SD v1.5; float32), with the ``eager`` compile backend (the compile path without code generation),
-k = 2 co-located workers and a 10 s server run on one worker; it checks the script, not the
-hardware, and the test suite runs it. It leaves out SDXL (13.9 GiB in float32 on a CPU; a profile
-would build it in each of its processes) and lists it under ``skipped``: tests/test_arch_sdxl.py runs
-one real 64 px step of SDXL and SDXL-Lightning on the CPU instead.
+SD v1.5; float32; no warm-up run, which at one step would repeat the measured run); it checks the
+script, not the hardware, and the test suite runs it. The items that check plumbing rather than a
+model take SDXS, the smallest architecture, in SD-Turbo's place: the compiled profile (batch 1, with
+the ``eager`` compile backend: the compile path without code generation), k = 2 co-located workers,
+and a 5 s server run on one worker of the paper's SDXS -> SD v1.5 cascade (``reference-sdxs``). It
+leaves out SDXL (13.9 GiB in float32 on a CPU; a profile would build it in each of its processes)
+and lists it under ``skipped``: tests/test_arch_sdxl.py runs one real 64 px step of SDXL and
+SDXL-Lightning on the CPU instead, as tests/test_arch.py does for SD-Turbo, SDXS and SD v1.5.
 
     python bench/gpu.py [--dry-run] [--out PATH] [--budget 450]
 """
@@ -106,9 +109,16 @@ class Setup:
         self.sdxl_ladder = "1" if dry_run else "1,2,4,8"
         self.colocate = "2" if dry_run else "1,2,4"
         self.repeats = 1 if dry_run else 3
-        self.serve_s = 10.0 if dry_run else 60.0
+        # a warm-up is a one-step run; at the dry run's one step it would repeat the measured run exactly
+        self.warmup = 0 if dry_run else 1
+        self.serve_s = 5.0 if dry_run else 60.0
         self.compile = "default"
         self.compile_backend = "eager" if dry_run else "inductor"
+        # the light model of the plumbing items (compile, co-location, serve): SD-Turbo on a GPU; the
+        # dry run, which checks the path and not the model, takes SDXS, the smallest architecture
+        # (a third of SD-Turbo's parameters, a tiny VAE), and serves the paper's SDXS -> SD v1.5 cascade
+        self.light = "sdxs" if dry_run else "sd-turbo"
+        self.cascade = "reference-sdxs" if dry_run else "reference"
 
     def variant(self, name: str, *, compiled: bool = False) -> dict[str, Any]:
         """The variant file entry of ``arch:name`` for this run (the real settings on a GPU)."""
@@ -148,6 +158,17 @@ def profile_rows(profile: ProfileFile, compiled: bool) -> list[dict[str, Any]]:
     return out
 
 
+def merge_colocated(eager_path: Path, coloc_path: Path, out: Path) -> Path:
+    """The server's profile: the eager ladders, each model with its co-located rows where it has
+    them, and a model profiled only co-located (the dry run's light model) as measured there."""
+    eager = read_model(eager_path, ProfileFile, what="profile")
+    extra = read_model(coloc_path, ProfileFile, what="profile").models
+    merged = {n: m.model_copy(update={"colocated": extra[n].colocated}) if n in extra else m for n, m in eager.models.items()}
+    merged.update({n: m for n, m in extra.items() if n not in merged})
+    atomic_write_text(out, yaml.safe_dump(eager.model_copy(update={"models": merged}).model_dump(mode="json"), sort_keys=False))
+    return out
+
+
 def paper_table() -> dict[str, list[dict[str, Any]]]:
     """The paper's A100 table (the reference profile, transcribed from the artifact)."""
     from diffserve.artifacts import load_profile
@@ -161,14 +182,14 @@ def paper_table() -> dict[str, list[dict[str, Any]]]:
 
 
 def serve_run(setup: Setup, profile_path: Path, work: Path, duration_s: float, log: Path, ready_s: float = 600.0) -> dict[str, Any]:
-    """Plan the arch cascade, serve it with the diffusers backend, drive it with the openai client."""
+    """Plan the arch cascade (``setup.cascade``), serve it with the diffusers backend, drive it with the openai client."""
     import openai
 
     from diffserve.evaluation.compare import ServerProcess
     from diffserve.ports import free_port
 
     plan_path = work / "plan.yaml"
-    plan_cmd = [*CLI, "plan", "--profile", str(profile_path), "--cascade", "reference", "--slo", "5s" if not setup.dry else "120s",
+    plan_cmd = [*CLI, "plan", "--profile", str(profile_path), "--cascade", setup.cascade, "--slo", "5s" if not setup.dry else "120s",
                 "--demand", "0.1", "--output", str(plan_path)]
     serve_extra: list[str]
     if setup.dry:
@@ -184,7 +205,7 @@ def serve_run(setup: Setup, profile_path: Path, work: Path, duration_s: float, l
     demand = max(0.05, round(0.7 * capacity, 3))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [*CLI, "serve", "--backend", "diffusers", "--profile", str(profile_path), "--cascade", "reference",
+    cmd = [*CLI, "serve", "--backend", "diffusers", "--profile", str(profile_path), "--cascade", setup.cascade,
            "--slo", "5s" if not setup.dry else "120s", "--demand", f"{demand:g}", *serve_extra,
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     latencies: list[float] = []
@@ -221,7 +242,7 @@ def serve_run(setup: Setup, profile_path: Path, work: Path, duration_s: float, l
         wall = time.monotonic() - start
     ok = len(latencies)
     return {
-        "label": ARCH_LABEL, "backend": "diffusers", "cascade": "reference (sd-turbo -> sd-v1.5 curves of the paper)",
+        "label": ARCH_LABEL, "backend": "diffusers", "cascade": f"{setup.cascade} ({setup.light} -> sd-v1.5 curves of the paper)",
         "workers": serve_extra[1], "demand_qps": demand, "plan_capacity_qps": capacity, "duration_s": round(wall, 1),
         "requests": i, "statuses": statuses, "images_per_s": round(ok / wall, 3),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1) if ok else None,
@@ -265,7 +286,7 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
             return None
         variants = _write_variants(work / f"{output.stem}-{'-'.join(names)}.yaml", [setup.variant(n, compiled=compiled) for n in names])
         cmd = [*CLI, "profile", "--models", str(variants), "--batch-sizes", ladder, "--repeats", str(setup.repeats),
-               "--warmup", "1", "--device", setup.device, "--output", str(output), "--resume", "--time-limit", "120s", "--edit-strength", "0", *threads, *extra]
+               "--warmup", str(setup.warmup), "--device", setup.device, "--output", str(output), "--resume", "--time-limit", "120s", "--edit-strength", "0", *threads, *extra]
         _run(cmd, budget.left(), log)
         return read_model(output, ProfileFile, what="profile")
 
@@ -274,8 +295,10 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
     compiled_ladder = "1" if dry_run else "1,8"
 
     def compiled(name: str, need_s: float) -> None:
-        if dry_run and name != "sd-turbo":
-            return
+        if dry_run:  # one compiled profile checks the path: the light model's, in SD-Turbo's place
+            if name != "sd-turbo":
+                return
+            name = setup.light
         p = profile(f"profile {name} torch.compile", [name], "1" if name == "sdxl" else compiled_ladder,
                     work / f"profile-{name}-compiled.yaml", need_s, compiled=True)
         if p is not None:
@@ -293,7 +316,7 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
 
     # co-located workers: the server's profile gets k = 1, 2 (4) rows
     coloc = work / "profile-colocated.yaml"
-    p = profile("co-located sd-turbo k=" + setup.colocate, ["sd-turbo"], "1", coloc, 60,
+    p = profile(f"co-located {setup.light} k={setup.colocate}", [setup.light], "1", coloc, 60,
                 extra=["--colocate", setup.colocate, "--colocate-batch-sizes", "1" if dry_run else "1,4"])
     if not dry_run:
         profile("co-located sd-v1.5 k=1,2", ["sd-v1.5"], "1", coloc, 60, extra=["--colocate", "1,2", "--colocate-batch-sizes", "1"])
@@ -303,12 +326,8 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
 
     # the server on the arch cascade
     serve_profile = eager_profile
-    if not dry_run and coloc.exists() and eager_profile.exists():  # eager ladders plus the co-located rows
-        eager = read_model(eager_profile, ProfileFile, what="profile")
-        extra = read_model(coloc, ProfileFile, what="profile").models
-        merged = {n: m.model_copy(update={"colocated": extra[n].colocated}) for n, m in eager.models.items() if n in extra}
-        serve_profile = work / "profile-serve.yaml"
-        atomic_write_text(serve_profile, yaml.safe_dump(eager.model_copy(update={"models": merged}).model_dump(mode="json"), sort_keys=False))
+    if coloc.exists() and eager_profile.exists():
+        serve_profile = merge_colocated(eager_profile, coloc, work / "profile-serve.yaml")
     if eager_profile.exists() and budget.allows("serve --backend diffusers", setup.serve_s + 60):
         try:
             ready_s = 1800.0 if dry_run else max(30.0, budget.left() - setup.serve_s - 10)
@@ -320,8 +339,10 @@ def run(dry_run: bool, out: Path, budget_s: float) -> dict[str, Any]:
     if dry_run:
         result["skipped"] = [{"item": "profile sdxl", "reason": "--dry-run: SDXL on a CPU needs 13.9 GiB in float32 per profiling "
                               "process; tests/test_arch_sdxl.py runs one real 64 px step of SDXL and SDXL-Lightning instead"},
-                             {"item": "profile sd-v1.5 / sdxl torch.compile", "reason": "--dry-run compiles sd-turbo only (same code path)"},
-                             {"item": "co-located sd-v1.5", "reason": "--dry-run serves one CPU worker, which needs no co-located rows"}]
+                             {"item": "profile sd-turbo / sd-v1.5 / sdxl torch.compile",
+                              "reason": "--dry-run compiles sdxs only (same code path, the smallest UNet to trace)"},
+                             {"item": "co-located sd-turbo / sd-v1.5", "reason": "--dry-run co-locates k = 2 sdxs workers (same "
+                              "code path, the smallest model) and serves one CPU worker, which needs no co-located rows"}]
     result.setdefault("skipped", [])
     result["skipped"] += budget.skipped
     result["elapsed_s"] = round(time.monotonic() - started, 1)

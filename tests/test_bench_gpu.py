@@ -25,8 +25,11 @@ def test_gpu_run_uses_the_real_settings_and_the_anchor_settings():
     assert sdxl["gpu"]["compile"] == "default" and sdxl["gpu"]["compile_backend"] == "inductor"
     assert turbo["gpu"]["sdpa"] and turbo["gpu"]["pinned_outputs"] and "compile" not in turbo["gpu"]
     assert gpu.small_ladder == "1,2,4,8,16,32" and gpu.sdxl_ladder == "1,2,4,8" and gpu.colocate == "1,2,4"
-    dry = bench.Setup(dry_run=True).variant("sd-turbo", compiled=True)
+    assert (gpu.light, gpu.cascade) == ("sd-turbo", "reference")  # the GPU run measures the paper's cascade
+    dry_setup = bench.Setup(dry_run=True)
+    dry = dry_setup.variant("sd-turbo", compiled=True)
     assert (dry["resolution"], dry["steps"], dry["gpu"]["compile_backend"]) == (64, 1, "eager")
+    assert (dry_setup.light, dry_setup.cascade) == ("sdxs", "reference-sdxs")
 
 
 def test_budget_skips_and_lists_what_does_not_fit():
@@ -35,6 +38,30 @@ def test_budget_skips_and_lists_what_does_not_fit():
     assert budget.allows("small", 5.0)
     assert not budget.allows("profile sdxl", 60.0)
     assert budget.skipped[0]["item"] == "profile sdxl" and "budget" in budget.skipped[0]["reason"]
+
+
+def _profile(path, models: dict[str, list]) -> None:
+    from diffserve.fileio import write_model
+    from diffserve.schemas import BatchProfile, ColocatedBatch, ModelProfile, ProfileFile
+
+    write_model(path, ProfileFile(device="cpu", models={
+        name: ModelProfile(name=name, source=f"arch:{name}", batches=[BatchProfile(batch_size=1, median_ms=100.0)],
+                           colocated=[ColocatedBatch(workers=k, batch_size=1, sharing="cpu", median_ms=150.0, throughput_ips=5.0)
+                                      for k in ks])
+        for name, ks in models.items()}))
+
+
+def test_server_profile_keeps_every_eager_model_and_adds_the_colocated_rows(tmp_path):
+    """A model without co-located rows (its co-location item skipped) stays in the server's
+    profile; a model profiled only co-located (the dry run's light model) joins it."""
+    from diffserve.fileio import read_model
+    from diffserve.schemas import ProfileFile
+
+    eager, coloc = tmp_path / "eager.yaml", tmp_path / "coloc.yaml"
+    _profile(eager, {"sd-turbo": [], "sd-v1.5": []})
+    _profile(coloc, {"sd-turbo": [1, 2], "sdxs": [2]})
+    merged = read_model(_bench().merge_colocated(eager, coloc, tmp_path / "serve.yaml"), ProfileFile, what="profile")
+    assert {n: [c.workers for c in m.colocated] for n, m in merged.models.items()} == {"sd-turbo": [1, 2], "sd-v1.5": [], "sdxs": [2]}
 
 
 @pytest.mark.slow
@@ -49,16 +76,18 @@ def test_dry_run_runs_the_whole_script_on_cpu(tmp_path):
         assert set(result["models"][name]) == {"unet_params", "text_encoder_params", "vae_params"}
     assert result["models"]["sdxl"]["unet_params"] == pytest.approx(2.567e9, rel=0.005)
     rows = {(r["model"], r["compile"]): r for r in result["profiles"]}
-    assert {("sd-turbo", "off"), ("sd-v1.5", "off"), ("sd-turbo", "on")} <= set(rows)
+    assert {("sd-turbo", "off"), ("sd-v1.5", "off"), ("sdxs", "on")} <= set(rows)
     eager = rows[("sd-turbo", "off")]
     assert [b["batch_size"] for b in eager["batches"]] == [1, 2]
     assert all(b["images_per_s"] > 0 and b["p99_ms"] >= b["p50_ms"] for b in eager["batches"])
     assert eager["label"] == "random weights, real architecture" and eager["resolution"] == 64
     assert eager["gpu_options"]["sdpa"] and eager["gpu_options"]["same_stream_decode"]
-    assert rows[("sd-turbo", "on")]["gpu_options"]["compile"] == "default"
-    assert [(c["model"], c["workers"], c["sharing"]) for c in result["colocated"]] == [("sd-turbo", 2, "cpu")]
+    assert rows[("sdxs", "on")]["gpu_options"]["compile"] == "default"
+    assert rows[("sdxs", "on")]["gpu_options"]["compile_backend"] == "eager"
+    assert [(c["model"], c["workers"], c["sharing"]) for c in result["colocated"]] == [("sdxs", 2, "cpu")]
     serve = result["serve"]
     assert "error" not in serve, serve
+    assert serve["cascade"].startswith("reference-sdxs (sdxs -> sd-v1.5")
     assert serve["statuses"].get("200", 0) >= 1 and serve["images_per_s"] > 0
     assert {a["model"] for a in result["anchors"]} == {"sd-turbo", "sd-v1.5", "sdxl"}
     assert result["paper_a100"]["sd-turbo"][0]["batch_size"] == 1
