@@ -26,6 +26,7 @@ def test_gpu_run_uses_the_real_settings_and_the_anchor_settings():
     assert turbo["gpu"]["sdpa"] and turbo["gpu"]["pinned_outputs"] and "compile" not in turbo["gpu"]
     assert gpu.small_ladder == "1,2,4,8,16,32" and gpu.sdxl_ladder == "1,2,4,8" and gpu.colocate == "1,2,4"
     assert (gpu.light, gpu.cascade) == ("sd-turbo", "reference")  # the GPU run measures the paper's cascade
+    assert (gpu.repeats, gpu.warmup, gpu.serve_s) == (3, 1, 60.0)
     dry_setup = bench.Setup(dry_run=True)
     dry = dry_setup.variant("sd-turbo", compiled=True)
     assert (dry["resolution"], dry["steps"], dry["gpu"]["compile_backend"]) == (64, 1, "eager")
