@@ -58,7 +58,7 @@ def build_application(
     max_ongoing, max_queued = ingress_limits(profile, models, options)
     ingress = serve.deployment(RayIngress).options(
         name=INGRESS,
-        num_replicas=1,
+        num_replicas=ray_options.ingress_replicas,
         ray_actor_options={"num_cpus": ray_options.ingress_num_cpus},
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
@@ -70,6 +70,7 @@ def build_application(
         sizes = [(r, r) for r in sorted({profile.model(m).resolution or 512 for m in models})]
     app = ingress.bind(
         bound, deployments, options, profile, cascade, plan, ray_options.app_name, admin_token, sizes, ray_options.worker_resource,
+        ray_options.ingress_replicas,
     )
     return app, deployments
 

@@ -105,6 +105,9 @@ def deploy(
         cascade_path=None if is_reference(options.cascade) else os.path.abspath(options.cascade),
         admin_token=admin_token,
     )
+    from diffserve.ray_engine.ingresses import kill_board
+
+    kill_board(ray_options.app_name)  # a board left by an earlier app of this name (its pinned plan) is not this app's
     handle = serve.run(app, name=ray_options.app_name, route_prefix="/", external_scaler_enabled=True)
     from diffserve.ray_engine.scaler import http_address
 
@@ -169,6 +172,9 @@ def run(
             pass
         log.info("stopping: deleting the application (the ingress drains in-flight images)")
         serve.delete(ray_options.app_name)
+        from diffserve.ray_engine.ingresses import kill_board
+
+        kill_board(ray_options.app_name)
         if owned:
             serve.shutdown()
         return 0
