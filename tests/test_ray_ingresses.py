@@ -15,6 +15,7 @@ import pytest
 from diffserve.artifacts import load_cascade, load_profile
 from diffserve.planner import solve_plan
 from diffserve.ray_engine.ingresses import IngressBoard, IngressShare, Report
+from diffserve.schemas import PlanFile
 
 
 def _shares(counts: dict[str, int], world: int) -> list[dict[str, int]]:
@@ -162,4 +163,27 @@ async def test_two_ingress_replicas_run_their_shares_of_one_plan_made_by_the_fir
         assert follower.cluster_plan == pinned
     finally:
         await follower.stop()
+        await leader.stop()
+
+
+@pytest.mark.anyio
+async def test_a_replica_started_in_place_of_another_starts_from_the_plan_in_force(monkeypatch):
+    """A leader restarted by Serve must not put the deploy-time plan back over a re-plan or a pin."""
+    from diffserve.ray_engine import runtime as rt
+
+    board = LocalBoard()
+    monkeypatch.setattr(rt.ingresses, "board", lambda app: board)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    initial = solve_plan(profile, cascade, demand_qps=2.0, slo_ms=5000, workers=8)
+    pinned = solve_plan(profile, cascade, demand_qps=4.0, slo_ms=5000, workers=8, policy="clipper-light")
+    board.board.publish(pinned.model_dump(mode="json"), True)
+    leader, _, _ = _ray_runtime(monkeypatch, initial, [], pair=cascade.recommended(), speedup=1.0,
+                                share=IngressShare(0, 2), replica_id="r0-again")
+    await leader.start()
+    try:
+        assert leader.cluster_plan == pinned and leader.controller.pinned
+        counts = {p.model: p.workers for p in pinned.pools}
+        assert leader.placement.slots.counts() == {m: IngressShare(0, 2).workers(counts).get(m, 0) for m in leader.pools}
+        assert PlanFile.model_validate(board.board.plan) == pinned and board.board.pinned
+    finally:
         await leader.stop()

@@ -59,7 +59,8 @@ def build_application(
     ingress = serve.deployment(RayIngress).options(
         name=INGRESS,
         num_replicas=ray_options.ingress_replicas,
-        ray_actor_options={"num_cpus": ray_options.ingress_num_cpus},
+        ray_actor_options={"num_cpus": ray_options.ingress_num_cpus,
+                           **({"resources": {ray_options.ingress_resource: 1}} if ray_options.ingress_resource else {})},
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
         graceful_shutdown_timeout_s=max(5.0, 2 * options.slo_ms / 1000.0 / options.speedup + 2),

@@ -36,6 +36,10 @@ class RayOptions:
     #: all (diffserve/ray_engine/ingresses.py). More than one where one ingress process cannot
     #: carry the request rate (tens of ms of CPU per image through Serve, docs/ray.md).
     ingress_replicas: int = 1
+    #: A custom Ray resource the ingress replicas need one of (e.g. ``ingress_slot`` on CPU-only
+    #: nodes): they hold the requests in flight, so they belong on nodes that are not lost with
+    #: a GPU. None: anywhere Serve places them.
+    ingress_resource: str | None = None
     #: A custom Ray resource that stands for one worker (a GPU slot), e.g. ``worker_slot``: each
     #: pool replica needs one, so replicas land only on nodes that offer it, and the cluster's
     #: total of it is the plan's worker count (followed as nodes leave and join). None: no

@@ -90,6 +90,14 @@ def deploy(
     cascade = load_cascade(options.cascade)
     if ray_options.worker_resource:
         options = dataclasses.replace(options, workers=cluster_slots(ray_options.worker_resource))
+    if ray_options.ingress_resource:
+        import ray
+
+        offered = ray.cluster_resources().get(ray_options.ingress_resource, 0)
+        if offered < ray_options.ingress_replicas:
+            raise UserError(
+                f"--ray-ingresses {ray_options.ingress_replicas} needs {ray_options.ingress_replicas} {ray_options.ingress_resource!r}; "
+                f"the cluster offers {offered:g} (start a node with --resources '{{\"{ray_options.ingress_resource}\": N}}')")
     plan, origin = initial_plan(options, profile, cascade, None)
     if plan.workers_used > options.workers:
         raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {options.workers}")

@@ -421,6 +421,14 @@ class RayRuntime(Runtime):
     async def start(self, reason: str = "initial plan") -> None:
         if not self.share.whole:
             self.board = await asyncio.to_thread(ingresses.board, self.app_name)
+            # a replica started in place of a dead one (the leader too) starts from the plan in force
+            reply = await self.board.sync.remote(self.replica_id, Report())
+            if reply["plan"] is not None:
+                self.cluster_plan = PlanFile.model_validate(reply["plan"])
+                self._board_seen = (reply["epoch"], reply["version"])
+                if reply["pinned"]:
+                    self.controller.pinned = True
+                    self.controller.pinned_reason = "plan pinned by PUT /v1/plan (on an ingress replica)"
         self.plan = self.cluster_plan  # Runtime.start applies self.plan: the cluster's, cut to the share
         await super().start(reason)
         if self.board is not None:
