@@ -44,7 +44,11 @@ def test_a_pool_smaller_than_the_replica_count_gives_every_replica_a_slot_of_it(
     assert sum(s["light"] for s in shares) == 3
     slots = {IngressShare(r, 2).global_slot(counts, "heavy", 0) for r in range(2)}
     assert slots == {0}  # both stand for the one replica there is
+    # ... which serves both: each counts its slot as a worker half as fast
+    assert [IngressShare(r, 2).sharing(counts) for r in range(2)] == [{"heavy": 2.0}] * 2
+    assert [IngressShare(r, 3).global_slot({"m": 2}, "m", 0) for r in range(3)] == [0, 1, 0]
     assert _shares({"light": 4, "heavy": 0}, 2) == [{"light": 2, "heavy": 0}] * 2
+    assert IngressShare(0, 2).sharing({"light": 4, "heavy": 0}) == {}
 
 
 def test_a_replicas_plan_is_its_share_with_capacity_and_demand_in_proportion():
@@ -57,6 +61,12 @@ def test_a_replicas_plan_is_its_share_with_capacity_and_demand_in_proportion():
         assert sum(m.workers for m in mine) == p.workers
         assert sum(m.capacity_qps for m in mine) == pytest.approx(p.capacity_qps)
         assert all(m.batch_size == p.batch_size for m in mine)
+    # a pool smaller than the replica count: every replica has a slot, the capacity is still the pool's
+    small = solve_plan(profile, cascade, demand_qps=1.0, slo_ms=5000, workers=2)
+    world = 3
+    assert any(0 < p.workers < world for p in small.pools)
+    for p in small.pools:
+        assert sum(IngressShare(r, world).plan(small).pool(p.model).capacity_qps for r in range(world)) == pytest.approx(p.capacity_qps)
     assert sum(q.demand_qps for q in parts) == pytest.approx(plan.demand_qps)
     assert all(q.threshold == plan.threshold and q.routing == plan.routing for q in parts)
     with pytest.raises(ValueError):
@@ -187,3 +197,32 @@ async def test_a_replica_started_in_place_of_another_starts_from_the_plan_in_for
         assert PlanFile.model_validate(board.board.plan) == pinned and board.board.pinned
     finally:
         await leader.stop()
+
+
+@pytest.mark.anyio
+async def test_a_worker_shared_by_two_ingresses_counts_as_half_a_worker_in_each(monkeypatch):
+    """A pool of one worker behind two ingress replicas: each sends it batches, which wait for
+    the other's, so each judges that pool's batches twice as long and admits half its capacity."""
+    from diffserve.ray_engine import runtime as rt
+    from diffserve.server.emulated import EmulatedBackend
+
+    board = LocalBoard()
+    monkeypatch.setattr(rt.ingresses, "board", lambda app: board)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=3.0, slo_ms=5000, workers=3)
+    one = next(p for p in plan.pools if p.workers == 1)
+    two = next(p for p in plan.pools if p.workers == 2)
+    runtime, _, _ = _ray_runtime(monkeypatch, plan, [], pair=cascade.recommended(), speedup=1.0,
+                                 share=IngressShare(1, 2), replica_id="r1")
+    await runtime.start()
+    try:
+        backend = runtime.ray_backend
+        alone = EmulatedBackend.batch_latency_ms(backend, one.model, one.batch_size)
+        assert runtime.pools[one.model].latency_ms(one.batch_size) == pytest.approx(2 * alone)
+        assert runtime.plan.pool(one.model).capacity_qps == pytest.approx(one.capacity_qps / 2)
+        assert runtime.placement.slots.counts() == {one.model: 1, two.model: 1}
+        # its own worker of the other pool: as it is
+        assert runtime.pools[two.model].latency_ms(two.batch_size) == pytest.approx(
+            EmulatedBackend.batch_latency_ms(backend, two.model, two.batch_size))
+    finally:
+        await runtime.stop()

@@ -11,9 +11,9 @@ counts; every replica reports what it was offered to an :class:`IngressBoard` (a
 and reads the plan in force from it. The leader plans for the demand all replicas saw. A plan pinned
 by ``PUT /v1/plan`` on any replica goes to the board, and every replica runs it.
 
-A model with fewer workers than ingress replicas cannot be split: a replica with no worker of its
-own for it gets one *shared* slot, whose batches wait in Serve's queue for a free replica of the
-model (docs/ray.md says what that costs).
+A model with fewer workers than ingress replicas cannot be split: every replica gets one slot of
+it, whose batches wait in Serve's queue for a free replica of the model; each replica counts it as
+a worker that many times slower (docs/ray.md).
 """
 
 from __future__ import annotations
@@ -53,16 +53,24 @@ class IngressShare:
         return out
 
     def workers(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """This replica's worker slots per model: its own, or one shared slot where a model has
-        workers but none for this replica."""
+        """This replica's worker slots per model: its own; or, for a model with workers but fewer
+        than there are replicas, one slot that every replica has (:meth:`sharing`)."""
         if self.whole:
             return dict(counts)
         offsets = self._offsets(counts)
-        out = {}
-        for model, w in counts.items():
-            own = len(range((self.rank - offsets[model]) % self.world, max(0, w), self.world))
-            out[model] = own if own or w <= 0 else 1
-        return out
+        return {
+            m: 1 if 0 < w < self.world else len(range((self.rank - offsets[m]) % self.world, max(0, w), self.world))
+            for m, w in counts.items()
+        }
+
+    def sharing(self, counts: Mapping[str, int]) -> dict[str, float]:
+        """Models with fewer workers than there are replicas, and how many replicas each of their
+        workers serves (``world / workers``): every replica's slot of such a model sends its
+        batches to the same few replicas, where they wait for the others', so its end-to-end
+        batch time and its capacity are that factor worse."""
+        if self.whole:
+            return {}
+        return {m: self.world / w for m, w in counts.items() if 0 < w < self.world}
 
     def global_slot(self, counts: Mapping[str, int], model: str, k: int) -> int:
         """The model's global slot index behind this replica's ``k``-th slot of it (a slot serves
@@ -70,8 +78,9 @@ class IngressShare:
         if self.whole:
             return k
         w = max(0, counts.get(model, 0))
-        j = (self.rank - self._offsets(counts).get(model, 0)) % self.world + k * self.world
-        return j % w if w and j >= w else j
+        if 0 < w < self.world:
+            return self.rank % w
+        return (self.rank - self._offsets(counts).get(model, 0)) % self.world + k * self.world
 
     def plan(self, plan: PlanFile) -> PlanFile:
         """The plan this replica runs: the cluster plan with each pool cut to this replica's
@@ -79,9 +88,10 @@ class IngressShare:
         if self.whole:
             return plan
         counts = {p.model: p.workers for p in plan.pools}
-        mine = self.workers(counts)
+        mine, shared = self.workers(counts), self.sharing(counts)
         pools = [
-            p.model_copy(update={"workers": mine[p.model], "capacity_qps": p.capacity_qps * mine[p.model] / p.workers if p.workers else 0.0})
+            p.model_copy(update={"workers": mine[p.model], "capacity_qps": (
+                p.capacity_qps / self.world if p.model in shared else p.capacity_qps * mine[p.model] / p.workers if p.workers else 0.0)})
             for p in plan.pools
         ]
         update: dict[str, Any] = {

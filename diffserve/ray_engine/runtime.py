@@ -81,10 +81,16 @@ class RayBackend(EmulatedBackend):
         #: the model's global slot behind this ingress's k-th slot of it (several ingresses share
         #: the replicas: :mod:`diffserve.ray_engine.ingresses`); one ingress: the k-th itself
         self.global_slot: Callable[[str, int], int] = lambda model, k: k
+        #: models whose worker this ingress shares with other ingress replicas, and by how many:
+        #: its batches wait for theirs, so the pools judge a batch that many times as long
+        self.sharing: dict[str, float] = {}
         self._serving: list[bool] = []
         self._serving_of: tuple[object, dict[str, int], int | None] | None = None
         #: batches re-sent after their replica died, per model (``/v1/ray``)
         self.retries: dict[str, int] = {m: 0 for m in self.models}
+
+    def batch_latency_ms(self, model: str, batch_size: int) -> float:
+        return super().batch_latency_ms(model, batch_size) * self.sharing.get(model, 1.0)
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         handle = self.handles.get(model)
@@ -224,6 +230,7 @@ class ReplicaPlacement:
         targets = {m: max(0, int(counts.get(m, 0))) for m in self.pools}
         totals = {m: max(0, int(self.totals.get(m, 0))) for m in self.pools} if self.totals else targets
         self.backend.global_slot = functools.partial(self.share.global_slot, totals)
+        self.backend.sharing = self.share.sharing(totals)
         self.slots.assign(targets)
         if self.scale and self.share.rank == 0:
             self._set_replicas(totals)
