@@ -183,13 +183,16 @@ NAMESPACE = "serve"
 
 
 def board(app_name: str) -> Any:
-    """The app's board: created by the first replica that asks, found by the others. Detached
-    (a replica's death must not take it along) and restarted by Ray if its node goes; the
-    runner kills it with the application."""
+    """The app's board: created by the first replica that asks, on its node, found by the others.
+    Detached (a replica's death must not take it along) and restarted by Ray if its node goes;
+    the runner kills it with the application."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = ray.get_runtime_context().get_node_id()  # the ingress's node: where it is not lost with a GPU node
     return ray.remote(IngressBoard).options(
         name=board_name(app_name), namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
     ).remote()
 
 
