@@ -171,6 +171,11 @@ async def test_two_ingress_replicas_run_their_shares_of_one_plan_made_by_the_fir
         assert not (await leader.controller.step())["applied"]
         await follower.sync_board()
         assert follower.cluster_plan == pinned
+        # a node lost: only the leader re-plans (the others follow its plan), every replica counts the slots
+        workers = follower.controller.workers
+        follower._capacity_changed(2)
+        assert follower.controller.workers == workers and not follower._replans
+        assert follower.ray_backend.live_workers == 2
     finally:
         await follower.stop()
         await leader.stop()
