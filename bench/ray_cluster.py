@@ -64,6 +64,8 @@ from ray_overhead import throughput  # noqa: E402
 from server_overhead import start_server, stop_server, write_plan  # noqa: E402
 
 SLOT = "worker_slot"
+#: what the head offers so that several ingress replicas run there, off the worker nodes a loss takes
+INGRESS_SLOT = "ingress_slot"
 SLO_S = 5.0  # model seconds
 #: Ray's GCS declares a node dead after this many missed health checks this far apart (Ray
 #: 2.60's defaults are slower); the re-plan after a loss can only follow that detection
@@ -104,12 +106,14 @@ class LocalCluster:
         from diffserve.server.build import ServeOptions
 
         self.cluster = Cluster()
-        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, _system_config=HEALTH)
+        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, _system_config=HEALTH,
+                              resources={INGRESS_SLOT: self.args.ingresses})
         self.workers = [self._add() for _ in range(self.args.nodes)]
         ray.init(address=self.cluster.address, log_to_driver=False)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
         deployed = deploy(ServeOptions(backend="emulated", workers=self.workers_total, **self.opts_kw),
-                          RayOptions(worker_resource=SLOT, num_cpus=0.05, ingress_num_cpus=0.05), port=0)
+                          RayOptions(worker_resource=SLOT, num_cpus=0.05, ingress_num_cpus=0.05, ingress_replicas=self.args.ingresses,
+                                     ingress_resource=INGRESS_SLOT if self.args.ingresses > 1 else None), port=0)
         return deployed.url
 
     def _add(self):
@@ -182,6 +186,7 @@ class NetnsCluster:
         self.hosts.__enter__()
         head = self.hosts.address(0)
         self._node(0, "--head", "--port=6379", f"--node-ip-address={head}", "--num-cpus=1",
+                   f"--resources={json.dumps({INGRESS_SLOT: self.args.ingresses})}",
                    "--include-dashboard=false", "--disable-usage-stats", f"--system-config={json.dumps(HEALTH)}")
         for i in range(1, 1 + self.args.nodes):
             self._worker(i)
@@ -191,6 +196,8 @@ class NetnsCluster:
                 "--admin-token", self.TOKEN, "--backend", "emulated", "--speedup", str(k["speedup"]),
                 "--demand", str(k["demand_qps"]), "--replan-interval", f"{k['replan_interval_ms']:.0f}ms",
                 "--slo", f"{k['slo_ms']:.0f}ms", "--max-queue", str(k["max_queue"])]
+        if self.args.ingresses > 1:
+            argv += ["--ray-ingresses", str(self.args.ingresses), "--ray-ingress-resource", INGRESS_SLOT]
         log = open(self.logs / "serve.log", "ab")
         self.hosts.run(0, argv, stdout=log, stderr=log, cwd=REPO, env={**os.environ, **RAY_ENV})
         base = f"http://{head}:{self.PORT}"
@@ -222,12 +229,36 @@ HEADERS: dict[str, str] = {}  # the admin token, where the ingress has one
 INGRESS_LOAD = 0.8
 
 
+#: ingress replicas of the Ray app (``--ingresses``); each answers /v1/plan and /v1/ray for itself
+INGRESSES = 1
+
+
+def by_rank(base: str, path: str) -> dict[int, dict]:
+    """``path`` as every ingress replica answers it (Serve's proxy picks one per request): asked
+    until each rank has answered once."""
+    seen: dict[int, dict] = {}
+
+    def every_rank() -> bool:
+        view = httpx.get(f"{base}{path}", headers=HEADERS, timeout=30).json()
+        seen[(view.get("ingress") or {}).get("rank", 0)] = view
+        return len(seen) >= INGRESSES
+
+    wait_for(every_rank, f"all {INGRESSES} ingress replicas answering {path}", 60)
+    return seen
+
+
 def plan_view(base: str) -> dict:
-    return httpx.get(f"{base}/v1/plan", headers=HEADERS, timeout=30).json()
+    """The leader's view (its controller's decisions), with every replica's ledger summed."""
+    views = by_rank(base, "/v1/plan")
+    out = dict(views[0])
+    out["ledger"] = {k: sum(v["ledger"][k] for v in views.values()) for k in views[0]["ledger"]}
+    return out
 
 
 def ray_view(base: str) -> dict:
-    return httpx.get(f"{base}/v1/ray", headers=HEADERS, timeout=30).json()
+    """The leader's view, with every ingress replica's pid (``ingress_pids``)."""
+    views = by_rank(base, "/v1/ray")
+    return {**views[0], "ingress_pids": [v["ingress_pid"] for v in views.values()]}
 
 
 def wait_for(predicate, what: str, timeout_s: float = 180.0):
@@ -420,8 +451,12 @@ def main() -> None:
     ap.add_argument("--overload", type=float, default=10.0)
     ap.add_argument("--replan-interval", type=float, default=10.0, help="seconds between periodic re-plans")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ingresses", type=int, default=1,
+                    help="Ray ingress replicas (--ray-ingresses); more than one are placed on the head (a custom resource)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global INGRESSES
+    INGRESSES = args.ingresses
     if args.hosts == "netns":
         from netns_hosts import enter_parent_namespace
 
@@ -429,7 +464,8 @@ def main() -> None:
     # Ray's files (sessions, and the ray_current_cluster address file that a later ray.init() on
     # this machine would join) go to a directory of this run, not the /tmp/ray every Ray user shares
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-bench-")
-    out_path = args.out or str(REPO / "bench" / "results" / f"ray_cluster_{args.hosts}.json")
+    suffix = f"_ingresses{args.ingresses}" if args.ingresses > 1 else ""
+    out_path = args.out or str(REPO / "bench" / "results" / f"ray_cluster_{args.hosts}{suffix}.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     workers_total = args.nodes * args.slots
@@ -469,11 +505,11 @@ def main() -> None:
             startup = time.perf_counter() - t0
             loss = loss_scenario(args, cluster, base, live_demand * args.speedup)
             wait_for(lambda: replicas_total(base) == workers_total, "every replica running after the rejoin")
-            pid = ray_view(base)["ingress_pid"]
+            pids = ray_view(base)["ingress_pids"]
             # network namespaces share one PID namespace: the ingress's /proc entry reads from here
             recs = pinned_load(base, sat_path, cap * 1.5, args.sat_duration, args.speedup, args.seed, ray=True)
             ray_sat = throughput(recs, args.sat_duration, cap)
-            ray_cpu = ingress_cpu(base, [pid, *proxy_pids()], cap * INGRESS_LOAD, args.sat_duration)
+            ray_cpu = ingress_cpu(base, [*pids, *proxy_pids()], cap * INGRESS_LOAD, args.sat_duration)
             ray_overload = refusal_stats(asyncio.run(records_with_errors(
                 base, cap * args.overload, args.sat_duration / 2, args.speedup, args.seed + 1)), slo_s / args.speedup, batch_s)
             ray_small = overload_small(base, small_path, small_info, args, ray=True)
@@ -481,7 +517,7 @@ def main() -> None:
             cluster.close()
 
     results = {
-        "hosts": args.hosts, "nodes": 1 + args.nodes, "workers": workers_total,
+        "hosts": args.hosts, "nodes": 1 + args.nodes, "workers": workers_total, "ingress_replicas": args.ingresses,
         **{k: loss.get(k) for k in ("sent", "answered", "refused", "failed_5xx", "duplicates", "unanswered",
                                     "replicas_per_node_before", "replicas_per_node_after", "replan_after_loss_s")},
         "throughput_rps": ray_sat["achieved_qps"], "embedded_throughput_rps": embedded["achieved_qps"],
@@ -490,7 +526,7 @@ def main() -> None:
             "embedded": {f: embedded_cpu[f]["cpu_ms_per_image"] for f in INGRESS_FORMATS},
             "ray": {f: ray_cpu[f]["cpu_ms_per_image"] for f in INGRESS_FORMATS},
             "processes": {"embedded": "the server process (HTTP, router, batcher, emulated workers)",
-                          "ray": "Serve's HTTP proxy + the ingress replica (HTTP, router, batcher); the replicas run the models"},
+                          "ray": "Serve's HTTP proxy + the ingress replicas (HTTP, router, batcher); the pool replicas run the models"},
             "payload": "emulated stand-in pixels at the real size, 512x512, encoded by the worker",
             "details": {"embedded": embedded_cpu, "ray": ray_cpu},
         },

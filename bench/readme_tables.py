@@ -351,7 +351,7 @@ def ray_cluster_table(root: Path = RESULTS) -> str:
         over, small = d["overload"], d["overload_small"]
         rows.append(" | ".join([
             f"| `{path.name}` ({d['hosts']}, speedup {d['settings']['speedup']:g})",
-            f"{d['workers']} ({d['nodes']})",
+            f"{d['workers']} ({d['nodes']})" + (f", {d['ingress_replicas']} ingresses" if d.get("ingress_replicas", 1) > 1 else ""),
             f"{d['sent']} / {d['answered']} / {d['failed_5xx']} / {d['duplicates']} / {d['unanswered']}",
             f"{d['replan_after_loss_s']:.1f} s (interval {d['settings']['replan_interval']:g} s)",
             f"{d['throughput_rps']:.1f} / {d['embedded_throughput_rps']:.1f} img/s ({d['throughput_ratio']:.0%})",

@@ -264,9 +264,9 @@ def _fake_scaler(monkeypatch, calls: list) -> None:
     monkeypatch.setattr(rt.scaler, "replicas_async", running_as_set)
 
 
-def _ray_runtime(monkeypatch, plan, calls, *, pair=None, speedup: float = 1000.0, settings=None):
+def _ray_runtime(monkeypatch, plan, calls, *, pair=None, speedup: float = 1000.0, settings=None, **runtime_kw: Any):
     """A RayRuntime (not started) on the reference profile and cascade, with fake handles and the
-    fake scaler; ``pair`` defaults to the plan's own."""
+    fake scaler; ``pair`` defaults to the plan's own; ``runtime_kw`` go to RayRuntime."""
     from diffserve.ray_engine import runtime as rt
     from diffserve.server.runtime import RuntimeSettings
 
@@ -280,7 +280,7 @@ def _ray_runtime(monkeypatch, plan, calls, *, pair=None, speedup: float = 1000.0
     deployments = {m: f"Pool_{m}" for m in models}
     runtime = rt.RayRuntime(
         backend, deployments, app_name="app", profile=profile, cascade=cascade, plan=plan, clock=clock,
-        settings=settings or RuntimeSettings(slo_ms=5000),
+        settings=settings or RuntimeSettings(slo_ms=5000), **runtime_kw,
     )
     return runtime, handles, deployments
 

@@ -308,3 +308,60 @@ def test_diffusers_backend_on_ray_with_tiny_random_models(cluster, tmp_path):
     finally:
         serve.delete("diffserve")
 
+
+
+def test_two_ingress_replicas_serve_their_shares_of_one_plan(cluster):
+    """--ray-ingresses 2: Serve's proxy spreads requests over two ingress replicas, each with its
+    share of the worker slots; a plan pinned through either is run by both, and the deployments'
+    replicas follow the cluster plan's totals."""
+    from ray import serve
+
+    from diffserve.planner import solve_plan
+    from diffserve.server.build import ServeOptions
+
+    from diffserve.artifacts import load_cascade, load_profile
+    from diffserve.ray_engine import RayOptions, deploy, scaler
+    from diffserve.ray_engine.ingresses import kill_board
+
+    serve.delete("diffserve")  # one app owns the route "/"
+    opts = ServeOptions(backend="emulated", workers=4, speedup=2.0, demand_qps=1.0, replan_interval_ms=3.6e6, slo_ms=60_000)
+    live = deploy(opts, RayOptions(ingress_replicas=2), port=0)
+    try:
+        with httpx.Client(base_url=live.url, timeout=WAIT_S) as client:
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(lambda i: generate(client, seed=i).status_code, range(12)))
+            assert codes == [200] * 12
+            views: dict[int, dict] = {}
+
+            def both_seen() -> bool:
+                view = client.get("/v1/ray").json()["ingress"]
+                views[view["rank"]] = view
+                return set(views) == {0, 1}
+
+            wait_for(both_seen, "both ingress replicas answering through the proxy")
+            assert [views[r]["plans"] for r in (0, 1)] == [True, False]  # one controller
+            plan = client.get("/v1/plan").json()["plan"]
+            for model in {p["model"] for p in plan["pools"]}:
+                total = next(p["workers"] for p in plan["pools"] if p["model"] == model)
+                assert sum(views[r]["workers"].get(model, 0) for r in (0, 1)) >= total  # every slot has an ingress
+
+            profile, cascade = load_profile("reference"), load_cascade("reference")
+            pinned = solve_plan(profile, cascade, demand_qps=2.0, slo_ms=60_000, workers=4, policy="clipper-light")
+            r = client.put("/v1/plan", json={"plan": pinned.model_dump(mode="json")})
+            assert r.status_code == 200, r.text
+            seen: set[int] = set()
+
+            def both_pinned() -> bool:
+                view = client.get("/v1/plan").json()
+                if view["pinned"] and view["plan"]["policy"] == "clipper-light":
+                    seen.add(view["ingress"]["rank"])
+                return seen == {0, 1}
+
+            wait_for(both_pinned, "the pinned plan on both ingress replicas")
+            light = pinned.light
+            wait_for(lambda: len([x for x in scaler.replicas(live.app_name, live.deployments[light]) if x.state == "RUNNING"]) == 4,
+                     "the light deployment at the pinned plan's 4 replicas")
+            assert generate(client, seed=99).status_code == 200
+    finally:
+        serve.delete("diffserve")
+        kill_board("diffserve")

@@ -88,7 +88,7 @@ def _start_mps(opts):
 
 
 def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, worker_resource: Optional[str] = None, host: str, port: int,
-                   admin_token: Optional[str], log_level: str) -> None:
+                   admin_token: Optional[str], log_level: str, ingresses: int = 1, ingress_resource: Optional[str] = None) -> None:
     """Serve through Ray Serve deployments: same API, router and controller, Ray as execution layer."""
     import logging
 
@@ -99,7 +99,8 @@ def run_ray_server(opts, *, address: str, num_cpus: float, num_gpus: float, work
     from diffserve.ray_engine import RayOptions, run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus, worker_resource=worker_resource)
+    ray_options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus, worker_resource=worker_resource, ingress_replicas=ingresses,
+                             ingress_resource=ingress_resource)
 
     def ready(deployed) -> None:
         console.print(f"[bold]Ray engine[/] ({address}): application {deployed.app_name!r} deployed")
@@ -149,6 +150,12 @@ def serve_command(
         help="Ray engine: a custom resource that stands for one worker (e.g. worker_slot, given to nodes with "
              "ray start --resources); each replica needs one and the plan's workers are the cluster's total, "
              "followed as nodes leave and join (replaces --workers).")] = None,
+    ray_ingresses: Annotated[int, typer.Option(
+        min=1, help="Ray engine: ingress replicas; each answers HTTP for its share of every pool's workers and the "
+                    "first plans for all. More than one where one ingress process cannot carry the request rate.")] = 1,
+    ray_ingress_resource: Annotated[Optional[str], typer.Option(
+        help="Ray engine: a custom resource each ingress replica needs one of (e.g. ingress_slot on CPU nodes that "
+             "are not lost with a GPU); default: anywhere.")] = None,
 ) -> None:
     """Start the cascade server (OpenAI-compatible POST /v1/images/generations)."""
     from diffserve.server.build import ServeOptions
@@ -186,12 +193,13 @@ def serve_command(
     if queue_full_status not in (429, 503):
         raise UserError(f"--queue-full-status must be 429 or 503, got {queue_full_status}")
     _launch(opts, engine=engine, host=host, port=port, admin_token=admin_token, log_level=log_level, public_url=public_url,
-            address=address, ray_num_cpus=ray_num_cpus, ray_num_gpus=ray_num_gpus, ray_worker_resource=ray_worker_resource)
+            address=address, ray_num_cpus=ray_num_cpus, ray_num_gpus=ray_num_gpus, ray_worker_resource=ray_worker_resource,
+            ray_ingresses=ray_ingresses, ray_ingress_resource=ray_ingress_resource)
 
 
 def _launch(opts, *, engine: str, host: str, port: int, admin_token: Optional[str], log_level: str,
             public_url: Optional[str], address: str, ray_num_cpus: float, ray_num_gpus: float,
-            ray_worker_resource: Optional[str] = None) -> None:
+            ray_worker_resource: Optional[str] = None, ray_ingresses: int = 1, ray_ingress_resource: Optional[str] = None) -> None:
     """Start ``opts`` on the chosen engine, after the checks every engine shares."""
     from diffserve.server.launch import check_admin_exposure
 
@@ -200,7 +208,8 @@ def _launch(opts, *, engine: str, host: str, port: int, admin_token: Optional[st
         if public_url is not None:
             raise UserError("--public-url applies to the embedded engine; under --engine ray, url answers are server-relative")
         run_ray_server(opts, address=address, num_cpus=ray_num_cpus, num_gpus=ray_num_gpus, worker_resource=ray_worker_resource,
-                       host=host, port=port, admin_token=admin_token, log_level=log_level)
+                       host=host, port=port, admin_token=admin_token, log_level=log_level, ingresses=ray_ingresses,
+                       ingress_resource=ray_ingress_resource)
     elif engine == "embedded":
         run_server(opts, host=host, port=port, admin_token=admin_token, log_level=log_level, public_url=public_url)
     else:

@@ -58,8 +58,9 @@ def build_application(
     max_ongoing, max_queued = ingress_limits(profile, models, options)
     ingress = serve.deployment(RayIngress).options(
         name=INGRESS,
-        num_replicas=1,
-        ray_actor_options={"num_cpus": ray_options.ingress_num_cpus},
+        num_replicas=ray_options.ingress_replicas,
+        ray_actor_options={"num_cpus": ray_options.ingress_num_cpus,
+                           **({"resources": {ray_options.ingress_resource: 1}} if ray_options.ingress_resource else {})},
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
         graceful_shutdown_timeout_s=max(5.0, 2 * options.slo_ms / 1000.0 / options.speedup + 2),
@@ -70,6 +71,7 @@ def build_application(
         sizes = [(r, r) for r in sorted({profile.model(m).resolution or 512 for m in models})]
     app = ingress.bind(
         bound, deployments, options, profile, cascade, plan, ray_options.app_name, admin_token, sizes, ray_options.worker_resource,
+        ray_options.ingress_replicas,
     )
     return app, deployments
 

@@ -3,7 +3,9 @@
 Serve builds the app on the replica (``__serve_build_asgi_app__``) after the constructor, so the
 router and controller live in the ingress process, next to the handles of the pool deployments.
 The app's lifespan starts the controller and, on shutdown, drains in-flight images (bounded).
-One ingress replica runs the controller; Serve's proxy on every node forwards HTTP to it.
+Serve's proxy on every node forwards HTTP to the ingress replicas; with several of them
+(``--ray-ingresses``) each runs its share of the worker slots and the first runs the controller
+(:mod:`diffserve.ray_engine.ingresses`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Ingress:
         admin_token: str | None = None,
         sizes: list[tuple[int, int]] | None = None,
         worker_resource: str | None = None,
+        ingress_replicas: int = 1,
     ) -> None:
         from diffserve.server.clock import Clock
         from diffserve.server.build import pair_lock, runtime_settings, solver_options
@@ -54,6 +57,7 @@ class Ingress:
             settings=runtime_settings(options),
             solver_options={**solver_options(options), **pair_lock(cascade, plan, backend.models)},
             worker_resource=worker_resource,
+            **replica_share(ingress_replicas),
         )
         self.admin_token = admin_token
         self.pid = os.getpid()
@@ -90,6 +94,19 @@ class Ingress:
 
         freeze_startup_heap()  # as the embedded server does: no full collection walks the startup heap mid-refusal
         return app
+
+
+def replica_share(world: int) -> dict[str, Any]:
+    """This ingress replica's share and id: its rank among ``world`` replicas from Serve's replica
+    context (Serve gives a replica that replaces a dead one the rank it leaves free)."""
+    from diffserve.ray_engine.ingresses import IngressShare
+
+    if world <= 1:
+        return {}
+    ctx = serve.get_replica_context()
+    rank = getattr(ctx, "rank", 0)
+    rank = int(getattr(rank, "rank", rank) or 0)
+    return {"share": IngressShare(rank % world, world), "replica_id": str(ctx.replica_id.unique_id)}
 
 
 RayIngress = serve.ingress()(Ingress)

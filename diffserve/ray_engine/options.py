@@ -32,6 +32,14 @@ class RayOptions:
     #: GPUs per pool replica: 1 for a real model per GPU, a fraction to pack small models.
     num_gpus: float = 0.0
     ingress_num_cpus: float = 0.1
+    #: Ingress replicas: each answers HTTP for its share of every pool's workers, one plans for
+    #: all (diffserve/ray_engine/ingresses.py). More than one where one ingress process cannot
+    #: carry the request rate (tens of ms of CPU per image through Serve, docs/ray.md).
+    ingress_replicas: int = 1
+    #: A custom Ray resource the ingress replicas need one of (e.g. ``ingress_slot`` on CPU-only
+    #: nodes): they hold the requests in flight, so they belong on nodes that are not lost with
+    #: a GPU. None: anywhere Serve places them.
+    ingress_resource: str | None = None
     #: A custom Ray resource that stands for one worker (a GPU slot), e.g. ``worker_slot``: each
     #: pool replica needs one, so replicas land only on nodes that offer it, and the cluster's
     #: total of it is the plan's worker count (followed as nodes leave and join). None: no
@@ -48,6 +56,8 @@ class RayOptions:
         a = self.address
         if not (a in ("local", "auto") or a.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", a)):
             raise UserError(f"--address must be 'local', 'auto', 'ray://HOST:PORT' or 'HOST:PORT', got {a!r}")
+        if self.ingress_replicas < 1:
+            raise UserError(f"--ray-ingresses must be at least 1, got {self.ingress_replicas}")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.ingress_num_cpus < 0:
             raise UserError(
                 f"resources per replica must be >= 0, got num_cpus={self.num_cpus}, num_gpus={self.num_gpus}, "

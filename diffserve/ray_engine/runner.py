@@ -90,6 +90,14 @@ def deploy(
     cascade = load_cascade(options.cascade)
     if ray_options.worker_resource:
         options = dataclasses.replace(options, workers=cluster_slots(ray_options.worker_resource))
+    if ray_options.ingress_resource:
+        import ray
+
+        offered = ray.cluster_resources().get(ray_options.ingress_resource, 0)
+        if offered < ray_options.ingress_replicas:
+            raise UserError(
+                f"--ray-ingresses {ray_options.ingress_replicas} needs {ray_options.ingress_replicas} {ray_options.ingress_resource!r}; "
+                f"the cluster offers {offered:g} (start a node with --resources '{{\"{ray_options.ingress_resource}\": N}}')")
     plan, origin = initial_plan(options, profile, cascade, None)
     if plan.workers_used > options.workers:
         raise UserError(f"the plan uses {plan.workers_used} workers but --workers is {options.workers}")
@@ -105,6 +113,9 @@ def deploy(
         cascade_path=None if is_reference(options.cascade) else os.path.abspath(options.cascade),
         admin_token=admin_token,
     )
+    from diffserve.ray_engine.ingresses import kill_board
+
+    kill_board(ray_options.app_name)  # a board left by an earlier app of this name (its pinned plan) is not this app's
     handle = serve.run(app, name=ray_options.app_name, route_prefix="/", external_scaler_enabled=True)
     from diffserve.ray_engine.scaler import http_address
 
@@ -169,6 +180,9 @@ def run(
             pass
         log.info("stopping: deleting the application (the ingress drains in-flight images)")
         serve.delete(ray_options.app_name)
+        from diffserve.ray_engine.ingresses import kill_board
+
+        kill_board(ray_options.app_name)
         if owned:
             serve.shutdown()
         return 0

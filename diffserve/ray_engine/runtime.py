@@ -13,10 +13,11 @@ while its model has a running replica for it, so the router's estimates see the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Callable, Mapping
 
-from diffserve.schemas import CascadePair, ProfileFile
+from diffserve.schemas import CascadePair, PlanFile, ProfileFile
 from diffserve.server.clock import Clock
 from diffserve.server.emulated import EmulatedBackend
 from diffserve.server.errors import BatchCancelled, ServeError, WorkerCrashed, WorkerHung
@@ -26,7 +27,8 @@ from diffserve.server.runtime import Runtime
 from diffserve.server.stage import Backend, Job, StageOutput
 from diffserve.server.workers import WorkerSet
 
-from diffserve.ray_engine import scaler
+from diffserve.ray_engine import ingresses, scaler
+from diffserve.ray_engine.ingresses import IngressShare, Peers, Report, add_peers
 from diffserve.ray_engine.pool import batch_items
 
 log = logging.getLogger("diffserve.ray_engine")
@@ -76,10 +78,19 @@ class RayBackend(EmulatedBackend):
         #: which slots can serve, worked out once per change (:meth:`serving` is asked per batch)
         self.assignment: Callable[[], list[str | None]] = lambda: [None] * self.n_workers
         self.running: dict[str, int] = {}
+        #: the model's global slot behind this ingress's k-th slot of it (several ingresses share
+        #: the replicas: :mod:`diffserve.ray_engine.ingresses`); one ingress: the k-th itself
+        self.global_slot: Callable[[str, int], int] = lambda model, k: k
+        #: models whose worker this ingress shares with other ingress replicas, and by how many:
+        #: its batches wait for theirs, so the pools judge a batch that many times as long
+        self.sharing: dict[str, float] = {}
         self._serving: list[bool] = []
         self._serving_of: tuple[object, dict[str, int], int | None] | None = None
         #: batches re-sent after their replica died, per model (``/v1/ray``)
         self.retries: dict[str, int] = {m: 0 for m in self.models}
+
+    def batch_latency_ms(self, model: str, batch_size: int) -> float:
+        return super().batch_latency_ms(model, batch_size) * self.sharing.get(model, 1.0)
 
     async def predict(self, worker: int, model: str, jobs: list[Job]) -> list[StageOutput]:
         handle = self.handles.get(model)
@@ -143,7 +154,7 @@ class RayBackend(EmulatedBackend):
         out = []
         for model in assignment:
             if model is not None:
-                out.append(ranks.get(model, 0) < self.running.get(model, 0))
+                out.append(self.global_slot(model, ranks.get(model, 0)) < self.running.get(model, 0))
                 ranks[model] = ranks.get(model, 0) + 1
             else:
                 out.append(self.live_workers is None or in_use + idle < self.live_workers)
@@ -170,10 +181,16 @@ class ReplicaPlacement:
         self, backend: RayBackend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics, *, app_name: str,
         deployments: dict[str, str], scale: bool = True, worker_resource: str | None = None, poll_s: float = 1.0,
         on_capacity: Callable[[int], None] | None = None, on_refresh: Callable[[bool], None] | None = None,
+        share: IngressShare = IngressShare(),
     ) -> None:
         from diffserve.server.pool import Pool
 
         self.backend = backend
+        #: this ingress's share of the worker slots; only rank 0 sets the deployments' replica counts
+        self.share = share
+        #: several ingresses: the cluster plan's workers per model (:meth:`assign` is given this
+        #: ingress's share); one ingress: empty, the counts given are the totals
+        self.totals: dict[str, int] = {}
         self.pools = pools
         self.slots = WorkerSet(backend, {m: p for m, p in pools.items() if isinstance(p, Pool)}, clock, metrics)
         backend.assignment = lambda: self.slots.assignment  # WorkerSet.assign replaces the list
@@ -211,9 +228,12 @@ class ReplicaPlacement:
         if unknown:
             raise ValueError(f"no pool for {sorted(unknown)} (pools: {sorted(self.pools)})")
         targets = {m: max(0, int(counts.get(m, 0))) for m in self.pools}
+        totals = {m: max(0, int(self.totals.get(m, 0))) for m in self.pools} if self.totals else targets
+        self.backend.global_slot = functools.partial(self.share.global_slot, totals)
+        self.backend.sharing = self.share.sharing(totals)
         self.slots.assign(targets)
-        if self.scale:
-            self._set_replicas(targets)
+        if self.scale and self.share.rank == 0:
+            self._set_replicas(totals)
 
     def model_of(self, worker: int) -> str | None:
         return self.slots.model_of(worker)
@@ -322,7 +342,11 @@ class RayRuntime(Runtime):
 
     ``runtime`` are :class:`Runtime`'s own keywords (profile, cascade, plan, clock, policy, settings,
     solver, solver_options), passed through. The pools are the embedded ones (the default pool
-    factory); the placement factory is this engine's."""
+    factory); the placement factory is this engine's.
+
+    With several ingress replicas (``share``, :mod:`diffserve.ray_engine.ingresses`) ``plan`` is
+    this replica's share of :attr:`cluster_plan`; rank 0 plans for every replica's demand and
+    publishes, the others apply what the board holds."""
 
     def __init__(
         self,
@@ -332,30 +356,138 @@ class RayRuntime(Runtime):
         app_name: str,
         scale: bool = True,
         worker_resource: str | None = None,
+        share: IngressShare = IngressShare(),
+        replica_id: str = "ingress",
         **runtime: Any,
     ) -> None:
         self.app_name = app_name
         self.ray_backend = backend
         self.deployments = deployments
+        self.share = share
+        self.replica_id = replica_id
         self._replans: set[asyncio.Task] = set()
         self.placement: ReplicaPlacement | None = None
+        #: the plan for the whole cluster (``plan`` is this replica's share of it)
+        self.cluster_plan = runtime["plan"]
+        self.board: Any = None  # the ingresses' board (several ingress replicas only)
+        self.peers = Peers()
+        self._board_seen: tuple[str, int] | None = None
+        self._sync: asyncio.Task | None = None
 
         def replicas(_backend: Backend, pools: Mapping[str, ServingPool], clock: Clock, metrics: Metrics) -> WorkerPlacement:
             self.placement = ReplicaPlacement(
                 backend, pools, clock, metrics, app_name=app_name, deployments=deployments, scale=scale,
-                worker_resource=worker_resource, poll_s=min(1.0, clock.to_wall_s(self.settings.controller.interval_ms) / 4),
+                worker_resource=worker_resource, poll_s=self.sync_s,
                 on_capacity=self._capacity_changed,
                 on_refresh=lambda up: setattr(backend, "replicas_up", backend.replicas_up or up),
+                share=share,
             )
             return self.placement
 
         super().__init__(backend, **runtime, placement_factory=replicas)
+        self.plans_here = share.rank == 0
+        if not share.whole and self.plans_here:
+            self.controller.target = ClusterDemand(self)
+
+    @property
+    def sync_s(self) -> float:
+        """How often replicas and the board are read: a few times per re-plan interval."""
+        return min(1.0, self.clock.to_wall_s(self.settings.controller.interval_ms) / 4)
+
+    # ---------------------------------------------------------------- plans
+    def apply_plan(self, plan: PlanFile) -> None:
+        """``plan`` is the cluster's; this replica runs its share, the leader also publishes it."""
+        self.check_plan(plan)
+        if self.placement is not None and not self.share.whole:
+            self.placement.totals = {p.model: p.workers for p in plan.pools}
+        super().apply_plan(self.share.plan(plan))
+        self.cluster_plan = plan
+        if self.board is not None and self.plans_here:
+            self.board.publish.remote(plan.model_dump(mode="json"), self.controller.pinned)
+
+    def pin_plan(self, plan: PlanFile) -> None:
+        super().pin_plan(plan)
+        if self.board is not None:  # every ingress replica runs it, not just the one PUT reached
+            self.board.publish.remote(plan.model_dump(mode="json"), True)
+
+    def plan_view(self) -> dict:
+        view = super().plan_view()
+        if not self.share.whole:
+            view["plan"] = self.cluster_plan.model_dump(mode="json")
+            view["ingress"] = self.ingress_view()
+        return view
+
+    def ingress_view(self) -> dict[str, Any]:
+        return {
+            "rank": self.share.rank, "replicas": self.share.world, "replica_id": self.replica_id,
+            "plans": self.plans_here, "workers": {p.model: p.workers for p in self.plan.pools},
+            "peers_reporting": self.peers.replicas, "board_version": self._board_seen[1] if self._board_seen else None,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self, reason: str = "initial plan") -> None:
+        if not self.share.whole:
+            self.board = await asyncio.to_thread(ingresses.board, self.app_name)
+            # a replica started in place of a dead one (the leader too) starts from the plan in force
+            reply = await self.board.sync.remote(self.replica_id, Report())
+            if reply["plan"] is not None:
+                self.cluster_plan = PlanFile.model_validate(reply["plan"])
+                self._board_seen = (reply["epoch"], reply["version"])
+                if reply["pinned"]:
+                    self.controller.pinned = True
+                    self.controller.pinned_reason = "plan pinned by PUT /v1/plan (on an ingress replica)"
+        self.plan = self.cluster_plan  # Runtime.start applies self.plan: the cluster's, cut to the share
+        await super().start(reason)
+        if self.board is not None:
+            self._sync = asyncio.get_running_loop().create_task(self._sync_loop(), name="ingress-board")
+
+    async def stop(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            await asyncio.gather(self._sync, return_exceptions=True)
+            self._sync = None
+        await super().stop()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            try:
+                await self.sync_board()
+            except Exception:  # noqa: BLE001 - the board restarts with its node; the next poll finds it
+                log.warning("could not reach the ingresses' board", exc_info=True)
+            await asyncio.sleep(self.sync_s)
+
+    async def sync_board(self) -> None:
+        """Report this replica's demand and queues; take the plan in force from the board."""
+        report = Report(offered=self.offered, offered_by_class=dict(self.offered_by_class), queued=self.queued())
+        reply = await self.board.sync.remote(self.replica_id, report)
+        self.peers = reply["peers"]
+        if reply["plan"] is None:  # a new board (first start, or restarted empty): the leader fills it
+            if self.plans_here:
+                self.board.publish.remote(self.cluster_plan.model_dump(mode="json"), self.controller.pinned)
+            return
+        state = (reply["epoch"], reply["version"])
+        if state == self._board_seen:
+            return
+        self._board_seen = state
+        if self.plans_here and not reply["pinned"]:
+            return  # the leader's own plan
+        plan = PlanFile.model_validate(reply["plan"])
+        if reply["pinned"]:
+            if not (self.controller.pinned and plan == self.cluster_plan):
+                Runtime.pin_plan(self, plan)
+                self.controller.pinned_reason = "plan pinned by PUT /v1/plan (on an ingress replica)"
+            return
+        self.apply_plan(plan)
+        self.controller.current = plan
 
     def _capacity_changed(self, slots: int) -> None:
         """A node left or joined: re-plan now for the slots there are (not at the next interval),
-        even where hysteresis would keep the running plan, which may no longer fit."""
+        even where hysteresis would keep the running plan, which may no longer fit. With several
+        ingress replicas only the leader re-plans; the others get its plan from the board."""
         before = self.controller.workers
         self.ray_backend.set_capacity(slots)
+        if not self.plans_here:
+            return
         if slots < 1:
             log.warning("the cluster has no %s left; every request is refused until a node joins", self.placement and self.placement.worker_resource)
             return
@@ -385,4 +517,31 @@ class RayRuntime(Runtime):
             "batch_size": {m: p.batch_size for m, p in self.pools.items()},
             "queued": {m: len(p) for m, p in self.pools.items()},
             "running": self.placement.jobs_running() if self.placement else {},
+            "ingress": self.ingress_view(),
         }
+
+
+class ClusterDemand:
+    """The leader's controller target with several ingress replicas: its own runtime, with the
+    demand and queues of the other replicas (their board reports) added, so it plans for the
+    whole cluster's traffic."""
+
+    def __init__(self, runtime: RayRuntime) -> None:
+        self.runtime = runtime
+
+    @property
+    def offered(self) -> float:
+        return self.runtime.offered + self.runtime.peers.offered
+
+    @property
+    def offered_by_class(self) -> dict[str, float]:
+        return add_peers(self.runtime.offered_by_class, self.runtime.peers.offered_by_class)
+
+    def queued(self) -> dict[str, int]:
+        return {m: int(v) for m, v in add_peers(self.runtime.queued(), self.runtime.peers.queued).items()}
+
+    def queue_delay_ms(self) -> dict[str, float]:
+        return self.runtime.queue_delay_ms()  # every replica's pools see about the same wait
+
+    def apply_plan(self, plan: PlanFile) -> None:
+        self.runtime.apply_plan(plan)

@@ -76,6 +76,10 @@ class RuntimeSettings:
 
 
 class Runtime:
+    #: this runtime's controller re-plans (False: another process plans, as for every Ray ingress
+    #: replica but the first: diffserve/ray_engine/ingresses.py)
+    plans_here: bool = True
+
     def __init__(
         self,
         backend: Backend,
@@ -248,10 +252,11 @@ class Runtime:
             raise
         if self._stopped:
             return
-        self.apply_plan(self.plan)
         self.controller.record_initial(self.plan, reason)
+        self.apply_plan(self.plan)
         self.workers.start()
-        self.controller.start()
+        if self.plans_here:
+            self.controller.start()
         self.started = True
 
     async def drain(self, timeout_ms: float | None = None) -> bool:
