@@ -329,8 +329,8 @@ def test_two_ingress_replicas_serve_their_shares_of_one_plan(cluster):
     try:
         with httpx.Client(base_url=live.url, timeout=WAIT_S) as client:
             with ThreadPoolExecutor(8) as pool:
-                codes = list(pool.map(lambda i: generate(client, seed=i).status_code, range(12)))
-            assert codes == [200] * 12
+                answers = list(pool.map(lambda i: generate(client, seed=i), range(12)))
+            assert [r.status_code for r in answers] == [200] * 12, [r.text[:200] for r in answers if r.status_code != 200]
             views: dict[int, dict] = {}
 
             def both_seen() -> bool:

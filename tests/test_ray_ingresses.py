@@ -88,6 +88,9 @@ def test_the_board_sums_the_other_replicas_and_keeps_a_pinned_plan():
     peers = stale.sync("a", Report())["peers"]
     assert (peers.offered, peers.queued, peers.replicas) == (9, {}, 0)
     assert IngressBoard().epoch != board.epoch
+    assert board.ready() == 0
+    board.sync("a", Report(ready=True))
+    assert board.ready() == 1 and stale.ready() == 0
 
 
 # ---------------------------------------------------------------- two runtimes, one board

@@ -120,6 +120,7 @@ class Report:
     offered: float = 0.0
     offered_by_class: dict[str, float] = field(default_factory=dict)
     queued: dict[str, int] = field(default_factory=dict)
+    ready: bool = False  # what its /readyz says
 
 
 @dataclass
@@ -156,6 +157,12 @@ class IngressBoard:
         self.version += 1
         self.plan, self.pinned = plan, pinned
         return self.version
+
+    def ready(self) -> int:
+        """Replicas whose last report, recent, said ready (``deploy`` waits for every one: the
+        proxy may send the first request to any of them)."""
+        now = time.monotonic()
+        return sum(1 for seen, r in self.reports.values() if r.ready and now - seen <= self.stale_s)
 
     def sync(self, replica: str, report: Report) -> dict[str, Any]:
         now = time.monotonic()

@@ -123,6 +123,8 @@ def deploy(
     shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
     url = f"http://{shown}:{bound_port}"
     _wait_ready(url, ray_options.deploy_timeout_s)
+    if ray_options.ingress_replicas > 1:
+        _wait_ingresses_ready(ray_options, ray_options.deploy_timeout_s)
     return Deployed(url, ray_options.app_name, deployments, origin, handle)
 
 
@@ -142,6 +144,27 @@ def _wait_ready(url: str, timeout_s: float) -> None:
             pass
         time.sleep(0.2)
     raise UserError(f"the Ray application did not become ready within {timeout_s:.0f} s ({url}/readyz)")
+
+
+def _wait_ingresses_ready(ray_options: RayOptions, timeout_s: float) -> None:
+    """``/readyz`` answered by one ingress replica says nothing of the others (each is ready once
+    it has seen the pool replicas): wait until every one has told the board it is."""
+    import time
+
+    import ray
+
+    from diffserve.ray_engine.ingresses import NAMESPACE, board_name
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            board = ray.get_actor(board_name(ray_options.app_name), namespace=NAMESPACE)
+            if ray.get(board.ready.remote(), timeout=10) >= ray_options.ingress_replicas:
+                return
+        except (ValueError, ray.exceptions.GetTimeoutError):  # no board yet, or a slow answer
+            pass
+        time.sleep(0.2)
+    raise UserError(f"the {ray_options.ingress_replicas} ingress replicas were not all ready within {timeout_s:.0f} s")
 
 
 def run(

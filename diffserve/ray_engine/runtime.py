@@ -458,7 +458,7 @@ class RayRuntime(Runtime):
 
     async def sync_board(self) -> None:
         """Report this replica's demand and queues; take the plan in force from the board."""
-        report = Report(offered=self.offered, offered_by_class=dict(self.offered_by_class), queued=self.queued())
+        report = Report(offered=self.offered, offered_by_class=dict(self.offered_by_class), queued=self.queued(), ready=self.ready)
         reply = await self.board.sync.remote(self.replica_id, report)
         self.peers = reply["peers"]
         if reply["plan"] is None:  # a new board (first start, or restarted empty): the leader fills it
