@@ -31,8 +31,11 @@ def test_every_slot_has_exactly_one_owner_when_each_pool_has_a_worker_per_replic
     shares = _shares(counts, world)
     for model, w in counts.items():
         assert sum(s[model] for s in shares) == w
-        owned = [IngressShare(r, world).global_slot(counts, model, k) for r in range(world) for k in range(shares[r][model])]
-        assert sorted(owned) == list(range(w))  # each global slot once
+        # replicas lost: every ingress keeps a share of those that run, all of them serve
+        for running in range(world, w + 1):
+            live = [IngressShare(r, world).live(counts, model, running) for r in range(world)]
+            assert sum(live) == running and all(n <= s[model] for n, s in zip(live, shares)), (running, live)
+            assert max(live) - min(live) <= 1
     totals = [sum(s.values()) for s in shares]
     assert max(totals) - min(totals) <= 1, shares  # the odd slots of different pools land on different replicas
 
@@ -42,11 +45,12 @@ def test_a_pool_smaller_than_the_replica_count_gives_every_replica_a_slot_of_it(
     shares = _shares(counts, 2)
     assert [s["heavy"] for s in shares] == [1, 1]  # one own, one shared: no replica without the heavy model
     assert sum(s["light"] for s in shares) == 3
-    slots = {IngressShare(r, 2).global_slot(counts, "heavy", 0) for r in range(2)}
-    assert slots == {0}  # both stand for the one replica there is
-    # ... which serves both: each counts its slot as a worker half as fast
+    # both send to the one replica there is: each counts its slot as a worker half as fast
     assert [IngressShare(r, 2).sharing(counts) for r in range(2)] == [{"heavy": 2.0}] * 2
-    assert [IngressShare(r, 3).global_slot({"m": 2}, "m", 0) for r in range(3)] == [0, 1, 0]
+    assert [IngressShare(r, 2).live(counts, "heavy", 1) for r in range(2)] == [1, 1]
+    assert [IngressShare(r, 2).live(counts, "heavy", 0) for r in range(2)] == [0, 0]
+    # a pool that falls below the replica count (a node lost): every ingress keeps a serving slot
+    assert [IngressShare(r, 2).live(counts, "light", 1) for r in range(2)] == [1, 1]
     assert _shares({"light": 4, "heavy": 0}, 2) == [{"light": 2, "heavy": 0}] * 2
     assert IngressShare(0, 2).sharing({"light": 4, "heavy": 0}) == {}
 
@@ -234,3 +238,29 @@ async def test_a_worker_shared_by_two_ingresses_counts_as_half_a_worker_in_each(
             EmulatedBackend.batch_latency_ms(backend, two.model, two.batch_size))
     finally:
         await runtime.stop()
+
+
+@pytest.mark.anyio
+async def test_replicas_lost_with_a_node_are_taken_from_every_ingress_alike(monkeypatch):
+    """Serve routes a batch to any running replica: with 3 of 4 light replicas gone, each of two
+    ingresses keeps a serving light slot (before, the one whose planned slots had the higher
+    indices refused its requests until the re-plan)."""
+    from diffserve.ray_engine import runtime as rt
+
+    board = LocalBoard()
+    monkeypatch.setattr(rt.ingresses, "board", lambda app: board)
+    profile, cascade = load_profile("reference"), load_cascade("reference")
+    plan = solve_plan(profile, cascade, demand_qps=4.0, slo_ms=5000, workers=4, policy="clipper-light")
+    assert plan.pool(plan.light).workers == 4
+    runtimes = [_ray_runtime(monkeypatch, plan, [], speedup=1.0, share=IngressShare(r, 2), replica_id=f"r{r}")[0] for r in range(2)]
+    for runtime in runtimes:
+        await runtime.start()
+    try:
+        for running, serving in ((4, [2, 2]), (2, [1, 1]), (1, [1, 1]), (0, [0, 0])):
+            for runtime in runtimes:
+                runtime.ray_backend.running = {plan.light: running}
+                runtime.placement.slots.health_changed()
+            assert [r.pools[plan.light].serving_workers for r in runtimes] == serving, running
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()

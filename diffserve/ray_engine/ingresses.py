@@ -72,15 +72,13 @@ class IngressShare:
             return {}
         return {m: self.world / w for m, w in counts.items() if 0 < w < self.world}
 
-    def global_slot(self, counts: Mapping[str, int], model: str, k: int) -> int:
-        """The model's global slot index behind this replica's ``k``-th slot of it (a slot serves
-        while the model runs more replicas than that index)."""
+    def live(self, counts: Mapping[str, int], model: str, running: int) -> int:
+        """How many of this replica's slots of ``model`` serve while the model runs ``running``
+        replicas (Serve routes a batch to any of them): the running ones shared out as the planned
+        ones are, so a lost node takes slots from every ingress alike, not all from one."""
         if self.whole:
-            return k
-        w = max(0, counts.get(model, 0))
-        if 0 < w < self.world:
-            return self.rank % w
-        return (self.rank - self._offsets(counts).get(model, 0)) % self.world + k * self.world
+            return running
+        return self.workers({**counts, model: running})[model]
 
     def plan(self, plan: PlanFile) -> PlanFile:
         """The plan this replica runs: the cluster plan with each pool cut to this replica's

@@ -78,9 +78,9 @@ class RayBackend(EmulatedBackend):
         #: which slots can serve, worked out once per change (:meth:`serving` is asked per batch)
         self.assignment: Callable[[], list[str | None]] = lambda: [None] * self.n_workers
         self.running: dict[str, int] = {}
-        #: the model's global slot behind this ingress's k-th slot of it (several ingresses share
-        #: the replicas: :mod:`diffserve.ray_engine.ingresses`); one ingress: the k-th itself
-        self.global_slot: Callable[[str, int], int] = lambda model, k: k
+        #: how many of this ingress's slots of a model serve while it runs so many replicas
+        #: (several ingresses share them: :mod:`diffserve.ray_engine.ingresses`); one ingress: as many
+        self.live_slots: Callable[[str, int], int] = lambda model, running: running
         #: models whose worker this ingress shares with other ingress replicas, and by how many:
         #: its batches wait for theirs, so the pools judge a batch that many times as long
         self.sharing: dict[str, float] = {}
@@ -149,12 +149,13 @@ class RayBackend(EmulatedBackend):
 
     def _serving_slots(self, assignment: list[str | None]) -> list[bool]:
         in_use = sum(1 for m in assignment if m is not None)
+        live = {m: self.live_slots(m, self.running.get(m, 0)) for m in set(assignment) if m is not None}
         ranks: dict[str, int] = {}
         idle = 0
         out = []
         for model in assignment:
             if model is not None:
-                out.append(self.global_slot(model, ranks.get(model, 0)) < self.running.get(model, 0))
+                out.append(ranks.get(model, 0) < live[model])
                 ranks[model] = ranks.get(model, 0) + 1
             else:
                 out.append(self.live_workers is None or in_use + idle < self.live_workers)
@@ -229,7 +230,7 @@ class ReplicaPlacement:
             raise ValueError(f"no pool for {sorted(unknown)} (pools: {sorted(self.pools)})")
         targets = {m: max(0, int(counts.get(m, 0))) for m in self.pools}
         totals = {m: max(0, int(self.totals.get(m, 0))) for m in self.pools} if self.totals else targets
-        self.backend.global_slot = functools.partial(self.share.global_slot, totals)
+        self.backend.live_slots = functools.partial(self.share.live, totals)
         self.backend.sharing = self.share.sharing(totals)
         self.slots.assign(targets)
         if self.scale and self.share.rank == 0:
