@@ -32,6 +32,8 @@ Ray binds to the machine's address: run inside a loopback-only namespace, like t
     unshare --net sh -c 'ip link set lo up && exec python bench/ray_cluster.py --hosts local'
 
 Writes JSON (default bench/results/ray_cluster_{hosts}.json) and prints a short table.
+``--ingresses N`` deploys N ingress replicas (``--ray-ingresses``), kept on the head by a custom
+resource so that the lost worker node holds none (default file ``ray_cluster_{hosts}_ingressesN.json``).
 ``--hosts netns`` runs the same scenarios with each node in its own network namespace, on its
 own address on a private bridge (``bench/netns_hosts.py``), inside a parent namespace that the
 script creates (it re-runs itself under ``unshare --net --mount``; needs root) and that has no

@@ -358,7 +358,7 @@ def ray_cluster_table(root: Path = RESULTS) -> str:
             f"{cpu['ray']['png']:.0f} / {cpu['ray']['jpeg']:.0f} ms ({cpu['embedded']['png']:.1f} / {cpu['embedded']['jpeg']:.1f} ms)",
             f"{_ms(over['ray']['refused_ms_p99'])} ({_ms(over['embedded']['refused_ms_p99'])})",
             f"{_ms(small['ray']['refused_ms_p99'])} ({_ms(small['embedded']['refused_ms_p99'])})",
-            f"{small['ray']['admitted_ms_p99'] / 1000:.1f} s / {small['ray']['slo_plus_batch_ms'] / 1000:.1f} s |",
+            f"{small['ray']['admitted_ms_p99']:,.0f} / {small['ray']['slo_plus_batch_ms']:,.0f} ms |",
         ]))
     return "\n".join(rows)
 
