@@ -235,17 +235,18 @@ INGRESS_LOAD = 0.8
 INGRESSES = 1
 
 
-def by_rank(base: str, path: str) -> dict[int, dict]:
-    """``path`` as every ingress replica answers it (Serve's proxy picks one per request): asked
-    until each rank has answered once."""
+def by_rank(base: str, path: str, n: int | None = None) -> dict[int, dict]:
+    """``path`` as every one of the ``n`` (default ``--ingresses``) ingress replicas answers it
+    (Serve's proxy picks one per request): asked until each rank has answered once."""
+    n = INGRESSES if n is None else n
     seen: dict[int, dict] = {}
 
     def every_rank() -> bool:
         view = httpx.get(f"{base}{path}", headers=HEADERS, timeout=30).json()
         seen[(view.get("ingress") or {}).get("rank", 0)] = view
-        return len(seen) >= INGRESSES
+        return len(seen) >= n
 
-    wait_for(every_rank, f"all {INGRESSES} ingress replicas answering {path}", 60)
+    wait_for(every_rank, f"all {n} ingress replicas answering {path}", 60)
     return seen
 
 
