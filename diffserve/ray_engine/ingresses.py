@@ -22,7 +22,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from diffserve.schemas import PlanFile
 
@@ -213,5 +213,5 @@ def kill_board(app_name: str) -> None:
 
 
 def add_peers(own: Mapping[str, float], peers: Mapping[str, float]) -> dict[str, float]:
-    keys: Sequence[str] = list(dict.fromkeys([*own, *peers]))
-    return {k: own.get(k, 0) + peers.get(k, 0) for k in keys}
+    """``own`` plus ``peers``, key by key (a key either lacks counts 0)."""
+    return {k: own.get(k, 0) + peers.get(k, 0) for k in dict.fromkeys([*own, *peers])}

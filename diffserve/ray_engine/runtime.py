@@ -33,6 +33,9 @@ from diffserve.ray_engine.pool import batch_items
 
 log = logging.getLogger("diffserve.ray_engine")
 
+#: the controller's reason for keeping a plan that a PUT /v1/plan on some ingress replica pinned
+PINNED_ON_A_REPLICA = "plan pinned by PUT /v1/plan (on an ingress replica)"
+
 
 def replica_died(exc: BaseException) -> bool:
     """Errors meaning "the replica, its process or its node went away", as opposed to the model
@@ -436,7 +439,7 @@ class RayRuntime(Runtime):
                 self._board_seen = (reply["epoch"], reply["version"])
                 if reply["pinned"]:
                     self.controller.pinned = True
-                    self.controller.pinned_reason = "plan pinned by PUT /v1/plan (on an ingress replica)"
+                    self.controller.pinned_reason = PINNED_ON_A_REPLICA
         self.plan = self.cluster_plan  # Runtime.start applies self.plan: the cluster's, cut to the share
         await super().start(reason)
         if self.board is not None:
@@ -476,7 +479,7 @@ class RayRuntime(Runtime):
         if reply["pinned"]:
             if not (self.controller.pinned and plan == self.cluster_plan):
                 Runtime.pin_plan(self, plan)
-                self.controller.pinned_reason = "plan pinned by PUT /v1/plan (on an ingress replica)"
+                self.controller.pinned_reason = PINNED_ON_A_REPLICA
             return
         self.apply_plan(plan)
         self.controller.current = plan
